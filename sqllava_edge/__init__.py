@@ -1,0 +1,17 @@
+"""sqllava-edge: SQ-LLaVA from training to edge deployment.
+
+`from sqllava_edge import Assistant` is the public entry point. Heavy dependencies (torch, onnxruntime, llama_cpp,
+tensorrt) load lazily, so importing the package itself needs only the standard library.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["Assistant", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "Assistant":
+        from sqllava_edge.assistant import Assistant
+
+        return Assistant
+    raise AttributeError(f"module 'sqllava_edge' has no attribute {name!r}")
