@@ -1,0 +1,125 @@
+"""Token sampling shared by every backend, and the PyTorch reference generation loop with a KV cache.
+
+One `Sampler` turns a logits vector into a token for every backend (numpy, float32), so two backends that produce
+the same logits produce the same tokens, greedy or sampled with the same seed. Spec 5 gives the defaults per task.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)  # extra stop strings; EOS always stops
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def replace(self, **changes) -> "GenerationConfig":
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+# Spec 5.1 / 5.3: greedy answers and descriptions; self-questions sampled at T 1.2, top-k 300, top-p 0.95, 300 tokens.
+TASK_DEFAULTS: dict[str, GenerationConfig] = {
+    "answer": GenerationConfig(max_new_tokens=512),
+    "describe": GenerationConfig(max_new_tokens=512),
+    "self_question": GenerationConfig(max_new_tokens=300, temperature=1.2, top_k=300, top_p=0.95),
+}
+
+
+class Sampler:
+    """Logits (1-D, any float array-like) -> token id. Temperature, then top-k, then top-p (HF warper order)."""
+
+    def __init__(self, config: GenerationConfig, seed: int | None = None):
+        self.config = config
+        self.rng = np.random.default_rng(config.seed if seed is None else seed)
+
+    def __call__(self, logits) -> int:
+        logits = np.asarray(logits, dtype=np.float32).reshape(-1)
+        if self.config.greedy:
+            return int(np.argmax(logits))
+        scaled = logits.astype(np.float64) / self.config.temperature
+        k = self.config.top_k
+        if 0 < k < scaled.size:
+            kth = np.partition(scaled, -k)[-k]
+            scaled = np.where(scaled < kth, -np.inf, scaled)
+        probs = np.exp(scaled - scaled.max())
+        probs /= probs.sum()
+        if self.config.top_p < 1.0:
+            order = np.argsort(-probs, kind="stable")
+            cumulative = np.cumsum(probs[order])
+            # keep the smallest prefix whose mass reaches top_p (at least one token)
+            cut = int(np.searchsorted(cumulative, self.config.top_p) + 1)
+            keep = np.zeros_like(probs, dtype=bool)
+            keep[order[:cut]] = True
+            probs = np.where(keep, probs, 0.0)
+            probs /= probs.sum()
+        return int(np.searchsorted(np.cumsum(probs), self.rng.random() * probs.sum(), side="right").clip(0, probs.size - 1))
+
+
+class StopChecker:
+    """EOS or any stop string in the decoded text ends generation; the stop string is cut from the result."""
+
+    def __init__(self, tokenizer, eos_id: int, stop: Sequence[str]):
+        self.tokenizer, self.eos_id, self.stop = tokenizer, eos_id, tuple(s for s in stop if s)
+
+    def is_eos(self, token: int) -> bool:
+        return token == self.eos_id
+
+    def cut(self, text: str) -> tuple[str, bool]:
+        for s in self.stop:
+            at = text.find(s)
+            if at >= 0:
+                return text[:at], True
+        return text, False
+
+
+def generate_tokens(model, prompt_ids: Sequence[int], config: GenerationConfig, pixel_values=None, image_embeds=None,
+                    seed: int | None = None) -> Iterator[int]:
+    """PyTorch reference generation with a KV cache: yields new token ids, stops after EOS (EOS is not yielded)."""
+    import torch
+
+    sampler = Sampler(config, seed)
+    eos = model.config.llm.eos_token_id
+    with torch.inference_mode():
+        ids = torch.as_tensor(list(prompt_ids), dtype=torch.long)
+        out = model(ids, pixel_values=pixel_values, image_embeds=image_embeds, use_cache=True)
+        cache, length = out.past_key_values, out.attention_mask.shape[1]
+        logits = out.logits[0, -1]
+        for _ in range(config.max_new_tokens):
+            token = sampler(logits.float().cpu().numpy())
+            if token == eos:
+                return
+            yield token
+            step = model.llm(
+                input_ids=torch.tensor([[token]], device=model.device),
+                attention_mask=torch.ones(1, length + 1, dtype=torch.long, device=model.device),
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache, length, logits = step.past_key_values, length + 1, step.logits[0, -1]
+
+
+def generate(model, prompt_ids: Sequence[int], config: GenerationConfig, pixel_values=None, image_embeds=None,
+             seed: int | None = None) -> list[int]:
+    return list(generate_tokens(model, prompt_ids, config, pixel_values, image_embeds, seed))
