@@ -41,16 +41,18 @@ class Artifact:
     sha256: dict[str, str]  # file -> hex digest, for every entry of `files`
     validation: dict[str, Any] = field(default_factory=dict)  # numbers measured right after export
     target: dict[str, Any] | None = None  # tensorrt only: gpu, compute_capability, tensorrt, jetpack
+    inputs_key: str = ""  # sha256 over what produced it (source weights, options, tool versions): re-export reuse
 
     @classmethod
     def from_files(cls, bundle: str | os.PathLike, kind: str, path: str, files: Iterable[str], precision: str,
-                   validation: dict[str, Any] | None = None, target: dict[str, Any] | None = None) -> "Artifact":
+                   validation: dict[str, Any] | None = None, target: dict[str, Any] | None = None,
+                   inputs_key: str = "") -> "Artifact":
         """Describe files already written inside `bundle`: measures their sizes and sha256 digests."""
         bundle = Path(bundle)
         files = sorted(set(files))
         digests = {name: sha256_file(bundle / name) for name in files}
         size = sum((bundle / name).stat().st_size for name in files)
-        artifact = cls(kind, path, files, precision, size, digests, dict(validation or {}), target)
+        artifact = cls(kind, path, files, precision, size, digests, dict(validation or {}), target, inputs_key)
         artifact.check_schema()
         return artifact
 
