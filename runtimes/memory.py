@@ -1,0 +1,128 @@
+"""Memory plan before loading: weights + vision engine + KV cache for n_ctx + workspace, against the device's memory.
+
+Refusing with a clear message (and what would fit instead) beats being killed by the OOM killer, which on an 8 GB
+Jetson can take the whole board down (edge-deployment.md section 7.1). On Jetson the GPU shares the RAM, so
+everything is planned against one pool; on a desktop GPU the offloaded LLM and a CUDA vision engine count against
+GPU memory and the rest against RAM.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sqllava_edge.config import LLMConfig, ModelConfig
+from sqllava_edge.errors import MemoryPlanError
+
+GIB = 2**30
+HEADROOM = 0.10  # keep 10% of the available memory free for the OS, Python and allocator slack
+MIN_HEADROOM = 256 * 2**20
+LLAMA_CPP_BATCH = 512  # n_batch: sizes llama.cpp's compute buffer
+
+
+def kv_cache_bytes(llm: LLMConfig, n_ctx: int, bytes_per_value: int = 2) -> int:
+    """K and V for every layer and position: 2 * layers * n_ctx * kv_heads * head_dim * bytes (edge-deployment 6)."""
+    return 2 * llm.num_layers * n_ctx * llm.num_kv_heads * llm.head_dim * bytes_per_value
+
+
+def llm_workspace_bytes(llm: LLMConfig, n_batch: int = LLAMA_CPP_BATCH) -> int:
+    """Rough compute-buffer estimate: logits for a batch plus a few hidden-sized activations per row, + 64 MiB."""
+    return n_batch * (llm.vocab_size + 8 * llm.intermediate_size) * 4 + 64 * 2**20
+
+
+def vision_workspace_bytes(config: ModelConfig, batch: int = 1) -> int:
+    """Activations of one vision forward: attention scores (heads * P^2) and MLP rows in fp32, + 32 MiB."""
+    v = config.vision
+    tokens = v.num_patches + 1
+    return batch * (v.num_heads * tokens * tokens + 4 * tokens * v.intermediate_size) * 4 + 32 * 2**20
+
+
+@dataclass(frozen=True)
+class Pool:
+    name: str  # "RAM", "RAM (shared with the GPU)" or "GPU memory"
+    available: int  # bytes
+    needs: dict[str, int] = field(default_factory=dict)  # what goes here -> bytes
+
+    @property
+    def total(self) -> int:
+        return sum(self.needs.values())
+
+    @property
+    def budget(self) -> int:
+        return self.available - max(int(self.available * HEADROOM), MIN_HEADROOM)
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.budget
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    pools: tuple[Pool, ...]
+    kv_per_token: int  # bytes of KV cache per context position
+    n_ctx: int
+
+    @property
+    def fits(self) -> bool:
+        return all(p.fits for p in self.pools)
+
+    def describe(self) -> str:
+        lines = []
+        for pool in self.pools:
+            parts = ", ".join(f"{name} {_gib(size)}" for name, size in pool.needs.items())
+            verdict = "fits" if pool.fits else "does NOT fit"
+            lines.append(f"{pool.name}: needs {_gib(pool.total)} ({parts}); {_gib(pool.available)} available, "
+                         f"{_gib(pool.budget)} usable after headroom: {verdict}")
+        return "\n".join(lines)
+
+    def max_n_ctx(self) -> int:
+        """The longest context that would fit with everything else unchanged (0 if nothing would)."""
+        pool = next(p for p in self.pools if "KV cache" in p.needs)
+        room = pool.budget - (pool.total - pool.needs["KV cache"])
+        return max(0, room // max(self.kv_per_token, 1))
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB // 10 else f"{n / 2**20:.1f} MiB"
+
+
+def plan_memory(config: ModelConfig, device, *, llm_bytes: int, vision_bytes: int, n_ctx: int, kv_bytes_per_value: int,
+                llm_on_gpu: bool = False, vision_on_gpu: bool = False, ram_available: int | None = None,
+                gpu_available: int | None = None) -> MemoryPlan:
+    """Place each part in a pool. device: runtimes.select.DeviceInfo; the *_available overrides are for tests."""
+    ram = device.ram_available if ram_available is None else ram_available
+    kv = kv_cache_bytes(config.llm, n_ctx, kv_bytes_per_value)
+    llm_part = {"LLM weights": llm_bytes, "KV cache": kv, "LLM workspace": llm_workspace_bytes(config.llm)}
+    vision_part = {"vision weights": vision_bytes, "vision workspace": vision_workspace_bytes(config)}
+    per_token = kv_cache_bytes(config.llm, 1, kv_bytes_per_value)
+    if device.kind == "jetson":
+        return MemoryPlan((Pool("RAM (shared with the GPU)", ram, {**llm_part, **vision_part}),), per_token, n_ctx)
+    if device.kind == "cuda" and (llm_on_gpu or vision_on_gpu):
+        gpu = device.gpu_memory_free if gpu_available is None else gpu_available
+        on_gpu = {**(llm_part if llm_on_gpu else {}), **(vision_part if vision_on_gpu else {})}
+        on_cpu = {**(llm_part if not llm_on_gpu else {}), **(vision_part if not vision_on_gpu else {})}
+        pools = [Pool("GPU memory", gpu or 0, on_gpu)] + ([Pool("RAM", ram, on_cpu)] if on_cpu else [])
+        return MemoryPlan(tuple(pools), per_token, n_ctx)
+    return MemoryPlan((Pool("RAM", ram, {**llm_part, **vision_part}),), per_token, n_ctx)
+
+
+def check_plan(plan: MemoryPlan, smaller: list[tuple[str, int]] = ()) -> None:
+    """Raise MemoryPlanError with what to change if the plan does not fit.
+
+    smaller: (precision, bytes) of smaller LLM weights the bundle also has, to suggest them.
+    """
+    if plan.fits:
+        return
+    tips = []
+    pool = next(p for p in plan.pools if not p.fits)
+    over = pool.total - pool.budget
+    weights = pool.needs.get("LLM weights")
+    for precision, size in smaller:
+        if weights is not None and weights - size >= over:
+            tips.append(f"a smaller LLM quantization: llm_precision={precision!r} (saves {_gib(weights - size)})")
+            break
+    longest = plan.max_n_ctx()
+    if "KV cache" in pool.needs and longest > 0:
+        tips.append(f"a shorter context: n_ctx={min(longest, plan.n_ctx - 1)} or less")
+    if not tips:
+        tips.append("a smaller LLM quantization (python -m export ... --llm q4_k_m) or a device with more memory")
+    raise MemoryPlanError(f"loading would need {_gib(pool.total)} of {pool.name} but only {_gib(pool.budget)} is usable "
+                          f"({_gib(over)} short).\n{plan.describe()}\nTry " + "; or ".join(tips) + ".")
