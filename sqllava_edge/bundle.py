@@ -200,9 +200,17 @@ def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> Path:
         artifact.check_schema()
     path = Path(folder) / MANIFEST_FILE
     with atomic_write(path, "w") as handle:
+        os.fchmod(handle.fileno(), shareable_mode(0o666))  # mkstemp makes 0600; a bundle is meant to be shared
         json.dump(manifest.to_dict(), handle, indent=2)
         handle.write("\n")
     return path
+
+
+def shareable_mode(mode: int) -> int:
+    """`mode` limited by the process umask (what a plain open()/mkdir() would have given)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
 
 
 def preprocessing_for(config) -> dict[str, Any]:

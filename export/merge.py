@@ -1,0 +1,116 @@
+"""Merge the LLM-LoRA and the ViT-LoRA into the base weights (spec 6.2) and save a plain checkpoint.
+
+    python -m export.merge CHECKPOINT --out MERGED [--dtype float32|float16|bfloat16] [--no-validate]
+
+W' = W + (alpha / r) * B @ A for every adapted Linear (PEFT merge_and_unload). Unlike the reference's
+`merge_lora_weights.py`, which drops the ViT-LoRA (spec 8.15), both adapters are merged. The result is a checkpoint in
+our layout (docs/DESIGN.md) without adapters: `MERGED/llm` loads in transformers as a plain LlamaForCausalLM and
+`MERGED/vision` as a CLIPVisionModel. Validation: logits of the model with adapters attached vs merged, on a seeded
+image + text probe, max |diff| <= 1e-4 (fp32; 16-bit merges are reported, not checked).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from sqllava_edge.errors import ExportValidationError
+
+MERGED_MAX_ABS_DIFF = 1e-4
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PROBE_TEXT_TOKENS = 24  # text positions in the validation probe, around one image
+
+
+def has_adapters(model) -> bool:
+    return hasattr(model.llm, "peft_config") or hasattr(model.vision.clip, "peft_config")
+
+
+def merge_model(model, *, validate: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Merge every attached PEFT adapter of an SQLLaVA in place; returns the validation numbers.
+
+    In place so that only one copy of the weights is ever in memory (a 7B model is 13-27 GB).
+    """
+    if not has_adapters(model):
+        return {"merged": [], "note": "no LoRA adapters: nothing to merge"}
+    model.eval()
+    probe = _probe(model) if validate else None
+    before = _logits(model, probe) if validate else None
+    merged = []
+    if hasattr(model.llm, "peft_config"):
+        model.llm = model.llm.merge_and_unload()
+        merged.append("llm")
+    if hasattr(model.vision.clip, "peft_config"):
+        model.vision.clip = model.vision.clip.merge_and_unload()
+        merged.append("vision")
+    report: dict = {"merged": merged}
+    if validate:
+        diff = float((_logits(model, probe) - before).abs().max())
+        dtype = next(model.llm.parameters()).dtype
+        report.update(probe="seeded image + random text ids", logits_max_abs_diff=diff, dtype=str(dtype).replace("torch.", ""))
+        log(f"[merge] merged {', '.join(merged)}: logits max |merged - adapters| = {diff:.3g}")
+        if dtype == torch.float32 and diff > MERGED_MAX_ABS_DIFF:
+            raise ExportValidationError(f"merged model: tensor logits differs from the model with adapters by {diff:.3g}, "
+                                        f"beyond the tolerance {MERGED_MAX_ABS_DIFF:g}")
+        report["tolerance"] = {"logits_max_abs_diff": MERGED_MAX_ABS_DIFF} if dtype == torch.float32 else "reported (16-bit merge)"
+    return report
+
+
+def _probe(model) -> dict[str, torch.Tensor]:
+    from sqllava_edge.config import IMAGE_TOKEN_INDEX
+
+    config = model.config
+    gen = torch.Generator().manual_seed(0)
+    size = config.vision.image_size
+    pixels = torch.randn(1, 3, size, size, generator=gen)
+    ids = torch.randint(3, config.llm.vocab_size, (PROBE_TEXT_TOKENS,), generator=gen)
+    ids[0], ids[PROBE_TEXT_TOKENS // 2] = config.llm.bos_token_id, IMAGE_TOKEN_INDEX
+    return {"input_ids": ids.unsqueeze(0), "pixel_values": pixels}
+
+
+@torch.no_grad()
+def _logits(model, probe) -> torch.Tensor:
+    return model(probe["input_ids"], pixel_values=probe["pixel_values"]).logits.float()
+
+
+def merge_checkpoint(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    validate: bool = True,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """CHECKPOINT (with adapters) -> OUT, a checkpoint whose base weights include them. Written atomically."""
+    from export import checkpoint_digest, tool_versions
+    from sqllava_edge.checkpoint import load_checkpoint, save_checkpoint
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    if out.resolve() == checkpoint.resolve():
+        raise ValueError("--out must differ from the input checkpoint (inputs are never modified)")
+    log(f"[merge] loading {checkpoint}")
+    model, tokenizer = load_checkpoint(checkpoint, dtype=dtype)
+    report = merge_model(model, validate=validate, log=log)
+    provenance = {"merged_from": str(checkpoint.resolve()), "source_sha256": checkpoint_digest(checkpoint),
+                  "merge": report, "tools": tool_versions("torch", "transformers", "peft")}
+    log(f"[merge] saving {out}")
+    return save_checkpoint(out, model, tokenizer, provenance=provenance)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export.merge", description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", help="sqllava-edge checkpoint folder with llm_lora/ and/or vit_lora/")
+    parser.add_argument("--out", required=True, help="merged checkpoint folder to write (atomically)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                        help="precision to merge and save in (float32 is exact; 16-bit halves memory for 7B/13B)")
+    parser.add_argument("--no-validate", action="store_true", help="skip the merged-vs-adapters logits check")
+    args = parser.parse_args(argv)
+    from export.__main__ import run_cli
+
+    return run_cli(lambda: merge_checkpoint(args.checkpoint, args.out, dtype=DTYPES[args.dtype], validate=not args.no_validate))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
