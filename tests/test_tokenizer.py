@@ -1,0 +1,204 @@
+"""The Llama-2 vocabulary, its llama.cpp test vectors, and the SentencePiece-legacy behaviour SQ-LLaVA trained with."""
+from __future__ import annotations
+
+import io
+import json
+import random
+import re
+import tarfile
+
+import pytest
+
+from sqllava_edge.config import IMAGE_TOKEN_INDEX
+from sqllava_edge.tokenizer import Tokenizer, default_tokenizer, load_tokenizer, tokenizer_image_token
+from sqllava_edge.vocab import (LLAMA_CPP_PYTHON_VERSION, VOCAB_FILES, main, parse_spm_model, read_spm_vocab,
+                                spm_model_bytes, vocab_dir, vocab_test_cases)
+
+SPECIAL = re.compile(r"(<s>|</s>|<unk>)")
+
+
+@pytest.fixture(scope="session")
+def vocab_folder():
+    try:
+        return vocab_dir()
+    except RuntimeError as err:
+        pytest.skip(f"the Llama-2 vocabulary needs PyPI access once (pip download of llama-cpp-python): {err}")
+
+
+@pytest.fixture(scope="session")
+def tok(vocab_folder) -> Tokenizer:
+    return default_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_legacy(vocab_folder):
+    """Oracle: what transformers 4.31's slow LlamaTokenizer (legacy=True) does. It splits special tokens out, then
+    runs SentencePiece itself on each remaining piece (with the tokenizer.model we write)."""
+    spm = pytest.importorskip("sentencepiece", reason="the SentencePiece oracle needs the sentencepiece package")
+    sp = spm.SentencePieceProcessor(model_proto=spm_model_bytes(read_spm_vocab()))
+    special_ids = {"<s>": 1, "</s>": 2, "<unk>": 0}
+
+    def encode(text: str) -> list[int]:
+        ids = []
+        for piece in SPECIAL.split(text):
+            if piece in special_ids:
+                ids.append(special_ids[piece])
+            elif piece:
+                ids += sp.encode(piece)
+        return ids
+
+    return encode
+
+
+def test_vocab_vectors_parse_like_llama_cpp(vocab_folder):
+    cases = vocab_test_cases(vocab_folder)
+    texts = [text for text, _ in cases]
+    assert len(cases) > 40
+    assert ("", []) in cases  # an empty case between two separators
+    assert "\n\n" in texts and "    Hello\n    Hello" in texts  # cases hold newlines, not one line each
+    assert "Hello world" in texts and not any(text.endswith("__ggml_vocab_test__") for text in texts)
+
+
+def test_vocab_test_cases_format(tmp_path):
+    sep = "\n__ggml_vocab_test__\n"
+    (tmp_path / VOCAB_FILES[1]).write_text("a b" + sep + sep + "\n" + sep + " x" + sep, encoding="utf-8")
+    (tmp_path / VOCAB_FILES[2]).write_text(" 1 2\n\n 3\n 4\n", encoding="utf-8")
+    assert vocab_test_cases(tmp_path) == [("a b", [1, 2]), ("", []), ("\n", [3]), (" x", [4])]
+    (tmp_path / VOCAB_FILES[2]).write_text(" 1 2\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="4 test inputs but 1"):
+        vocab_test_cases(tmp_path)
+
+
+def test_every_llama_cpp_vector_tokenizes_identically(tok, vocab_folder):
+    wrong = [(text, tok.encode(text), ids) for text, ids in vocab_test_cases(vocab_folder) if tok.encode(text) != ids]
+    assert wrong == []
+
+
+def test_written_tokenizer_model_matches_sentencepiece(vocab_folder):
+    spm = pytest.importorskip("sentencepiece", reason="checking tokenizer.model needs the sentencepiece package")
+    vocab = read_spm_vocab()
+    data = spm_model_bytes(vocab)
+    assert parse_spm_model(data) == vocab  # our writer and reader agree
+    sp = spm.SentencePieceProcessor(model_proto=data)  # and SentencePiece itself reads it as Llama-2
+    assert (sp.vocab_size(), sp.bos_id(), sp.eos_id(), sp.unk_id(), sp.pad_id()) == (32000, 1, 2, 0, -1)
+    assert [text for text, ids in vocab_test_cases(vocab_folder) if sp.encode(text) != ids] == []
+
+
+def test_ids(tok):
+    assert (tok.bos_id, tok.eos_id, tok.unk_id, tok.pad_id, tok.vocab_size) == (1, 2, 0, 0, 32000)
+    assert tok.encode("Hello world", add_bos=True) == [1, 15043, 3186]
+    assert tok.hf.padding_side == "right"
+
+
+@pytest.mark.parametrize("text,pieces", [
+    ("</s>", ["</s>"]),
+    ("A1</s>VUSER: Q2", ["▁A", "1", "</s>", "▁V", "USER", ":", "▁Q", "2"]),  # dummy prefix after </s>
+    ("Q2</s> ASSISTANT:", ["▁Q", "2", "</s>", "▁", "▁A", "SS", "IST", "ANT", ":"]),  # and before a leading space
+    (" ASSISTANT: ", ["▁", "▁A", "SS", "IST", "ANT", ":", "▁"]),  # the trailing "▁" spec 3.4's "-2" removes
+    ("x <s> y<unk>", ["▁x", "▁", "<s>", "▁", "▁y", "<unk>"]),
+])
+def test_legacy_special_token_behaviour(tok, text, pieces):
+    assert tok.hf.convert_ids_to_tokens(tok.encode(text)) == pieces
+
+
+def test_matches_slow_legacy_tokenizer(tok, sentencepiece_legacy):
+    rng = random.Random(0)
+    alphabet = [*" \n\t", *"abcXYZ019.,:;!?'\"()-é中🦙▁", "Hello", " world", "USER:", " ASSISTANT: ", "</s>",
+                "<s>", "<unk>", "<image>", "  ", "\n\n", "VUSER"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 25))) for _ in range(3000)]
+    wrong = [text for text in texts if tok.encode(text) != sentencepiece_legacy(text)]
+    assert wrong == []
+
+
+@pytest.mark.parametrize("text", ["Hello world", "  two spaces\n\nnew lines\tand tabs ", "é🦙 中文 123", ""])
+def test_decode_inverts_encode(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_decode_image_and_bad_ids(tok):
+    ids = tokenizer_image_token(tok, "A USER: <image>\nWhat?")
+    assert tok.decode(ids, skip_special_tokens=False) == "<s> A USER: <image>\nWhat?"
+    assert IMAGE_TOKEN_INDEX not in tok.encode(tok.decode(ids))
+    with pytest.raises(ValueError, match="IGNORE_INDEX"):
+        tok.decode([1, -100, 5])
+
+
+@pytest.mark.parametrize("prompt", ["<image>", "a <image>\nb", "<image>\n<image>x", "no image </s> here"])
+def test_tokenizer_image_token(tok, prompt):
+    chunks = prompt.split("<image>")
+    expected = [1] + tok.encode(chunks[0])
+    for chunk in chunks[1:]:
+        expected += [IMAGE_TOKEN_INDEX] + tok.encode(chunk)
+    ids = tokenizer_image_token(tok, prompt)
+    assert ids == expected and ids.count(IMAGE_TOKEN_INDEX) == len(chunks) - 1 and ids.count(1) == 1
+    assert tokenizer_image_token(tok, prompt, add_bos=False) == ids[1:]
+
+
+def test_save_and_load_roundtrip(tok, tmp_path, vocab_folder):
+    out = tok.save(tmp_path / "ckpt" / "tokenizer")
+    assert sorted(p.name for p in out.iterdir()) == ["tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["tokenizer"]  # no temporary leftovers
+    again = load_tokenizer(out)
+    texts = [text for text, _ in vocab_test_cases(vocab_folder)] + ["A1</s>VUSER: Q2</s> ASSISTANT: A2"]
+    assert [again.encode(t) for t in texts] == [tok.encode(t) for t in texts]
+    assert (again.pad_id, again.spm_model) == (0, tok.spm_model)
+
+
+def test_sentencepiece_only_folder_loads_exactly(tok, tmp_path, vocab_folder):
+    """A Vicuna-style folder (tokenizer.model + a slow-tokenizer config) must tokenize like the reference."""
+    (tmp_path / "tokenizer.model").write_bytes(tok.spm_model)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True, "pad_token": None}))
+    vicuna = load_tokenizer(tmp_path)
+    assert vicuna.is_sentencepiece_legacy and vicuna.pad_id == 0
+    assert [text for text, ids in vocab_test_cases(vocab_folder) if vicuna.encode(text) != ids] == []
+    assert vicuna.encode("x</s>VUSER: y") == tok.encode("x</s>VUSER: y")
+
+
+def test_sentencepiece_only_folder_with_added_tokens_is_refused(tok, tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(tok.spm_model)
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"[PAD]": 32000}))
+    with pytest.raises(ValueError, match=r"\[PAD\]"):
+        load_tokenizer(tmp_path)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_tokenizer(tmp_path / "missing")
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="tokenizer.json or tokenizer.model"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.model").write_bytes(b"\x0a\x03\x0a\x01a")  # one piece, no BPE trainer spec
+    with pytest.raises(ValueError, match="Llama-style"):
+        load_tokenizer(tmp_path)
+
+
+def _fake_sdist(path, names=VOCAB_FILES):
+    with tarfile.open(path, "w:gz") as tar:
+        for name in names:
+            data = f"content of {name}".encode()
+            info = tarfile.TarInfo(f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/models/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_vocab_dir_extracts_from_a_local_sdist(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SQLLAVA_EDGE_CACHE", str(tmp_path / "cache"))
+    sdist = _fake_sdist(tmp_path / "llama_cpp_python.tar.gz")
+    assert main(["--sdist", str(sdist)]) == 0
+    folder = tmp_path / "cache" / "vocab"
+    assert capsys.readouterr().out.strip() == str(folder)
+    assert (folder / VOCAB_FILES[1]).read_text() == f"content of {VOCAB_FILES[1]}"
+    source = json.loads((folder / "source.json").read_text())
+    assert source["llama_cpp_python"] == LLAMA_CPP_PYTHON_VERSION and set(source["sha256"]) == set(VOCAB_FILES)
+    assert vocab_dir(sdist=tmp_path / "not-used.tar.gz") == folder  # complete: the sdist is not needed again
+
+
+def test_vocab_dir_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("SQLLAVA_EDGE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        vocab_dir(sdist=tmp_path / "missing.tar.gz")
+    with pytest.raises(RuntimeError, match=r"is it the llama-cpp-python"):
+        vocab_dir(sdist=_fake_sdist(tmp_path / "partial.tar.gz", VOCAB_FILES[:1]))
+    assert not (tmp_path / "cache" / "vocab").exists()  # nothing half-written
