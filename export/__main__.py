@@ -31,12 +31,10 @@ _GGUF_TOOLS = ("torch", "transformers", "peft", "gguf", "llama_cpp_python")
 
 
 def supported_quants() -> tuple[str, ...]:
-    """GGUF types export.gguf can write (its own list once present, else the manifest schema's)."""
-    try:
-        from export import gguf
-    except ImportError:
-        return KINDS["llm_gguf"]
-    return tuple(getattr(gguf, "QUANTS", KINDS["llm_gguf"]))
+    """GGUF types export.gguf can write."""
+    from export.gguf import QUANTS
+
+    return QUANTS
 
 
 def run_export(
@@ -154,7 +152,7 @@ def _build(checkpoint: Path, out: Path, source: str, wanted, reused, previous, d
                 provenance["vision_onnx_export"] = stats
             if todo["llm_gguf"]:
                 with step(f"GGUF {', '.join(todo['llm_gguf'])}", log) as stats:
-                    artifacts += _export_gguf(model, tokenizer, tmp, todo["llm_gguf"], keys)
+                    artifacts += _export_gguf(model, tokenizer, tmp, todo["llm_gguf"], keys, log)
                 provenance["gguf_export"] = stats
             del model
         elif previous is not None and "merge" in previous.provenance:
@@ -166,7 +164,7 @@ def _build(checkpoint: Path, out: Path, source: str, wanted, reused, previous, d
                                                  {"vocab_size": tokenizer.vocab_size}, inputs_key=keys["tokenizer", ""]))
         config = _config(checkpoint)
         manifest = base_manifest(config, special_tokens_of(tokenizer), provenance)
-        for artifact in sorted(artifacts, key=lambda a: (list(KINDS).index(a.kind), a.path)):
+        for artifact in sorted(artifacts, key=lambda a: (list(KINDS).index(a.kind), KINDS[a.kind].index(a.precision))):
             manifest.add(artifact)
         write_manifest(tmp, manifest)
         read_manifest(tmp, verify=True)  # every file present and hashed as recorded, before the rename
@@ -199,18 +197,14 @@ def _load_merged(checkpoint: Path, dtype: str, log):
     return model, report
 
 
-def _export_gguf(model, tokenizer, tmp: Path, quants: list[str], keys) -> list[Artifact]:
-    """Call export.gguf (owned by the GGUF work) and turn what it returns into manifest Artifacts."""
-    try:
-        from export.gguf import export_gguf
-    except ImportError as exc:
-        raise SQLLaVAError(f"GGUF export is unavailable ({exc}); pass --no-gguf to export the vision side only") from None
-    artifacts = []
-    for item in export_gguf(model, tmp, list(quants)):
-        data = item.to_dict() if isinstance(item, Artifact) else dict(item)
-        files = data.get("files") or [data["path"]]
-        artifacts.append(Artifact.from_files(tmp, "llm_gguf", data["path"], files, data["precision"],
-                                             data.get("validation"), inputs_key=keys["llm_gguf", data["precision"]]))
+def _export_gguf(model, tokenizer, tmp: Path, quants: list[str], keys, log) -> list[Artifact]:
+    """Call export.gguf (owned by the GGUF work); it returns validated manifest artifact dicts."""
+    from export.gguf import export_gguf
+
+    items = export_gguf(model, tokenizer, tmp, quants, keys={q: keys["llm_gguf", q] for q in quants}, log=log)
+    artifacts = [item if isinstance(item, Artifact) else Artifact(**item) for item in items]
+    for artifact in artifacts:
+        artifact.check_schema()
     return artifacts
 
 
@@ -243,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="sqllava-edge checkpoint folder (LoRA adapters are merged on the way)")
     parser.add_argument("--out", required=True, help="bundle folder to create or update (replaced atomically)")
     parser.add_argument("--quant", nargs="+", default=list(DEFAULT_QUANTS), metavar="TYPE",
-                        help=f"GGUF types to write (default: {' '.join(DEFAULT_QUANTS)}; known: {', '.join(KINDS['llm_gguf'])})")
+                        help=f"GGUF types to write (default: {' '.join(DEFAULT_QUANTS)}; known: {', '.join(supported_quants())})")
     parser.add_argument("--no-gguf", action="store_true", help="skip the LLM (vision ONNX + tokenizer only)")
     parser.add_argument("--vision-precision", nargs="+", default=list(VISION_PRECISIONS), choices=VISION_PRECISIONS,
                         help="vision ONNX variants: fp32 (reference), fp16 (GPU/TensorRT), int8 (CPU)")

@@ -205,14 +205,50 @@ def _token_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / np.maximum(denom, 1e-30)
 
 
+def export_random_preset(preset: str, out: str | os.PathLike, precisions: Sequence[str] = PRECISIONS,
+                         log: Callable[[str], None] = print) -> list[Artifact]:
+    """Export the vision graph of a preset with random weights (benchmarks; no checkpoint, no LLM built)."""
+    from types import SimpleNamespace
+
+    from export import base_manifest, peak_rss_mib, step
+    from sqllava_edge.bundle import write_manifest
+    from sqllava_edge.config import get_preset
+    from sqllava_edge.fileutil import atomic_dir
+    from sqllava_edge.model import VisionTower, build_projector
+
+    config = get_preset(preset)
+    torch.manual_seed(0)
+    parts = SimpleNamespace(config=config, vision=VisionTower(config.vision).eval(), projector=build_projector(config).eval())
+    with atomic_dir(out) as tmp, step(f"vision ONNX {', '.join(precisions)} of preset {preset} (random weights)", log) as stats:
+        artifacts = export_vision_onnx(parts, tmp, precisions, log=log)
+        llm = config.llm
+        manifest = base_manifest(config, {"bos": llm.bos_token_id, "eos": llm.eos_token_id, "pad": llm.pad_token_id,
+                                          "unk": llm.pad_token_id}, {"source_checkpoint": f"random weights, preset {preset}"})
+        for artifact in artifacts:
+            manifest.add(artifact)
+        write_manifest(tmp, manifest)
+    for artifact in artifacts:
+        v = artifact.validation
+        log(f"[onnx] {artifact.precision}: max_abs_diff {v['max_abs_diff']:.3g}, per-token cosine min {v['cosine_min']:.6f} "
+            f"mean {v['cosine_mean']:.6f}")
+    log(f"[onnx] total {stats['seconds']:.1f} s, peak RSS {peak_rss_mib():.0f} MiB")
+    return artifacts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoint", help="sqllava-edge checkpoint folder (LoRA adapters are merged first)")
+    parser.add_argument("checkpoint", nargs="?", help="sqllava-edge checkpoint folder (LoRA adapters are merged first)")
     parser.add_argument("--out", required=True, help="output folder: FOLDER/vision/*.onnx + manifest.json (written atomically)")
     parser.add_argument("--precision", nargs="+", default=list(PRECISIONS), choices=PRECISIONS, help="variants to export")
+    parser.add_argument("--random-preset", metavar="PRESET", help="instead of a checkpoint: random weights of a preset "
+                                                                  "(e.g. bench-1b), to measure export time and memory")
     args = parser.parse_args(argv)
+    if (args.checkpoint is None) == (args.random_preset is None):
+        parser.error("give either CHECKPOINT or --random-preset")
     from export.__main__ import run_cli, run_export
 
+    if args.random_preset:
+        return run_cli(lambda: export_random_preset(args.random_preset, args.out, args.precision))
     return run_cli(lambda: run_export(args.checkpoint, args.out, vision_precisions=args.precision, quants=[],
                                       include_tokenizer=False))
 

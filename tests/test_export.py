@@ -1,0 +1,500 @@
+"""Export: LoRA merge, vision ONNX (fp32/fp16/int8), TensorRT checks, the one-go bundle, reuse, bad input, inspect.
+
+Tiny preset on CPU. The session checkpoint has random weights and random (non-zero) LoRA adapters on both the LLM
+and the ViT, so merging changes the weights. GGUF numbers are tested in test_gguf (export.gguf); here only that the
+one-go export calls it and records its artifacts.
+"""
+from __future__ import annotations
+
+import copy
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import export.__main__ as export_main
+import export.onnx as export_onnx
+import export.trt as export_trt
+from export.__main__ import run_export
+from export.merge import merge_checkpoint, merge_model
+from sqllava_edge.bundle import MANIFEST_FILE, read_manifest
+from sqllava_edge.checkpoint import load_checkpoint, save_checkpoint
+from sqllava_edge.config import IMAGE_TOKEN_INDEX, get_preset
+from sqllava_edge.errors import BundleError, CheckpointError
+from sqllava_edge.model import SQLLaVA
+
+REPO = Path(__file__).resolve().parents[1]
+LLM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # spec 2.1
+VIT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]  # spec 2.2
+
+
+def _tokenizer():
+    from sqllava_edge.tokenizer import default_tokenizer
+
+    return default_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    model = SQLLaVA.from_config(get_preset("tiny"), seed=0)
+    torch.manual_seed(1)
+    # init_lora_weights=False: B is random too, so the adapters really change the outputs.
+    model.llm = get_peft_model(model.llm, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False,
+                                                     target_modules=LLM_TARGETS))
+    model.vision.clip = get_peft_model(model.vision.clip, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                                     init_lora_weights=False, target_modules=VIT_TARGETS))
+    folder = tmp_path_factory.mktemp("ckpt") / "tiny-lora"
+    return save_checkpoint(folder, model, _tokenizer())
+
+
+@pytest.fixture(scope="session")
+def bundle(checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bundle") / "tiny"
+    run_export(checkpoint, out, quants=[])
+    return out
+
+
+@pytest.fixture(scope="session")
+def merged_model(checkpoint):
+    model, _ = load_checkpoint(checkpoint, merge_lora=True)
+    return model.eval()
+
+
+def _probe(config, batch: int = 1, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    size = config.vision.image_size
+    pixels = torch.randn(batch, 3, size, size, generator=gen)
+    ids = torch.randint(3, config.llm.vocab_size, (batch, 20), generator=gen)
+    ids[:, 0], ids[:, 5] = 1, IMAGE_TOKEN_INDEX
+    return ids, pixels
+
+
+def _leftovers(parent: Path, name: str) -> list[str]:
+    """Temporary siblings (".name.tmp-...", ".name.old-...") left beside an output folder."""
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")) if parent.exists() else []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Merge
+
+
+def test_merged_checkpoint_equals_model_with_adapters(checkpoint, tmp_path):
+    with_adapters, _ = load_checkpoint(checkpoint)
+    assert hasattr(with_adapters.llm, "peft_config") and hasattr(with_adapters.vision.clip, "peft_config")
+    ids, pixels = _probe(with_adapters.config, batch=2)
+    with torch.no_grad():
+        reference = with_adapters.eval()(ids, pixel_values=pixels).logits
+        with with_adapters.llm.disable_adapter():  # the adapters matter: otherwise the test proves nothing
+            no_llm_lora = with_adapters(ids, pixel_values=pixels).logits
+    assert (reference - no_llm_lora).abs().max() > 1e-2
+
+    merged_dir = merge_checkpoint(checkpoint, tmp_path / "merged", log=lambda _: None)
+    meta = json.loads((merged_dir / "sqllava_edge.json").read_text())
+    assert meta["lora"] == {"llm": None, "vision": None}
+    assert meta["provenance"]["merge"]["logits_max_abs_diff"] <= 1e-4
+    merged, _ = load_checkpoint(merged_dir)
+    with torch.no_grad():
+        logits = merged.eval()(ids, pixel_values=pixels).logits
+    diff = (logits - reference).abs().max().item()
+    print(f"merged vs adapters: logits max abs diff {diff:.3g}")
+    assert diff <= 1e-4
+
+
+def test_merged_llm_loads_in_transformers_as_plain_llama(checkpoint, tmp_path, merged_model):
+    from transformers import LlamaForCausalLM
+
+    merged_dir = merge_checkpoint(checkpoint, tmp_path / "merged", validate=False, log=lambda _: None)
+    llama = LlamaForCausalLM.from_pretrained(str(merged_dir / "llm")).eval()
+    assert not any("lora" in name for name, _ in llama.named_parameters())
+    ids = torch.tensor([[1, 15043, 3186, 29892, 920, 526, 366]])
+    with torch.no_grad():
+        diff = (llama(ids).logits - merged_model.llm(ids).logits).abs().max().item()
+    assert diff <= 1e-5
+
+
+def test_merge_model_without_adapters_is_a_no_op():
+    model = SQLLaVA.from_config(get_preset("tiny"), seed=0)
+    before = {k: v.clone() for k, v in model.projector.state_dict().items()}
+    assert merge_model(model, log=lambda _: None)["merged"] == []
+    assert all(torch.equal(before[k], v) for k, v in model.projector.state_dict().items())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Vision ONNX
+
+
+def _session(bundle: Path, precision: str):
+    import onnxruntime as ort
+
+    artifact = read_manifest(bundle).find("vision_onnx", precision)
+    return ort.InferenceSession(str(bundle / artifact.path), providers=["CPUExecutionProvider"])
+
+
+def _torch_embeds(model, pixels: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model.encode_images(torch.from_numpy(pixels)).numpy()
+
+
+def _token_cosine(a, b):
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_onnx_fp32_matches_pytorch(bundle, merged_model, batch):
+    stored = read_manifest(bundle).find("vision_onnx", "fp32").validation
+    assert stored[f"batch_{batch}"]["max_abs_diff"] <= 1e-4
+    size = merged_model.config.vision.image_size
+    pixels = np.random.default_rng(100 + batch).standard_normal((batch, 3, size, size)).astype(np.float32)
+    out = _session(bundle, "fp32").run(["image_embeds"], {"pixel_values": pixels})[0]
+    ref = _torch_embeds(merged_model, pixels)  # the model merged by load_checkpoint, not by the exporter
+    assert out.shape == (batch, merged_model.config.num_image_tokens, merged_model.config.llm.hidden_size)
+    diff = float(np.abs(out - ref).max())
+    print(f"ONNX fp32 batch {batch}: max abs diff {diff:.3g}")
+    assert diff <= 1e-4
+
+
+def test_onnx_int8_cosine_and_fp16_reported(bundle, merged_model):
+    manifest = read_manifest(bundle)
+    int8, fp16 = manifest.find("vision_onnx", "int8").validation, manifest.find("vision_onnx", "fp16").validation
+    print(f"int8 per-token cosine (stored): min {int8['cosine_min']:.5f} mean {int8['cosine_mean']:.5f}; "
+          f"fp16 max abs diff {fp16['max_abs_diff']:.3g}, cosine min {fp16['cosine_min']:.6f}")
+    assert int8["cosine_min"] >= 0.99 and fp16["passed"] and np.isfinite(fp16["max_abs_diff"])
+    size = merged_model.config.vision.image_size
+    pixels = np.random.default_rng(7).standard_normal((3, 3, size, size)).astype(np.float32)
+    cos = _token_cosine(_session(bundle, "int8").run(None, {"pixel_values": pixels})[0], _torch_embeds(merged_model, pixels))
+    print(f"int8 per-token cosine (fresh batch of 3): min {cos.min():.5f} mean {cos.mean():.5f}")
+    assert cos.min() >= 0.99
+
+
+def test_onnx_graphs_have_the_contracted_shape_and_precision(bundle):
+    import onnx
+
+    manifest = read_manifest(bundle)
+    T, H = manifest.num_image_tokens, manifest.embed_dim
+    for precision in ("fp32", "fp16", "int8"):
+        model = onnx.load(str(bundle / manifest.find("vision_onnx", precision).path), load_external_data=False)
+        (inp,), (out,) = model.graph.input, model.graph.output
+        in_dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+        out_dims = [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim]
+        assert (inp.name, out.name) == ("pixel_values", "image_embeds")
+        assert isinstance(in_dims[0], str) and in_dims[1:] == [3, 112, 112]  # dynamic batch only
+        assert out_dims[1:] == [T, H]
+        assert inp.type.tensor_type.elem_type == out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+        ops = {n.op_type for n in model.graph.node}
+        assert not ops & {"AveragePool", "GlobalAveragePool", "NonZero", "Loop", "If"}  # no adaptive pooling / data-dependent shapes
+        if precision == "fp16":
+            big = [t for t in model.graph.initializer if np.prod(t.dims) >= 128 * 128]
+            share = sum(t.data_type == onnx.TensorProto.FLOAT16 for t in big) / len(big)
+            assert share > 0.5, share  # the tower's matrices are fp16; the projector's stay fp32
+
+
+def test_unknown_vision_precision_is_refused(merged_model, tmp_path):
+    with pytest.raises(ValueError, match="fp32, fp16, int8"):
+        export_onnx.export_vision_onnx(merged_model, tmp_path, ["bf16"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TensorRT
+
+
+def test_trt_check_passes_on_our_graphs(bundle, capsys):
+    manifest = read_manifest(bundle)
+    for precision in ("fp32", "fp16"):
+        report = export_trt.check_onnx(bundle / manifest.find("vision_onnx", precision).path)
+        assert report.ok, report.summary()
+        assert report.opset <= export_trt.TRT_MAX_OPSET and "MatMul" in report.ops
+    assert export_trt.main([str(bundle), "--check"]) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+def _graph_with(tmp_path: Path, op: str, domain: str = "", opset: int = 17) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"), helper.make_node(op, ["r"], ["y"], name="odd", domain=domain)]
+    opsets = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=opsets)
+    path = tmp_path / f"{op}.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("op,domain,opset,expected", [
+    ("Unique", "", 17, "operator Unique is not supported"),
+    ("Gelu", "com.microsoft", 17, "com.microsoft::Gelu is a custom-domain operator"),
+    ("Relu", "", 21, "opset 21 is outside 9..20"),
+])
+def test_trt_check_flags_what_tensorrt_cannot_parse(tmp_path, capsys, op, domain, opset, expected):
+    path = _graph_with(tmp_path, op, domain, opset)
+    report = export_trt.check_onnx(path)
+    assert not report.ok and any(expected in p for p in report.problems), report.problems
+    assert export_trt.main([str(path), "--check"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_trt_check_flags_the_int8_graph(bundle):
+    report = export_trt.check_onnx(bundle / read_manifest(bundle).find("vision_onnx", "int8").path)
+    assert not report.ok and any("MatMulInteger" in p for p in report.problems)
+
+
+def test_trt_without_tensorrt_says_what_to_install(bundle, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError, even where it is installed
+    assert export_trt.main([str(bundle), "--max-batch", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "TensorRT is not installed" in err and "pip install tensorrt" in err and "JetPack" in err and "--check" in err
+
+
+def test_trt_without_gpu_says_where_to_build(bundle, monkeypatch, capsys):
+    monkeypatch.setattr(export_trt, "require_tensorrt", lambda: object())
+    monkeypatch.setattr(export_trt, "cuda_devices", lambda: [])
+    assert export_trt.main([str(bundle)]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["B", "--max-batch", "0"], ["B", "--workspace-gb", "-1"], ["B", "--max-batch", "x"], []])
+def test_trt_bad_arguments(argv):
+    with pytest.raises(SystemExit) as exc:
+        export_trt.main(argv)
+    assert exc.value.code == 2
+
+
+def test_jetson_release_parsing(tmp_path):
+    release = tmp_path / "nv_tegra_release"
+    release.write_text("# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64, DATE: Wed Jan  8\n")
+    model = tmp_path / "model"
+    model.write_bytes(b"NVIDIA Jetson Orin Nano Developer Kit\x00")
+    assert export_trt.jetson_release(release, model) == {"l4t": "36.4.3", "jetpack": "6.2",
+                                                         "board": "NVIDIA Jetson Orin Nano Developer Kit"}
+    assert export_trt.jetson_release(tmp_path / "absent") is None
+
+
+def _gpu_reason() -> str | None:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "needs TensorRT (not installable on this CPU machine: PyPI's tensorrt downloads from NVIDIA)"
+    if not export_trt.cuda_devices():
+        return "needs an NVIDIA GPU / Jetson"
+    return None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason()))
+def test_trt_engine_builds_and_is_recorded(bundle, tmp_path):
+    work = tmp_path / "bundle"
+    shutil.copytree(bundle, work)
+    artifact = export_trt.build_engine(work, max_batch=2, log=print)
+    manifest = read_manifest(work)
+    assert manifest.find("tensorrt_engine", "fp16") == artifact
+    assert artifact.target["tensorrt"] and artifact.target["compute_capability"]
+    assert artifact.validation.get("passed") or "skipped" in artifact.validation
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The bundle, reuse, inspect
+
+
+def test_bundle_manifest_is_complete_and_verified(bundle, checkpoint):
+    manifest = read_manifest(bundle, verify=True)
+    assert manifest.num_image_tokens == 64 and manifest.embed_dim == 256 and manifest.template == "v1_sq"
+    assert manifest.special_tokens == {"bos": 1, "eos": 2, "pad": 0, "unk": 0}
+    assert manifest.preprocessing["image_size"] == 112 and manifest.preprocessing["mode"] == "pad"
+    assert manifest.config == get_preset("tiny")
+    assert {(a.kind, a.precision) for a in manifest.artifacts} == {
+        ("vision_onnx", "fp32"), ("vision_onnx", "fp16"), ("vision_onnx", "int8"), ("tokenizer", "")}
+    assert all(a.inputs_key and a.size > 0 for a in manifest.artifacts)
+    prov = manifest.provenance
+    from export import checkpoint_digest
+
+    assert prov["source_sha256"] == checkpoint_digest(checkpoint)
+    assert prov["merge"]["merged"] == ["llm", "vision"] and prov["merge"]["logits_max_abs_diff"] <= 1e-4
+    assert prov["tools"]["torch"].startswith("2.") and prov["tools"]["onnxruntime"] != "-"
+    from sqllava_edge.tokenizer import load_tokenizer
+
+    assert load_tokenizer(bundle / manifest.find("tokenizer").path).encode("Hello world", add_bos=True) == [1, 15043, 3186]
+
+
+def test_reexport_reuses_artifacts(bundle, checkpoint, tmp_path, monkeypatch):
+    out = tmp_path / "bundle"
+    shutil.copytree(bundle, out)
+    before = read_manifest(out)
+    inodes = {name: (out / name).stat().st_ino for a in before.artifacts for name in a.files}
+    calls = []
+    monkeypatch.setattr(export_onnx, "export_vision_onnx", lambda *a, **k: calls.append("onnx"))
+    monkeypatch.setattr(export_main, "_load_merged", lambda *a, **k: calls.append("load"))
+    after = run_export(checkpoint, out, quants=[], log=lambda _: None)
+    assert calls == []
+    assert [(a.path, a.sha256) for a in after.artifacts] == [(a.path, a.sha256) for a in before.artifacts]
+    assert {name: (out / name).stat().st_ino for name in inodes} == inodes  # the very same files, hard-linked
+    assert len(after.provenance["reused"]) == 4
+    monkeypatch.undo()
+
+    # A tampered artifact is not reused: only it is exported again.
+    fp16 = out / after.find("vision_onnx", "fp16").path
+    fp16.write_bytes(fp16.read_bytes() + b"x")
+    exported = []
+    real = export_onnx.export_vision_onnx
+    monkeypatch.setattr(export_onnx, "export_vision_onnx", lambda m, d, p, **k: exported.append(list(p)) or real(m, d, p, **k))
+    again = run_export(checkpoint, out, quants=[], log=lambda _: None)
+    assert exported == [["fp16"]]
+    assert again.find("vision_onnx", "fp16").sha256 == before.find("vision_onnx", "fp16").sha256  # deterministic export
+    read_manifest(out, verify=True)
+
+
+def test_inspect_prints_and_detects_tampering(bundle, tmp_path, capsys):
+    from sqllava_edge.cli import main
+
+    assert main(["inspect", str(bundle)]) == 0
+    text = capsys.readouterr().out
+    assert "vision/vision.int8.onnx" in text and "sha256 ok" in text and "cosine_min" in text
+    assert main(["inspect", str(bundle), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["schema_version"] == 1
+
+    work = tmp_path / "tampered"
+    shutil.copytree(bundle, work)
+    target = work / read_manifest(work).find("vision_onnx", "fp32").files[-1]
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    assert main(["inspect", str(work)]) == 1
+    captured = capsys.readouterr()
+    assert "MODIFIED/MISSING" in captured.out and "was modified or corrupted" in captured.err
+    with pytest.raises(BundleError, match="modified or corrupted"):
+        read_manifest(work)
+
+
+def test_cli_entry_point_runs_as_a_module(bundle):
+    result = subprocess.run([sys.executable, "-m", "sqllava_edge.cli", "inspect", str(bundle)], cwd=REPO,
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    assert "tiny" in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input: clear errors, nothing half-written
+
+
+def _corrupt_meta(folder: Path) -> None:
+    (folder / "sqllava_edge.json").write_text("{ not json")
+
+
+def _truncate_weights(folder: Path) -> None:
+    path = folder / "llm" / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def _shape_mismatch(folder: Path) -> None:
+    meta = json.loads((folder / "sqllava_edge.json").read_text())
+    meta["config"]["llm"]["intermediate_size"] = 512  # the weights are 768 wide
+    (folder / "sqllava_edge.json").write_text(json.dumps(meta))
+
+
+def _missing_projector(folder: Path) -> None:
+    (folder / "projector.safetensors").unlink()
+
+
+@pytest.mark.parametrize("damage,error,match", [
+    (_corrupt_meta, CheckpointError, "not valid JSON"),
+    (_truncate_weights, CheckpointError, "cannot load base llm"),
+    (_shape_mismatch, CheckpointError, "intermediate_size is 768 but the model config says 512"),
+    (_missing_projector, CheckpointError, "projector weights missing"),
+], ids=["corrupt-meta", "truncated-weights", "shape-mismatch", "missing-projector"])
+def test_bad_checkpoint_gives_clear_error_and_no_bundle(checkpoint, tmp_path, damage, error, match):
+    broken = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, broken)
+    damage(broken)
+    out = tmp_path / "out" / "bundle"
+    with pytest.raises(error, match=match):
+        run_export(broken, out, quants=[], vision_precisions=["fp32"], log=lambda _: None)
+    assert not out.exists() and _leftovers(out.parent, "bundle") == []
+
+
+def test_missing_checkpoint_and_unknown_quant(checkpoint, tmp_path, capsys):
+    out = tmp_path / "bundle"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_export(tmp_path / "nope", out, quants=[])
+    with pytest.raises(ValueError, match="unknown quant type.*q3_xyz.*q4_k_m"):
+        run_export(checkpoint, out, quants=["q3_xyz"])
+    assert export_main.main([str(checkpoint), "--out", str(out), "--quant", "q3_xyz"]) == 1
+    assert "unknown quant type" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_refuses_to_replace_a_folder_that_is_not_a_bundle(checkpoint, tmp_path):
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a sqllava-edge bundle"):
+        run_export(checkpoint, precious, quants=[])
+    assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_full_disk_midway_leaves_no_half_written_bundle(checkpoint, tmp_path, monkeypatch):
+    def full_disk(fp32_path, out_path):  # the int8 writer runs out of space after writing part of its file
+        Path(out_path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export_onnx, "quantize_int8", full_disk)
+    out = tmp_path / "bundle"
+    with pytest.raises(OSError, match="no space left on the device.*Nothing was written") as exc:
+        run_export(checkpoint, out, quants=[], vision_precisions=["fp32", "int8"], log=lambda _: None)
+    assert exc.value.errno == errno.ENOSPC
+    assert not out.exists() and _leftovers(tmp_path, "bundle") == []
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()],
+                         ids=["full-disk", "interrupted"])
+def test_failed_reexport_keeps_the_previous_bundle(bundle, checkpoint, tmp_path, monkeypatch, failure):
+    out = tmp_path / "bundle"
+    shutil.copytree(bundle, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def broken_write(folder, manifest):  # dies while writing the new manifest, after every artifact is in place
+        (Path(folder) / MANIFEST_FILE).write_text('{"schema_version": 1, "trunc')
+        raise failure
+
+    monkeypatch.setattr(export_main, "write_manifest", broken_write)
+    with pytest.raises(type(failure)):
+        run_export(checkpoint, out, quants=[], log=lambda _: None)
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before and _leftovers(tmp_path, "bundle") == []
+    read_manifest(out, verify=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# With GGUF (export.gguf), and the real-size vision graph
+
+
+def test_one_go_export_includes_gguf(checkpoint, tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is needed to quantize and validate the GGUF")
+    out = tmp_path / "bundle"
+    manifest = run_export(checkpoint, out, quants=["q8_0"], vision_precisions=["int8"], log=lambda _: None)
+    gguf = manifest.find("llm_gguf", "q8_0")
+    assert gguf is not None and gguf.validation and gguf.inputs_key
+    assert (out / gguf.path).is_file() and read_manifest(out, verify=True).find("llm_gguf", "q8_0") == gguf
+    print(f"GGUF q8_0 validation: {gguf.validation}")
+
+
+@pytest.mark.slow
+def test_real_size_vision_graph_exports_and_validates(tmp_path):
+    """bench-1b (CLIP ViT-L/14-336 + the cluster projector to 2048), random weights, in a fresh process."""
+    result = subprocess.run([sys.executable, "-m", "export.onnx", "--random-preset", "bench-1b", "--out", str(tmp_path / "b")],
+                            cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    print("\n".join(line for line in result.stdout.splitlines() if line.startswith("[")))
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = read_manifest(tmp_path / "b", verify=True)
+    assert manifest.find("vision_onnx", "fp32").validation["max_abs_diff"] <= 1e-4
+    assert manifest.find("vision_onnx", "int8").validation["cosine_min"] >= 0.99
+    assert "peak RSS" in result.stdout
