@@ -140,6 +140,7 @@ def _resolve(folder: Path, ref: str) -> Path:
 
 
 def _load_base(folder: Path, meta: dict, part: str, config: ModelConfig, dtype: torch.dtype):
+    from safetensors import SafetensorError
     from transformers import CLIPVisionModel, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -150,7 +151,7 @@ def _load_base(folder: Path, meta: dict, part: str, config: ModelConfig, dtype: 
     hf_logging.disable_progress_bar()
     try:
         module = cls.from_pretrained(str(path), dtype=dtype)
-    except (OSError, RuntimeError, ValueError) as exc:
+    except (OSError, RuntimeError, ValueError, SafetensorError) as exc:  # a truncated file raises SafetensorError
         raise CheckpointError(f"cannot load base {part} from {path}: {exc}") from None
     finally:
         hf_logging.enable_progress_bar()
