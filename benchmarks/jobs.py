@@ -1,0 +1,238 @@
+"""One measurement job per process: the PyTorch eager baseline, llama.cpp high-level vs ours, a vision backend alone,
+or a backend combination. Each job returns a JSON-able dict with every raw sample and the process's peak memory.
+
+Jobs run in a fresh process each (`python -m benchmarks.worker JOB.json RESULT.json`), so one job's memory and
+thread pools never leak into the next job's numbers.
+"""
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from benchmarks.timing import current_rss_mib, gpu_memory_mib, ms, now, peak_rss_mib, repeat
+from benchmarks.workload import Workload, prompt_ids, synthetic_image
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="run", leave=False, dynamic_ncols=True)
+
+
+def _interleaved(fns: dict[str, Callable[[], dict]], workload: Workload, progress) -> dict[str, dict[str, list]]:
+    """Run several measurements in alternating order each round (ABBA...), so drifting background load hits all."""
+    names = list(fns)
+    out = {name: {"warmup": [], "timed": []} for name in names}
+    for i in range(workload.warmup + workload.runs):
+        order = names if i % 2 == 0 else names[::-1]
+        for name in order:
+            out[name]["warmup" if i < workload.warmup else "timed"].append(fns[name]())
+            progress.set_postfix_str(f"{name} {i + 1}/{workload.warmup + workload.runs}")
+            progress.update(1)
+    return out
+
+
+def _memory(result: dict) -> dict:
+    result["memory"] = {"peak_rss_mib": round(peak_rss_mib(), 1), "rss_end_mib": current_rss_mib(),
+                        "gpu": gpu_memory_mib()}
+    return result
+
+
+def _threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def eager_job(job: dict) -> dict:
+    """PyTorch eager fp32 pipeline: N answers + vision batches; saves the reference image embeddings for cosines."""
+    import torch
+
+    from benchmarks.baselines import clip_processor, eager_pipeline_run, reference_preprocess
+    from benchmarks.roofline import torch_bytes_per_token
+    from sqllava_edge.checkpoint import load_checkpoint
+    from sqllava_edge.image import preprocess
+
+    workload, mode = Workload.from_dict(job["workload"]), job["mode"]
+    _threads(job["threads"])
+    t0 = now()
+    model, _ = load_checkpoint(job["checkpoint"], merge_lora=True, dtype=torch.float32)
+    model.eval()
+    load_ms = ms(now() - t0)
+    config = model.config
+    processor = clip_processor(config)
+    image = synthetic_image(workload, 0)
+    prompt = prompt_ids(workload, config.llm.vocab_size, 0)
+    parity = float(np.abs(reference_preprocess(processor, image, config, mode) - preprocess(image, config.vision, mode)).max())
+    batch = torch.from_numpy(np.stack([reference_preprocess(processor, synthetic_image(workload, i), config, mode)
+                                       for i in range(workload.vision_batch)]))  # (B, 3, S, S)
+
+    def encode_batch() -> dict:
+        start = now()
+        with torch.inference_mode():
+            model.encode_images(batch)
+        elapsed = now() - start
+        return {"ms": ms(elapsed), "per_image_ms": ms(elapsed / batch.shape[0])}
+
+    progress = _progress(2 * (workload.warmup + workload.runs), "eager fp32")
+    warm, timed = repeat(lambda: eager_pipeline_run(model, processor, config, mode, image, prompt, workload.new_tokens),
+                         workload.runs, workload.warmup, "pipeline", progress)
+    b_warm, b_timed = repeat(encode_batch, workload.runs, workload.warmup, f"batch {workload.vision_batch}", progress)
+    progress.close()
+    np.save(job["reference_path"], timed[-1]["embeds"])
+    for run in warm + timed:
+        run.pop("embeds")
+    return _memory({"kind": "eager", "label": "PyTorch eager fp32", "load_ms": load_ms,
+                    "description": f"torch {torch.__version__} fp32 eager, transformers generate, {torch.get_num_threads()} threads",
+                    "preprocess_parity_max_abs_diff": parity, "roofline_bytes": torch_bytes_per_token(model.llm),
+                    "pipeline": {"warmup": warm, "timed": timed}, "vision_batch": {"warmup": b_warm, "timed": b_timed}})
+
+
+def llamacpp_overhead_job(job: dict) -> dict:
+    """llama-cpp-python's high-level Llama.generate vs our LlamaCppLLM, same GGUF, same text prompt, interleaved."""
+    from benchmarks.baselines import high_level_run, open_high_level, ours_text_run
+    from runtimes.llamacpp import LlamaCppLLM
+
+    workload = Workload.from_dict(job["workload"])
+    ours = LlamaCppLLM(job["gguf"], n_ctx=job["n_ctx"], n_threads=job["threads"], n_batch=job["n_batch"])
+    raw = open_high_level(job["gguf"], job["n_ctx"], job["threads"], job["n_batch"], job["flash_attn"])
+    prompt = prompt_ids(workload, ours.vocab_size, 2, count=job["prompt_positions"])
+    progress = _progress(2 * (workload.warmup + workload.runs), "llama.cpp overhead")
+    runs = _interleaved({"high_level": lambda: high_level_run(raw, prompt, workload.new_tokens),
+                         "ours": lambda: ours_text_run(ours, prompt, workload.new_tokens)}, workload, progress)
+    progress.close()
+    result = {"kind": "llamacpp_overhead", "gguf": job["gguf"], "prompt_positions": len(prompt),
+              "ours_description": ours.description,
+              "high_level_description": f"llama_cpp.Llama.generate (llama-cpp-python {_llama_version()}), n_ctx "
+                                        f"{job['n_ctx']}, n_batch {job['n_batch']}, {job['threads']} threads, "
+                                        f"flash_attn {job['flash_attn']}",
+              "runs": runs}
+    ours.close()
+    raw.close()
+    return _memory(result)
+
+
+def _llama_version() -> str:
+    import llama_cpp
+
+    return llama_cpp.__version__
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Our backends
+
+
+def _load(job: dict, part: str, sources: dict):
+    """Load the vision or LLM backend a job names, through runtimes.select (the loader Assistant uses).
+    `sources` holds the opened bundle / checkpoint, so torch vision and torch LLM share one loaded model."""
+    from runtimes import select
+
+    spec = job[part]
+    device = select.resolve_device(job.get("device"))
+    folder = job["checkpoint"] if spec["kind"] == "torch" else job["bundle"]
+    if folder is None:
+        raise ValueError(f"the torch {part} backend needs the training checkpoint; pass --checkpoint")
+    source = sources.get(folder) or select.ModelSource.open(folder)
+    sources[folder] = source
+    t0 = now()
+    if part == "vision":
+        choice = select.choose_vision(source, device, spec["kind"], spec.get("precision"))
+        backend = select.load_vision(choice, source, device, n_threads=job["threads"])
+    else:
+        choice = select.choose_llm(source, device, spec["kind"], spec.get("precision"))
+        backend = select.load_llm(choice, source, device, job["n_ctx"], n_threads=job["threads"], n_seq_max=4)
+    return backend, {"kind": spec["kind"], "precision": _precision(choice), "description": backend.description,
+                     "reason": choice.reason, "load_ms": ms(now() - t0),
+                     "artifact": getattr(choice.artifact, "path", None)}, source.config
+
+
+def _precision(choice) -> str:
+    return choice.artifact.precision if choice.artifact is not None else "fp32"
+
+
+def _vision_measurements(vision, config, workload: Workload, mode: str, reference: Path | None, progress) -> dict:
+    from benchmarks.pipeline import cosine_per_token, encode_one, vision_batch_run
+    from sqllava_edge.image import preprocess, preprocess_batch
+
+    batch = preprocess_batch([synthetic_image(workload, i) for i in range(workload.vision_batch)], config.vision, mode)
+    warm, timed = repeat(lambda: vision_batch_run(vision, batch), workload.runs, workload.warmup,
+                         f"vision batch {workload.vision_batch}", progress)
+    out: dict[str, Any] = {"vision_batch": {"warmup": warm, "timed": timed}}
+    if reference is not None and Path(reference).is_file():
+        embeds = encode_one(vision, preprocess(synthetic_image(workload, 0), config.vision, mode))
+        out["cosine_vs_eager_fp32"] = cosine_per_token(embeds, np.load(reference))
+    return out
+
+
+def vision_job(job: dict) -> dict:
+    """A vision backend alone: preprocess, batch 1, batch B, cosine to the eager fp32 embeddings."""
+    from benchmarks.pipeline import encode_one
+    from sqllava_edge.image import preprocess
+
+    workload, mode = Workload.from_dict(job["workload"]), job["mode"]
+    vision, info, config = _load(job, "vision", {})
+    image = synthetic_image(workload, 0)
+
+    def single() -> dict:
+        t0 = now()
+        pixels = preprocess(image, config.vision, mode)
+        t1 = now()
+        encode_one(vision, pixels)
+        return {"preprocess_ms": ms(t1 - t0), "encode_ms": ms(now() - t1)}
+
+    progress = _progress(2 * (workload.warmup + workload.runs), f"vision {job['label']}")
+    warm, timed = repeat(single, workload.runs, workload.warmup, "batch 1", progress)
+    result = {"kind": "vision", "label": job["label"], "vision": info, "single": {"warmup": warm, "timed": timed},
+              **_vision_measurements(vision, config, workload, mode, job.get("reference_path"), progress)}
+    progress.close()
+    vision.close()
+    return _memory(result)
+
+
+def combo_job(job: dict) -> dict:
+    """A vision + LLM combination: pipeline runs (with the cached follow-up), self_question shared vs sequential,
+    vision batches and cosine."""
+    from benchmarks.pipeline import pipeline_run, self_question_run
+
+    workload, mode = Workload.from_dict(job["workload"]), job["mode"]
+    rss_start = current_rss_mib()
+    sources: dict = {}
+    vision, vision_info, config = _load(job, "vision", sources)
+    llm, llm_info, _ = _load(job, "llm", sources)
+    rss_loaded = current_rss_mib()
+    image = synthetic_image(workload, 0)
+    prompt = prompt_ids(workload, llm.vocab_size, 0)
+    followup = prompt_ids(workload, llm.vocab_size, 1)
+    rounds = workload.warmup + workload.runs
+    progress = _progress(4 * rounds, f"combo {job['label']}")
+    warm, timed = repeat(lambda: pipeline_run(vision, llm, config, mode, image, prompt, followup, workload.new_tokens),
+                         workload.runs, workload.warmup, "pipeline", progress)
+    counters_after_pipeline = llm.counters.snapshot()
+    sq = _interleaved({name: (lambda shared=shared: self_question_run(
+        vision, llm, config, mode, image, prompt, workload.questions, workload.new_tokens, workload.seed, shared))
+        for name, shared in (("shared", True), ("sequential", False))}, workload, progress)
+    vis = _vision_measurements(vision, config, workload, mode, job.get("reference_path"), progress)
+    progress.close()
+    result = {"kind": "combo", "label": job["label"], "vision": vision_info, "llm": llm_info,
+              "pipeline": {"warmup": warm, "timed": timed}, "self_question": sq, **vis,
+              "counters_after_pipeline": counters_after_pipeline,
+              "rss_before_load_mib": rss_start, "rss_after_load_mib": rss_loaded}
+    vision.close()
+    llm.close()
+    gc.collect()
+    return _memory(result)
+
+
+JOBS = {"eager": eager_job, "llamacpp_overhead": llamacpp_overhead_job, "vision": vision_job, "combo": combo_job}
+
+
+def run_job(job: dict) -> dict:
+    if job["kind"] not in JOBS:
+        raise ValueError(f"unknown job kind {job['kind']!r}; known: {', '.join(JOBS)}")
+    return JOBS[job["kind"]](dict(job))
