@@ -62,8 +62,9 @@ class Tokenizer:
         from transformers import PreTrainedTokenizerFast
 
         ids = {piece: i for i, piece in enumerate(vocab.tokens)}
-        backend = Backend(models.BPE(vocab=ids, merges=_merges_by_score(vocab, ids), unk_token=vocab.tokens[vocab.unk_id],
-                                     fuse_unk=True, byte_fallback=True))
+        bpe = models.BPE(vocab=ids, merges=_merges_by_score(vocab, ids), unk_token=vocab.tokens[vocab.unk_id],
+                         fuse_unk=True, byte_fallback=True)
+        backend = Backend(bpe)
         backend.decoder = decoders.Sequence([decoders.Replace(SPIECE_UNDERLINE, " "), decoders.ByteFallback(),
                                              decoders.Fuse(), decoders.Strip(" ", 1, 0)])  # drop the dummy prefix
         backend.add_special_tokens([AddedToken(vocab.tokens[i], special=True, normalized=False)
@@ -242,5 +243,6 @@ def _build_from_gguf(folder: Path) -> Tokenizer:
     wrong = [text for text, ids in vocab_test_cases(folder) if tok.encode(text) != ids]
     if wrong:
         raise RuntimeError(f"the tokenizer built from {folder / VOCAB_GGUF} disagrees with llama.cpp's test vectors "
-                           f"on {len(wrong)} cases (first: {wrong[0]!r}); please report it with your tokenizers version")
+                           f"on {len(wrong)} cases (first: {wrong[0]!r}); please report it with your tokenizers "
+                           "version")
     return tok

@@ -189,7 +189,8 @@ def spm_model_bytes(vocab: SpmVocab) -> bytes:
         body = _pb_bytes(1, piece.encode("utf-8")) + _pb_key(2, 5) + struct.pack("<f", score) + _pb_int(3, kind)
         out += _pb_bytes(1, body)  # ModelProto.pieces (field 1)
     trainer = (_pb_int(3, 2) + _pb_int(4, len(vocab.tokens))  # model_type BPE, vocab_size
-               + _pb_int(25, 1) + _pb_int(26, 1) + _pb_int(35, 1)  # split_digits, allow_whitespace_only_pieces, byte_fallback
+               + _pb_int(25, 1) + _pb_int(26, 1)  # split_digits, allow_whitespace_only_pieces
+               + _pb_int(35, 1)  # byte_fallback
                + _pb_int(40, vocab.unk_id) + _pb_int(41, vocab.bos_id) + _pb_int(42, vocab.eos_id) + _pb_int(43, -1))
     normalizer = _pb_bytes(1, b"identity") + _pb_int(3, 1) + _pb_int(4, 0) + _pb_int(5, 1)
     out += _pb_bytes(2, trainer) + _pb_bytes(3, normalizer)  # ModelProto.trainer_spec / normalizer_spec
