@@ -1,0 +1,168 @@
+"""The main job, end to end on the built-in `tiny` preset: data -> two-stage training -> evaluation -> export ->
+Assistant -> benchmark. `make demo` runs it.
+
+Each step runs as its own command (the same commands the README shows), writes its output atomically, and records
+a stamp holding the hash of its inputs; a rerun skips a step whose inputs are unchanged and whose output is there, so
+Ctrl-C at any point followed by a rerun continues where it stopped, with the same results.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Step:
+    name: str
+    title: str
+    argv: list[str]
+    output: Path
+    inputs: list[Path] = field(default_factory=list)  # files or folders whose content the output depends on
+    resume_flag: str | None = None  # appended when a partial output of an interrupted run can be continued
+
+
+def tree_hash(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for root in paths:
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        for path in files:
+            if any(part.startswith(".") for part in path.relative_to(root.parent).parts):
+                continue  # stamps, temporary folders
+            digest.update(str(path.relative_to(root.parent)).encode())
+            with open(path, "rb") as handle:
+                while block := handle.read(1 << 20):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def step_key(step: Step) -> str:
+    code = [ROOT / "sqllava_edge", ROOT / "training", ROOT / "export", ROOT / "runtimes", ROOT / "benchmarks"]
+    payload = json.dumps({"argv": step.argv[1:], "inputs": tree_hash(step.inputs), "code": tree_hash(code)})
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def run_step(step: Step, stamps: Path) -> bool:
+    """Run `step` unless its stamp says the same inputs already produced its output. Returns True if it ran."""
+    stamp = stamps / f"{step.name}.json"
+    key = step_key(step)
+    if stamp.is_file() and step.output.exists() and json.loads(stamp.read_text()).get("key") == key:
+        print(f"\n== {step.title}: unchanged inputs, reusing {rel(step.output)}")
+        return False
+    argv = list(step.argv)
+    running = stamps / f"{step.name}.running"
+    interrupted = running.is_file() and running.read_text() == key
+    if step.output.exists():
+        if step.resume_flag and interrupted:
+            argv.append(step.resume_flag)  # same inputs, cut short last time: continue from its last checkpoint
+        else:
+            shutil.rmtree(step.output) if step.output.is_dir() else step.output.unlink()
+    stamps.mkdir(parents=True, exist_ok=True)
+    running.write_text(key)
+    print(f"\n== {step.title}\n$ {' '.join(shlex.quote(a) for a in display(argv))}", flush=True)
+    start = time.perf_counter()
+    subprocess.run(argv, check=True, cwd=ROOT)
+    seconds = time.perf_counter() - start
+    tmp = stamp.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "seconds": round(seconds, 1)}))
+    os.replace(tmp, stamp)
+    running.unlink()
+    print(f"-- {step.title}: done in {seconds:.0f} s, wrote {rel(step.output)}")
+    return True
+
+
+def rel(path: Path) -> str:
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def display(argv: list[str]) -> list[str]:
+    return ["python" if a == sys.executable else rel(Path(a)) if a.startswith(str(ROOT)) else a for a in argv]
+
+
+def steps(out: Path) -> list[Step]:
+    py = sys.executable
+    data, s1, s2 = out / "data", out / "stage1", out / "stage2"
+    bundle = out / "bundle"
+    return [
+        Step("data", "1/6 synthetic dataset", [py, "-m", "training.synthetic", str(data), "--seed", "0"], data),
+        Step("stage1", "2/6 training stage 1 (prototype extractor + projector on captions)",
+             [py, "-m", "training", "--stage", "1", "--preset", "tiny", "--recipe", "demo",
+              "--data", str(data / "stage1.json"), "--image-folder", str(data / "images"), "--out", str(s1)],
+             s1, [data], resume_flag="--resume"),
+        Step("stage2", "3/6 training stage 2 (LLM-LoRA + ViT-LoRA + projector, self-questioning)",
+             [py, "-m", "training", "--stage", "2", "--recipe", "demo", "--init", str(s1),
+              "--data", str(data / "stage2.json"), "--image-folder", str(data / "images"), "--out", str(s2)],
+             s2, [data, s1], resume_flag="--resume"),
+        Step("evaluate", "4/6 held-out evaluation (QA accuracy, grounded-question rate)",
+             [py, "-m", "training.evaluate", str(s2), "--data", str(data / "eval.json"),
+              "--image-folder", str(data / "images"), "--out", str(out / "eval")],
+             out / "eval", [data, s2]),
+        Step("export", "5/6 export bundle (vision ONNX fp32 + int8, GGUF f16 + q8_0, validated)",
+             [py, "-m", "export", str(s2), "--out", str(bundle), "--vision-precision", "fp32", "int8",
+              "--quant", "f16", "q8_0"],
+             bundle, [s2]),
+    ]
+
+
+def show_assistant(out: Path) -> None:
+    sys.path.insert(0, str(ROOT))
+    from sqllava_edge import Assistant
+
+    print("\n== 6/6 Assistant on held-out images")
+    start = time.perf_counter()
+    samples = json.loads((out / "data" / "eval.json").read_text())
+    with Assistant.load(out / "bundle") as assistant:
+        for role, (name, reason) in assistant.backends.items():
+            print(f"{role} backend: {name} ({reason})")
+        for sample in samples[:3]:
+            image = out / "data" / "images" / sample["image"]
+            turns = sample["conversations"]
+            question = turns[0]["value"].replace("<image>", "").strip()
+            print(f"\nimage: {rel(image)}")
+            print(f"  Q: {question}\n  truth: {turns[1]['value']}\n  answer: {assistant.ask(image, question)}")
+            for i, q in enumerate(assistant.self_question(image, n=3, seed=0), 1):
+                print(f"  self-question {i}: {q}")
+    print(f"-- Assistant: done in {time.perf_counter() - start:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "demo_out", help="where every step writes (default demo_out/)")
+    parser.add_argument("--skip-benchmark", action="store_true", help="stop after the Assistant step")
+    args = parser.parse_args(argv)
+    out = args.out.resolve()
+    stamps = out / ".stamps"
+    total = time.perf_counter()
+    try:
+        for step in steps(out):
+            run_step(step, stamps)
+        show_assistant(out)
+        if not args.skip_benchmark:
+            print("\n== benchmark (tiny bundle, every backend available here)")
+            subprocess.run([sys.executable, "-m", "benchmarks", "--bundle", str(out / "bundle"), "--runs", "3",
+                            "--out", str(out / "bench")], check=True, cwd=ROOT)
+    except subprocess.CalledProcessError as exc:
+        print(f"\nstep failed with exit code {exc.returncode}: {' '.join(display(list(exc.cmd)))}", file=sys.stderr)
+        return exc.returncode or 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished steps are kept; run `make demo` again to continue", file=sys.stderr)
+        return 130
+    print(f"\nDemo finished in {time.perf_counter() - total:.0f} s; everything is under {rel(out)}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
