@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -28,10 +29,13 @@ def load_pickle(path: Path, mmap: bool = True) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
+        text = str(exc)
+        if "weights only" in text.lower() or "weights_only" in text.lower():
+            found = re.search(r"(Unsupported global: GLOBAL [\w.]+|Unsupported operand \S+)", text)
+            detail = found.group(1).strip(" .") if found else text.splitlines()[0][:200]
             raise CheckpointError(
                 f"refusing to load {path}: the pickle asks to run code or build objects that are not tensors "
-                f"({str(exc).splitlines()[0][:200]}). Only plain tensor state dicts are accepted; if you trust the file, "
+                f"({detail}); nothing in it was run. Only plain tensor state dicts are accepted; if you trust the file, "
                 "re-save its tensors as safetensors"
             ) from None
         raise CheckpointError(f"{path} is not a PyTorch weights file ({exc}); re-download it") from None
