@@ -212,6 +212,8 @@ def _load_tokenizer(folder: Path, config: ModelConfig):
         tok = load_tokenizer(folder / "tokenizer")
     else:
         tok = default_tokenizer()
-    if tok.vocab_size != config.llm.vocab_size:
-        raise CheckpointError(f"{folder}: tokenizer has {tok.vocab_size} tokens but the LLM has {config.llm.vocab_size}")
+    # More embedding rows than tokens is fine (llava-hf pads 32002 tokens to 32064 rows); fewer would crash.
+    if tok.vocab_size > config.llm.vocab_size:
+        raise CheckpointError(f"{folder}: tokenizer has {tok.vocab_size} tokens but the LLM has only "
+                              f"{config.llm.vocab_size} embedding rows")
     return tok

@@ -5,6 +5,7 @@ the name table shows up as a failed import or a logits difference.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import pickle
@@ -272,17 +273,26 @@ def test_llava_hf_matches_transformers(tmp_path):
 
     from sqllava_edge.model import hf_llama_config
 
-    image_token = 31999
-    hf_cfg = LlavaConfig(vision_config=hf_clip_config(SMALL.vision).to_dict(), text_config=hf_llama_config(SMALL.llm).to_dict(),
+    from sqllava_edge.tokenizer import default_tokenizer
+
+    # As llava-hf/llava-1.5-7b-hf: "<image>" = 32000 and "<pad>" = 32001 added, embeddings padded to 32064 rows.
+    image_token = 32000
+    text = hf_llama_config(SMALL.llm.__class__(**{**vars(SMALL.llm), "vocab_size": 32064})).to_dict()
+    hf_cfg = LlavaConfig(vision_config=hf_clip_config(SMALL.vision).to_dict(), text_config=text,
                          image_token_id=image_token, projector_hidden_act="gelu", vision_feature_layer=-2,
                          vision_feature_select_strategy="default", image_seq_length=SMALL.num_image_tokens)
     torch.manual_seed(6)
     hf = LlavaForConditionalGeneration(hf_cfg).eval()
     hf.save_pretrained(tmp_path / "llava-hf")
+    tok = copy.deepcopy(default_tokenizer().hf)
+    tok.add_tokens(["<image>"], special_tokens=True)
+    tok.add_special_tokens({"pad_token": "<pad>"})
+    tok.save_pretrained(tmp_path / "llava-hf")
     assert detect_layout(tmp_path / "llava-hf") == "llava-hf"
     report = convert("llava-hf", tmp_path / "llava-hf", tmp_path / "ours", progress=False)
-    ours, _ = load_checkpoint(tmp_path / "ours")
+    ours, tokenizer = load_checkpoint(tmp_path / "ours")
     assert ours.config.projector.type == "mlp2x_gelu" and ours.config.vision.select_layer == -2
+    assert ours.config.llm.vocab_size == 32064 and tokenizer.vocab_size == 32002
     px = torch.randn(1, 3, 56, 56)
     before, after = IDS[:3], IDS[4:]
     with torch.no_grad():
