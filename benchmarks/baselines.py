@@ -8,8 +8,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -104,12 +105,44 @@ def eager_pipeline_run(model, processor, config: ModelConfig, mode: str, image, 
 # llama-cpp-python's high-level API vs our LlamaCppLLM on the same GGUF
 
 
-def open_high_level(gguf_path: str, n_ctx: int, n_threads: int, n_batch: int, flash_attn: bool):
-    """llama_cpp.Llama with the same context size, threads and batch as our backend."""
+@contextlib.contextmanager
+def _model_defaults(extra_buffers: bool) -> Iterator[None]:
+    """While `Llama` is constructed, its starting model params get `use_extra_bufts = extra_buffers`.
+
+    `Llama` has no option for llama.cpp's weight-repacking buffers (AMX, AArch64), which our backend turns off on AMX
+    CPUs (they die with SIGILL on this VM, runtimes/llamacpp.py). Used only in the baseline's own worker process,
+    restored on exit, and only when the setting differs from llama.cpp's default.
+    """
+    import llama_cpp.llama_cpp as lib
+
+    original = lib.llama_model_default_params
+
+    def with_setting():
+        params = original()
+        params.use_extra_bufts = extra_buffers
+        return params
+
+    lib.llama_model_default_params = with_setting
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = original
+
+
+def open_high_level(gguf_path: str, n_ctx: int, n_threads: int, n_batch: int, flash_attn: bool | None,
+                    extra_buffers: bool | None):
+    """llama_cpp.Llama with the same context size, threads, batch, flash attention and repacking as our backend
+    (None = llama-cpp-python's own default)."""
     from llama_cpp import Llama
 
-    return Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-                 n_batch=n_batch, n_ubatch=n_batch, flash_attn=flash_attn, verbose=False)
+    kwargs = dict(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+                  n_batch=n_batch, n_ubatch=n_batch, verbose=False)
+    if flash_attn is not None:
+        kwargs["flash_attn"] = flash_attn
+    if extra_buffers is None or extra_buffers:
+        return Llama(**kwargs)
+    with _model_defaults(extra_buffers):
+        return Llama(**kwargs)
 
 
 def high_level_run(llm, prompt: Sequence[int], new_tokens: int) -> dict:

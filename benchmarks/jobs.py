@@ -97,11 +97,13 @@ def eager_job(job: dict) -> dict:
 def llamacpp_overhead_job(job: dict) -> dict:
     """llama-cpp-python's high-level Llama.generate vs our LlamaCppLLM, same GGUF, same text prompt, interleaved."""
     from benchmarks.baselines import high_level_run, open_high_level, ours_text_run
-    from runtimes.llamacpp import LlamaCppLLM
+    from runtimes.llamacpp import LlamaCppLLM, cpu_has_amx
 
     workload = Workload.from_dict(job["workload"])
-    ours = LlamaCppLLM(job["gguf"], n_ctx=job["n_ctx"], n_threads=job["threads"], n_batch=job["n_batch"])
-    raw = open_high_level(job["gguf"], job["n_ctx"], job["threads"], job["n_batch"], job["flash_attn"])
+    extra_buffers = not cpu_has_amx()  # what LlamaCppLLM does by default; the baseline gets the same
+    ours = LlamaCppLLM(job["gguf"], n_ctx=job["n_ctx"], n_threads=job["threads"], n_batch=job["n_batch"],
+                       flash_attn=True, extra_buffers=extra_buffers)
+    raw = open_high_level(job["gguf"], job["n_ctx"], job["threads"], job["n_batch"], True, extra_buffers)
     prompt = prompt_ids(workload, ours.vocab_size, 2, count=job["prompt_positions"])
     progress = _progress(2 * (workload.warmup + workload.runs), "llama.cpp overhead")
     runs = _interleaved({"high_level": lambda: high_level_run(raw, prompt, workload.new_tokens),
@@ -111,11 +113,22 @@ def llamacpp_overhead_job(job: dict) -> dict:
               "ours_description": ours.description,
               "high_level_description": f"llama_cpp.Llama.generate (llama-cpp-python {_llama_version()}), n_ctx "
                                         f"{job['n_ctx']}, n_batch {job['n_batch']}, {job['threads']} threads, "
-                                        f"flash_attn {job['flash_attn']}",
+                                        f"flash attention on, weight-repacking buffers {'on' if extra_buffers else 'off'}",
               "runs": runs}
     ours.close()
     raw.close()
     return _memory(result)
+
+
+def high_level_defaults_job(job: dict) -> dict:
+    """Does llama-cpp-python's high-level API run this GGUF with its own defaults? (It may die: the worker reports how.)"""
+    from benchmarks.baselines import open_high_level
+
+    workload = Workload.from_dict(job["workload"])
+    llm = open_high_level(job["gguf"], job["n_ctx"], job["threads"], job["n_batch"], None, None)
+    t0 = now()
+    llm.eval(prompt_ids(workload, llm.n_vocab(), 2, count=8))
+    return {"kind": "high_level_defaults", "label": job["label"], "ok": True, "eval_ms": ms(now() - t0)}
 
 
 def _llama_version() -> str:
@@ -229,7 +242,7 @@ def combo_job(job: dict) -> dict:
     return _memory(result)
 
 
-JOBS = {"eager": eager_job, "llamacpp_overhead": llamacpp_overhead_job, "vision": vision_job, "combo": combo_job}
+JOBS = {"eager": eager_job, "llamacpp_overhead": llamacpp_overhead_job, "high_level_defaults": high_level_defaults_job, "vision": vision_job, "combo": combo_job}
 
 
 def run_job(job: dict) -> dict:

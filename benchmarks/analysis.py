@@ -1,0 +1,187 @@
+"""Raw results -> figures (medians and spread of every measurement) and the issue's target ratios.
+
+Every ratio compares numbers measured in the same run. The headline combination is the one with the lowest median
+end-to-end time; the ratios that concern one combination (roofline share, follow-up TTFT, self_question) use it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.roofline import roofline
+from benchmarks.timing import percentile, summarize
+
+# (id, what, comparison, target). A target not met is reported as measured.
+TARGETS = (
+    ("vision_speedup", "best CPU vision backend vs PyTorch eager fp32 (batch 1, cosine >= 0.99)", ">=", 2.0),
+    ("llamacpp_vs_high_level", "our llama.cpp decode vs llama-cpp-python high-level API, same GGUF", ">=", 0.95),
+    ("roofline_share", "decode tokens/s as a share of the bandwidth roofline", ">=", 0.60),
+    ("e2e_speedup", "end-to-end vs the PyTorch eager fp32 pipeline", ">=", 4.0),
+    ("followup_ttft_ratio", "cached follow-up question TTFT / first question TTFT", "<=", 0.10),
+    ("self_question_speedup", "self_question(n) sequential / shared-prefix time", ">=", 1.8),
+)
+MIN_COSINE = 0.99
+
+
+def _values(runs: list[dict], key: str) -> list[float]:
+    return [r[key] for r in runs if r.get(key) is not None]
+
+
+def _median(summary: dict | None) -> float | None:
+    return None if summary is None else summary["median"]
+
+
+def pipeline_figures(runs: list[dict]) -> dict[str, Any]:
+    """Summaries of the pipeline runs' samples (shared by our combinations and the eager baseline)."""
+    itl = [x for r in runs for x in r["itl_ms"]]
+    prefill_tok_s = [r["prefill_positions"] / (r["prefill_ms"] / 1000) for r in runs]
+    figures = {key: summarize(_values(runs, key)) for key in
+               ("preprocess_ms", "encode_ms", "prefill_ms", "ttft_ms", "decode_tok_s", "e2e_ms", "followup_ttft_ms")}
+    figures.update(prefill_tok_s=summarize(prefill_tok_s), itl_p50_ms=percentile(itl, 50), itl_p95_ms=percentile(itl, 95),
+                   itl_samples=len(itl), prefill_positions=runs[0]["prefill_positions"] if runs else None)
+    return figures
+
+
+def _batch_figures(job: dict) -> dict[str, Any]:
+    timed = job["vision_batch"]["timed"]
+    return {"encode_batch_ms": summarize(_values(timed, "ms")), "encode_batch_per_image_ms": summarize(_values(timed, "per_image_ms"))}
+
+
+def bandwidth_gbps(results: dict) -> float:
+    """The strictest (highest) bandwidth measured in the run, start or end."""
+    return max(results["bandwidth"][when]["gbps"] for when in ("start", "end") if when in results["bandwidth"])
+
+
+def _roofline_for(label: str, results: dict, eager: dict | None) -> dict | None:
+    info = results.get("roofline_bytes", {}).get(label)
+    if info is None and label == "torch" and eager is not None:
+        info = eager.get("roofline_bytes")
+    if info is None:
+        return None
+    return {"bytes_per_token": info["bytes_per_token"], "tok_s": roofline(bandwidth_gbps(results), info["bytes_per_token"])}
+
+
+def combo_figures(job: dict, results: dict, eager: dict | None) -> dict[str, Any]:
+    figures = pipeline_figures(job["pipeline"]["timed"])
+    figures.update(_batch_figures(job))
+    sq = job["self_question"]
+    figures["self_question_shared_ms"] = summarize(_values(sq["shared"]["timed"], "ms"))
+    figures["self_question_sequential_ms"] = summarize(_values(sq["sequential"]["timed"], "ms"))
+    figures["cosine_vs_eager_fp32"] = job.get("cosine_vs_eager_fp32")
+    figures["memory"] = job["memory"]
+    llm_label = job["llm"]["kind"] if job["llm"]["kind"] == "torch" else f"{job['llm']['kind']}:{job['llm']['precision']}"
+    roof = _roofline_for(llm_label, results, eager)
+    if roof is not None and figures["decode_tok_s"] is not None:
+        roof["share"] = figures["decode_tok_s"]["median"] / roof["tok_s"]
+    figures["roofline"] = roof
+    return figures
+
+
+def vision_rows(results: dict, eager: dict | None) -> list[dict[str, Any]]:
+    """One row per vision backend measured (in a combination or alone), plus the eager baseline's vision."""
+    rows, seen = [], set()
+    for job in results["jobs"]:
+        if job.get("error") or job["kind"] not in ("combo", "vision"):
+            continue
+        label = f"{job['vision']['kind']}:{job['vision']['precision']}"
+        if label in seen:
+            continue
+        seen.add(label)
+        single = job["pipeline"]["timed"] if job["kind"] == "combo" else job["single"]["timed"]
+        rows.append({"label": label, "description": job["vision"]["description"], "gpu": "tensorrt" in label or
+                     "CUDA" in job["vision"]["description"] or "Tensorrt" in job["vision"]["description"],
+                     "preprocess_ms": summarize(_values(single, "preprocess_ms")),
+                     "encode_ms": summarize(_values(single, "encode_ms")), **_batch_figures(job),
+                     "cosine": job.get("cosine_vs_eager_fp32")})
+    base = _median(eager["figures"]["encode_ms"]) if eager else None
+    for row in rows:
+        row["speedup_vs_eager"] = base / row["encode_ms"]["median"] if base and row["encode_ms"] else None
+    return rows
+
+
+def _target(tid: str, measured: float | None, detail: str) -> dict[str, Any]:
+    _, what, op, goal = next(t for t in TARGETS if t[0] == tid)
+    met = None if measured is None else (measured >= goal if op == ">=" else measured <= goal)
+    return {"id": tid, "what": what, "target": f"{op} {goal:g}", "measured": measured, "met": met, "detail": detail}
+
+
+def _vision_target(rows: list[dict], eager: dict | None) -> dict:
+    cpu = [r for r in rows if not r["gpu"] and r["speedup_vs_eager"] is not None and r["cosine"]
+           and r["cosine"]["min"] >= MIN_COSINE]
+    if not cpu or eager is None:
+        return _target("vision_speedup", None, "needs the eager baseline (--checkpoint) and a CPU vision backend "
+                                               f"with per-token cosine >= {MIN_COSINE}")
+    best = max(cpu, key=lambda r: r["speedup_vs_eager"])
+    return _target("vision_speedup", best["speedup_vs_eager"],
+                   f"{best['label']}: {best['encode_ms']['median']:.0f} ms vs eager {_median(eager['figures']['encode_ms']):.0f} ms "
+                   f"per image, per-token cosine min {best['cosine']['min']:.4f} / mean {best['cosine']['mean']:.4f}")
+
+
+def targets(results: dict, combos: list[dict], rows: list[dict], eager: dict | None, overhead: dict | None) -> list[dict]:
+    out = [_vision_target(rows, eager)]
+    if overhead is not None:
+        ours, raw = overhead["ours"]["decode_tok_s"]["median"], overhead["high_level"]["decode_tok_s"]["median"]
+        out.append(_target("llamacpp_vs_high_level", ours / raw, f"{ours:.2f} vs {raw:.2f} tok/s at context "
+                                                                 f"{overhead['prompt_positions']}"))
+    else:
+        out.append(_target("llamacpp_vs_high_level", None, "no llama.cpp combination measured"))
+    head = min(combos, key=lambda c: c["figures"]["e2e_ms"]["median"]) if combos else None
+    if head is None:
+        return out + [_target(t[0], None, "no combination measured") for t in TARGETS[2:]]
+    f, name = head["figures"], head["label"]
+    roof = f["roofline"]
+    out.append(_target("roofline_share", roof and roof.get("share"),
+                       f"{name}: {_median(f['decode_tok_s']):.2f} tok/s vs roofline {roof['tok_s']:.2f} tok/s "
+                       f"({bandwidth_gbps(results):.1f} GB/s / {roof['bytes_per_token'] / 1e6:.0f} MB per token)" if roof else "no roofline"))
+    if eager is not None:
+        out.append(_target("e2e_speedup", _median(eager["figures"]["e2e_ms"]) / _median(f["e2e_ms"]),
+                           f"{name}: {_median(f['e2e_ms']):.0f} ms vs eager {_median(eager['figures']['e2e_ms']):.0f} ms"))
+    else:
+        out.append(_target("e2e_speedup", None, "needs the eager baseline (--checkpoint)"))
+    out.append(_target("followup_ttft_ratio", _median(f["followup_ttft_ms"]) / _median(f["ttft_ms"]),
+                       f"{name}: {_median(f['followup_ttft_ms']):.0f} ms vs {_median(f['ttft_ms']):.0f} ms"))
+    shared, seq = _median(f["self_question_shared_ms"]), _median(f["self_question_sequential_ms"])
+    out.append(_target("self_question_speedup", seq / shared, f"{name}: {seq:.0f} ms sequential vs {shared:.0f} ms shared"))
+    return out
+
+
+def analyze(results: dict) -> dict[str, Any]:
+    """-> {"eager", "overhead", "combos", "vision", "targets", "errors"}: the figures every report is drawn from."""
+    eager = overhead = None
+    combos, errors = [], []
+    probe = None
+    for job in results["jobs"]:
+        if job["kind"] == "high_level_defaults":
+            probe = {"ok": not job.get("error"), "detail": job.get("error") or f"ran ({job['eval_ms']:.0f} ms for 8 tokens)"}
+        elif job.get("error"):
+            errors.append(f"{job['label']}: {job['error']}")
+        elif job["kind"] == "eager":
+            eager = {**job, "figures": eager_figures(job, results)}
+        elif job["kind"] == "llamacpp_overhead":
+            overhead = {side: pipeline_side(job["runs"][side]["timed"]) for side in ("ours", "high_level")}
+            overhead["prompt_positions"] = job["prompt_positions"]
+            overhead["descriptions"] = {"ours": job["ours_description"], "high_level": job["high_level_description"]}
+    for job in results["jobs"]:
+        if job["kind"] == "combo" and not job.get("error"):
+            combos.append({"label": job["label"], "vision": job["vision"], "llm": job["llm"],
+                           "figures": combo_figures(job, results, eager)})
+    rows = vision_rows(results, eager)
+    return {"eager": eager and {k: eager[k] for k in ("label", "description", "figures", "memory", "load_ms",
+                                                        "preprocess_parity_max_abs_diff", "roofline_bytes")},
+            "overhead": overhead, "high_level_defaults": probe, "combos": combos, "vision": rows, "errors": errors,
+            "targets": targets(results, combos, rows, eager, overhead), "bandwidth_gbps": bandwidth_gbps(results)}
+
+
+def eager_figures(job: dict, results: dict) -> dict[str, Any]:
+    figures = {**pipeline_figures(job["pipeline"]["timed"]), **_batch_figures(job), "memory": job["memory"]}
+    info = job["roofline_bytes"]
+    roof = {"bytes_per_token": info["bytes_per_token"], "tok_s": roofline(bandwidth_gbps(results), info["bytes_per_token"])}
+    if figures["decode_tok_s"] is not None:
+        roof["share"] = figures["decode_tok_s"]["median"] / roof["tok_s"]
+    figures["roofline"] = roof
+    return figures
+
+
+def pipeline_side(runs: list[dict]) -> dict[str, Any]:
+    itl = [x for r in runs for x in r["itl_ms"]]
+    return {"prefill_ms": summarize(_values(runs, "prefill_ms")), "decode_tok_s": summarize(_values(runs, "decode_tok_s")),
+            "itl_p50_ms": percentile(itl, 50), "itl_p95_ms": percentile(itl, 95)}

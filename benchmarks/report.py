@@ -1,0 +1,201 @@
+"""Figures -> a Markdown report, a PNG chart and `results.json` (raw samples + machine + figures), written atomically.
+
+    write_outputs(out_dir, results, analysis)   # out_dir/report.md, results.json, chart.png appear together or not at all
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from sqllava_edge.fileutil import atomic_dir
+
+
+def _f(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _m(summary: dict | None, digits: int = 1) -> str:
+    """median (min-max)"""
+    if summary is None:
+        return "-"
+    if summary["n"] == 1:
+        return _f(summary["median"], digits)
+    return f"{_f(summary['median'], digits)} ({_f(summary['min'], digits)}-{_f(summary['max'], digits)})"
+
+
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def machine_section(results: dict, analysis: dict) -> list[str]:
+    m, bw = results["machine"], results["bandwidth"]
+    cpu, mem = m["cpu"], m["memory"]
+    lines = ["## Machine", "",
+             f"- CPU: {cpu['model']} ({cpu['arch']}), {cpu['logical_cpus']} logical CPUs, {cpu['usable_cpus']} usable, "
+             f"threads used {m['threads_used']}{', virtual machine' if cpu['hypervisor'] else ''}; caches L2 "
+             f"{cpu['l2_cache']}, L3 {cpu['l3_cache']}; governor {cpu['governor'] or 'n/a'}",
+             f"- SIMD: {' '.join(cpu['simd']) or 'none found'}",
+             f"- Memory: {_f((mem['total_bytes'] or 0) / 2**30)} GiB total, {_f((mem['available_bytes'] or 0) / 2**30)} GiB "
+             f"available at start",
+             f"- Memory bandwidth (measured in this run, {bw['start']['threads']} threads, {bw['start']['array_mib']:.0f} MiB "
+             f"arrays, GB/s best of {bw['start']['repeats']}): start copy {bw['start']['copy']['best_gbps']:.1f} / triad "
+             f"{bw['start']['triad']['best_gbps']:.1f} / read {bw['start']['read']['best_gbps']:.1f}; end copy "
+             f"{bw['end']['copy']['best_gbps']:.1f} / triad {bw['end']['triad']['best_gbps']:.1f} / read "
+             f"{bw['end']['read']['best_gbps']:.1f}. Roofline uses the highest: {analysis['bandwidth_gbps']:.1f} GB/s",
+             f"- Load average (1/5/15 min) at start {_load(m.get('load_average_at_start'))}, at end "
+             f"{_load(m.get('load_average_at_end'))}"]
+    gpu, jetson = m.get("gpu"), m.get("jetson")
+    if gpu:
+        for g in gpu["gpus"]:
+            lines.append(f"- GPU: {g['name']}, driver {g['driver']}, CUDA {gpu['cuda_driver_version']}, "
+                         f"{g['memory_mib']} MiB, compute {g['compute_capability']}, power limit {g['power_limit_w']} W")
+    else:
+        lines.append("- GPU: none")
+    if jetson:
+        lines.append(f"- Jetson: {jetson['model']}, L4T {jetson['l4t_release']}, JetPack {jetson['jetpack']}, "
+                     f"power mode {(jetson['power_mode'] or 'unknown').splitlines()[0]}")
+    libs = ", ".join(f"{k} {v}" for k, v in m["libraries"].items() if v)
+    lines += [f"- Software: {m['os']}; {libs}", ""]
+    return lines
+
+
+def _load(values) -> str:
+    return "n/a" if not values else " / ".join(f"{v:.2f}" for v in values)
+
+
+def targets_section(analysis: dict) -> list[str]:
+    lines = ["## Targets (ratios measured in this run)", "", "| target | goal | measured | met | detail |",
+             "|---|---|---|---|---|"]
+    for t in analysis["targets"]:
+        met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        lines.append(f"| {t['what']} | {t['target']} | {_f(t['measured'], 3)} | {met} | {t['detail']} |")
+    return lines + [""]
+
+
+def combos_section(results: dict, analysis: dict) -> list[str]:
+    wl = results["workload"]
+    lines = ["## Backend combinations", "",
+             f"Prompt = {results['model']['image_tokens']} image rows + {wl['prompt_tokens']} text tokens; "
+             f"{wl['new_tokens']} new tokens (EOS ignored). Cells: median (min-max) over {wl['runs']} timed runs after "
+             f"{wl['warmup']} warm-up. Times in ms.", "",
+             "| backends | preprocess | vision b1 | vision b4 / image | prefill | prefill tok/s | TTFT | decode tok/s "
+             f"| % roofline | ITL p50 / p95 | end-to-end | follow-up TTFT | self_question n={wl['questions']} shared / "
+             "sequential | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [(c["label"], c["figures"]) for c in analysis["combos"]]
+    if analysis["eager"]:
+        rows.append(("PyTorch eager fp32 (baseline)", analysis["eager"]["figures"]))
+    for label, f in rows:
+        roof = f.get("roofline")
+        share = f"{100 * roof['share']:.0f}%" if roof and roof.get("share") is not None else "-"
+        sq = (f"{_m(f['self_question_shared_ms'], 0)} / {_m(f['self_question_sequential_ms'], 0)}"
+              if "self_question_shared_ms" in f else "-")
+        memory = f.get("memory")
+        lines.append(f"| {label} | {_m(f['preprocess_ms'])} | {_m(f['encode_ms'], 0)} | {_m(f['encode_batch_per_image_ms'], 0)} "
+                     f"| {_m(f['prefill_ms'], 0)} | {_m(f['prefill_tok_s'])} | {_m(f['ttft_ms'], 0)} | {_m(f['decode_tok_s'], 2)} "
+                     f"| {share} | {_f(f['itl_p50_ms'])} / {_f(f['itl_p95_ms'])} | {_m(f['e2e_ms'], 0)} "
+                     f"| {_m(f.get('followup_ttft_ms'), 0)} | {sq} | {_mib((memory or {}).get('peak_rss_mib'))} |")
+    lines.append("")
+    for c in analysis["combos"]:
+        lines.append(f"- `{c['label']}`: vision {c['vision']['description']}; LLM {c['llm']['description']}")
+    if analysis["eager"]:
+        lines.append(f"- PyTorch eager fp32: {analysis['eager']['description']}; its preprocessing (transformers' CLIP "
+                     f"processor) equals ours to {analysis['eager']['preprocess_parity_max_abs_diff']:.1e}")
+    return lines + [""]
+
+
+def vision_section(analysis: dict) -> list[str]:
+    lines = ["## Vision backends (vision tower + projector)", "",
+             "| backend | batch 1 ms | batch 4 ms / image | vs eager fp32 | cosine to eager fp32 (min / mean per token) |",
+             "|---|---|---|---|---|"]
+    eager = analysis["eager"]
+    if eager:
+        f = eager["figures"]
+        lines.append(f"| PyTorch eager fp32 | {_m(f['encode_ms'], 0)} | {_m(f['encode_batch_per_image_ms'], 0)} | 1.00x | reference |")
+    for row in analysis["vision"]:
+        cos = row["cosine"]
+        cos_text = f"{cos['min']:.4f} / {cos['mean']:.4f}" if cos else "-"
+        speed = f"{row['speedup_vs_eager']:.2f}x" if row["speedup_vs_eager"] else "-"
+        lines.append(f"| {row['label']} | {_m(row['encode_ms'], 0)} | {_m(row['encode_batch_per_image_ms'], 0)} | {speed} | {cos_text} |")
+    return lines + [""]
+
+
+def overhead_section(analysis: dict) -> list[str]:
+    o = analysis["overhead"]
+    if o is None:
+        return []
+    lines = ["## llama.cpp: our runtime vs llama-cpp-python's high-level API (same GGUF, runs interleaved)", "",
+             f"Text prompt of {o['prompt_positions']} tokens (as long as image + question), then greedy decode.", "",
+             "| runtime | prefill ms | decode tok/s | ITL p50 / p95 ms |", "|---|---|---|---|"]
+    for side, name in (("ours", "ours (LlamaCppLLM)"), ("high_level", "llama_cpp.Llama.generate")):
+        s = o[side]
+        lines.append(f"| {name} | {_m(s['prefill_ms'], 0)} | {_m(s['decode_tok_s'], 2)} | {_f(s['itl_p50_ms'])} / {_f(s['itl_p95_ms'])} |")
+    lines += ["", f"- ours: {o['descriptions']['ours']}", f"- high-level: {o['descriptions']['high_level']}"]
+    probe = analysis.get("high_level_defaults")
+    if probe is not None:
+        lines.append(f"- llama-cpp-python's high-level API with all its own defaults on this GGUF: {probe['detail']}")
+    return lines + [""]
+
+
+def render_markdown(results: dict, analysis: dict) -> str:
+    title = results.get("preset") or Path(results["bundle"]).name
+    lines = [f"# sqllava-edge benchmark: {title}", "", f"Command: `{results['command']}`", "",
+             f"Model: {results['model']['name']} ({results['model']['image_tokens']} image tokens, LLM "
+             f"{results['model']['llm_layers']} layers x {results['model']['llm_hidden']}); preprocessing "
+             f"{results['preprocessing_mode']}; n_ctx {results['n_ctx']}, n_batch {results['n_batch']}; seed "
+             f"{results['workload']['seed']}.", ""]
+    lines += targets_section(analysis) + machine_section(results, analysis) + combos_section(results, analysis)
+    lines += vision_section(analysis) + overhead_section(analysis)
+    notes = results["plan"]["notes"]
+    if notes or analysis["errors"]:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [f"- FAILED {e}" for e in analysis["errors"]] + [""]
+    return "\n".join(lines)
+
+
+def render_chart(results: dict, analysis: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, max(3.0, 0.6 * (len(analysis["combos"]) + 3))))
+    e2e = [(c["label"], c["figures"]["e2e_ms"]["median"]) for c in analysis["combos"]]
+    dec = [(c["label"], c["figures"]["decode_tok_s"]["median"]) for c in analysis["combos"]]
+    vis = [(r["label"], r["encode_ms"]["median"]) for r in analysis["vision"] if r["encode_ms"]]
+    if analysis["eager"]:
+        f = analysis["eager"]["figures"]
+        e2e.append(("PyTorch eager fp32", f["e2e_ms"]["median"]))
+        dec.append(("PyTorch eager fp32", f["decode_tok_s"]["median"]))
+        vis.append(("PyTorch eager fp32", f["encode_ms"]["median"]))
+    if analysis["overhead"]:
+        dec.append(("llama-cpp-python Llama", analysis["overhead"]["high_level"]["decode_tok_s"]["median"]))
+    for ax, data, title in ((axes[0], e2e, "end-to-end ms (lower is better)"),
+                            (axes[1], dec, "decode tokens/s (higher is better)"),
+                            (axes[2], vis, "vision encode ms, batch 1 (lower is better)")):
+        if data:
+            ax.barh([d[0] for d in data], [d[1] for d in data], color="#4878a8")
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(axis="y", labelsize=8)
+    rooflines = {c["figures"]["roofline"]["tok_s"] for c in analysis["combos"] if c["figures"].get("roofline")}
+    for value in rooflines:
+        axes[1].axvline(value, color="#c44e52", linestyle="--", label=f"roofline {value:.1f} tok/s")
+    if rooflines:
+        axes[1].legend(fontsize=8)
+    fig.suptitle(f"sqllava-edge {results.get('preset') or Path(results['bundle']).name} on "
+                 f"{results['machine']['cpu']['model']} ({results['machine']['threads_used']} threads)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(out_dir: str | os.PathLike, results: dict, analysis: dict) -> dict[str, Path]:
+    """report.md + results.json + chart.png into out_dir, replacing it atomically."""
+    out_dir = Path(out_dir)
+    markdown = render_markdown(results, analysis)
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "report.md").write_text(markdown)
+        (tmp / "results.json").write_text(json.dumps({**results, "analysis": analysis}, indent=1, default=float))
+        render_chart(results, analysis, tmp / "chart.png")
+    return {"report": out_dir / "report.md", "json": out_dir / "results.json", "chart": out_dir / "chart.png"}

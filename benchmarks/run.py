@@ -1,0 +1,147 @@
+"""One benchmark run: machine facts and bandwidth, the plan, every job in its own process, bandwidth again.
+
+    results = run_benchmark(RunOptions(bundle=..., checkpoint=..., backends="auto", workload=Workload()))
+
+The raw results dict is what `results.json` holds; benchmarks.analysis turns it into figures and target ratios.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from benchmarks.machine import machine_facts, measure_bandwidth
+from benchmarks.workload import Workload
+
+SCHEMA = 1
+N_BATCH = 512  # llama.cpp n_batch, the runtime's default (the chunk size for image rows)
+MAX_CTX = 2048
+
+
+@dataclass
+class RunOptions:
+    bundle: Path
+    checkpoint: Path | None = None  # needed for the PyTorch eager baseline and the torch backends
+    backends: str = "auto"
+    workload: Workload = field(default_factory=Workload)
+    threads: int | None = None  # None: every CPU this process may use
+    device: str | None = None  # None: detect; "cpu" ignores any GPU
+    isolate: bool = True  # each job in a fresh process (memory figures per job; no shared thread pools)
+    bandwidth_bytes: int | None = None  # per-array size of the bandwidth test (None: 4x the last-level cache)
+    baselines: bool = True
+    command: str = ""
+    preset: str | None = None
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _n_ctx(config, workload: Workload) -> int:
+    """Positions the runs need (answer + follow-up on one sequence, or the n self-questions sharing a prefix)."""
+    image = config.num_image_tokens
+    need = max(workload.positions_needed(image), image + workload.prompt_tokens + workload.questions * workload.new_tokens)
+    limit = min(MAX_CTX, config.llm.max_position_embeddings)
+    if need > limit:
+        raise ValueError(f"the workload needs {need} positions but the model allows {limit}; lower --prompt-tokens / "
+                         "--new-tokens")
+    return limit  # the runtime's usual context: KV cache size and attention work as a user would have them
+
+
+def _execute(job: dict, isolate: bool, work: Path, log: Callable[[str], None]) -> dict:
+    log(f"[bench] job {job['label']}")
+    if not isolate:
+        from benchmarks.jobs import run_job
+
+        try:
+            return run_job(job)
+        except Exception as exc:  # keep going: the report shows the failure
+            return {"kind": job["kind"], "label": job["label"], "error": f"{type(exc).__name__}: {exc}"}
+    index = len(list(work.glob("job-*.json")))
+    job_file, result_file = work / f"job-{index}.json", work / f"result-{index}.json"
+    job_file.write_text(json.dumps(job))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.worker", str(job_file), str(result_file)],
+                          cwd=Path(__file__).resolve().parents[1])
+    if not result_file.is_file():
+        return {"kind": job["kind"], "label": job["label"], "error": _death(proc.returncode)}
+    return json.loads(result_file.read_text())
+
+
+def _death(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = "; was it killed for memory?" if name == "SIGKILL" else ""
+        return f"the process died with {name}{hint}"
+    return f"the process exited with code {code} without a result"
+
+
+def _jobs(options: RunOptions, combos, vision_only, manifest, mode: str, n_ctx: int, reference: Path) -> list[dict]:
+    threads = options.threads or default_threads()
+    common = {"workload": options.workload.to_dict(), "threads": threads, "mode": mode, "device": options.device,
+              "bundle": str(options.bundle), "n_ctx": n_ctx,
+              "checkpoint": str(options.checkpoint) if options.checkpoint else None, "reference_path": str(reference)}
+    jobs = []
+    if options.baselines and options.checkpoint is not None:
+        jobs.append({**common, "kind": "eager", "label": "PyTorch eager fp32"})
+    jobs += [{**common, "kind": "vision", "label": spec.label, "vision": spec.to_dict()} for spec in vision_only]
+    llama = next((c for c in combos if c.llm.kind == "llama.cpp"), None)
+    if options.baselines and llama is not None:
+        gguf = manifest.resolve(options.bundle, manifest.find("llm_gguf", llama.llm.precision))
+        overhead = {"gguf": str(gguf), "precision": llama.llm.precision, "n_batch": N_BATCH}
+        jobs.append({**common, **overhead, "kind": "high_level_defaults",
+                     "label": f"llama-cpp-python high-level API with its defaults ({llama.llm.label})"})
+        jobs.append({**common, "kind": "llamacpp_overhead", "label": f"llama-cpp-python high-level vs ours ({llama.llm.label})",
+                     **overhead, "prompt_positions": manifest.num_image_tokens + options.workload.prompt_tokens})
+    jobs += [{**common, "kind": "combo", "label": c.label, "vision": c.vision.to_dict(), "llm": c.llm.to_dict()}
+             for c in combos]
+    return jobs
+
+
+def _roofline_bytes(options: RunOptions, combos, manifest) -> dict[str, Any]:
+    from benchmarks.roofline import gguf_bytes_per_token
+
+    out = {}
+    for precision in dict.fromkeys(c.llm.precision for c in combos if c.llm.kind == "llama.cpp"):
+        path = manifest.resolve(options.bundle, manifest.find("llm_gguf", precision))
+        out[f"llama.cpp:{precision}"] = gguf_bytes_per_token(path, manifest.config.llm.vocab_size)
+    return out
+
+
+def run_benchmark(options: RunOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
+    from benchmarks.plan import plan
+    from runtimes.select import resolve_device
+    from sqllava_edge.bundle import read_manifest
+
+    threads = options.threads or default_threads()
+    manifest = read_manifest(options.bundle, verify=False)  # jobs verify what they load
+    config, mode = manifest.config, manifest.preprocessing["mode"]
+    n_ctx = _n_ctx(config, options.workload)
+    device = resolve_device(options.device)
+    combos, vision_only, notes = plan(options.backends, options.bundle, options.checkpoint, device)
+    log(f"[bench] {len(combos)} combination(s): {', '.join(c.label for c in combos)}; vision alone: "
+        f"{', '.join(v.label for v in vision_only) or 'none'}")
+    facts = machine_facts(threads)
+    log("[bench] measuring memory bandwidth")
+    bandwidth = {"start": measure_bandwidth(threads, options.bandwidth_bytes)}
+    with tempfile.TemporaryDirectory(prefix="sqllava-bench-") as tmp:
+        work = Path(tmp)
+        jobs = _jobs(options, combos, vision_only, manifest, mode, n_ctx, work / "reference.npy")
+        results = [_execute(job, options.isolate, work, log) for job in jobs]
+    bandwidth["end"] = measure_bandwidth(threads, options.bandwidth_bytes)
+    facts["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return {"schema": SCHEMA, "command": options.command, "preset": options.preset, "bundle": str(options.bundle),
+            "checkpoint": str(options.checkpoint) if options.checkpoint else None, "machine": facts,
+            "bandwidth": bandwidth, "workload": options.workload.to_dict(), "n_ctx": n_ctx, "n_batch": N_BATCH,
+            "preprocessing_mode": mode, "model": {"name": config.name, "image_tokens": config.num_image_tokens,
+                                                   "llm_hidden": config.llm.hidden_size, "llm_layers": config.llm.num_layers},
+            "plan": {"combos": [c.label for c in combos], "vision_only": [v.label for v in vision_only], "notes": notes},
+            "roofline_bytes": _roofline_bytes(options, combos, manifest), "jobs": results}
