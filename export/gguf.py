@@ -77,6 +77,7 @@ def export_gguf(
     template: str | None = None,
     *,
     validate: bool = True,
+    strict: bool = True,
     keys: dict[str, str] | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
@@ -85,6 +86,8 @@ def export_gguf(
     `model_or_llm`: a merged SQLLaVA or a transformers LlamaForCausalLM (no LoRA adapters attached); it is not
     changed. `out_dir` is the bundle folder: artifact paths are relative to it. `template`: the conversation template
     written as the GGUF chat template (default: the model config's). `keys`: quant -> inputs_key for the manifest.
+    strict=False records a below-tolerance agreement (validation "passed": false) instead of raising; randomly
+    initialised models need it for q8_0, their near-uniform logits (top-2 gap ~0.2 std) flip under any quantization.
     """
     from sqllava_edge.bundle import Artifact
 
@@ -108,7 +111,11 @@ def export_gguf(
             elif quant in QUANTIZED:
                 log(f"[gguf] quantizing to {quant} with llama.cpp")
                 quantize_gguf(f32_path, path, quant)
-            report = validate_gguf(path, quant, prompt, reference, log=log) if validate else {}
+            try:
+                report = validate_gguf(path, quant, prompt, reference, strict=strict, log=log) if validate else {}
+            except ExportValidationError:
+                path.unlink(missing_ok=True)  # never leave a file that failed its validation
+                raise
             rel = path.relative_to(out_dir).as_posix()
             artifact = Artifact.from_files(out_dir, "llm_gguf", rel, [rel], quant, report,
                                            inputs_key=(keys or {}).get(quant, ""))
@@ -271,31 +278,33 @@ def spm_vocab(tokenizer) -> tuple[list[str], list[float], list[int], str]:
 
 
 def chat_template_jinja(template: str) -> str:
-    """The conversation template `template` (spec 3.2, separator style TWO) as a Jinja chat template.
+    """The conversation template (sqllava_edge.conversation, spec 3.2 separator style "two") as a Jinja chat template.
 
-    Renders `system + sep`, then per message `ROLE: content` + (sep after even, sep2 after odd indices); an empty
-    message renders as `ROLE:`; roles user / assistant / vuser (v1_sq) map to USER / ASSISTANT / VUSER; a first
-    "system" message replaces the template's system text; add_generation_prompt appends `ASSISTANT:`.
+    Renders exactly what `conversation.render` renders for the same turns: `system + sep`, then per message i
+    `ROLE: content` + (sep after even, sep2 after odd i), a vuser question followed by "</s>" before its separator,
+    and a message whose content is None as the open turn `ROLE:`. Roles user / assistant / vuser; a first "system"
+    message replaces the template's system text; add_generation_prompt appends `ASSISTANT:`.
     """
-    from sqllava_edge.conversation import TEMPLATES
+    from sqllava_edge.conversation import EOS_TEXT, get_template
 
-    if template not in TEMPLATES:
-        raise ValueError(f"unknown conversation template {template!r}; valid: {', '.join(TEMPLATES)}")
-    conv = TEMPLATES[template]
-    roles = dict(zip(("user", "assistant", "vuser"), conv.roles))
+    conv = get_template(template)
+    if conv.style != "two":
+        raise ValueError(f"template {template!r} (style {conv.style!r}) is not a chat format; use v1, v1_sq or llava_v1")
+    lit = _jinja_literal
     lines = [
-        "{%- set roles = " + _jinja_literal(roles) + " -%}",
-        "{%- set system = " + _jinja_literal(conv.system) + " -%}",
+        "{%- set roles = " + lit(dict(conv.roles)) + " -%}",
+        "{%- set system = " + lit(conv.system) + " -%}",
         "{%- if messages and messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}"
         "{%- set messages = messages[1:] -%}{%- endif -%}",
-        "{{- system ~ " + _jinja_literal(conv.sep) + " -}}",
+        "{{- system ~ " + lit(conv.sep) + " -}}",
         "{%- for message in messages -%}",
         "{%- if message['role'] not in roles -%}"
-        "{{- raise_exception('role ' ~ message['role'] ~ ' is not one of " + ", ".join(roles) + "') -}}{%- endif -%}",
-        "{%- if message['content'] -%}",
-        "{{- roles[message['role']] ~ ': ' ~ message['content'] ~ (" + _jinja_literal(conv.sep) + " if loop.index0 % 2 == 0 else "
-        + _jinja_literal(conv.sep2) + ") -}}",
-        "{%- else -%}{{- roles[message['role']] ~ ':' -}}{%- endif -%}",
+        "{{- raise_exception('role ' ~ message['role'] ~ ' is not one of " + ", ".join(conv.roles) + "') -}}{%- endif -%}",
+        "{%- set sep = " + lit(conv.sep) + " if loop.index0 % 2 == 0 else " + lit(conv.sep2) + " -%}",
+        "{%- if message['content'] is none -%}{{- roles[message['role']] ~ ':' -}}",
+        "{%- elif message['role'] == 'vuser' -%}{{- roles['vuser'] ~ ': ' ~ message['content'] ~ " + lit(EOS_TEXT)
+        + " ~ sep -}}",
+        "{%- else -%}{{- roles[message['role']] ~ ': ' ~ message['content'] ~ sep -}}{%- endif -%}",
         "{%- endfor -%}",
         "{%- if add_generation_prompt -%}{{- roles['assistant'] ~ ':' -}}{%- endif -%}",
     ]
@@ -360,9 +369,9 @@ def compare_logits(ours: np.ndarray, reference: np.ndarray) -> dict:
             "reference_logit_std": round(float(reference.std()), 4)}
 
 
-def validate_gguf(path: Path, quant: str, prompt: Sequence[int], reference: np.ndarray,
+def validate_gguf(path: Path, quant: str, prompt: Sequence[int], reference: np.ndarray, strict: bool = True,
                   log: Callable[[str], None] = print) -> dict:
-    """Run `path` in llama.cpp on `prompt`, compare with the PyTorch logits; raise if below MIN_AGREEMENT."""
+    """Run `path` in llama.cpp on `prompt`, compare with the PyTorch logits; below MIN_AGREEMENT raise (strict)."""
     from runtimes.llamacpp import LlamaCppLLM
 
     with LlamaCppLLM(path, n_ctx=max(len(prompt), 64), n_seq_max=1, kv_type="f32", flash_attn=False) as llm:
@@ -371,9 +380,10 @@ def validate_gguf(path: Path, quant: str, prompt: Sequence[int], reference: np.n
     need = MIN_AGREEMENT.get(quant)
     if need is not None:
         report["min_top1_agreement"] = need
+        report["passed"] = report["top1_agreement"] >= need
     log(f"[gguf] {path.name}: top-1 agreement {report['top1_agreement']:.2%} over {len(prompt)} positions, "
         f"max |diff| {report['max_abs_diff']:.3g}")
-    if need is not None and report["top1_agreement"] < need:
+    if need is not None and strict and not report["passed"]:
         raise ExportValidationError(
             f"{path.name}: tensor 'logits' top-1 agreement with PyTorch {report['top1_agreement']:.2%} is below the "
             f"tolerance {need:.0%} ({report['argmax_mismatches']} of {len(prompt)} positions differ, "
