@@ -71,7 +71,7 @@ def _summary(manifest, failures: dict[str, str], verified: bool) -> str:
 
 
 def _validation_line(validation: dict) -> str:
-    keys = ("max_abs_diff", "cosine_min", "cosine_mean", "top1_agreement", "argmax_agreement", "skipped")
+    keys = ("max_abs_diff", "cosine_min", "cosine_mean", "dispatch_mismatches", "top1_agreement", "argmax_agreement", "skipped")
     parts = [f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in validation.items() if k in keys]
     return ", ".join(parts)
 

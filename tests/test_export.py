@@ -198,6 +198,42 @@ def test_onnx_graphs_have_the_contracted_shape_and_precision(bundle):
             assert share > 0.5, share  # the tower's matrices are fp16; the projector's stay fp32
 
 
+def test_validation_fails_beyond_tolerance_and_names_the_tensor(bundle, merged_model):
+    from export.onnx_validate import Reference, validate_vision_onnx
+    from sqllava_edge.errors import ExportValidationError
+
+    inputs = export_onnx._validation_inputs(112)
+    reference = Reference(export_onnx.vision_graph(merged_model, "fp32"), inputs)
+    fp16 = bundle / read_manifest(bundle).find("vision_onnx", "fp16").path
+    with pytest.raises(ExportValidationError, match="tensor image_embeds at batch 1.*exceeds the fp32 tolerance 0.0001"):
+        validate_vision_onnx(fp16, "fp32", inputs, reference)  # fp16 numbers judged by the fp32 tolerance
+
+
+def test_dispatch_differences_are_allowed_only_at_ties(merged_model):
+    from export.onnx_validate import FP32_TIE_MARGIN, Reference, _compare, prototype_reference
+    from sqllava_edge.errors import ExportValidationError
+
+    graph = export_onnx.vision_graph(merged_model, "fp32")
+    reference = Reference(graph, export_onnx._validation_inputs(112))  # also checks it equals model.py's forward
+    _, best, margin = reference.free[1]
+    with torch.no_grad():
+        runner_up = prototype_reference(graph.projector, reference.feats[1])[3].numpy()  # (B, L)
+
+    strong = np.unravel_index(np.argmax(margin), margin.shape)  # the clearest decision: sending it elsewhere is an error
+    flipped = best.copy()
+    flipped[strong] = runner_up[strong]
+    with pytest.raises(ExportValidationError, match="tensor dispatch .* no tie"):
+        _compare("g.onnx", "fp32", 3, reference.run(1, flipped)[0], flipped, reference, 1)
+
+    weak = np.unravel_index(np.argmin(margin), margin.shape)  # a float32 tie: fine if the values follow that dispatch
+    assert margin[weak] < FP32_TIE_MARGIN
+    other = best.copy()
+    other[weak] = runner_up[weak]
+    numbers = _compare("g.onnx", "fp32", 3, reference.run(1, other)[0], other, reference, 1)
+    assert numbers["dispatch_mismatches"] == 1 and numbers["max_abs_diff"] <= 1e-6
+    assert numbers["unforced_max_abs_diff"] > 1e-3  # one flipped token moves the output: why dispatch is compared apart
+
+
 def test_unknown_vision_precision_is_refused(merged_model, tmp_path):
     with pytest.raises(ValueError, match="fp32, fp16, int8"):
         export_onnx.export_vision_onnx(merged_model, tmp_path, ["bf16"])
@@ -442,14 +478,14 @@ def test_refuses_to_replace_a_folder_that_is_not_a_bundle(checkpoint, tmp_path):
 
 
 def test_full_disk_midway_leaves_no_half_written_bundle(checkpoint, tmp_path, monkeypatch):
-    def full_disk(fp32_path, out_path):  # the int8 writer runs out of space after writing part of its file
-        Path(out_path).write_bytes(b"partial")
+    def full_disk(graph, path, image_size):  # the ONNX writer runs out of space after writing part of its file
+        Path(path).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(export_onnx, "quantize_int8", full_disk)
+    monkeypatch.setattr(export_onnx, "export_graph", full_disk)
     out = tmp_path / "bundle"
     with pytest.raises(OSError, match="no space left on the device.*Nothing was written") as exc:
-        run_export(checkpoint, out, quants=[], vision_precisions=["fp32", "int8"], log=lambda _: None)
+        run_export(checkpoint, out, quants=[], vision_precisions=["fp32"], log=lambda _: None)
     assert exc.value.errno == errno.ENOSPC
     assert not out.exists() and _leftovers(tmp_path, "bundle") == []
 
@@ -480,7 +516,7 @@ def test_failed_reexport_keeps_the_previous_bundle(bundle, checkpoint, tmp_path,
 def test_one_go_export_includes_gguf(checkpoint, tmp_path):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is needed to quantize and validate the GGUF")
     out = tmp_path / "bundle"
-    manifest = run_export(checkpoint, out, quants=["q8_0"], vision_precisions=["int8"], log=lambda _: None)
+    manifest = run_export(checkpoint, out, quants=["q8_0"], vision_precisions=[], log=lambda _: None)
     gguf = manifest.find("llm_gguf", "q8_0")
     assert gguf is not None and gguf.validation and gguf.inputs_key
     assert (out / gguf.path).is_file() and read_manifest(out, verify=True).find("llm_gguf", "q8_0") == gguf
