@@ -503,8 +503,9 @@ def detect_layout(folder) -> str:
 def load_any(folder, **load_kwargs):
     """-> (SQLLaVA, Tokenizer) from our checkpoint or any folder `convert` understands (PyTorch backend).
 
-    Foreign folders are converted into a temporary checkpoint first (plain LLaMA / CLIP bases are referenced, not
-    copied); the conversion report is logged. load_kwargs go to sqllava_edge.checkpoint.load_checkpoint.
+    Foreign folders are converted into a temporary checkpoint first: plain LLaMA / CLIP bases are referenced, others
+    (ShareGPT4V's share4v base, full LLaVA folders, llava-hf) are copied there, which needs their size in temporary
+    disk space. The conversion report is logged. load_kwargs go to sqllava_edge.checkpoint.load_checkpoint.
     """
     from sqllava_edge.checkpoint import load_checkpoint
 
