@@ -133,12 +133,15 @@ class LlamaCppLLM:
     def __init__(self, gguf_path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None,
                  n_gpu_layers: int = 0, n_batch: int = 512, n_seq_max: int = 4, *, kv_type: str = "f16",
                  flash_attn: bool | None = None, extra_buffers: bool | None = None, verbose: bool = False):
+        self._lock = threading.RLock()  # one llama.cpp context must not be driven by two threads at once
         path = Path(gguf_path)
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} does not exist; export one with: python -m export.gguf CHECKPOINT --out DIR")
         for label, value in (("n_ctx", n_ctx), ("n_batch", n_batch), ("n_seq_max", n_seq_max)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{label} must be a positive integer, got {value!r}")
+        if n_seq_max > n_batch:
+            raise ValueError(f"n_seq_max ({n_seq_max}) must not exceed n_batch ({n_batch}): decode batches one row per sequence")
         if kv_type not in KV_TYPES:
             raise ValueError(f"unknown kv_type {kv_type!r}; valid: {', '.join(KV_TYPES)}")
         llama_cpp = import_llama_cpp()
@@ -158,14 +161,13 @@ class LlamaCppLLM:
                             f"n_batch {n_batch}, {self.n_threads} threads, {n_gpu_layers} GPU layers, KV {kv_type}, "
                             f"flash attention {'auto' if flash_attn is None else 'on' if flash_attn else 'off'}")
         self._lengths: dict[int, int] = {}
-        self._lock = threading.RLock()  # one llama.cpp context must not be driven by two threads at once
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        handles = self.__dict__.pop("_h", None)
-        if handles is not None:
-            with self._lock:
+        with self._lock:
+            handles = self.__dict__.pop("_h", None)
+            if handles is not None:
                 handles.close()
 
     def __enter__(self) -> "LlamaCppLLM":
@@ -224,21 +226,28 @@ class LlamaCppLLM:
             raise ValueError("prefill takes exactly one of tokens= or embeds=")
         rows = self._check_tokens(tokens) if tokens is not None else self._check_embeds(embeds)
         n = len(rows)
-        start = self.length(seq)
-        if start + n > self.n_ctx:
-            raise PromptTooLongError(f"sequence {seq} would hold {start + n} positions ({start} already + {n} new) but "
-                                     f"the context has n_ctx={self.n_ctx}; shorten the prompt or load with a larger n_ctx")
-        out = []
         with self._lock:
-            for lo in range(0, n, self.n_batch):  # chunks of <= n_batch rows: never trip the n_batch abort
-                chunk = rows[lo:lo + self.n_batch]
-                want = range(len(chunk)) if all_logits else [len(chunk) - 1] if lo + len(chunk) == n else []
-                out += self._run_chunk(seq, start + lo, chunk, want, embeds is not None)
-                self._lengths[seq] = start + lo + len(chunk)
-        if embeds is not None:
-            self.counters.prefill_embeds += n
-        else:
-            self.counters.prefill_tokens += n
+            start = self.length(seq)
+            if start + n > self.n_ctx:
+                raise PromptTooLongError(f"sequence {seq} would hold {start + n} positions ({start} already + {n} new) "
+                                         f"but the context has n_ctx={self.n_ctx}; shorten the prompt or load with a "
+                                         "larger n_ctx")
+            out = []
+            try:
+                for lo in range(0, n, self.n_batch):  # chunks of <= n_batch rows: never trip the n_batch abort
+                    chunk = rows[lo:lo + self.n_batch]
+                    want = range(len(chunk)) if all_logits else [len(chunk) - 1] if lo + len(chunk) == n else []
+                    out += self._run_chunk(seq, start + lo, chunk, want, embeds is not None)
+                    self._lengths[seq] = start + lo + len(chunk)
+            except BaseException:  # all or nothing: drop whatever this call put into the KV cache
+                if "_h" in self.__dict__:
+                    self._h.lib.llama_memory_seq_rm(self._h.memory, seq, start, -1)
+                self._lengths[seq] = start
+                raise
+            if embeds is not None:
+                self.counters.prefill_embeds += n
+            else:
+                self.counters.prefill_tokens += n
         return np.stack(out) if all_logits else out[-1]
 
     def decode(self, tokens: Mapping[int, int]) -> dict[int, np.ndarray]:
@@ -261,8 +270,8 @@ class LlamaCppLLM:
             out = {seq: self._logits(i) for i, seq in enumerate(tokens)}
             for seq in tokens:
                 self._lengths[seq] = self.length(seq) + 1
-        self.counters.decode_steps += 1
-        self.counters.decode_tokens += len(tokens)
+            self.counters.decode_steps += 1
+            self.counters.decode_tokens += len(tokens)
         return out
 
     # -- internals ---------------------------------------------------------------------------------------------
@@ -294,6 +303,9 @@ class LlamaCppLLM:
 
     def _decode(self, batch) -> None:
         rc = self._h.lib.llama_decode(self._h.ctx, batch)
+        if rc == 1:
+            raise PromptTooLongError(f"llama.cpp has no free KV cache slot: the n_ctx={self.n_ctx} positions are shared "
+                                     "by all sequences; release finished sequences or load with a larger n_ctx")
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc}: {_DECODE_ERRORS.get(rc, 'unknown error')}")
 

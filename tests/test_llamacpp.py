@@ -174,6 +174,17 @@ def test_prompt_too_long_is_refused_before_llama_cpp():
             llm.decode({0: 450})
 
 
+def test_shared_kv_cache_full_is_refused_and_rolled_back():
+    ids = (tokenizer().encode(" ".join(CORPUS), add_bos=True) * 3)[:200]
+    with backend(n_ctx=256, n_seq_max=2, n_batch=128) as llm:  # 256 cells shared by both sequences
+        before = llm.prefill(0, tokens=ids)
+        with pytest.raises(PromptTooLongError, match="shared by all sequences"):
+            llm.prefill(1, tokens=ids)  # fits n_ctx on its own, not beside sequence 0
+        assert llm.length(1) == 0 and llm.counters.prefill_tokens == 200
+        llm.release(0)
+        assert np.array_equal(llm.prefill(1, tokens=ids), before)  # the rolled-back cells are free again
+
+
 @pytest.mark.parametrize("call, error, message", [
     (lambda llm: llm.prefill(4, tokens=[1]), ValueError, "outside 0..3"),
     (lambda llm: llm.prefill(0), ValueError, "exactly one of"),
