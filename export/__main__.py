@@ -162,6 +162,7 @@ def _build(checkpoint: Path, out: Path, source: str, wanted, reused, previous, d
             files = [p.relative_to(tmp).as_posix() for p in sorted((tmp / "tokenizer").rglob("*")) if p.is_file()]
             artifacts.append(Artifact.from_files(tmp, "tokenizer", "tokenizer", files, "",
                                                  {"vocab_size": tokenizer.vocab_size}, inputs_key=keys["tokenizer", ""]))
+        artifacts += _keep_engines(previous, out, tmp, artifacts, log)
         config = _config(checkpoint)
         manifest = base_manifest(config, special_tokens_of(tokenizer), provenance)
         for artifact in sorted(artifacts, key=lambda a: (list(KINDS).index(a.kind), KINDS[a.kind].index(a.precision))):
@@ -169,6 +170,24 @@ def _build(checkpoint: Path, out: Path, source: str, wanted, reused, previous, d
         write_manifest(tmp, manifest)
         read_manifest(tmp, verify=True)  # every file present and hashed as recorded, before the rename
     return manifest
+
+
+def _keep_engines(previous: Manifest | None, out: Path, tmp: Path, artifacts: list[Artifact], log) -> list[Artifact]:
+    """TensorRT engines (built on devices by export.trt) survive a re-export if their fp16 ONNX is unchanged."""
+    fp16 = next((a for a in artifacts if a.kind == "vision_onnx" and a.precision == "fp16"), None)
+    kept = []
+    for engine in previous.find_all("tensorrt_engine") if previous and fp16 else []:
+        if engine.inputs_key != fp16.sha256[fp16.path]:
+            log(f"[export] dropping {engine.path}: its fp16 ONNX changed; rebuild it with python -m export.trt")
+            continue
+        try:
+            engine.verify(out)
+        except BundleError as exc:
+            log(f"[export] dropping {engine.path}: {exc}")
+            continue
+        _link_files(out, tmp, engine)
+        kept.append(engine)
+    return kept
 
 
 def _config(checkpoint: Path):

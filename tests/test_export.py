@@ -389,6 +389,26 @@ def test_reexport_reuses_artifacts(bundle, checkpoint, tmp_path, monkeypatch):
     read_manifest(out, verify=True)
 
 
+@pytest.mark.parametrize("same_onnx", [True, False], ids=["kept", "dropped"])
+def test_reexport_keeps_a_device_engine_built_from_the_same_onnx(bundle, checkpoint, tmp_path, same_onnx):
+    from sqllava_edge.bundle import Artifact, write_manifest
+
+    out = tmp_path / "bundle"
+    shutil.copytree(bundle, out)
+    manifest = read_manifest(out)
+    fp16 = manifest.find("vision_onnx", "fp16")
+    (out / "trt").mkdir()
+    (out / "trt" / "vision.orin.trt10.3.engine").write_bytes(b"engine bytes")
+    key = fp16.sha256[fp16.path] if same_onnx else "0" * 64
+    manifest.add(Artifact.from_files(out, "tensorrt_engine", "trt/vision.orin.trt10.3.engine",
+                                     ["trt/vision.orin.trt10.3.engine"], "fp16", {}, {"gpu": "Orin"}, inputs_key=key))
+    write_manifest(out, manifest)
+    after = run_export(checkpoint, out, quants=[], log=lambda _: None)
+    assert (after.find("tensorrt_engine") is not None) == same_onnx
+    assert (out / "trt" / "vision.orin.trt10.3.engine").exists() == same_onnx
+    read_manifest(out, verify=True)
+
+
 def test_inspect_prints_and_detects_tampering(bundle, tmp_path, capsys):
     from sqllava_edge.cli import main
 
@@ -524,6 +544,8 @@ def test_one_go_export_includes_gguf(checkpoint, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("SQLLAVA_EDGE_SLOW"),
+                    reason="real-size export: ~4 min and ~6 GB RAM on 2 cores; run with SQLLAVA_EDGE_SLOW=1")
 def test_real_size_vision_graph_exports_and_validates(tmp_path):
     """bench-1b (CLIP ViT-L/14-336 + the cluster projector to 2048), random weights, in a fresh process."""
     result = subprocess.run([sys.executable, "-m", "export.onnx", "--random-preset", "bench-1b", "--out", str(tmp_path / "b")],
