@@ -127,9 +127,10 @@ def export_gguf(
 
 def _unwrap(model_or_llm, template: str | None):
     """(HF LlamaForCausalLM, LLMConfig, template name) from an SQLLaVA or a bare LlamaForCausalLM."""
-    llm = getattr(model_or_llm, "llm", None)
-    if llm is not None:  # an SQLLaVA
-        config, default_template = model_or_llm.config.llm, model_or_llm.config.template
+    from sqllava_edge.model import SQLLaVA
+
+    if isinstance(model_or_llm, SQLLaVA):
+        llm, config, default_template = model_or_llm.llm, model_or_llm.config.llm, model_or_llm.config.template
     else:
         llm, config, default_template = model_or_llm, llm_config_from_hf(model_or_llm.config), "v1"
     if hasattr(llm, "peft_config"):
@@ -170,7 +171,7 @@ def gguf_tensors(llm, config: LLMConfig, dtype: str):
     state = {k: v for k, v in llm.state_dict().items() if not k.endswith("rotary_emb.inv_freq")}
     templates = {}
     for ours, kind in _TENSORS.items():
-        name = gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, kind)] + ".weight"
+        name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[kind]] + ".weight"
         for i in range(config.num_layers) if "{i}" in ours else [None]:
             templates[ours.format(i=i)] = name.format(bid=i)
     missing, unknown = sorted(set(templates) - set(state)), sorted(set(state) - set(templates))
