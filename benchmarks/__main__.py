@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.workload import Workload
+from sqllava_edge.errors import SQLLaVAError
 from sqllava_edge.fileutil import atomic_write
 
 
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _main(args, argv if argv is not None else sys.argv[1:])
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, SQLLaVAError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -7,6 +7,7 @@ thread pools never leak into the next job's numbers.
 from __future__ import annotations
 
 import gc
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,6 +15,8 @@ import numpy as np
 
 from benchmarks.timing import current_rss_mib, gpu_memory_mib, ms, now, peak_rss_mib, repeat
 from benchmarks.workload import Workload, prompt_ids, synthetic_image
+
+_STARTED = now()  # this process's start (one job per process)
 
 
 def _progress(total: int, desc: str):
@@ -36,8 +39,13 @@ def _interleaved(fns: dict[str, Callable[[], dict]], workload: Workload, progres
 
 
 def _memory(result: dict) -> dict:
+    """Add the process's peak memory, and its CPU time beside the wall time: on a shared machine, CPU seconds well
+    below wall seconds x threads means other processes took the cores during the job."""
+    times = os.times()
     result["memory"] = {"peak_rss_mib": round(peak_rss_mib(), 1), "rss_end_mib": current_rss_mib(),
                         "gpu": gpu_memory_mib()}
+    result["process"] = {"cpu_seconds": round(times.user + times.system, 2), "wall_seconds": round(now() - _STARTED, 2),
+                         "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     return result
 
 
@@ -208,6 +216,49 @@ def vision_job(job: dict) -> dict:
     return _memory(result)
 
 
+def _load_combo(job: dict):
+    """-> (assistant or None, vision, llm, vision info, llm info, config). Through `Assistant.load` (what users get)
+    when both parts come from one folder; a torch + bundle mix is loaded part by part through runtimes.select."""
+    from sqllava_edge.assistant import Assistant
+
+    vision_spec, llm_spec = job["vision"], job["llm"]
+    if (vision_spec["kind"] == "torch") != (llm_spec["kind"] == "torch"):
+        sources: dict = {}
+        vision, vision_info, config = _load(job, "vision", sources)
+        llm, llm_info, _ = _load(job, "llm", sources)
+        return None, vision, llm, vision_info, llm_info, config
+    folder = job["checkpoint"] if vision_spec["kind"] == "torch" else job["bundle"]
+    t0 = now()
+    assistant = Assistant.load(folder, device=job.get("device"), vision_backend=vision_spec["kind"],
+                               llm_backend=llm_spec["kind"], n_ctx=job["n_ctx"], n_threads=job["threads"],
+                               vision_precision=vision_spec.get("precision"), llm_precision=llm_spec.get("precision"))
+    load_ms = ms(now() - t0)
+    b = assistant.backends
+    precision = lambda spec: spec.get("precision") or "fp32"  # noqa: E731  torch parts run the checkpoint in fp32
+    vision_info = {"kind": vision_spec["kind"], "precision": precision(vision_spec), "description": b.vision_detail,
+                   "reason": b.vision_reason, "load_ms": load_ms}
+    llm_info = {"kind": llm_spec["kind"], "precision": precision(llm_spec), "description": b.llm_detail,
+                "reason": b.llm_reason, "load_ms": load_ms, "memory_plan": b.memory}
+    return assistant, assistant.vision, assistant.llm, vision_info, llm_info, assistant.config
+
+
+def _assistant_measurements(assistant, workload: Workload, progress) -> dict:
+    """The public API: a chat on a new image each run (encode + answer + follow-up), and self_question(n)."""
+    from benchmarks.pipeline import assistant_chat_run, assistant_self_question_run
+
+    from sqllava_edge.assistant import SEQUENCES
+
+    for seq in range(SEQUENCES):  # the backend-level runs used these sequences: leave them empty, as the pool expects
+        assistant.llm.release(seq)
+    images = iter(range(100, 100 + 2 * (workload.warmup + workload.runs)))
+    chat = repeat(lambda: assistant_chat_run(assistant, synthetic_image(workload, next(images)), workload.new_tokens),
+                  workload.runs, workload.warmup, "Assistant chat", progress)
+    sq = repeat(lambda: assistant_self_question_run(assistant, synthetic_image(workload, next(images)), workload.questions,
+                                                    workload.new_tokens, workload.seed),
+                workload.runs, workload.warmup, "Assistant self_question", progress)
+    return {"chat": {"warmup": chat[0], "timed": chat[1]}, "self_question": {"warmup": sq[0], "timed": sq[1]}}
+
+
 def combo_job(job: dict) -> dict:
     """A vision + LLM combination: pipeline runs (with the cached follow-up), self_question shared vs sequential,
     vision batches and cosine."""
@@ -215,15 +266,13 @@ def combo_job(job: dict) -> dict:
 
     workload, mode = Workload.from_dict(job["workload"]), job["mode"]
     rss_start = current_rss_mib()
-    sources: dict = {}
-    vision, vision_info, config = _load(job, "vision", sources)
-    llm, llm_info, _ = _load(job, "llm", sources)
+    assistant, vision, llm, vision_info, llm_info, config = _load_combo(job)
     rss_loaded = current_rss_mib()
     image = synthetic_image(workload, 0)
     prompt = prompt_ids(workload, llm.vocab_size, 0)
     followup = prompt_ids(workload, llm.vocab_size, 1)
     rounds = workload.warmup + workload.runs
-    progress = _progress(4 * rounds, f"combo {job['label']}")
+    progress = _progress((4 + 2 * (assistant is not None)) * rounds, f"combo {job['label']}")
     warm, timed = repeat(lambda: pipeline_run(vision, llm, config, mode, image, prompt, followup, workload.new_tokens),
                          workload.runs, workload.warmup, "pipeline", progress)
     counters_after_pipeline = llm.counters.snapshot()
@@ -231,13 +280,18 @@ def combo_job(job: dict) -> dict:
         vision, llm, config, mode, image, prompt, workload.questions, workload.new_tokens, workload.seed, shared))
         for name, shared in (("shared", True), ("sequential", False))}, workload, progress)
     vis = _vision_measurements(vision, config, workload, mode, job.get("reference_path"), progress)
+    api = _assistant_measurements(assistant, workload, progress) if assistant is not None else None
     progress.close()
     result = {"kind": "combo", "label": job["label"], "vision": vision_info, "llm": llm_info,
-              "pipeline": {"warmup": warm, "timed": timed}, "self_question": sq, **vis,
+              "loaded_by": "Assistant.load" if assistant is not None else "runtimes.select (parts from two folders)",
+              "pipeline": {"warmup": warm, "timed": timed}, "self_question": sq, **vis, "assistant": api,
               "counters_after_pipeline": counters_after_pipeline,
               "rss_before_load_mib": rss_start, "rss_after_load_mib": rss_loaded}
-    vision.close()
-    llm.close()
+    if assistant is not None:
+        assistant.close()
+    else:
+        vision.close()
+        llm.close()
     gc.collect()
     return _memory(result)
 

@@ -119,3 +119,52 @@ def cosine_per_token(embeds: np.ndarray, reference: np.ndarray) -> dict[str, flo
     b = reference.reshape(-1, reference.shape[-1]).astype(np.float64)
     cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-30)
     return {"min": float(cos.min()), "mean": float(cos.mean()), "max_abs_diff": float(np.abs(a - b).max())}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Through the public API (Assistant): real template, tokenizer, image cache and prefix reuse. Token counts depend on
+# when the random weights emit EOS, so every run records how many tokens it produced.
+
+QUESTION = "What is happening in this picture? Describe the main objects, their colours and where they are."
+FOLLOWUP = "Which object is the largest, and why might it be there?"
+DESCRIPTION = "A wide picture with soft colour gradients from dark blue in one corner to warm orange in the other."
+
+
+def _first_piece(pieces) -> tuple[float, int]:
+    """Consume a text stream; -> (time of the first non-empty piece, or of the end if none came; pieces seen)."""
+    first, count = None, 0
+    for piece in pieces:
+        count += 1
+        if first is None and piece:
+            first = now()
+    return (first if first is not None else now()), count
+
+
+def assistant_chat_run(assistant, image, new_tokens: int) -> dict:
+    """A new image (encoded), a question (G tokens at most), then a follow-up in the same chat (first token)."""
+    counters = assistant.counters
+    before = counters.snapshot()
+    t0 = now()
+    chat = assistant.chat(image)
+    first, _ = _first_piece(chat.stream(QUESTION, max_new_tokens=new_tokens))
+    t1 = now()
+    mid = counters.snapshot()
+    t2 = now()
+    follow_first, _ = _first_piece(chat.stream(FOLLOWUP, max_new_tokens=1))
+    after = counters.snapshot()
+    return {"ttft_ms": ms(first - t0), "e2e_ms": ms(t1 - t0), "answer_tokens": mid["decode_tokens"] - before["decode_tokens"] + 1,
+            "followup_ttft_ms": ms(follow_first - t2),
+            "followup_vision_encodes": after["vision_encodes"] - mid["vision_encodes"],
+            "followup_prefill_tokens": after["prefill_tokens"] - mid["prefill_tokens"],
+            "first_prefill_positions": mid["prefill_tokens"] + mid["prefill_embeds"] - before["prefill_tokens"] - before["prefill_embeds"]}
+
+
+def assistant_self_question_run(assistant, image, n: int, new_tokens: int, seed: int) -> dict:
+    """Assistant.self_question(n) with a given description (the describe step is a plain answer, measured above)."""
+    before = assistant.counters.snapshot()
+    t0 = now()
+    result = assistant.self_question(image, n=n, seed=seed, description=DESCRIPTION, max_new_tokens=new_tokens)
+    elapsed = now() - t0
+    after = assistant.counters.snapshot()
+    return {"ms": ms(elapsed), "questions": len(result.questions),
+            "decode_tokens": after["decode_tokens"] - before["decode_tokens"]}

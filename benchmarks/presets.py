@@ -88,7 +88,8 @@ def ensure_preset(name: str, quants: list[str] | None = None, vision_precisions:
 
 def _run(cmd: list[str]) -> None:
     log_cmd = " ".join(cmd[1:])
-    result = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1])
+    # stdout carries the benchmark report: the build's own output goes to stderr with our other progress lines
+    result = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], stdout=sys.stderr)
     if result.returncode != 0:
         raise RuntimeError(f"building the preset failed: `python {log_cmd}` exited with {result.returncode} (see above)")
 

@@ -98,11 +98,28 @@ def combos_section(results: dict, analysis: dict) -> list[str]:
                      f"| {share} | {_f(f['itl_p50_ms'])} / {_f(f['itl_p95_ms'])} | {_m(f['e2e_ms'], 0)} "
                      f"| {_m(f.get('followup_ttft_ms'), 0)} | {sq} | {_mib((memory or {}).get('peak_rss_mib'))} |")
     lines.append("")
+    lines += assistant_table(analysis)
     for c in analysis["combos"]:
         lines.append(f"- `{c['label']}`: vision {c['vision']['description']}; LLM {c['llm']['description']}")
     if analysis["eager"]:
         lines.append(f"- PyTorch eager fp32: {analysis['eager']['description']}; its preprocessing (transformers' CLIP "
                      f"processor) equals ours to {analysis['eager']['preprocess_parity_max_abs_diff']:.1e}")
+    return lines + [""]
+
+
+def assistant_table(analysis: dict) -> list[str]:
+    rows = [(c["label"], c["figures"]["assistant"]) for c in analysis["combos"] if c["figures"].get("assistant")]
+    if not rows:
+        return []
+    lines = ["Through the public API (`Assistant.chat` on a new image each run: template prompt, image encoded once; "
+             "then a follow-up question in the same chat; `Assistant.self_question` with a given description). Answers "
+             "stop at EOS, so token counts are shown:", "",
+             "| backends | first TTFT | answer end-to-end | answer tokens | follow-up TTFT | follow-up prefill tokens "
+             "| follow-up vision encodes | self_question n ms | self_question tokens |", "|---|---|---|---|---|---|---|---|---|"]
+    for label, a in rows:
+        lines.append(f"| {label} | {_m(a['ttft_ms'], 0)} | {_m(a['e2e_ms'], 0)} | {_m(a['answer_tokens'], 0)} "
+                     f"| {_m(a['followup_ttft_ms'], 0)} | {_m(a['followup_prefill_tokens'], 0)} "
+                     f"| {_m(a['followup_vision_encodes'], 0)} | {_m(a['self_question_ms'], 0)} | {_m(a['self_question_tokens'], 0)} |")
     return lines + [""]
 
 

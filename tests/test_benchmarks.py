@@ -1,0 +1,208 @@
+"""benchmarks: the `--preset tiny` smoke run (report structure, positive numbers; never timing thresholds), the
+backend-list parser, the summaries, the roofline arithmetic, the bandwidth test and the preset cache's validation."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytest.importorskip("llama_cpp", reason="the benchmark's LLM side needs llama-cpp-python")
+pytest.importorskip("onnxruntime", reason="the benchmark's vision side needs onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One `python -m benchmarks --preset tiny --runs 2` run (artifacts come from the preset cache, built if absent)."""
+    out = tmp_path_factory.mktemp("bench") / "tiny"
+    cmd = [sys.executable, "-m", "benchmarks", "--preset", "tiny", "--runs", "2", "--prompt-tokens", "8",
+           "--new-tokens", "8", "--bandwidth-mib", "32", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout, json.loads((out / "results.json").read_text())
+
+
+def _positive(summary) -> bool:
+    return summary is not None and summary["n"] >= 1 and summary["min"] > 0 and summary["median"] > 0
+
+
+def test_smoke_writes_report_json_and_chart(smoke):
+    out, stdout, results = smoke
+    assert sorted(p.name for p in out.iterdir()) == ["chart.png", "report.md", "results.json"]
+    assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report.md").read_text()
+    assert stdout.strip() == report.strip()  # the report is also printed
+    for heading in ("## Targets", "## Machine", "## Backend combinations", "## Vision backends",
+                    "## llama.cpp: our runtime vs llama-cpp-python"):
+        assert heading in report
+    assert not list(out.parent.glob("*.raw.json")), "the raw fallback file is removed once the report is written"
+
+
+def test_smoke_records_machine_and_bandwidth(smoke):
+    _, _, results = smoke
+    machine = results["machine"]
+    assert machine["cpu"]["logical_cpus"] >= 1 and machine["threads_used"] >= 1
+    assert machine["libraries"]["torch"] and machine["libraries"]["llama_cpp_python"]
+    for when in ("start", "end"):
+        bw = results["bandwidth"][when]
+        assert all(bw[k]["best_gbps"] > 0 and len(bw[k]["samples_gbps"]) == bw["repeats"] for k in ("copy", "triad", "read"))
+    assert results["workload"]["runs"] == 2 and results["workload"]["new_tokens"] == 8
+
+
+def test_smoke_jobs_ran_with_positive_numbers(smoke):
+    _, _, results = smoke
+    analysis = results["analysis"]
+    failed = [j for j in results["jobs"] if j.get("error") and j["kind"] != "high_level_defaults"]
+    assert not failed, failed  # the defaults probe may die (SIGILL on AMX VMs): that is a finding, not a failure
+    assert {j["kind"] for j in results["jobs"]} >= {"eager", "llamacpp_overhead", "combo", "high_level_defaults"}
+    (combo,) = analysis["combos"]
+    f = combo["figures"]
+    for key in ("preprocess_ms", "encode_ms", "prefill_ms", "prefill_tok_s", "ttft_ms", "decode_tok_s", "e2e_ms",
+                "followup_ttft_ms", "encode_batch_ms", "self_question_shared_ms", "self_question_sequential_ms"):
+        assert _positive(f[key]), key
+        assert f[key]["n"] == 2  # --runs 2; the warm-up is kept apart
+    assert f["itl_p50_ms"] > 0 and f["itl_p95_ms"] >= f["itl_p50_ms"] and f["itl_samples"] == 2 * 7
+    assert f["prefill_positions"] == results["model"]["image_tokens"] + 8
+    assert f["roofline"]["tok_s"] > 0 and f["roofline"]["share"] > 0
+    assert f["memory"]["peak_rss_mib"] > 0
+    api = f["assistant"]
+    assert _positive(api["ttft_ms"]) and _positive(api["followup_ttft_ms"])
+    assert api["followup_vision_encodes"]["max"] == 0  # the chat follow-up reuses the image
+    eager = analysis["eager"]["figures"]
+    assert _positive(eager["e2e_ms"]) and _positive(eager["decode_tok_s"])
+    assert analysis["eager"]["preprocess_parity_max_abs_diff"] <= 1e-5
+
+
+def test_smoke_raw_samples_and_exact_token_counts(smoke):
+    _, _, results = smoke
+    combo = next(j for j in results["jobs"] if j["kind"] == "combo")
+    runs = combo["pipeline"]["timed"]
+    assert len(runs) == 2 and len(combo["pipeline"]["warmup"]) == 1
+    assert all(len(r["tokens"]) == 8 and len(r["itl_ms"]) == 7 for r in runs)  # exactly G tokens, EOS ignored
+    assert all(r["followup_prefill_tokens"] == 9 for r in runs)  # last answer token + P new tokens, nothing else
+    for mode in ("shared", "sequential"):
+        assert all(r["tokens"] == [8, 8, 8] for r in combo["self_question"][mode]["timed"])
+    cos = combo["cosine_vs_eager_fp32"]
+    assert 0 < cos["min"] <= cos["mean"] <= 1 + 1e-6
+
+
+def test_smoke_targets_are_all_reported(smoke):
+    _, _, results = smoke
+    from benchmarks.analysis import TARGETS
+
+    targets = results["analysis"]["targets"]
+    assert [t["id"] for t in targets] == [t[0] for t in TARGETS]
+    for t in targets:
+        assert t["measured"] is not None and t["measured"] > 0, t
+        assert t["met"] in (True, False) and t["detail"]
+
+
+def test_from_json_rerenders(smoke, tmp_path):
+    out, _, _ = smoke
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--from-json", str(out / "results.json"), "--out",
+                           str(tmp_path / "again")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "again" / "report.md").read_text() == (out / "report.md").read_text()
+
+
+def test_roofline_bytes_from_the_gguf(smoke):
+    _, _, results = smoke
+    from benchmarks.roofline import gguf_bytes_per_token, roofline
+    from sqllava_edge.bundle import read_manifest
+
+    bundle = Path(results["bundle"])
+    manifest = read_manifest(bundle, verify=False)
+    gguf = manifest.resolve(bundle, manifest.find("llm_gguf", "q4_k_m"))
+    info = gguf_bytes_per_token(gguf, 32000)
+    assert 0 < info["embedding_bytes"] < info["weights_bytes"] < gguf.stat().st_size
+    assert info["bytes_per_token"] == info["weights_bytes"] - info["embedding_bytes"] + info["embedding_bytes"] // 32000
+    assert roofline(10.0, 10**9) == pytest.approx(10.0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Units (no run needed)
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("auto", "auto"),
+    ("all", "all"),
+    ("onnxruntime:int8+llama.cpp:q4_k_m", ["onnxruntime:int8+llama.cpp:q4_k_m"]),
+    ("torch+torch, onnxruntime+llama.cpp", ["torch+torch", "onnxruntime+llama.cpp"]),
+])
+def test_parse_backends(text, expect):
+    from benchmarks.plan import parse_backends
+
+    got = parse_backends(text)
+    assert (got if isinstance(got, str) else [c.label for c in got]) == expect
+
+
+@pytest.mark.parametrize("text,message", [
+    ("onnxruntime", r"VISION\+LLM"),
+    ("onnx+llama.cpp", "unknown vision backend"),
+    ("torch+vllm", "unknown LLM backend"),
+    (" , ", "empty"),
+])
+def test_parse_backends_rejects(text, message):
+    from benchmarks.plan import parse_backends
+
+    with pytest.raises(ValueError, match=message):
+        parse_backends(text)
+
+
+def test_summarize_and_percentiles():
+    from benchmarks.timing import percentile, summarize
+
+    s = summarize([4.0, 1.0, 3.0, 2.0])
+    assert (s["n"], s["median"], s["min"], s["max"]) == (4, 2.5, 1.0, 4.0)
+    assert s["iqr"] == pytest.approx(1.5)
+    assert summarize([]) is None and percentile([], 50) is None
+    assert percentile(range(101), 95) == pytest.approx(95.0)
+
+
+def test_bandwidth_measures_positive_rates():
+    from benchmarks.machine import measure_bandwidth
+
+    bw = measure_bandwidth(threads=2, array_bytes=8 * 2**20, repeats=2)
+    assert bw["gbps"] == max(bw[k]["best_gbps"] for k in ("copy", "triad", "read")) > 0
+    assert bw["roofline_kernel"] in ("copy", "triad", "read")
+
+
+def test_workload_rejects_bad_counts():
+    from benchmarks.workload import Workload, prompt_ids
+
+    with pytest.raises(ValueError, match="new_tokens"):
+        Workload(new_tokens=0)
+    ids = prompt_ids(Workload(prompt_tokens=16), 32000)
+    assert len(ids) == 16 and min(ids) >= 3 and ids == prompt_ids(Workload(prompt_tokens=16), 32000)
+
+
+def test_cli_errors_are_clear(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--preset", "nope"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1 and "valid presets" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--bundle", str(tmp_path / "missing")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "does not exist" in proc.stderr
+
+
+def test_preset_cache_is_trusted_only_when_key_and_hashes_match(smoke, tmp_path):
+    _, _, results = smoke
+    from benchmarks.presets import RECORD, _cached
+
+    cached = Path(results["bundle"]).parent
+    key = json.loads((cached / RECORD).read_text())["key"]
+    copy = tmp_path / cached.name
+    shutil.copytree(cached / "bundle", copy / "bundle")
+    (copy / "checkpoint").mkdir()
+    shutil.copy(cached / "checkpoint" / "sqllava_edge.json", copy / "checkpoint")
+    shutil.copy(cached / RECORD, copy / RECORD)
+    assert _cached(copy, key)
+    assert not _cached(copy, "0" * 64)  # another config / tool version
+    tokenizer = next(p for p in (copy / "bundle" / "tokenizer").iterdir() if p.is_file())
+    tokenizer.write_bytes(tokenizer.read_bytes() + b" ")
+    assert not _cached(copy, key)  # a modified artifact is rebuilt, never trusted
