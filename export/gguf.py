@@ -37,7 +37,7 @@ QUANTIZED = {"bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "q6_k": "MOSTLY_Q6_K"
 QUANTS = DIRECT + tuple(QUANTIZED)
 VALIDATION_TOKENS = 64
 MIN_AGREEMENT = {"f32": 1.0, "f16": 0.95, "bf16": 0.95, "q8_0": 0.95}  # top-1 agreement with PyTorch; others: recorded
-_VALIDATION_TEXT = (
+VALIDATION_TEXT = (
     "A chat between a curious user and an artificial intelligence assistant. USER: What is in the picture? "
     "ASSISTANT: A small brown dog is sitting on a wooden bench in a park, next to a red ball and a green bag. "
     "Behind it, two children are flying a kite under a cloudy sky, and a man in a blue coat walks past."
@@ -345,7 +345,7 @@ def add_vocab(writer, tokenizer, config: LLMConfig, template: str) -> str:
 
 def validation_prompt(tokenizer, n: int) -> list[int]:
     """BOS + a fixed English text, `n` ids long (the text repeats if it tokenizes shorter)."""
-    text_ids = tokenizer.encode(_VALIDATION_TEXT, add_bos=False)
+    text_ids = tokenizer.encode(VALIDATION_TEXT, add_bos=False)
     ids = [tokenizer.bos_id]
     while len(ids) < n:
         ids += text_ids

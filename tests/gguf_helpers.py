@@ -35,12 +35,12 @@ def tokenizer():
 @functools.lru_cache(maxsize=1)
 def tiny_model():
     """SQLLaVA 'tiny' preset (random weights, seed 0) with the fitted output head described above; eval mode."""
-    from export.gguf import _VALIDATION_TEXT
+    from export.gguf import VALIDATION_TEXT
     from sqllava_edge.config import get_preset
     from sqllava_edge.model import SQLLaVA
 
     model = SQLLaVA.from_config(get_preset("tiny"), seed=0).eval()
-    fit_output_head(model.llm, [_VALIDATION_TEXT, *CORPUS], ridge=1.0, gain=10.0)
+    fit_output_head(model.llm, [VALIDATION_TEXT, *CORPUS], ridge=1.0, gain=10.0)
     return model
 
 
