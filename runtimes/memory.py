@@ -23,6 +23,23 @@ def kv_cache_bytes(llm: LLMConfig, n_ctx: int, bytes_per_value: int = 2) -> int:
     return 2 * llm.num_layers * n_ctx * llm.num_kv_heads * llm.head_dim * bytes_per_value
 
 
+def torch_weight_bytes(config: ModelConfig, part: str, bytes_per_value: int = 4) -> int:
+    """Parameter bytes of the PyTorch "llm" or "vision" (tower + projector) part, from the config alone."""
+    if part == "llm":
+        m = config.llm
+        attn = m.hidden_size * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)  # q, o + k, v
+        layer = attn + 3 * m.hidden_size * m.intermediate_size + 2 * m.hidden_size
+        count = 2 * m.vocab_size * m.hidden_size + m.num_layers * layer + m.hidden_size  # untied embed + lm_head
+    elif part == "vision":
+        v, h = config.vision, config.llm.hidden_size
+        layer = 4 * v.hidden_size * v.hidden_size + 2 * v.hidden_size * v.intermediate_size + 9 * v.hidden_size
+        tower = 3 * v.patch_size**2 * v.hidden_size + (v.num_patches + 2) * v.hidden_size + v.layers_used * layer
+        count = tower + 3 * v.hidden_size**2 + v.hidden_size * h + h * h  # projector (cluster: c, v, f + MLP)
+    else:
+        raise ValueError(f"part must be 'llm' or 'vision', got {part!r}")
+    return count * bytes_per_value
+
+
 def llm_workspace_bytes(llm: LLMConfig, n_batch: int = LLAMA_CPP_BATCH) -> int:
     """Rough compute-buffer estimate: logits for a batch plus a few hidden-sized activations per row, + 64 MiB."""
     return n_batch * (llm.vocab_size + 8 * llm.intermediate_size) * 4 + 64 * 2**20

@@ -231,6 +231,7 @@ class LLMChoice:
     reason: str
     artifact: object | None = None  # bundle Artifact (llm_gguf); None for torch
     gpu_layers: int = 0  # llama.cpp layers offloaded to the GPU (-1 = all)
+    exact: bool = False  # llama.cpp: f32 KV cache and no flash attention (f16 math), for an f32 GGUF
 
 
 def requested_kind(enum, argument: str | None, env: str):
@@ -344,6 +345,9 @@ def choose_llm(source: ModelSource, device: DeviceInfo, requested: str | None = 
         return LLMChoice(LLMKind.TORCH, why or "training checkpoint folder: PyTorch LlamaForCausalLM with a KV cache")
     if kind is LLMKind.TORCH:
         source.torch_model(device)  # raises: a bundle has no PyTorch weights
+    from runtimes.llamacpp import import_llama_cpp
+
+    import_llama_cpp()  # raises BackendUnavailableError naming the package
     offload = _gpu_offload_supported()
     layers = gpu_layers if gpu_layers is not None else (-1 if device.has_gpu and offload else 0)
     if layers != 0 and not offload:
@@ -355,7 +359,10 @@ def choose_llm(source: ModelSource, device: DeviceInfo, requested: str | None = 
         why = f"{device.kind} ({device.name})"
         if device.has_gpu and not offload:
             why += "; this llama-cpp-python build has no GPU offload, so the LLM runs on the CPU"
-    return LLMChoice(LLMKind.LLAMA_CPP, f"{why}; llama.cpp {where}, {artifact.path} ({note})", artifact, layers)
+    exact = artifact.precision == "f32"
+    if exact:
+        note += "; f32 KV cache and flash attention off, so logits match PyTorch"
+    return LLMChoice(LLMKind.LLAMA_CPP, f"{why}; llama.cpp {where}, {artifact.path} ({note})", artifact, layers, exact)
 
 
 def _pick_gguf(source: ModelSource, device: DeviceInfo, precision: str | None, fits):
@@ -370,11 +377,17 @@ def _pick_gguf(source: ModelSource, device: DeviceInfo, precision: str | None, f
     available = [a for p in GGUF_PREFERENCE[device.kind] if (a := manifest.find("llm_gguf", p)) is not None]
     if not available:
         raise BundleError(f"{source.folder} has no GGUF LLM; re-export the bundle: python -m export CHECKPOINT --out {source.folder}")
+    order = GGUF_PREFERENCE[device.kind]
     for i, artifact in enumerate(available):
         if fits is None or fits(artifact):
             skipped = [a.precision for a in available[:i]]
-            note = f"preferred on {device.kind}" if not skipped else f"{', '.join(skipped)} would not fit in memory"
-            return artifact, f"{artifact.precision} {note}"
+            if skipped:
+                note = f"{', '.join(skipped)} would not fit in memory"
+            elif artifact.precision == order[0]:
+                note = f"preferred on {device.kind}"
+            else:
+                note = f"the bundle's first in the {device.kind} order {', '.join(order)}"
+            return artifact, f"{artifact.precision}: {note}"
     return available[-1], f"{available[-1].precision}, the smallest in the bundle"  # the memory plan will refuse it
 
 
@@ -409,15 +422,11 @@ def load_llm(choice: LLMChoice, source: ModelSource, device: DeviceInfo, n_ctx: 
 
         model, _ = source.torch_model(device)
         return TorchLLM(model.llm, n_ctx, n_threads)
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        raise BackendUnavailableError("the llama.cpp LLM backend needs llama-cpp-python: pip install 'sqllava-edge[cpu]' "
-                                      "(CUDA: CMAKE_ARGS='-DGGML_CUDA=on' pip install llama-cpp-python)") from None
     from runtimes.llamacpp import LlamaCppLLM
 
     return LlamaCppLLM(str(source.artifact_path(choice.artifact)), n_ctx, n_threads=n_threads,
-                       n_gpu_layers=choice.gpu_layers, n_seq_max=n_seq_max)
+                       n_gpu_layers=choice.gpu_layers, n_seq_max=n_seq_max,
+                       kv_type="f32" if choice.exact else "f16", flash_attn=False if choice.exact else None)
 
 
 def select_vision(source: ModelSource, device: DeviceInfo, requested: str | None = None, precision: str | None = None,

@@ -81,6 +81,8 @@ class OnnxVision:
         self._input_dtype = np.float16 if inputs[0].type == "tensor(float16)" else np.float32
         batch = inputs[0].shape[0]
         self._fixed_batch = batch if isinstance(batch, int) else None  # a static batch axis: run images one by one
+        # (T, H) per image when the graph states them (None where symbolic), for load-time compatibility checks
+        self.output_shape = tuple(d if isinstance(d, int) else None for d in outputs[0].shape[1:])
         size = inputs[0].shape[2]
         self.image_size = size if isinstance(size, int) else None
         used = ", ".join(self._session.get_providers())

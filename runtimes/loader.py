@@ -1,0 +1,171 @@
+"""Everything `Assistant.load` does before it has an Assistant: open the folder, choose backends, plan memory, load.
+
+Order matters: the memory plan runs before any weight is loaded, and every consistency check (manifest vs config,
+tokenizer vs vocabulary, vision output vs LLM width) runs before the first question, so a broken or mixed bundle
+fails at load with a BundleError instead of producing garbage later.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from runtimes.base import LLMKind, VisionKind
+from runtimes.memory import MemoryPlan, check_plan, plan_memory, torch_weight_bytes
+from runtimes.select import (DeviceInfo, LLMChoice, ModelSource, VisionChoice, choose_llm, choose_vision, load_llm,
+                             load_vision, resolve_device)
+from sqllava_edge.config import ModelConfig
+from sqllava_edge.errors import BundleError
+
+DEFAULT_N_CTX = 2048  # image tokens + prompt + a 512-token answer + some chat history, for the 7B models
+LLAMA_CPP_KV_BYTES = 2  # LlamaCppLLM's default f16 KV cache (f32, 4 bytes, for an f32 GGUF)
+
+
+@dataclass
+class LoadedParts:
+    vision: Any  # VisionBackend
+    llm: Any  # LLMBackend
+    tokenizer: Any
+    config: ModelConfig
+    template: str
+    image_mode: str
+    backends: Any  # sqllava_edge.assistant.Backends
+
+
+def load_parts(path: str | os.PathLike, device, vision_backend: str | None, llm_backend: str | None,
+               n_ctx: int | None, n_threads: int | None, gpu_layers: int | None, vision_precision: str | None,
+               llm_precision: str | None, verify: bool, sequences: int) -> LoadedParts:
+    from sqllava_edge.assistant import Backends
+
+    dev = resolve_device(device)
+    source = ModelSource.open(path, verify=verify)
+    config = source.config
+    if source.is_bundle:
+        _check_manifest(source)
+    n_ctx = _n_ctx(n_ctx, config)
+    if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
+        raise ValueError(f"n_threads must be a positive int, got {n_threads!r}")
+    vision_choice = choose_vision(source, dev, vision_backend, vision_precision)
+
+    def plan_for(llm_choice: LLMChoice) -> MemoryPlan:
+        return _plan(config, dev, source, vision_choice, llm_choice, n_ctx)
+
+    def fits(artifact) -> bool:
+        layers = gpu_layers if gpu_layers is not None else (-1 if dev.has_gpu else 0)
+        return plan_for(LLMChoice(LLMKind.LLAMA_CPP, "", artifact, layers, artifact.precision == "f32")).fits
+
+    llm_choice = choose_llm(source, dev, llm_backend, llm_precision, gpu_layers, fits)
+    plan = plan_for(llm_choice)
+    check_plan(plan, _smaller_ggufs(source, llm_choice))
+    vision = load_vision(vision_choice, source, dev, n_threads)
+    try:
+        llm = load_llm(llm_choice, source, dev, n_ctx, n_threads, n_seq_max=sequences)
+    except BaseException:
+        vision.close()
+        raise
+    try:
+        tokenizer = _tokenizer(source, dev)
+        _check_parts(config, vision, llm)
+    except BaseException:
+        vision.close()
+        llm.close()
+        raise
+    backends = Backends(_describe_device(dev), vision.name, vision.description, vision_choice.reason, llm.name,
+                        llm.description, llm_choice.reason, plan.describe())
+    template = source.manifest.template if source.is_bundle else config.template
+    mode = source.manifest.preprocessing["mode"] if source.is_bundle else config.image_aspect_ratio
+    return LoadedParts(vision, llm, tokenizer, config, template, mode, backends)
+
+
+def _n_ctx(n_ctx: int | None, config: ModelConfig) -> int:
+    limit = config.llm.max_position_embeddings
+    if n_ctx is None:
+        return min(DEFAULT_N_CTX, limit)
+    if not isinstance(n_ctx, int) or n_ctx < config.num_image_tokens + 32:
+        raise ValueError(f"n_ctx must be an int >= {config.num_image_tokens + 32} (the {config.num_image_tokens} "
+                         f"image tokens plus a prompt), got {n_ctx!r}")
+    if n_ctx > limit:
+        raise ValueError(f"n_ctx {n_ctx} exceeds the model's trained context of {limit} positions; use n_ctx <= {limit}")
+    return n_ctx
+
+
+def _check_manifest(source: ModelSource) -> None:
+    """The manifest's own fields must agree with its model config (a hand-edited or mixed manifest fails here)."""
+    manifest, config = source.manifest, source.config
+    pre = manifest.preprocessing
+    problems = []
+    if manifest.num_image_tokens != config.num_image_tokens:
+        problems.append(f"num_image_tokens {manifest.num_image_tokens} vs config {config.num_image_tokens}")
+    if manifest.embed_dim != config.llm.hidden_size:
+        problems.append(f"embed_dim {manifest.embed_dim} vs config hidden size {config.llm.hidden_size}")
+    if pre.get("image_size") != config.vision.image_size:
+        problems.append(f"preprocessing image_size {pre.get('image_size')} vs config {config.vision.image_size}")
+    if pre.get("mode") not in ("pad", "crop", "resize"):
+        problems.append(f"unknown preprocessing mode {pre.get('mode')!r}")
+    if manifest.special_tokens.get("eos") != config.llm.eos_token_id:
+        problems.append(f"eos id {manifest.special_tokens.get('eos')} vs config {config.llm.eos_token_id}")
+    if problems:
+        raise BundleError(f"{source.folder}: the manifest contradicts its model config ({'; '.join(problems)}); "
+                          "the bundle was edited or mixed from different exports, re-export it")
+
+
+def _plan(config: ModelConfig, dev: DeviceInfo, source: ModelSource, vision: VisionChoice, llm: LLMChoice,
+          n_ctx: int) -> MemoryPlan:
+    vision_bytes = vision.artifact.size if vision.artifact is not None else torch_weight_bytes(config, "vision")
+    if llm.kind is LLMKind.TORCH:
+        llm_bytes, kv_bytes, llm_on_gpu = torch_weight_bytes(config, "llm"), 4, dev.kind == "cuda"
+    else:
+        kv_bytes = 4 if llm.exact else LLAMA_CPP_KV_BYTES
+        llm_bytes, llm_on_gpu = llm.artifact.size, llm.gpu_layers != 0
+    vision_on_gpu = vision.kind is VisionKind.TENSORRT or "cuda" in vision.providers or (
+        vision.kind is VisionKind.TORCH and dev.kind == "cuda")
+    return plan_memory(config, dev, llm_bytes=llm_bytes, vision_bytes=vision_bytes, n_ctx=n_ctx,
+                       kv_bytes_per_value=kv_bytes, llm_on_gpu=llm_on_gpu, vision_on_gpu=vision_on_gpu)
+
+
+def _smaller_ggufs(source: ModelSource, choice: LLMChoice) -> list[tuple[str, int]]:
+    if not source.is_bundle or choice.artifact is None:
+        return []
+    others = [a for a in source.manifest.find_all("llm_gguf") if a.size < choice.artifact.size]
+    return [(a.precision, a.size) for a in sorted(others, key=lambda a: -a.size)]
+
+
+def _tokenizer(source: ModelSource, dev: DeviceInfo):
+    from sqllava_edge.tokenizer import load_tokenizer
+
+    if not source.is_bundle:
+        return source.torch_model(dev)[1]
+    artifact = source.manifest.find("tokenizer")
+    if artifact is None:
+        raise BundleError(f"{source.folder} has no tokenizer artifact; re-export the bundle")
+    tokenizer = load_tokenizer(source.artifact_path(artifact))
+    special = source.manifest.special_tokens
+    if (tokenizer.bos_id, tokenizer.eos_id) != (special.get("bos"), special.get("eos")):
+        raise BundleError(f"{source.folder}: tokenizer bos/eos ({tokenizer.bos_id}, {tokenizer.eos_id}) differ from the "
+                          f"manifest's ({special.get('bos')}, {special.get('eos')}); re-export the bundle")
+    return tokenizer
+
+
+def _check_parts(config: ModelConfig, vision, llm) -> None:
+    """Loaded artifacts must fit the config: vision output (T, H) and the LLM's width and vocabulary."""
+    from runtimes.vision import OnnxVision
+
+    want = (config.num_image_tokens, config.llm.hidden_size)
+    if isinstance(vision, OnnxVision) and any(got not in (None, w) for got, w in zip(vision.output_shape, want)):
+        raise BundleError(f"the vision ONNX outputs {vision.output_shape} rows per image but the model config needs "
+                          f"{want}: it was exported from another model; re-export the bundle")
+    if llm.name == LLMKind.LLAMA_CPP.value and llm.n_embd != config.llm.hidden_size:
+        raise BundleError(f"the GGUF has hidden size {llm.n_embd} but the model config says {config.llm.hidden_size}: "
+                          "it was exported from another model; re-export the bundle")
+    if llm.vocab_size != config.llm.vocab_size:
+        raise BundleError(f"the LLM has {llm.vocab_size} tokens but the model config says {config.llm.vocab_size}: "
+                          "it was exported from another model; re-export the bundle")
+
+
+def _describe_device(dev: DeviceInfo) -> str:
+    text = f"{dev.kind} ({dev.name}), {dev.ram_available / 2**30:.1f} GiB RAM available"
+    if dev.gpu_memory_free is not None:
+        text += f", {dev.gpu_memory_free / 2**30:.1f} GiB GPU memory free (compute {dev.compute_capability})"
+    if dev.cpu_flags:
+        text += f", CPU flags {' '.join(sorted(dev.cpu_flags))}"
+    return text
