@@ -186,9 +186,12 @@ def analyze(results: dict) -> dict[str, Any]:
             combos.append({"label": job["label"], "vision": job["vision"], "llm": job["llm"],
                            "figures": combo_figures(job, results, eager)})
     rows = vision_rows(results, eager)
+    profiles = {("PyTorch eager fp32" if j["kind"] == "eager" else f"{j['vision']['kind']}:{j['vision']['precision']}"):
+                j["profile"] for j in results["jobs"] if not j.get("error") and j.get("profile")}
     return {"eager": eager and {k: eager[k] for k in ("label", "description", "figures", "memory", "load_ms",
-                                                        "preprocess_parity_max_abs_diff", "roofline_bytes")},
-            "overhead": overhead, "high_level_defaults": probe, "combos": combos, "vision": rows, "errors": errors,
+                                                        "preprocess_parity_max_abs_diff", "roofline_bytes")
+                          if k in eager},
+            "overhead": overhead, "high_level_defaults": probe, "combos": combos, "vision_profiles": profiles, "vision": rows, "errors": errors,
             "targets": targets(results, combos, rows, eager, overhead), "bandwidth_gbps": bandwidth_gbps(results)}
 
 

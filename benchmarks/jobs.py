@@ -63,6 +63,7 @@ def eager_job(job: dict) -> dict:
     import torch
 
     from benchmarks.baselines import clip_processor, eager_pipeline_run, reference_preprocess
+    from benchmarks.profile import torch_vision_profile
     from benchmarks.roofline import torch_bytes_per_token
     from sqllava_edge.checkpoint import load_checkpoint
     from sqllava_edge.image import preprocess
@@ -94,12 +95,14 @@ def eager_job(job: dict) -> dict:
     b_warm, b_timed = repeat(encode_batch, workload.runs, workload.warmup, f"batch {workload.vision_batch}", progress)
     progress.close()
     np.save(job["reference_path"], timed[-1]["embeds"])
+    profile = torch_vision_profile(model, batch[:1].numpy())
     for run in warm + timed:
         run.pop("embeds")
     return _memory({"kind": "eager", "label": "PyTorch eager fp32", "load_ms": load_ms,
                     "description": f"torch {torch.__version__} fp32 eager, transformers generate, {torch.get_num_threads()} threads",
                     "preprocess_parity_max_abs_diff": parity, "roofline_bytes": torch_bytes_per_token(model.llm),
-                    "pipeline": {"warmup": warm, "timed": timed}, "vision_batch": {"warmup": b_warm, "timed": b_timed}})
+                    "pipeline": {"warmup": warm, "timed": timed}, "vision_batch": {"warmup": b_warm, "timed": b_timed},
+                    "profile": profile})
 
 
 def llamacpp_overhead_job(job: dict) -> dict:
@@ -177,6 +180,21 @@ def _precision(choice) -> str:
     return choice.artifact.precision if choice.artifact is not None else "fp32"
 
 
+def _onnx_profile(job: dict, config, workload: Workload, mode: str) -> dict | None:
+    """onnxruntime's operator profile of one CPU encode of the job's vision ONNX (None for other backends)."""
+    from benchmarks.profile import onnx_vision_profile
+    from sqllava_edge.bundle import read_manifest
+    from sqllava_edge.image import preprocess
+
+    spec = job["vision"]
+    if spec["kind"] != "onnxruntime":
+        return None
+    manifest = read_manifest(job["bundle"], verify=False)
+    path = manifest.resolve(job["bundle"], manifest.find("vision_onnx", spec["precision"]))
+    pixels = preprocess(synthetic_image(workload, 0), config.vision, mode)[None]  # (1, 3, S, S)
+    return onnx_vision_profile(path, pixels, job["threads"])
+
+
 def _vision_measurements(vision, config, workload: Workload, mode: str, reference: Path | None, progress) -> dict:
     from benchmarks.pipeline import cosine_per_token, encode_one, vision_batch_run
     from sqllava_edge.image import preprocess, preprocess_batch
@@ -213,6 +231,7 @@ def vision_job(job: dict) -> dict:
               **_vision_measurements(vision, config, workload, mode, job.get("reference_path"), progress)}
     progress.close()
     vision.close()
+    result["profile"] = _onnx_profile(job, config, workload, mode)
     return _memory(result)
 
 
@@ -292,6 +311,7 @@ def combo_job(job: dict) -> dict:
     else:
         vision.close()
         llm.close()
+    result["profile"] = _onnx_profile(job, config, workload, mode)
     gc.collect()
     return _memory(result)
 

@@ -123,6 +123,26 @@ def assistant_table(analysis: dict) -> list[str]:
     return lines + [""]
 
 
+def breakdown_section(analysis: dict) -> list[str]:
+    """Where the end-to-end time goes, stage by stage (medians), for each combination and the eager baseline."""
+    rows = [(c["label"], c["figures"]) for c in analysis["combos"]]
+    if analysis["eager"]:
+        rows.append(("PyTorch eager fp32", analysis["eager"]["figures"]))
+    lines = ["## Where the time goes (medians, ms and share of end-to-end)", "",
+             "| backends | preprocess | vision encode | prefill (+ first token) | decode | decode effective bandwidth |",
+             "|---|---|---|---|---|---|"]
+    for label, f in rows:
+        e2e = f["e2e_ms"]["median"]
+        decode = e2e - f["ttft_ms"]["median"]
+        cells = [f"{value:,.0f} ({100 * value / e2e:.0f}%)" for value in
+                 (f["preprocess_ms"]["median"], f["encode_ms"]["median"], f["prefill_ms"]["median"], decode)]
+        roof = f.get("roofline")
+        bandwidth = (f"{f['decode_tok_s']['median'] * roof['bytes_per_token'] / 1e9:.1f} GB/s of "
+                     f"{analysis['bandwidth_gbps']:.1f}" if roof and f["decode_tok_s"] else "-")
+        lines.append(f"| {label} | {' | '.join(cells)} | {bandwidth} |")
+    return lines + [""]
+
+
 def vision_section(analysis: dict) -> list[str]:
     lines = ["## Vision backends (vision tower + projector)", "",
              "| backend | batch 1 ms | batch 4 ms / image | vs eager fp32 | cosine to eager fp32 (min / mean per token) |",
@@ -136,6 +156,17 @@ def vision_section(analysis: dict) -> list[str]:
         cos_text = f"{cos['min']:.4f} / {cos['mean']:.4f}" if cos else "-"
         speed = f"{row['speedup_vs_eager']:.2f}x" if row["speedup_vs_eager"] else "-"
         lines.append(f"| {row['label']} | {_m(row['encode_ms'], 0)} | {_m(row['encode_batch_per_image_ms'], 0)} | {speed} | {cos_text} |")
+    return lines + [""]
+
+
+def profile_section(analysis: dict) -> list[str]:
+    profiles = analysis.get("vision_profiles") or {}
+    if not profiles:
+        return []
+    lines = ["## Vision encode profile (one image, operators by self time)", ""]
+    for label, p in profiles.items():
+        ops = ", ".join(f"{o['op']} {o['ms']:,.0f} ms ({100 * o['share']:.0f}%)" for o in p["ops"])
+        lines.append(f"- {label} (total {p['total_ms']:,.0f} ms): {ops}")
     return lines + [""]
 
 
@@ -164,7 +195,7 @@ def render_markdown(results: dict, analysis: dict) -> str:
              f"{results['preprocessing_mode']}; n_ctx {results['n_ctx']}, n_batch {results['n_batch']}; seed "
              f"{results['workload']['seed']}.", ""]
     lines += targets_section(analysis) + machine_section(results, analysis) + combos_section(results, analysis)
-    lines += vision_section(analysis) + overhead_section(analysis)
+    lines += breakdown_section(analysis) + vision_section(analysis) + profile_section(analysis) + overhead_section(analysis)
     notes = results["plan"]["notes"]
     if notes or analysis["errors"]:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [f"- FAILED {e}" for e in analysis["errors"]] + [""]
