@@ -1,6 +1,10 @@
 """`sqllava-edge` command line: one argparse parser with a subcommand per task.
 
     sqllava-edge inspect BUNDLE [--json] [--no-verify]   print a bundle's manifest and verify every artifact's sha256
+    sqllava-edge ask MODEL IMAGE "question"              answer one question (streamed to stdout)
+    sqllava-edge self-question MODEL IMAGE [--n 3]       describe the image, then sample questions about it
+    sqllava-edge chat MODEL IMAGE                        multi-turn chat; questions from stdin, one per line
+MODEL is a bundle folder or a training checkpoint folder.
 
 Each subcommand is a `register_<name>(subparsers)` function that adds its parser and sets `func`; `func(args)`
 returns the exit code. More subcommands (ask, self-question, chat) are registered the same way.
@@ -76,10 +80,121 @@ def _validation_line(validation: dict) -> str:
     return ", ".join(parts)
 
 
+# --- ask / self-question / chat (runtime) ------------------------------------------------------------------------
+
+
+def _add_model_args(parser, task: str) -> None:
+    parser.add_argument("model", help="bundle folder (python -m export) or training checkpoint folder")
+    parser.add_argument("image", help="image file (PNG, JPEG, WebP, ...)")
+    group = parser.add_argument_group("backends")
+    group.add_argument("--device", choices=("cpu", "cuda", "jetson"), help="device (default: detected)")
+    group.add_argument("--vision-backend", choices=("torch", "onnxruntime", "tensorrt"), help="default: automatic")
+    group.add_argument("--llm-backend", choices=("torch", "llama.cpp"), help="default: automatic")
+    group.add_argument("--vision-precision", help="vision ONNX precision: fp32, fp16, int8 (default: automatic)")
+    group.add_argument("--llm-precision", help="GGUF precision: f32, f16, q8_0, q4_k_m, ... (default: automatic)")
+    group.add_argument("--n-ctx", type=int, help="context length in positions (default: 2048)")
+    group.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    group.add_argument("--gpu-layers", type=int, help="llama.cpp layers offloaded to the GPU (-1 = all)")
+    group.add_argument("--show-backends", action="store_true", help="print the chosen backends and why to stderr")
+    sampling = parser.add_argument_group(f"sampling (defaults: the spec's {task} settings)")
+    sampling.add_argument("--max-new-tokens", type=int, help="maximum tokens generated")
+    sampling.add_argument("--temperature", type=float, help="0 = greedy")
+    sampling.add_argument("--top-k", type=int, help="0 = off")
+    sampling.add_argument("--top-p", type=float, help="1 = off")
+    sampling.add_argument("--seed", type=int, help="random seed for sampling")
+    sampling.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
+def _open_assistant(args):
+    from sqllava_edge.assistant import Assistant
+
+    assistant = Assistant.load(args.model, device=args.device, vision_backend=args.vision_backend,
+                               llm_backend=args.llm_backend, n_ctx=args.n_ctx, n_threads=args.threads,
+                               gpu_layers=args.gpu_layers, vision_precision=args.vision_precision,
+                               llm_precision=args.llm_precision)
+    if args.show_backends:
+        print(assistant.backends, file=sys.stderr)
+    return assistant
+
+
+def _options(args, with_seed: bool = True) -> dict:
+    names = ["max_new_tokens", "temperature", "top_k", "top_p", "stop"] + (["seed"] if with_seed else [])
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def _print_stream(pieces) -> None:
+    for piece in pieces:
+        print(piece, end="", flush=True)
+    print()
+
+
+def register_ask(subparsers) -> None:
+    parser = subparsers.add_parser("ask", help="answer one question about an image",
+                                   description="Answer a question about an image; the answer streams to stdout.")
+    _add_model_args(parser, "answer")
+    parser.add_argument("question", help="the question")
+    parser.set_defaults(func=run_ask)
+
+
+def run_ask(args) -> int:
+    with _open_assistant(args) as assistant:
+        _print_stream(assistant.stream(args.image, args.question, **_options(args)))
+    return 0
+
+
+def register_self_question(subparsers) -> None:
+    parser = subparsers.add_parser("self-question", help="describe an image, then sample questions about it",
+                                   description="Visual self-questioning (spec 5.1): a greedy description, then N "
+                                               "questions sampled in parallel (question i with seed + i).")
+    _add_model_args(parser, "self_question")
+    parser.add_argument("--n", type=int, default=3, help="number of questions (default 3)")
+    parser.set_defaults(func=run_self_question)
+
+
+def run_self_question(args) -> int:
+    with _open_assistant(args) as assistant:
+        result = assistant.self_question(args.image, n=args.n, seed=args.seed, **_options(args, with_seed=False))
+    print(f"description: {result.description}")
+    for i, question in enumerate(result.questions):
+        print(f"VUSER:{i}: {question}")
+    print(f"(seed {result.seed})", file=sys.stderr)
+    return 0
+
+
+def register_chat(subparsers) -> None:
+    parser = subparsers.add_parser("chat", help="multi-turn chat about an image (questions from stdin)",
+                                   description="Chat about one image: each line of stdin is a question, answered "
+                                               "with the earlier turns as context. The image is encoded once. "
+                                               "End with EOF (Ctrl-D) or a line 'exit'.")
+    _add_model_args(parser, "answer")
+    parser.set_defaults(func=run_chat)
+
+
+def run_chat(args) -> int:
+    interactive = sys.stdin.isatty()
+    with _open_assistant(args) as assistant:
+        chat = assistant.chat(args.image)
+        while True:
+            if interactive:
+                print("you> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+            if not line or line.strip() in ("exit", "quit"):
+                break
+            if not line.strip():
+                continue
+            if interactive:
+                print("assistant> ", end="", file=sys.stderr, flush=True)
+            _print_stream(chat.stream(line.strip(), **_options(args)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sqllava-edge", description="SQ-LLaVA on edge devices")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     register_inspect(subparsers)
+    register_ask(subparsers)
+    register_self_question(subparsers)
+    register_chat(subparsers)
     return parser
 
 
