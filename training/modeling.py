@@ -1,0 +1,159 @@
+"""The model side of training: which weights exist and which train in each stage (spec 2), and the loss.
+
+Stage 1: base LLM + vision tower frozen, the projector (prototype extractor + MLP) trains (spec 2.3).
+Stage 2: LLM-LoRA on q,k,v,o,gate,up,down of every decoder layer (spec 2.1), ViT-LoRA on q,k,v,out,fc1,fc2 of the
+encoder layers that reach the selected feature layer (spec 2.2, 8.1), and the projector. ViT-LoRA trains unless
+frozen (frozen reproduces the released weights, whose ViT-LoRA never got a gradient).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sqllava_edge.config import IGNORE_INDEX, ModelConfig
+
+LLM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # spec 2.1
+VIT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # spec 2.2
+
+
+def base_module(module: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (LoRA layers stay injected in it)."""
+    return module.get_base_model() if hasattr(module, "get_base_model") else module
+
+
+def init_random_base(model, seed: int) -> None:
+    """Make a randomly initialised base LLM able to express confident predictions through its frozen head.
+
+    A frozen lm_head drawn at transformers' std 0.02 caps a logit at ~0.02 * hidden (the final RMSNorm fixes the
+    hidden norm at sqrt(hidden)): 5 for the tiny preset, so no token could ever get even 1 % probability and
+    sampled self-questions would be noise. A pretrained head has no such cap; we redraw the random head at
+    std 1/sqrt(hidden) (a logit of up to ~sqrt(hidden) = 16 for tiny). Only ever applied to random bases.
+    """
+    head = base_module(model.llm).lm_head.weight
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        head.copy_(torch.randn(head.shape, generator=gen) / math.sqrt(head.shape[1]))
+
+
+def vit_lora_pattern(config: ModelConfig) -> str:
+    """PEFT target regex: only encoder layers that run up to the selected feature layer (spec 2.2: the rest is dead)."""
+    layers = "|".join(str(i) for i in range(config.vision.layers_used))
+    return rf".*encoder\.layers\.({layers})\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$"
+
+
+def attach_lora(model, *, r: int, alpha: int, dropout: float, vit_r: int, vit_alpha: int, vit_dropout: float) -> None:
+    """Fresh LLM-LoRA and ViT-LoRA (B = 0, so the model's output is unchanged), injected in place (spec 2.1-2.2)."""
+    from peft import LoraConfig, get_peft_model
+
+    if hasattr(model.llm, "peft_config") or hasattr(model.vision.clip, "peft_config"):
+        raise ValueError("the model already carries LoRA adapters; stage 2 starts from a stage-1 checkpoint (--init)")
+    llm_cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
+                         target_modules=list(LLM_LORA_TARGETS))
+    model.llm = get_peft_model(model.llm, llm_cfg)
+    if model.config.vision.layers_used > 0:
+        vit_cfg = LoraConfig(r=vit_r, lora_alpha=vit_alpha, lora_dropout=vit_dropout, bias="none",
+                             target_modules=vit_lora_pattern(model.config))
+        model.vision.clip = get_peft_model(model.vision.clip, vit_cfg)
+
+
+def set_trainable(model, stage: int, freeze_vit_lora: bool) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """requires_grad per stage (spec 2.3); returns the trainable parameters by optimizer group, sorted by name."""
+    model.requires_grad_(False)
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {"projector": sorted(model.projector.named_parameters())}
+    if stage == 2:
+        groups["llm_lora"] = sorted((n, p) for n, p in model.llm.named_parameters() if "lora_" in n)
+        vit = sorted((n, p) for n, p in model.vision.named_parameters() if "lora_" in n)
+        if not groups["llm_lora"]:
+            raise ValueError("stage 2 needs LLM-LoRA adapters but the model has none")
+        if vit and not freeze_vit_lora:
+            groups["vit_lora"] = vit
+    for params in groups.values():
+        for _, p in params:
+            p.requires_grad_(True)
+    return groups
+
+
+def vision_trains(model) -> bool:
+    return any(p.requires_grad for p in model.vision.parameters())
+
+
+class LossModule(nn.Module):
+    """One micro-batch -> (summed next-token CE, number of trained tokens). Wrapped by DDP/FSDP as a whole.
+
+    Same loss as SQLLaVA.forward (shifted CE over non-ignored labels, spec 1.6), but the vocabulary projection runs
+    only at the labelled positions: for the tiny preset the 32000-way head over every position costs more than the
+    whole rest of the model. The ViT runs with grad when ViT-LoRA trains (the paper's choice, spec 8.1), else
+    without (the reference's @torch.no_grad()).
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, labels, pixel_values) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self.model
+        image_embeds = None
+        if pixel_values is not None:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and vision_trains(model)):
+                feats = model.vision(pixel_values.to(model.device))  # (B, T, D)
+            image_embeds = model.projector(feats.to(next(model.projector.parameters()).dtype))  # (B, T, H)
+        batch = model.prepare_inputs(input_ids, labels=labels, image_embeds=image_embeds)
+        llm = base_module(model.llm)
+        hidden = llm.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                           use_cache=False).last_hidden_state  # (B, T, H)
+        targets = batch.labels[:, 1:]  # (B, T-1): position t predicts token t+1
+        keep = targets != IGNORE_INDEX
+        logits = llm.lm_head(hidden[:, :-1][keep])  # (N, V)
+        loss_sum = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        return loss_sum, keep.sum()
+
+
+def load_base_parts(config: ModelConfig, llm_path: str | None, vision_path: str | None, seed: int, dtype):
+    """Stage 1's model: real base weights from local HF folders, or random ones (seeded) for what is not given.
+
+    Returns (model, base_refs): base_refs maps a part loaded from a folder to that folder, so checkpoints reference
+    it instead of copying it; random parts are stored inside the checkpoint. The projector is new (random) and fp32.
+    """
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+
+    from sqllava_edge.model import SQLLaVA, VisionTower, build_projector, hf_llama_config
+
+    refs: dict[str, str] = {}
+
+    def load(part: str, path: str | None, cls):
+        if path is None:
+            return None
+        folder = Path(path)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"--{part}-base {folder} is not a transformers model folder (no config.json)")
+        module = cls.from_pretrained(str(folder), dtype=dtype)
+        _check_matches(part, module.config, config, folder)
+        refs[part] = str(folder.resolve())
+        return module
+
+    torch.manual_seed(seed)  # same draw order as SQLLaVA.from_config: vision, projector, LLM
+    vision = VisionTower(config.vision, load("vision", vision_path, CLIPVisionModel)).to(dtype)
+    projector = build_projector(config)
+    llm = load("llm", llm_path, LlamaForCausalLM)
+    model = SQLLaVA(config, vision, projector, llm if llm is not None else LlamaForCausalLM(hf_llama_config(config.llm)).to(dtype))
+    if llm is None:
+        init_random_base(model, seed)
+    return model, refs
+
+
+def _check_matches(part: str, hf_config: Any, config: ModelConfig, folder: Path) -> None:
+    if part == "llm":
+        want = {"hidden_size": config.llm.hidden_size, "num_hidden_layers": config.llm.num_layers,
+                "vocab_size": config.llm.vocab_size}
+    else:
+        want = {"hidden_size": config.vision.hidden_size, "num_hidden_layers": config.vision.num_layers,
+                "image_size": config.vision.image_size, "patch_size": config.vision.patch_size}
+    for key, value in want.items():
+        if getattr(hf_config, key) != value:
+            raise ValueError(f"{folder}: {part} {key} is {getattr(hf_config, key)} but preset {config.name!r} says "
+                             f"{value}; pick the matching --preset")
