@@ -99,11 +99,11 @@ def steps(out: Path) -> list[Step]:
     return [
         Step("data", "1/6 synthetic dataset", [py, "-m", "training.synthetic", str(data), "--seed", "0"], data),
         Step("stage1", "2/6 training stage 1 (prototype extractor + projector on captions)",
-             [py, "-m", "training", "--stage", "1", "--preset", "tiny", "--recipe", "demo",
+             [py, "-m", "training", "--stage", "1", "--preset", "tiny",
               "--data", str(data / "stage1.json"), "--image-folder", str(data / "images"), "--out", str(s1)],
              s1, [data], resume_flag="--resume"),
         Step("stage2", "3/6 training stage 2 (LLM-LoRA + ViT-LoRA + projector, self-questioning)",
-             [py, "-m", "training", "--stage", "2", "--recipe", "demo", "--init", str(s1),
+             [py, "-m", "training", "--stage", "2", "--init", str(s1),
               "--data", str(data / "stage2.json"), "--image-folder", str(data / "images"), "--out", str(s2)],
              s2, [data, s1], resume_flag="--resume"),
         Step("evaluate", "4/6 held-out evaluation (QA accuracy, grounded-question rate)",
@@ -111,7 +111,7 @@ def steps(out: Path) -> list[Step]:
               "--image-folder", str(data / "images"), "--out", str(out / "eval")],
              out / "eval", [data, s2]),
         Step("export", "5/6 export bundle (vision ONNX fp32 + int8, GGUF f16 + q8_0, validated)",
-             [py, "-m", "export", str(s2), "--out", str(bundle), "--vision-precision", "fp32", "int8",
+             [py, "-m", "export", str(s2 / "checkpoint"), "--out", str(bundle), "--vision-precision", "fp32", "int8",
               "--quant", "f16", "q8_0"],
              bundle, [s2]),
     ]
