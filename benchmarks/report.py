@@ -65,6 +65,24 @@ def _load(values) -> str:
     return "n/a" if not values else " / ".join(f"{v:.2f}" for v in values)
 
 
+def contention_note(results: dict) -> list[str]:
+    """Warn when other processes shared the CPUs: the per-job CPU time vs wall time shows how much we got."""
+    m = results["machine"]
+    cpus = m["cpu"]["usable_cpus"] or 1
+    loads = [x for x in (m.get("load_average_at_start"), m.get("load_average_at_end")) if x]
+    jobs = [j for j in results["jobs"] if j.get("process")]
+    share = [j["process"]["cpu_seconds"] / (j["process"]["wall_seconds"] * m["threads_used"]) for j in jobs
+             if j["process"]["wall_seconds"] > 0]
+    busy = any(load[0] > cpus + 0.5 for load in loads)
+    if not busy and not (share and min(share) < 0.6):
+        return []
+    detail = ", ".join(f"{j['label']} {100 * s:.0f}%" for j, s in zip(jobs, share))
+    detail = f"CPU time each job got, as a share of wall time x {m['threads_used']} threads: {detail}. " if detail else ""
+    return [f"> **Shared machine:** the 1-minute load average was {' / '.join(f'{x[0]:.1f}' for x in loads)} (start / "
+            f"end) on {cpus} CPUs. {detail}Times are slower than on an idle machine (llama.cpp's spinning threads suffer most when preempted); "
+            "ratios between runs interleaved in one job are the most robust figures.", ""]
+
+
 def targets_section(analysis: dict) -> list[str]:
     lines = ["## Targets (ratios measured in this run)", "", "| target | goal | measured | met | detail |",
              "|---|---|---|---|---|"]
@@ -194,7 +212,8 @@ def render_markdown(results: dict, analysis: dict) -> str:
              f"{results['model']['llm_layers']} layers x {results['model']['llm_hidden']}); preprocessing "
              f"{results['preprocessing_mode']}; n_ctx {results['n_ctx']}, n_batch {results['n_batch']}; seed "
              f"{results['workload']['seed']}.", ""]
-    lines += targets_section(analysis) + machine_section(results, analysis) + combos_section(results, analysis)
+    lines += contention_note(results) + targets_section(analysis) + machine_section(results, analysis)
+    lines += combos_section(results, analysis)
     lines += breakdown_section(analysis) + vision_section(analysis) + profile_section(analysis) + overhead_section(analysis)
     notes = results["plan"]["notes"]
     if notes or analysis["errors"]:
