@@ -303,7 +303,7 @@ def test_resume_reproduces_the_uninterrupted_losses(stage1, data, tmp_path):
 
 def test_torchrun_two_processes_match_one(stage1, data, tmp_path):
     """Same global batch (4) as 1 x 4 and 2 x 2. Dropout off: its masks are per-process random streams.
-    Tolerance 1e-4: the only difference is the order of float additions (gloo's all-reduce of gradients and
+    Tolerance 2e-4: the only difference is the order of float additions (gloo's all-reduce of gradients and
     token counts vs one batched sum), about 1e-6 per step, compounded by Adam over 4 steps."""
     args = ["--stage", "2", "--data", str(data / "stage2.json"), "--init", str(stage1), "--max-steps", "4",
             "--lora-dropout", "0", "--vit-lora-dropout", "0", "--threads", "1", "--no-progress", "--seed", "5"]
@@ -317,5 +317,5 @@ def test_torchrun_two_processes_match_one(stage1, data, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = _losses(one), _losses(two)
     assert len(a) == len(b) == 4
-    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
+    assert max(abs(x - y) for x, y in zip(a, b)) < 2e-4, (a, b)  # observed: 0 at step 1, 5e-5 at step 4
     assert a[0] != a[-1]

@@ -87,13 +87,15 @@ class LossModule(nn.Module):
 
     Same loss as SQLLaVA.forward (shifted CE over non-ignored labels, spec 1.6), but the vocabulary projection runs
     only at the labelled positions: for the tiny preset the 32000-way head over every position costs more than the
-    whole rest of the model. The ViT runs with grad when ViT-LoRA trains (the paper's choice, spec 8.1), else
+    whole rest of the model. A token prefix shared by all rows (the system prompt, a third of a tiny-preset
+    sample) runs once per micro-batch. The ViT runs with grad when ViT-LoRA trains (the paper's choice, spec 8.1), else
     without (the reference's @torch.no_grad()).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, share_prefix: bool = True):
         super().__init__()
         self.model = model
+        self.share_prefix = share_prefix  # off with activation checkpointing, which cannot carry a KV cache
 
     def forward(self, input_ids, labels, pixel_values) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.model
@@ -104,13 +106,41 @@ class LossModule(nn.Module):
             image_embeds = model.projector(feats.to(next(model.projector.parameters()).dtype))  # (B, T, H)
         batch = model.prepare_inputs(input_ids, labels=labels, image_embeds=image_embeds)
         llm = base_module(model.llm)
-        hidden = llm.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-                           use_cache=False).last_hidden_state  # (B, T, H)
+        prefix = shared_prefix(input_ids) if self.share_prefix else 0
+        if prefix:  # the system prompt: computed once, its keys/values repeated for every row
+            head = llm.model(inputs_embeds=batch.inputs_embeds[:1, :prefix], use_cache=True)  # (1, P, H)
+            cache = head.past_key_values
+            cache.batch_repeat_interleave(len(input_ids))
+            tail = llm.model(inputs_embeds=batch.inputs_embeds[:, prefix:], attention_mask=batch.attention_mask,
+                             past_key_values=cache, use_cache=True).last_hidden_state  # (B, T-P, H)
+            hidden = torch.cat([head.last_hidden_state.expand(len(input_ids), -1, -1), tail], dim=1)  # (B, T, H)
+        else:
+            hidden = llm.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                               use_cache=False).last_hidden_state  # (B, T, H)
         targets = batch.labels[:, 1:]  # (B, T-1): position t predicts token t+1
         keep = targets != IGNORE_INDEX
         logits = llm.lm_head(hidden[:, :-1][keep])  # (N, V)
         loss_sum = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
         return loss_sum, keep.sum()
+
+
+MIN_SHARED_PREFIX = 16  # below this, computing a prefix separately saves less than it costs
+
+
+def shared_prefix(input_ids) -> int:
+    """Leading token ids (before any image) that every row of a batch of 2+ rows shares, e.g. the system prompt.
+
+    One fewer than the common length, so every row keeps at least its last shared token in the second pass."""
+    if len(input_ids) < 2:
+        return 0
+    rows = [r.tolist() if hasattr(r, "tolist") else list(r) for r in input_ids]
+    length = 0
+    for column in zip(*rows):
+        if column[0] < 0 or any(c != column[0] for c in column):
+            break
+        length += 1
+    length -= 1
+    return length if length >= MIN_SHARED_PREFIX else 0
 
 
 def load_base_parts(config: ModelConfig, llm_path: str | None, vision_path: str | None, seed: int, dtype):

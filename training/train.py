@@ -15,18 +15,17 @@ with several it keeps the gradient independent of how the batch is split, so N p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
-import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from training.recipes import resolve_recipe
@@ -206,7 +205,6 @@ def build_model(cfg: TrainConfig, dist: Dist):
         raise ValueError("stage 2 starts from a stage-1 checkpoint: pass --init RUN_OR_CHECKPOINT")
     ckpt = resolve_checkpoint(cfg.init)
     model, tok = load_checkpoint(ckpt, dtype=base_dtype)
-    model.projector.float()
     torch.manual_seed(cfg.seed)  # LoRA A init: identical on every rank
     modeling.attach_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, vit_r=cfg.vit_lora_r,
                          vit_alpha=cfg.vit_lora_alpha, vit_dropout=cfg.vit_lora_dropout)
@@ -250,12 +248,31 @@ def wrap_parallel(cfg: TrainConfig, dist: Dist, loss_module):
 # The loop
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Run one stage; returns the checkpoint folder."""
-    from sqllava_edge.checkpoint import save_checkpoint
+@dataclass
+class Run:
+    """Everything the loop works with, built by `setup`."""
+
+    cfg: TrainConfig
+    dist: Dist
+    out: Path
+    model: Any
+    tokenizer: Any
+    base_refs: dict[str, str]
+    groups: dict[str, list]
+    engine: Any
+    sampler: Any
+    loader: Any
+    optimizer: Any
+    scheduler: Any
+    total_steps: int
+    start_step: int
+    resumed: bool
+
+
+def setup(cfg: TrainConfig) -> Run:
     from training import modeling
     from training.data import ConversationDataset, StepSampler, make_loader
-    from training.state import MetricsLog, plot_loss, rng_state, set_rng_state, write_training_state
+    from training.state import set_rng_state
 
     cfg = resolve_recipe(cfg)
     dist = setup_distributed(cfg)
@@ -268,14 +285,15 @@ def train(cfg: TrainConfig) -> Path:
 
     # --- model, trainable parameters, loss
     model, tokenizer, base_refs, resumed = build_model(cfg, dist)
+    model.projector.float()  # trained in fp32 even when the frozen base is bf16 (autocast does the matmuls)
     model.to(dist.device)
     groups = modeling.set_trainable(model, cfg.stage, cfg.freeze_vit_lora)
     if cfg.grad_checkpointing:
         for part in (modeling.base_module(model.llm), modeling.base_module(model.vision.clip)):
             part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    engine = wrap_parallel(cfg, dist, modeling.LossModule(model))
+    engine = wrap_parallel(cfg, dist, modeling.LossModule(model, share_prefix=not cfg.grad_checkpointing))
 
-    # --- data
+    # --- data, optimizer, and the saved state when resuming
     folder = cfg.image_folder or str(Path(cfg.data).parent / "images")
     dataset = ConversationDataset(cfg.data, folder, tokenizer, model.config.vision, template=cfg.template,
                                   image_mode=cfg.image_mode, sq_r=cfg.sq_r, max_length=cfg.max_length, seed=cfg.seed)
@@ -294,78 +312,106 @@ def train(cfg: TrainConfig) -> Path:
     else:
         torch.manual_seed(cfg.seed + dist.rank)  # dropout streams differ per rank
     loader = iter(make_loader(dataset, sampler, num_workers=cfg.num_workers, pin_memory=dist.device.type == "cuda"))
-    trainable = [p for params in groups.values() for _, p in params]
-
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         print(_summary(cfg, model, groups, len(dataset), sampler, total_steps), flush=True)
-    log = MetricsLog(out / "metrics.jsonl", start_step if resumed is not None else None) if dist.main else None
+    return Run(cfg, dist, out, model, tokenizer, base_refs, groups, engine, sampler, loader, optimizer, scheduler,
+               total_steps, start_step, resumed is not None)
 
-    def save(step: int) -> Path:
-        rngs = _gather_objects(rng_state(), dist)
-        ckpt = out / "checkpoint"
-        if dist.main:
-            position = sampler.position_after(step - start_step)
-            extra = lambda tmp: write_training_state(  # noqa: E731
-                tmp, step=step, position=position, train_config=dataclasses.asdict(cfg),
-                optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(), rng_states=rngs,
-                world_size=dist.world)
-            save_checkpoint(ckpt, model, tokenizer, base_refs=base_refs, extra=extra,
-                            provenance={"trainer": "python -m training", "stage": cfg.stage, "step": step,
-                                        "recipe": cfg.recipe, "sq_r": cfg.sq_r, "freeze_vit_lora": cfg.freeze_vit_lora})
-        if dist.world > 1:
-            torch.distributed.barrier()
-        return ckpt
 
+def save(run: Run, step: int) -> Path:
+    """The checkpoint with its training state, atomically (rank 0 writes; every rank contributes its RNG state)."""
+    from sqllava_edge.checkpoint import save_checkpoint
+    from training.state import rng_state, write_training_state
+
+    cfg, dist = run.cfg, run.dist
+    rngs = _gather_objects(rng_state(), dist)
+    ckpt = run.out / "checkpoint"
+    if dist.main:
+        position = run.sampler.position_after(step - run.start_step)
+
+        def extra(tmp: Path) -> None:
+            write_training_state(tmp, step=step, position=position, train_config=dataclasses.asdict(cfg),
+                                 optimizer_state=run.optimizer.state_dict(), scheduler_state=run.scheduler.state_dict(),
+                                 rng_states=rngs, world_size=dist.world)
+
+        save_checkpoint(ckpt, run.model, run.tokenizer, base_refs=run.base_refs, extra=extra,
+                        provenance={"trainer": "python -m training", "stage": cfg.stage, "step": step,
+                                    "recipe": cfg.recipe, "sq_r": cfg.sq_r, "freeze_vit_lora": cfg.freeze_vit_lora})
+    if dist.world > 1:
+        torch.distributed.barrier()
+    return ckpt
+
+
+def forward_backward(run: Run, micro: list) -> tuple[float, int, int, Counter]:
+    """All micro-batches of one optimizer step -> (global mean loss, global trained tokens, LLM positions, stats).
+
+    Token-level mean over the global batch: every rank divides its summed CE by the global token count (divided by
+    the world size, because DDP averages gradients over ranks)."""
+    dist = run.dist
+    counts = torch.tensor([float(sum(b.n_trainable for b in micro))], device=dist.device)
+    if dist.world > 1:
+        torch.distributed.all_reduce(counts)
+    norm = max(counts.item(), 1.0) / dist.world
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bool(run.cfg.bf16 and dist.device.type == "cuda"))
+    loss_sum, positions, stats = torch.zeros((), device=dist.device), 0, Counter()
+    extra_rows = run.model.config.num_image_tokens - 1  # each image placeholder becomes T rows
+    for k, batch in enumerate(micro):
+        last = k == len(micro) - 1
+        with (run.engine.no_sync() if not last and dist.world > 1 else contextlib.nullcontext()), autocast:
+            if len(batch):
+                ce, _ = run.engine(batch.input_ids, batch.labels, batch.pixel_values)
+                (ce / norm).backward()
+                loss_sum += ce.detach()
+        images = 0 if batch.pixel_values is None else batch.pixel_values.shape[0]
+        positions += sum(len(r) for r in batch.input_ids) + images * extra_rows
+        stats.update(batch.stats)
+    if dist.world > 1:
+        torch.distributed.all_reduce(loss_sum)
+    return loss_sum.item() / max(counts.item(), 1.0), int(counts.item()), positions * dist.world, stats
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run one stage (or continue it); returns the checkpoint folder."""
+    from training.state import MetricsLog, plot_loss
+
+    run = setup(cfg)
+    cfg, dist = run.cfg, run.dist
+    log = MetricsLog(run.out / "metrics.jsonl", run.start_step if run.resumed else None) if dist.main else None
+    trainable = [p for params in run.groups.values() for _, p in params]
     totals: Counter = Counter()
-    bar = _progress(cfg, dist, start_step, total_steps)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bool(cfg.bf16 and dist.device.type == "cuda"))
-    step, t_start = start_step, time.time()
-    stop_at = total_steps if cfg.stop_after is None else min(total_steps, start_step + cfg.stop_after)
-    engine.train()
+    bar = _progress(cfg, dist, run.start_step, run.total_steps)
+    step, t_start = run.start_step, time.time()
+    stop_at = run.total_steps if cfg.stop_after is None else min(run.total_steps, run.start_step + cfg.stop_after)
+    run.engine.train()
     while step < stop_at:
         t0 = time.time()
-        micro = [next(loader).to(dist.device) for _ in range(cfg.grad_accum)]
-        # Token-level mean over the global batch: every rank divides its summed CE by the global token count.
-        counts = torch.tensor([float(sum(b.n_trainable for b in micro))], device=dist.device)
-        if dist.world > 1:
-            torch.distributed.all_reduce(counts)
-        norm = max(counts.item(), 1.0) / dist.world  # DDP averages gradients over ranks
-        loss_sum, positions = torch.zeros((), device=dist.device), 0
-        for k, batch in enumerate(micro):
-            sync = k == len(micro) - 1 or dist.world == 1
-            with (engine.no_sync() if not sync and hasattr(engine, "no_sync") else _nullcontext()), autocast:
-                if len(batch):
-                    ce, _ = engine(batch.input_ids, batch.labels, batch.pixel_values)
-                    (ce / norm).backward()
-                    loss_sum += ce.detach()
-            positions += sum(len(r) for r in batch.input_ids) + (0 if batch.pixel_values is None else
-                                                                   batch.pixel_values.shape[0] * (model.config.num_image_tokens - 1))
-            totals.update(batch.stats)
-        if dist.world > 1:
-            torch.distributed.all_reduce(loss_sum)
-        grad_norm = _clip(engine, trainable, cfg.max_grad_norm)
-        lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # the LRs this step used
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        micro = [next(run.loader).to(dist.device) for _ in range(cfg.grad_accum)]
+        loss, tokens, positions, stats = forward_backward(run, micro)
+        totals.update(stats)
+        grad_norm = _clip(run.engine, trainable, cfg.max_grad_norm)
+        lrs = {g["name"]: g["lr"] for g in run.optimizer.param_groups}  # the LRs this step used
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
         step += 1
-        loss = loss_sum.item() / max(counts.item(), 1.0)
-        tok_s = positions * dist.world / max(time.time() - t0, 1e-9)
+        tok_s = positions / max(time.time() - t0, 1e-9)
         if dist.main:
-            log.write({"step": step, "loss": loss, "lr": lrs, "grad_norm": grad_norm, "trained_tokens": int(counts.item()),
-                       "tok_per_s": tok_s, "elapsed": time.time() - t_start, **_rank_stats(totals)})
+            log.write({"step": step, "loss": loss, "lr": lrs, "grad_norm": grad_norm, "trained_tokens": tokens,
+                       "tok_per_s": tok_s, "elapsed": time.time() - t_start, **_stats(totals)})
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{next(iter(lrs.values())):.2e}", tok_s=f"{tok_s:.0f}")
             bar.update(1)
         if cfg.save_every and step % cfg.save_every == 0 and step < stop_at:
-            save(step)
-    ckpt = save(step)
+            save(run, step)
+    ckpt = save(run, step)
     bar.close()
+    totals = sum(_gather_objects(totals, dist), Counter())  # data counts of every rank
     if dist.main:
-        plot_loss(log.records(), out / "loss_curve.png", f"stage {cfg.stage} ({model.config.name}, recipe {cfg.recipe})")
-        report = {"stage": cfg.stage, "steps": step, "wall_s": round(time.time() - t_start, 1), **_rank_stats(totals)}
-        print(json.dumps(report), flush=True)
+        plot_loss(log.records(), run.out / "loss_curve.png", f"stage {cfg.stage} ({run.model.config.name}, "
+                                                             f"recipe {cfg.recipe})")
+        print(json.dumps({"stage": cfg.stage, "steps": step, "wall_s": round(time.time() - t_start, 1),
+                          **_stats(totals)}), flush=True)
         if totals["truncated"] or any(k.startswith("skipped_") for k in totals):
             print(f"data report: {totals['truncated']} truncated samples; skipped: "
                   f"{ {k[8:]: v for k, v in totals.items() if k.startswith('skipped_')} }", flush=True)
@@ -380,7 +426,7 @@ def _clip(engine, params, max_norm: float) -> float:
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
 
-def _rank_stats(totals: Counter) -> dict[str, int]:
+def _stats(totals: Counter) -> dict[str, int]:
     keys = ("samples", "truncated", "sq_turns", "sq_eligible")
     return {**{k: int(totals[k]) for k in keys}, **{k: int(v) for k, v in totals.items() if k.startswith("skipped_")}}
 
@@ -406,14 +452,6 @@ def _progress(cfg: TrainConfig, dist: Dist, start: int, total: int):
 
     return tqdm(total=total, initial=start, desc=f"stage {cfg.stage}", unit="step", dynamic_ncols=True,
                 disable=not (cfg.progress and dist.main))
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _summary(cfg, model, groups, n_samples, sampler, total_steps) -> str:
