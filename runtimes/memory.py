@@ -140,6 +140,6 @@ def check_plan(plan: MemoryPlan, smaller: list[tuple[str, int]] = ()) -> None:
     if "KV cache" in pool.needs and longest > 0:
         tips.append(f"a shorter context: n_ctx={min(longest, plan.n_ctx - 1)} or less")
     if not tips:
-        tips.append("a smaller LLM quantization (python -m export ... --llm q4_k_m) or a device with more memory")
+        tips.append("a smaller LLM quantization (python -m export CHECKPOINT --out BUNDLE --quant q4_k_m) or a device with more memory")
     raise MemoryPlanError(f"loading would need {_gib(pool.total)} of {pool.name} but only {_gib(pool.budget)} is usable "
                           f"({_gib(over)} short).\n{plan.describe()}\nTry " + "; or ".join(tips) + ".")

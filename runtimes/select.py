@@ -291,7 +291,7 @@ def _pick_onnx(source: ModelSource, device: DeviceInfo, precision: str | None, u
         if artifact is None:
             have = [a.precision for a in manifest.find_all("vision_onnx")]
             raise BundleError(f"{source.folder} has no {precision} vision ONNX (it has {have or 'none'}); "
-                              f"export it: python -m export CHECKPOINT --out {source.folder} --vision {precision}")
+                              f"export it: python -m export CHECKPOINT --out {source.folder} --vision-precision {precision}")
         return artifact, f"{precision} as requested"
     if use_cuda:
         order, note = ("fp16", "fp32", "int8"), "fp16 preferred on a GPU"
@@ -372,7 +372,7 @@ def _pick_gguf(source: ModelSource, device: DeviceInfo, precision: str | None, f
         if artifact is None:
             have = [a.precision for a in manifest.find_all("llm_gguf")]
             raise BundleError(f"{source.folder} has no {precision} GGUF (it has {have or 'none'}); export it with "
-                              f"python -m export CHECKPOINT --out {source.folder} --llm {precision}")
+                              f"python -m export CHECKPOINT --out {source.folder} --quant {precision}")
         return artifact, f"{precision} as requested"
     available = [a for p in GGUF_PREFERENCE[device.kind] if (a := manifest.find("llm_gguf", p)) is not None]
     if not available:
