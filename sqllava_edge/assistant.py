@@ -105,6 +105,7 @@ class Assistant:
         self.eos_id = config.llm.eos_token_id
         self._pool = SequencePool(llm, sequences)
         self._images: OrderedDict[str, Any] = OrderedDict()
+        self._descriptions: dict[str, str] = {}  # image key -> greedy description, for self_question
         self._image_cache = image_cache
         self._lock = threading.RLock()
 
@@ -182,9 +183,12 @@ class Assistant:
         config = _config("self_question", options)
         seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else int(seed)
         with self._lock:
-            if description is None:
-                description = self.describe(image)
-            items = self._items(image, self_question_prompt(self.tokenizer, description, self.template))
+            ref = image if _is_ref(image) else self._image(image)
+            if description is None:  # greedy, hence a function of the image: computed once per image
+                if ref.key not in self._descriptions:
+                    self._descriptions[ref.key] = self.describe(ref)
+                description = self._descriptions[ref.key]
+            items = self._items(ref, self_question_prompt(self.tokenizer, description, self.template))
             questions: list[str] = []
             while len(questions) < n:  # rounds of at most (sequences - 1) samples beside the shared prompt
                 count = min(n - len(questions), self._pool.capacity - 1)
@@ -200,6 +204,7 @@ class Assistant:
         with self._lock:
             self._pool.reset()
             self._images.clear()
+            self._descriptions.clear()
             self.vision.close()
             self.llm.close()
 
@@ -235,7 +240,8 @@ class Assistant:
         ref = ImageRef(key, embeds)
         self._images[key] = ref
         while len(self._images) > self._image_cache:
-            self._images.popitem(last=False)
+            evicted, _ = self._images.popitem(last=False)
+            self._descriptions.pop(evicted, None)
         return ref
 
     def _items(self, image, prompt_ids: Sequence[int]):
