@@ -179,7 +179,6 @@ class ModelSource:
     @classmethod
     def open(cls, path: str | os.PathLike, verify: bool = True) -> "ModelSource":
         from sqllava_edge.bundle import MANIFEST_FILE, read_manifest
-        from sqllava_edge.checkpoint import is_checkpoint, read_meta
 
         folder = Path(path)
         if not folder.exists():
@@ -191,6 +190,8 @@ class ModelSource:
             except (TypeError, ValueError) as exc:
                 raise BundleError(f"{folder}: the manifest's model config is invalid ({exc}); re-export the bundle") from None
             return cls(folder, config, manifest)
+        from sqllava_edge.checkpoint import is_checkpoint, read_meta  # imports torch: only for checkpoints
+
         if is_checkpoint(folder):
             return cls(folder, ModelConfig.from_dict(read_meta(folder)["config"]))
         raise BundleError(f"{folder} is neither a bundle (no manifest.json) nor a training checkpoint "
