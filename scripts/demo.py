@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# The demo's training budget on a 2-core CPU: optimizer steps per stage with the tiny-demo recipe (training/recipes.py).
+STAGE1_STEPS = 40
+STAGE2_STEPS = 150
 
 
 @dataclass
@@ -63,7 +66,7 @@ def run_step(step: Step, stamps: Path) -> bool:
     running = stamps / f"{step.name}.running"
     interrupted = running.is_file() and running.read_text() == key
     if step.output.exists():
-        if step.resume_flag and interrupted:
+        if step.resume_flag and interrupted and (step.output / "checkpoint" / "training_state").exists():
             argv.append(step.resume_flag)  # same inputs, cut short last time: continue from its last checkpoint
         else:
             shutil.rmtree(step.output) if step.output.is_dir() else step.output.unlink()
@@ -97,19 +100,22 @@ def steps(out: Path) -> list[Step]:
     data, s1, s2 = out / "data", out / "stage1", out / "stage2"
     bundle = out / "bundle"
     return [
-        Step("data", "1/6 synthetic dataset", [py, "-m", "training.synthetic", str(data), "--seed", "0"], data),
+        Step("data", "1/6 synthetic dataset", [py, "-m", "training.synthetic", str(data), "--n-train", "2000", "--n-eval", "100", "--seed", "0"], data),
         Step("stage1", "2/6 training stage 1 (prototype extractor + projector on captions)",
              [py, "-m", "training", "--stage", "1", "--preset", "tiny",
-              "--data", str(data / "stage1.json"), "--image-folder", str(data / "images"), "--out", str(s1)],
+              "--data", str(data / "stage1.json"), "--image-folder", str(data / "images"), "--out", str(s1),
+              "--max-steps", str(STAGE1_STEPS), "--save-every", "20"],
              s1, [data], resume_flag="--resume"),
         Step("stage2", "3/6 training stage 2 (LLM-LoRA + ViT-LoRA + projector, self-questioning)",
              [py, "-m", "training", "--stage", "2", "--init", str(s1),
-              "--data", str(data / "stage2.json"), "--image-folder", str(data / "images"), "--out", str(s2)],
+              "--data", str(data / "stage2.json"), "--image-folder", str(data / "images"), "--out", str(s2),
+              "--max-steps", str(STAGE2_STEPS), "--save-every", "25"],
              s2, [data, s1], resume_flag="--resume"),
         Step("evaluate", "4/6 held-out evaluation (QA accuracy, grounded-question rate)",
              [py, "-m", "training.evaluate", str(s2), "--data", str(data / "eval.json"),
-              "--image-folder", str(data / "images"), "--out", str(out / "eval")],
-             out / "eval", [data, s2]),
+              "--image-folder", str(data / "images"), "--max-images", "40", "--sq-images", "40", "--sq-per-image", "4",
+              "--out", str(out / "eval.json")],
+             out / "eval.json", [data, s2]),
         Step("export", "5/6 export bundle (vision ONNX fp32 + int8, GGUF f16 + q8_0, validated)",
              [py, "-m", "export", str(s2 / "checkpoint"), "--out", str(bundle), "--vision-precision", "fp32", "int8",
               "--quant", "f16", "q8_0"],
@@ -125,15 +131,16 @@ def show_assistant(out: Path) -> None:
     start = time.perf_counter()
     samples = json.loads((out / "data" / "eval.json").read_text())
     with Assistant.load(out / "bundle") as assistant:
-        for role, (name, reason) in assistant.backends.items():
-            print(f"{role} backend: {name} ({reason})")
+        print(assistant.backends)
         for sample in samples[:3]:
             image = out / "data" / "images" / sample["image"]
             turns = sample["conversations"]
             question = turns[0]["value"].replace("<image>", "").strip()
             print(f"\nimage: {rel(image)}")
             print(f"  Q: {question}\n  truth: {turns[1]['value']}\n  answer: {assistant.ask(image, question)}")
-            for i, q in enumerate(assistant.self_question(image, n=3, seed=0), 1):
+            result = assistant.self_question(image, n=3, seed=0)
+            print(f"  description: {result.description}")
+            for i, q in enumerate(result.questions, 1):
                 print(f"  self-question {i}: {q}")
     print(f"-- Assistant: done in {time.perf_counter() - start:.0f} s")
 
