@@ -20,7 +20,10 @@ class TorchLLM:
     name = LLMKind.TORCH.value
 
     def __init__(self, llm, n_ctx: int, n_threads: int | None = None):
-        """llm: a transformers LlamaForCausalLM (already on its device, in its dtype); n_ctx: positions per sequence."""
+        """llm: a transformers LlamaForCausalLM (already on its device, in its dtype); n_ctx: positions per sequence.
+
+        n_threads: torch's intra-op threads. torch has one process-wide setting, so this changes it for the process.
+        """
         import torch
 
         if n_ctx < 1:
