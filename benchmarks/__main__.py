@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-baselines", action="store_true", help="skip the eager and llama-cpp-python baselines")
     parser.add_argument("--in-process", action="store_true", help="run jobs in this process (faster start, but memory "
                         "figures then accumulate across jobs)")
+    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                        help="on a shared machine: before each job wait up to SECONDS for the 1-minute load average "
+                             "to fall below 0.75 per CPU (the wait and the load are recorded)")
     parser.add_argument("--bandwidth-mib", type=int, help="array size of the bandwidth test (default: 4x the L3 / 3)")
     parser.add_argument("--out", type=Path, help="output folder (default: benchmark-results/<preset or bundle name>)")
     return parser
@@ -95,7 +98,7 @@ def _main(args, argv: list[str]) -> int:
     options = RunOptions(bundle=bundle, checkpoint=checkpoint, backends=args.backends, workload=workload,
                          threads=args.threads, device=args.device, isolate=not args.in_process,
                          bandwidth_bytes=args.bandwidth_mib * 2**20 if args.bandwidth_mib else None,
-                         baselines=not args.no_baselines, preset=args.preset,
+                         baselines=not args.no_baselines, preset=args.preset, wait_idle=args.wait_idle,
                          command="python -m benchmarks " + shlex.join(argv))
     if checkpoint is None and options.baselines:
         log("[bench] no checkpoint found: the PyTorch eager baseline is skipped (pass --checkpoint)")

@@ -120,7 +120,7 @@ def llamacpp_overhead_job(job: dict) -> dict:
     runs = _interleaved({"high_level": lambda: high_level_run(raw, prompt, workload.new_tokens),
                          "ours": lambda: ours_text_run(ours, prompt, workload.new_tokens)}, workload, progress)
     progress.close()
-    result = {"kind": "llamacpp_overhead", "gguf": job["gguf"], "prompt_positions": len(prompt),
+    result = {"kind": "llamacpp_overhead", "label": job["label"], "gguf": job["gguf"], "prompt_positions": len(prompt),
               "ours_description": ours.description,
               "high_level_description": f"llama_cpp.Llama.generate (llama-cpp-python {_llama_version()}), n_ctx "
                                         f"{job['n_ctx']}, n_batch {job['n_batch']}, {job['threads']} threads, "

@@ -76,11 +76,16 @@ def contention_note(results: dict) -> list[str]:
     busy = any(load[0] > cpus + 0.5 for load in loads)
     if not busy and not (share and min(share) < 0.6):
         return []
-    detail = ", ".join(f"{j['label']} {100 * s:.0f}%" for j, s in zip(jobs, share))
+    detail = ", ".join(f"{j.get('label', j['kind'])} {100 * s:.0f}%" + _wait_text(j) for j, s in zip(jobs, share))
     detail = f"CPU time each job got, as a share of wall time x {m['threads_used']} threads: {detail}. " if detail else ""
     return [f"> **Shared machine:** the 1-minute load average was {' / '.join(f'{x[0]:.1f}' for x in loads)} (start / "
             f"end) on {cpus} CPUs. {detail}Times are slower than on an idle machine (llama.cpp's spinning threads suffer most when preempted); "
             "ratios between runs interleaved in one job are the most robust figures.", ""]
+
+
+def _wait_text(job: dict) -> str:
+    wait = job.get("idle_wait")
+    return "" if not wait else f" (started at load {wait['load_at_start']:.1f} after waiting {wait['waited_s']:.0f} s)"
 
 
 def targets_section(analysis: dict) -> list[str]:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -35,6 +36,7 @@ class RunOptions:
     isolate: bool = True  # each job in a fresh process (memory figures per job; no shared thread pools)
     bandwidth_bytes: int | None = None  # per-array size of the bandwidth test (None: 4x the last-level cache)
     baselines: bool = True
+    wait_idle: float = 0.0  # seconds each job may wait for a quiet machine (0 = start at once)
     command: str = ""
     preset: str | None = None
 
@@ -54,7 +56,34 @@ def _n_ctx(config, workload: Workload) -> int:
     return limit  # the runtime's usual context: KV cache size and attention work as a user would have them
 
 
-def _execute(job: dict, isolate: bool, work: Path, log: Callable[[str], None]) -> dict:
+IDLE_LOAD_PER_CPU = 0.75  # --wait-idle: start a job once the 1-minute load average is below this per usable CPU
+
+
+def wait_for_idle(max_seconds: float, log: Callable[[str], None], poll: float = 5.0) -> dict[str, float]:
+    """Wait (at most max_seconds) until the 1-minute load average drops below IDLE_LOAD_PER_CPU x usable CPUs.
+    -> {"waited_s", "load_at_start"}: on a shared machine, when each job started and how busy the CPUs still were."""
+    limit = IDLE_LOAD_PER_CPU * default_threads()
+    start = time.monotonic()
+    announced = False
+    while hasattr(os, "getloadavg") and os.getloadavg()[0] > limit and time.monotonic() - start < max_seconds:
+        if not announced:
+            log(f"[bench] waiting for the CPUs to quieten (load {os.getloadavg()[0]:.1f} > {limit:.1f}, "
+                f"at most {max_seconds:.0f} s)")
+            announced = True
+        time.sleep(poll)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"waited_s": round(time.monotonic() - start, 1), "load_at_start": load}
+
+
+def _execute(job: dict, isolate: bool, work: Path, log: Callable[[str], None], wait_idle: float = 0.0) -> dict:
+    waited = wait_for_idle(wait_idle, log) if wait_idle > 0 else None
+    result = _execute_now(job, isolate, work, log)
+    if waited is not None:
+        result["idle_wait"] = waited
+    return result
+
+
+def _execute_now(job: dict, isolate: bool, work: Path, log: Callable[[str], None]) -> dict:
     log(f"[bench] job {job['label']}")
     if not isolate:
         from benchmarks.jobs import run_job
@@ -130,12 +159,14 @@ def run_benchmark(options: RunOptions, log: Callable[[str], None] = print) -> di
     log(f"[bench] {len(combos)} combination(s): {', '.join(c.label for c in combos)}; vision alone: "
         f"{', '.join(v.label for v in vision_only) or 'none'}")
     facts = machine_facts(threads)
+    if options.wait_idle > 0:
+        wait_for_idle(options.wait_idle, log)
     log("[bench] measuring memory bandwidth")
     bandwidth = {"start": measure_bandwidth(threads, options.bandwidth_bytes)}
     with tempfile.TemporaryDirectory(prefix="sqllava-bench-") as tmp:
         work = Path(tmp)
         jobs = _jobs(options, combos, vision_only, manifest, mode, n_ctx, work / "reference.npy")
-        results = [_execute(job, options.isolate, work, log) for job in jobs]
+        results = [_execute(job, options.isolate, work, log, options.wait_idle) for job in jobs]
     bandwidth["end"] = measure_bandwidth(threads, options.bandwidth_bytes)
     facts["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return {"schema": SCHEMA, "command": options.command, "preset": options.preset, "bundle": str(options.bundle),

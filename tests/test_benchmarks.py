@@ -172,6 +172,13 @@ def test_bandwidth_measures_positive_rates():
     assert bw["roofline_kernel"] in ("copy", "triad", "read")
 
 
+def test_wait_for_idle_is_bounded():
+    from benchmarks.run import wait_for_idle
+
+    waited = wait_for_idle(0.2, log=lambda _: None, poll=0.05)
+    assert 0 <= waited["waited_s"] <= 1.0 and waited["load_at_start"] >= 0
+
+
 def test_workload_rejects_bad_counts():
     from benchmarks.workload import Workload, prompt_ids
 
