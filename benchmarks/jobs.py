@@ -16,7 +16,7 @@ import numpy as np
 from benchmarks.timing import current_rss_mib, gpu_memory_mib, ms, now, peak_rss_mib, repeat
 from benchmarks.workload import Workload, prompt_ids, synthetic_image
 
-_STARTED = now()  # this process's start (one job per process)
+_CLOCK = {"job_start": now(), "cpu_start": 0.0}  # reset by run_job (jobs may share a process with --in-process)
 
 
 def _progress(total: int, desc: str):
@@ -44,7 +44,8 @@ def _memory(result: dict) -> dict:
     times = os.times()
     result["memory"] = {"peak_rss_mib": round(peak_rss_mib(), 1), "rss_end_mib": current_rss_mib(),
                         "gpu": gpu_memory_mib()}
-    result["process"] = {"cpu_seconds": round(times.user + times.system, 2), "wall_seconds": round(now() - _STARTED, 2),
+    result["process"] = {"cpu_seconds": round(times.user + times.system - _CLOCK["cpu_start"], 2),
+                         "wall_seconds": round(now() - _CLOCK["job_start"], 2),
                          "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     return result
 
@@ -322,4 +323,6 @@ JOBS = {"eager": eager_job, "llamacpp_overhead": llamacpp_overhead_job, "high_le
 def run_job(job: dict) -> dict:
     if job["kind"] not in JOBS:
         raise ValueError(f"unknown job kind {job['kind']!r}; known: {', '.join(JOBS)}")
+    times = os.times()
+    _CLOCK.update(job_start=now(), cpu_start=times.user + times.system)
     return JOBS[job["kind"]](dict(job))
