@@ -21,8 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # The demo's training budget on a 2-core CPU: optimizer steps per stage with the tiny-demo recipe (training/recipes.py).
-STAGE1_STEPS = 40
-STAGE2_STEPS = 150
+STAGE1_STEPS = 30
+STAGE2_STEPS = 60
 
 
 @dataclass
@@ -104,16 +104,16 @@ def steps(out: Path) -> list[Step]:
         Step("stage1", "2/6 training stage 1 (prototype extractor + projector on captions)",
              [py, "-m", "training", "--stage", "1", "--preset", "tiny",
               "--data", str(data / "stage1.json"), "--image-folder", str(data / "images"), "--out", str(s1),
-              "--max-steps", str(STAGE1_STEPS), "--save-every", "20"],
+              "--max-steps", str(STAGE1_STEPS), "--save-every", "10"],
              s1, [data], resume_flag="--resume"),
         Step("stage2", "3/6 training stage 2 (LLM-LoRA + ViT-LoRA + projector, self-questioning)",
              [py, "-m", "training", "--stage", "2", "--init", str(s1),
               "--data", str(data / "stage2.json"), "--image-folder", str(data / "images"), "--out", str(s2),
-              "--max-steps", str(STAGE2_STEPS), "--save-every", "25"],
+              "--max-steps", str(STAGE2_STEPS), "--save-every", "20"],
              s2, [data, s1], resume_flag="--resume"),
         Step("evaluate", "4/6 held-out evaluation (QA accuracy, grounded-question rate)",
              [py, "-m", "training.evaluate", str(s2), "--data", str(data / "eval.json"),
-              "--image-folder", str(data / "images"), "--max-images", "40", "--sq-images", "40", "--sq-per-image", "4",
+              "--image-folder", str(data / "images"), "--max-images", "20", "--sq-images", "10", "--sq-per-image", "4",
               "--out", str(out / "eval.json")],
              out / "eval.json", [data, s2]),
         Step("export", "5/6 export bundle (vision ONNX fp32 + int8, GGUF f16 + q8_0, validated)",
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         show_assistant(out)
         if not args.skip_benchmark:
             print("\n== benchmark (tiny bundle, every backend available here)")
-            subprocess.run([sys.executable, "-m", "benchmarks", "--bundle", str(out / "bundle"), "--runs", "3",
+            subprocess.run([sys.executable, "-m", "benchmarks", "--bundle", str(out / "bundle"), "--runs", "2",
                             "--out", str(out / "bench")], check=True, cwd=ROOT)
     except subprocess.CalledProcessError as exc:
         print(f"\nstep failed with exit code {exc.returncode}: {' '.join(display(list(exc.cmd)))}", file=sys.stderr)
