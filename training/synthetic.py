@@ -13,6 +13,10 @@ every question names an object that is in the image (by shape, colour or both), 
 triangle needs binding when several shapes are present. Shapes are unique within an image; a colour may repeat, and
 then only count questions use it as a reference. Answers are single canonical words ("red", "triangle", "2", "left",
 "big") so exact match works. Every sample carries a "meta" record (objects, question types) for the evaluation.
+Objects sit on an 8 x 8 lattice by default (a small shape fills one cell, a big one 2 x 2 cells): at 112 px that is
+the tiny preset's patch grid, so each patch sees a whole small shape or a whole quarter of a big one. With free
+placement (--grid 0) shapes straddle patch borders, and a per-patch learner needs far more images to tell them
+apart (measured: shape-presence probe at 67 % vs 92 % after 4,800 images).
 The output is a deterministic function of the seed: image i of a split uses its own generator seeded by (seed, split, i).
 """
 from __future__ import annotations
@@ -41,6 +45,7 @@ SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
 HELD_OUT = frozenset((c, SHAPES[(i + 2) % len(SHAPES)]) for i, c in enumerate(COLOURS))
 BACKGROUNDS = ((205, 205, 205), (120, 120, 120), (60, 60, 66), (225, 214, 190), (175, 185, 175), (30, 32, 40))
 SIZE_RADIUS = {"big": (0.15, 0.18), "small": (0.075, 0.09)}  # radius as a share of the image side
+GRID_FILL = 0.8  # on a grid, an object's radius is this share of half its cell block
 SIDE_MARGIN = 0.42  # centre x < 0.42 W is "left", > 0.58 W "right"; in between no left/right question is asked
 
 DESCRIBE_PROMPTS = (
@@ -94,7 +99,7 @@ class Obj:
 # Scenes
 
 
-def sample_scene(rng: np.random.Generator, held_out: bool) -> list[Obj]:
+def sample_scene(rng: np.random.Generator, held_out: bool, grid: int = 0) -> list[Obj]:
     """1-4 objects with distinct shapes; colours may repeat. held_out=True forces at least one unseen pair."""
     while True:
         n = int(rng.integers(1, 5))
@@ -110,14 +115,33 @@ def sample_scene(rng: np.random.Generator, held_out: bool) -> list[Obj]:
             break
     objects = []
     for colour, shape in zip(colours, shapes):
-        placed = _place(rng, objects)
+        placed = _place_on_grid(rng, objects, grid) if grid else _place(rng, objects)
         if placed is None:  # too crowded: keep the objects that fit
             break
         size, x, y, r = placed
         objects.append(Obj(colour, shape, size, x, y, r))
     if held_out and not any((o.colour, o.shape) in HELD_OUT for o in objects):
-        return sample_scene(rng, held_out)
+        return sample_scene(rng, held_out, grid)
     return objects
+
+
+def _place_on_grid(rng: np.random.Generator, objects: list[Obj], grid: int) -> tuple[str, float, float, float] | None:
+    """A small object fills one cell of a grid x grid lattice, a big one a 2 x 2 block; cells never overlap."""
+    taken = {(cx, cy) for o in objects for cx, cy in _cells(o, grid)}
+    for _ in range(200):
+        size = "big" if rng.random() < 0.5 else "small"
+        span = 2 if size == "big" else 1
+        col, row = (int(v) for v in rng.integers(0, grid - span + 1, size=2))
+        cells = {(col + i, row + j) for i in range(span) for j in range(span)}
+        if not cells & taken:
+            return size, (col + span / 2) / grid, (row + span / 2) / grid, GRID_FILL * span / (2 * grid)
+    return None
+
+
+def _cells(o: Obj, grid: int) -> list[tuple[int, int]]:
+    span = 2 if o.size == "big" else 1
+    col, row = round(o.x * grid - span / 2), round(o.y * grid - span / 2)
+    return [(col + i, row + j) for i in range(span) for j in range(span)]
 
 
 def _place(rng: np.random.Generator, objects: list[Obj]) -> tuple[str, float, float, float] | None:
@@ -239,7 +263,8 @@ def conversation(objects: list[Obj], rng: np.random.Generator, max_turns: int) -
 # Writing the dataset
 
 
-def build(out: Path, n_train: int, n_eval: int, seed: int, image_size: int, max_turns: int) -> dict[str, int]:
+def build(out: Path, n_train: int, n_eval: int, seed: int, image_size: int = 112, max_turns: int = 10,
+          grid: int = 8) -> dict[str, int]:
     from tqdm import tqdm
 
     stage1, stage2, evaluation = [], [], []
@@ -248,7 +273,7 @@ def build(out: Path, n_train: int, n_eval: int, seed: int, image_size: int, max_
             (tmp / "images" / split).mkdir(parents=True)
             for i in tqdm(range(count), desc=f"synthetic {split}", unit="img"):
                 rng = np.random.default_rng([seed, 0 if split == "train" else 1, i])
-                objects = sample_scene(rng, held_out=split == "eval")
+                objects = sample_scene(rng, held_out=split == "eval", grid=grid)
                 rel = f"{split}/{i:06d}.png"
                 render(objects, image_size, rng).save(tmp / "images" / rel)
                 meta = {"objects": [asdict(o) for o in objects]}
@@ -268,7 +293,7 @@ def build(out: Path, n_train: int, n_eval: int, seed: int, image_size: int, max_
         for name, rows in (("stage1.json", stage1), ("stage2.json", stage2), ("eval.json", evaluation)):
             (tmp / name).write_text(json.dumps(rows, indent=1))
         info = {"seed": seed, "n_train": n_train, "n_eval": n_eval, "image_size": image_size,
-                "held_out_pairs": sorted(map(list, HELD_OUT)), "eval_questions": sum(len(r["meta"]["types"]) for r in evaluation)}
+                "grid": grid, "held_out_pairs": sorted(map(list, HELD_OUT)), "eval_questions": sum(len(r["meta"]["types"]) for r in evaluation)}
         (tmp / "dataset_info.json").write_text(json.dumps(info, indent=1))
     return info
 
@@ -280,13 +305,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-eval", type=int, default=200, help="held-out images, each with every answerable question")
     parser.add_argument("--seed", type=int, default=0, help="the dataset is a deterministic function of this seed")
     parser.add_argument("--image-size", type=int, default=112, help="side of the square images in pixels")
-    parser.add_argument("--max-turns", type=int, default=6, help="most Q&A pairs in one stage-2 conversation")
+    parser.add_argument("--grid", type=int, default=8,
+                        help="place objects on a GRID x GRID lattice (small = 1 cell, big = 2 x 2 cells); 8 matches the "
+                             "tiny preset's 8 x 8 patches (112 px / 14), so every shape is seen whole by patches; 0 = "
+                             "anywhere")
+    parser.add_argument("--max-turns", type=int, default=10, help="most Q&A pairs in one stage-2 conversation")
     args = parser.parse_args(argv)
     if args.out.exists():
         parser.error(f"{args.out} exists; choose a new folder (the dataset is written atomically)")
     if min(args.n_train, args.n_eval) < 0 or args.image_size < 32 or args.max_turns < 1:
         parser.error("need --n-train/--n-eval >= 0, --image-size >= 32 and --max-turns >= 1")
-    info = build(args.out, args.n_train, args.n_eval, args.seed, args.image_size, args.max_turns)
+    info = build(args.out, args.n_train, args.n_eval, args.seed, args.image_size, args.max_turns, args.grid)
     print(json.dumps(info))
 
 
