@@ -301,7 +301,7 @@ def test_resume_reproduces_the_uninterrupted_losses(stage1, data, tmp_path):
         train(_cfg(2, data, straight, init=str(stage1)))
 
 
-def test_torchrun_two_processes_match_one(stage1, data, tmp_path):
+def test_torchrun_ddp_and_fsdp_match_one_process(stage1, data, tmp_path):
     """Same global batch (4) as 1 x 4 and 2 x 2. Dropout off: its masks are per-process random streams.
     Tolerance 2e-4: the only difference is the order of float additions (gloo's all-reduce of gradients and
     token counts vs one batched sum), about 1e-6 per step, compounded by Adam over 4 steps."""
@@ -319,3 +319,16 @@ def test_torchrun_two_processes_match_one(stage1, data, tmp_path):
     assert len(a) == len(b) == 4
     assert max(abs(x - y) for x, y in zip(a, b)) < 2e-4, (a, b)  # observed: 0 at step 1, 5e-5 at step 4
     assert a[0] != a[-1]
+    # FSDP (sharded parameters, gloo on CPU): same curve, and the gathered checkpoint loads as a whole model.
+    sharded = tmp_path / "fsdp"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "training", *args, "--out", str(sharded), "--batch-size", "2", "--fsdp"],
+                            env=env, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    c = _losses(sharded)
+    assert len(c) == 4 and max(abs(x - y) for x, y in zip(a, c)) < 2e-4, (a, c)
+    from sqllava_edge.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(sharded / "checkpoint")
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert lora == 2621440 + 294912  # every LLM-LoRA and ViT-LoRA tensor, gathered from both shards

@@ -78,6 +78,22 @@ def set_trainable(model, stage: int, freeze_vit_lora: bool) -> dict[str, list[tu
     return groups
 
 
+def optimizer_groups(module: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Trainable parameters of `module` (the model, or the DDP/FSDP-wrapped loss module) by optimizer group,
+    sorted by name: "projector", "llm_lora", "vit_lora" (spec 4.4). Taken after wrapping, because FSDP replaces
+    the parameter objects."""
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {}
+    for name, param in sorted(module.named_parameters()):
+        if not param.requires_grad:
+            continue
+        group = ("projector" if ".projector." in f".{name}" else "llm_lora" if ".llm." in f".{name}"
+                 else "vit_lora" if ".vision." in f".{name}" else None)
+        if group is None:
+            raise ValueError(f"trainable parameter {name} belongs to no optimizer group")
+        groups.setdefault(group, []).append((name, param))
+    return groups
+
+
 def vision_trains(model) -> bool:
     return any(p.requires_grad for p in model.vision.parameters())
 

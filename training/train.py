@@ -237,7 +237,7 @@ def wrap_parallel(cfg: TrainConfig, dist: Dist, loss_module):
     if cfg.fsdp:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-        return FSDP(loss_module, use_orig_params=True, device_id=dist.device if dist.device.type == "cuda" else None)
+        return FSDP(loss_module, use_orig_params=True, device_id=dist.device)  # CPU works with gloo when named
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [dist.device.index] if dist.device.type == "cuda" else None
@@ -287,11 +287,12 @@ def setup(cfg: TrainConfig) -> Run:
     model, tokenizer, base_refs, resumed = build_model(cfg, dist)
     model.projector.float()  # trained in fp32 even when the frozen base is bf16 (autocast does the matmuls)
     model.to(dist.device)
-    groups = modeling.set_trainable(model, cfg.stage, cfg.freeze_vit_lora)
+    modeling.set_trainable(model, cfg.stage, cfg.freeze_vit_lora)
     if cfg.grad_checkpointing:
         for part in (modeling.base_module(model.llm), modeling.base_module(model.vision.clip)):
             part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine = wrap_parallel(cfg, dist, modeling.LossModule(model, share_prefix=not cfg.grad_checkpointing))
+    groups = modeling.optimizer_groups(engine)
 
     # --- data, optimizer, and the saved state when resuming
     folder = cfg.image_folder or str(Path(cfg.data).parent / "images")
@@ -303,7 +304,7 @@ def setup(cfg: TrainConfig) -> Run:
     start_step = 0
     if resumed is not None:
         _check_resume(cfg, resumed, dist)
-        optimizer.load_state_dict(resumed["optimizer"])
+        optimizer.load_state_dict(_optimizer_state_to_load(cfg, engine, optimizer, resumed["optimizer"]))
         scheduler.load_state_dict(resumed["scheduler"])
         start_step = resumed["step"]
         sampler.set_position(**resumed["data_position"])
@@ -322,26 +323,40 @@ def setup(cfg: TrainConfig) -> Run:
 
 def save(run: Run, step: int) -> Path:
     """The checkpoint with its training state, atomically (rank 0 writes; every rank contributes its RNG state)."""
-    from sqllava_edge.checkpoint import save_checkpoint
-    from training.state import rng_state, write_training_state
+    from training.state import rng_state
 
     cfg, dist = run.cfg, run.dist
     rngs = _gather_objects(rng_state(), dist)
     ckpt = run.out / "checkpoint"
-    if dist.main:
-        position = run.sampler.position_after(step - run.start_step)
+    optimizer_state, gathered = run.optimizer.state_dict(), contextlib.nullcontext()
+    if cfg.fsdp:  # collective: full optimizer state keyed by parameter name, full weights on rank 0
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-        def extra(tmp: Path) -> None:
-            write_training_state(tmp, step=step, position=position, train_config=dataclasses.asdict(cfg),
-                                 optimizer_state=run.optimizer.state_dict(), scheduler_state=run.scheduler.state_dict(),
-                                 rng_states=rngs, world_size=dist.world)
-
-        save_checkpoint(ckpt, run.model, run.tokenizer, base_refs=run.base_refs, extra=extra,
-                        provenance={"trainer": "python -m training", "stage": cfg.stage, "step": step,
-                                    "recipe": cfg.recipe, "sq_r": cfg.sq_r, "freeze_vit_lora": cfg.freeze_vit_lora})
+        optimizer_state = FSDP.optim_state_dict(run.engine, run.optimizer)
+        gathered = FSDP.summon_full_params(run.engine, writeback=False)
+    with gathered:
+        if dist.main:
+            _write(run, ckpt, step, optimizer_state, rngs)
     if dist.world > 1:
         torch.distributed.barrier()
     return ckpt
+
+
+def _write(run: Run, ckpt: Path, step: int, optimizer_state: dict, rngs: list) -> None:
+    from sqllava_edge.checkpoint import save_checkpoint
+    from training.state import write_training_state
+
+    cfg = run.cfg
+    position = run.sampler.position_after(step - run.start_step)
+
+    def extra(tmp: Path) -> None:
+        write_training_state(tmp, step=step, position=position, train_config=dataclasses.asdict(cfg),
+                             optimizer_state=optimizer_state, scheduler_state=run.scheduler.state_dict(),
+                             rng_states=rngs, world_size=run.dist.world)
+
+    save_checkpoint(ckpt, run.model, run.tokenizer, base_refs=run.base_refs, extra=extra,
+                    provenance={"trainer": "python -m training", "stage": cfg.stage, "step": step,
+                                "recipe": cfg.recipe, "sq_r": cfg.sq_r, "freeze_vit_lora": cfg.freeze_vit_lora})
 
 
 def forward_backward(run: Run, micro: list) -> tuple[float, int, int, Counter]:
@@ -437,6 +452,14 @@ def _gather_objects(obj, dist: Dist) -> list:
     gathered = [None] * dist.world
     torch.distributed.all_gather_object(gathered, obj)
     return gathered
+
+
+def _optimizer_state_to_load(cfg: TrainConfig, engine, optimizer, state: dict) -> dict:
+    if not cfg.fsdp:
+        return state
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return FSDP.optim_state_dict_to_load(engine, optimizer, state)  # name-keyed full state -> this rank's shard
 
 
 def _check_resume(cfg: TrainConfig, state: dict, dist: Dist) -> None:
