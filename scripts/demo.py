@@ -8,6 +8,7 @@ Ctrl-C at any point followed by a rerun continues where it stopped, with the sam
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -158,6 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = args.out.resolve()
     stamps = out / ".stamps"
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / ".lock", "w")  # two demos on one folder would train into the same checkpoint
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"another demo is running with --out {rel(out)}; wait for it to finish or stop it first", file=sys.stderr)
+        return 1
     total = time.perf_counter()
     try:
         for step in steps(out):

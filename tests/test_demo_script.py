@@ -1,0 +1,74 @@
+"""scripts/demo.py's step bookkeeping: a finished step is reused only while its inputs are unchanged, an interrupted
+training step continues with its resume flag, and two demos cannot share one output folder."""
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    spec = importlib.util.spec_from_file_location("demo_script", ROOT / "scripts" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _writer(out: Path, text: str) -> list[str]:
+    """argv of a step that appends its argv tail to `out` (so a test sees every invocation)."""
+    code = "import sys, pathlib; p = pathlib.Path(sys.argv[1]); p.open('a').write(' '.join(sys.argv[2:]) + '\\n')"
+    return [sys.executable, "-c", code, str(out), text]
+
+
+def test_step_is_reused_until_an_input_changes(demo, tmp_path):
+    src, out, stamps = tmp_path / "input.txt", tmp_path / "out.txt", tmp_path / ".stamps"
+    src.write_text("a")
+    step = demo.Step("s", "a step", _writer(out, "run"), out, [src])
+    assert demo.run_step(step, stamps) is True
+    assert demo.run_step(step, stamps) is False  # unchanged: reused
+    assert out.read_text() == "run\n"
+    src.write_text("b")  # changed input: the old output is removed and the step runs again
+    assert demo.run_step(step, stamps) is True
+    assert out.read_text() == "run\n"
+    assert json.loads((stamps / "s.json").read_text())["key"] == demo.step_key(step)
+
+
+def test_interrupted_training_step_continues_with_its_resume_flag(demo, tmp_path):
+    out, stamps = tmp_path / "run", tmp_path / ".stamps"
+    (out / "checkpoint" / "training_state").mkdir(parents=True)
+    log = tmp_path / "log.txt"
+    step = demo.Step("train", "training", _writer(log, "train"), out, [], resume_flag="--resume")
+    stamps.mkdir()
+    (stamps / "train.running").write_text(demo.step_key(step))  # what a Ctrl-C mid-step leaves behind
+    assert demo.run_step(step, stamps) is True
+    assert log.read_text() == "train --resume\n"
+    assert (out / "checkpoint").is_dir() and not (stamps / "train.running").exists()
+
+
+def test_a_partial_output_without_a_checkpoint_is_redone_from_scratch(demo, tmp_path):
+    out, stamps = tmp_path / "bundle", tmp_path / ".stamps"
+    out.mkdir()
+    (out / "half-written").write_text("x")
+    log = tmp_path / "log.txt"
+    step = demo.Step("export", "export", _writer(log, "export"), out, [])
+    stamps.mkdir()
+    (stamps / "export.running").write_text(demo.step_key(step))
+    assert demo.run_step(step, stamps) is True
+    assert log.read_text() == "export\n" and not out.exists()  # the stale folder is gone; the writer made none
+
+
+def test_two_demos_cannot_share_an_output_folder(demo, tmp_path, capsys):
+    out = tmp_path / "demo_out"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert demo.main(["--out", str(out), "--skip-benchmark"]) == 1
+    assert "another demo is running" in capsys.readouterr().err
