@@ -61,21 +61,20 @@ def attach_lora(model, *, r: int, alpha: int, dropout: float, vit_r: int, vit_al
         model.vision.clip = get_peft_model(model.vision.clip, vit_cfg)
 
 
-def set_trainable(model, stage: int, freeze_vit_lora: bool) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    """requires_grad per stage (spec 2.3); returns the trainable parameters by optimizer group, sorted by name."""
+def set_trainable(model, stage: int, freeze_vit_lora: bool) -> None:
+    """requires_grad per stage (spec 2.3): the projector; in stage 2 also LLM-LoRA and, unless frozen, ViT-LoRA.
+    The optimizer groups are read back from the flags by `optimizer_groups`, after any DDP/FSDP wrapping."""
     model.requires_grad_(False)
-    groups: dict[str, list[tuple[str, nn.Parameter]]] = {"projector": sorted(model.projector.named_parameters())}
+    trainable = [p for _, p in model.projector.named_parameters()]
     if stage == 2:
-        groups["llm_lora"] = sorted((n, p) for n, p in model.llm.named_parameters() if "lora_" in n)
-        vit = sorted((n, p) for n, p in model.vision.named_parameters() if "lora_" in n)
-        if not groups["llm_lora"]:
+        llm = [p for n, p in model.llm.named_parameters() if "lora_" in n]
+        if not llm:
             raise ValueError("stage 2 needs LLM-LoRA adapters but the model has none")
-        if vit and not freeze_vit_lora:
-            groups["vit_lora"] = vit
-    for params in groups.values():
-        for _, p in params:
-            p.requires_grad_(True)
-    return groups
+        trainable += llm
+        if not freeze_vit_lora:
+            trainable += [p for n, p in model.vision.named_parameters() if "lora_" in n]
+    for p in trainable:
+        p.requires_grad_(True)
 
 
 def optimizer_groups(module: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:

@@ -88,13 +88,11 @@ def pretrain(args) -> Path:
     vocab = {t for ids in texts for t in ids} | {config.llm.eos_token_id}
     model = LlamaForCausalLM(hf_llama_config(config.llm))
     head = model.lm_head.weight
-    with torch.no_grad():
-        keep = torch.zeros(config.llm.vocab_size, dtype=torch.bool)
-        keep[sorted(vocab)] = True
-        head[~keep] = 0.0
     restricted = RestrictedHead(sorted(vocab), config.llm.vocab_size, head.device)
+    with torch.no_grad():  # unseen rows start at zero and stay there: the loss reads only the corpus rows, so their
+        head[restricted.index < 0] = 0.0  # gradient is exactly zero and AdamW (no decay) never moves them
     model.train()
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.98))
     warmup = max(1, int(0.03 * args.max_steps))
     schedule = lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.max_steps)))
@@ -119,7 +117,6 @@ def pretrain(args) -> Path:
         loss_sum = restricted.loss_sum(hidden[keep_pos], head, ids[:, 1:][keep_pos])
         n = int(keep_pos.sum())
         (loss_sum / n).backward()
-        head.grad[~keep] = 0.0
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
@@ -131,8 +128,6 @@ def pretrain(args) -> Path:
         bar.set_postfix(loss=f"{loss:.3f}")
         bar.update(1)
     bar.close()
-    with torch.no_grad():
-        head[~keep] = 0.0  # exact zeros (AdamW without decay leaves them untouched; make sure)
     with atomic_dir(out / "llm") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / "pretrain.json").write_text(json.dumps({
