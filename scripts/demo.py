@@ -1,5 +1,6 @@
-"""The main job, end to end on the built-in `tiny` preset: data -> base LLM text pretraining (stage 0) -> the
-two-stage SQ-LLaVA training -> evaluation -> export -> Assistant -> benchmark. `make demo` runs it.
+"""The main job, end to end on the built-in `tiny` preset: data -> stand-ins for the pretrained bases (stage 0: a
+ViT for CLIP, an LLM for Vicuna) -> the two-stage SQ-LLaVA training -> evaluation -> export -> Assistant ->
+benchmark. `make demo` runs it.
 
 Each step runs as its own command (the same commands the README shows), writes its output atomically, and records
 a stamp holding the hash of its inputs; a rerun skips a step whose inputs are unchanged and whose output is there, so
@@ -22,10 +23,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # The demo's training budget on a 2-core CPU (training/RESULTS.md): optimizer steps per stage with the tiny-demo
-# recipe (training/recipes.py). Stage 0 makes the stand-in for Vicuna that the tiny preset lacks offline.
-STAGE0_STEPS = 150
-STAGE1_STEPS = 100
-STAGE2_STEPS = 300
+# recipe (training/recipes.py). Stage 0 makes the stand-ins for CLIP and Vicuna that the tiny preset lacks offline.
+STAGE0_VISION_STEPS = 800
+STAGE0_STEPS = 550
+STAGE1_STEPS = 150
+STAGE2_STEPS = 200
 
 
 @dataclass
@@ -100,33 +102,38 @@ def display(argv: list[str]) -> list[str]:
 
 def steps(out: Path) -> list[Step]:
     py = sys.executable
-    data, s0, s1, s2 = out / "data", out / "stage0", out / "stage1", out / "stage2"
+    data, s0v, s0, s1, s2 = out / "data", out / "stage0_vision", out / "stage0", out / "stage1", out / "stage2"
     bundle = out / "bundle"
     return [
-        Step("data", "1/7 synthetic dataset", [py, "-m", "training.synthetic", str(data), "--n-train", "2000", "--n-eval", "100", "--seed", "0"], data),
-        Step("stage0", "2/7 stage 0: pretrain the tiny base LLM on the dataset's text (no images; stands in for Vicuna)",
-             [py, "-m", "training.pretrain_llm", "--data", str(data / "stage2.json"), "--preset", "tiny",
-              "--out", str(s0), "--max-steps", str(STAGE0_STEPS)],
+        Step("data", "1/8 synthetic dataset", [py, "-m", "training.synthetic", str(data), "--n-train", "2000", "--n-eval", "100", "--seed", "0"], data),
+        Step("stage0_vision", "2/8 stage 0: pretrain the tiny ViT on the training images (stands in for CLIP)",
+             [py, "-m", "training.pretrain_vision", "--data", str(data / "stage2.json"), "--eval-data",
+              str(data / "eval.json"), "--preset", "tiny", "--out", str(s0v), "--max-steps", str(STAGE0_VISION_STEPS)],
+             s0v, [data]),
+        Step("stage0", "3/8 stage 0: pretrain the tiny LLM on the text with symbolic scenes, no images (stands in for Vicuna)",
+             [py, "-m", "training.pretrain_llm", "--data", str(data / "stage2.json"), "--caption-data",
+              str(data / "stage1.json"), "--scenes", "--preset", "tiny", "--out", str(s0), "--max-steps", str(STAGE0_STEPS)],
              s0, [data]),
-        Step("stage1", "3/7 training stage 1 (prototype extractor + projector on captions, frozen base LLM)",
+        Step("stage1", "4/8 training stage 1 (prototype extractor + projector on captions, frozen base ViT and LLM)",
              [py, "-m", "training", "--stage", "1", "--preset", "tiny", "--llm-base", str(s0 / "llm"),
+              "--vision-base", str(s0v / "vision"),
               "--data", str(data / "stage1.json"), "--image-folder", str(data / "images"), "--out", str(s1),
               "--max-steps", str(STAGE1_STEPS), "--save-every", "25"],
-             s1, [data, s0], resume_flag="--resume"),
-        Step("stage2", "4/7 training stage 2 (LLM-LoRA + ViT-LoRA + projector, self-questioning)",
+             s1, [data, s0v, s0], resume_flag="--resume"),
+        Step("stage2", "5/8 training stage 2 (LLM-LoRA + ViT-LoRA + projector, self-questioning)",
              [py, "-m", "training", "--stage", "2", "--init", str(s1),
               "--data", str(data / "stage2.json"), "--image-folder", str(data / "images"), "--out", str(s2),
               "--max-steps", str(STAGE2_STEPS), "--save-every", "50"],
-             s2, [data, s0, s1], resume_flag="--resume"),
-        Step("evaluate", "5/7 held-out evaluation (QA accuracy, grounded-question rate over 160 questions)",
+             s2, [data, s0v, s0, s1], resume_flag="--resume"),
+        Step("evaluate", "6/8 held-out evaluation (QA accuracy, grounded-question rate over 160 questions)",
              [py, "-m", "training.evaluate", str(s2), "--data", str(data / "eval.json"),
               "--image-folder", str(data / "images"), "--max-images", "20", "--sq-images", "40", "--sq-per-image", "4",
               "--out", str(out / "eval.json")],
-             out / "eval.json", [data, s0, s2]),
-        Step("export", "6/7 export bundle (vision ONNX fp32 + int8, GGUF f16 + q8_0, validated)",
+             out / "eval.json", [data, s0v, s0, s2]),
+        Step("export", "7/8 export bundle (vision ONNX fp32 + int8, GGUF f16 + q8_0, validated)",
              [py, "-m", "export", str(s2 / "checkpoint"), "--out", str(bundle), "--vision-precision", "fp32", "int8",
               "--quant", "f16", "q8_0"],
-             bundle, [s0, s2]),
+             bundle, [s0v, s0, s2]),
     ]
 
 
@@ -134,7 +141,7 @@ def show_assistant(out: Path) -> None:
     sys.path.insert(0, str(ROOT))
     from sqllava_edge import Assistant
 
-    print("\n== 7/7 Assistant on held-out images")
+    print("\n== 8/8 Assistant on held-out images")
     start = time.perf_counter()
     samples = json.loads((out / "data" / "eval.json").read_text())
     with Assistant.load(out / "bundle") as assistant:

@@ -73,3 +73,59 @@ def test_pretrain_writes_a_llama_folder_with_zero_unseen_rows(tmp_path, syntheti
     with pytest.raises(FileExistsError):
         main(["--data", str(synthetic_data / "stage2.json"), "--out", str(tmp_path / "run"), "--max-steps", "1",
               "--no-progress"])
+
+
+def test_patch_contents_puts_objects_on_their_patches():
+    from training.synthetic import patch_contents
+
+    big = {"colour": "red", "shape": "star", "size": "big", "x": 0.25, "y": 0.75, "r": 0.1}  # cells 1-2 x 5-6
+    small = {"colour": "blue", "shape": "cross", "size": "small", "x": 0.9375, "y": 0.0625, "r": 0.05}  # cell 7, 0
+    cells = patch_contents([big, small], 8)
+    filled = {i: (o.colour, o.shape) for i, o in enumerate(cells) if o is not None}
+    assert filled == {5 * 8 + 1: ("red", "star"), 5 * 8 + 2: ("red", "star"), 6 * 8 + 1: ("red", "star"),
+                      6 * 8 + 2: ("red", "star"), 7: ("blue", "cross")}
+    with pytest.raises(ValueError, match="lattice"):
+        patch_contents([{**small, "x": 1.2}], 8)
+
+
+def test_scenes_fill_the_image_slot_and_the_llm_learns_from_them(tmp_path, synthetic_data):
+    from sqllava_edge.config import IMAGE_TOKEN_INDEX, get_preset
+    from sqllava_edge.tokenizer import default_tokenizer
+    from training.data import load_samples
+    from training.pretrain_llm import SceneEmbedder, corpus, main, scene_words
+
+    rows = load_samples(synthetic_data / "stage2.json")
+    tok = default_tokenizer()
+    texts = corpus(rows[:2], tok, "v1_sq", 0.0, __import__("random").Random(0), keep_image=True)
+    assert all(ids.count(IMAGE_TOKEN_INDEX) == 1 for ids in texts)
+    scenes = scene_words(rows[:2], 8)
+    hidden = get_preset("tiny").llm.hidden_size
+    embedder = SceneEmbedder(tok, {w for s in scenes for p in s for w in p}, hidden)
+    table = torch.nn.Embedding(32000, hidden)
+    vectors = embedder(table, scenes)  # (2, 64, H)
+    assert vectors.shape == (2, 64, hidden)
+    assert torch.allclose(vectors.norm(dim=-1), torch.full((2, 64), math.sqrt(hidden)), rtol=1e-4)
+    objects = [i for i, p in enumerate(scenes[0]) if p[0] != "background"]
+    assert objects and len(objects) < 64
+    assert scenes[0][0][-2:] == ("left", "top") and scenes[0][63][-2:] == ("right", "bottom")
+    # patches with the same words get the same vector, different words a different one
+    same = [(i, j) for i in range(64) for j in range(i + 1, 64) if scenes[0][i] == scenes[0][j]]
+    assert same and all(torch.allclose(vectors[0, i], vectors[0, j]) for i, j in same)
+    assert not torch.allclose(vectors[0, 0], vectors[0, 63])
+    assert not any(torch.allclose(vectors[0, o], vectors[0, b]) for o in objects for b in range(64) if b not in objects)
+
+    folder = main(["--data", str(synthetic_data / "stage2.json"), "--out", str(tmp_path / "run"), "--max-steps", "2",
+                   "--batch-size", "2", "--scenes", "--no-progress"])
+    info = json.loads((folder / "pretrain.json").read_text())
+    assert info["scenes"] is True and info["final_loss"] > 0
+    assert info["scene_use"]["own_scene_ce"] > 0 and info["scene_use"]["other_scene_ce"] > 0
+
+
+def test_scenes_need_a_lattice_matching_the_image_tokens(tmp_path, synthetic_data):  # fixture: vocabulary present
+    from training.pretrain_llm import main
+    from training.synthetic import build
+
+    build(tmp_path / "free", n_train=3, n_eval=1, seed=1, max_turns=2, grid=0)
+    with pytest.raises(ValueError, match="lattice"):
+        main(["--data", str(tmp_path / "free" / "stage2.json"), "--out", str(tmp_path / "r"), "--max-steps", "1",
+              "--scenes", "--no-progress"])

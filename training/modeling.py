@@ -122,21 +122,25 @@ class LossModule(nn.Module):
         batch = model.prepare_inputs(input_ids, labels=labels, image_embeds=image_embeds)
         llm = base_module(model.llm)
         prefix = shared_prefix(input_ids) if self.share_prefix else 0
-        if prefix:  # the system prompt: computed once, its keys/values repeated for every row
-            head = llm.model(inputs_embeds=batch.inputs_embeds[:1, :prefix], use_cache=True)  # (1, P, H)
-            cache = head.past_key_values
-            cache.batch_repeat_interleave(len(input_ids))
-            tail = llm.model(inputs_embeds=batch.inputs_embeds[:, prefix:], attention_mask=batch.attention_mask,
-                             past_key_values=cache, use_cache=True).last_hidden_state  # (B, T-P, H)
-            hidden = torch.cat([head.last_hidden_state.expand(len(input_ids), -1, -1), tail], dim=1)  # (B, T, H)
-        else:
-            hidden = llm.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-                               use_cache=False).last_hidden_state  # (B, T, H)
+        hidden = decoder_hidden(llm.model, batch.inputs_embeds, batch.attention_mask, prefix)  # (B, T, H)
         targets = batch.labels[:, 1:]  # (B, T-1): position t predicts token t+1
         keep = targets != IGNORE_INDEX
         logits = llm.lm_head(hidden[:, :-1][keep])  # (N, V)
         loss_sum = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
         return loss_sum, keep.sum()
+
+
+def decoder_hidden(decoder: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, prefix: int = 0):
+    """Last hidden states (B, T, H) of a Llama decoder stack; the first `prefix` positions, identical in every row
+    (see `shared_prefix`), run once and their keys/values are repeated for every row."""
+    if not prefix:
+        return decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    head = decoder(inputs_embeds=inputs_embeds[:1, :prefix], use_cache=True)  # (1, P, H)
+    cache = head.past_key_values
+    cache.batch_repeat_interleave(len(inputs_embeds))
+    tail = decoder(inputs_embeds=inputs_embeds[:, prefix:], attention_mask=attention_mask, past_key_values=cache,
+                   use_cache=True).last_hidden_state  # (B, T-P, H)
+    return torch.cat([head.last_hidden_state.expand(len(inputs_embeds), -1, -1), tail], dim=1)
 
 
 MIN_SHARED_PREFIX = 16  # below this, computing a prefix separately saves less than it costs

@@ -1,15 +1,29 @@
-"""Stage 0 for presets without a pretrained LLM offline: pretrain the base LLM on the dataset's text, no images.
+"""Stage 0 for presets without a pretrained LLM offline: pretrain the base LLM on the dataset's text.
 
     python -m training.pretrain_llm --data DATA/stage2.json --preset tiny --out RUN [--max-steps N]
+    python -m training.pretrain_llm --data DATA/stage2.json --caption-data DATA/stage1.json --scenes --out RUN
 
 SQ-LLaVA starts from Vicuna (spec 6.3): a language model that already reads a conversation, follows the template and
-copies facts from its context. LoRA on a frozen *random* LLM has none of that to adapt and, in the CPU budget, never
+takes facts from its context. LoRA on a frozen *random* LLM has none of that to adapt and, in the CPU budget, never
 learns to look at the image (training/RESULTS.md). This step makes a stand-in for Vicuna at the preset's shape: a
 Llama trained from scratch as a plain language model on the conversations' text, rendered with the training
-template and the image placeholder removed. It never sees an image, so everything visual is still learned by
-stages 1 and 2; pass the result to stage 1 as `--llm-base RUN/llm`.
+template. Pass the result to stage 1 as `--llm-base RUN/llm`.
 
-Writes RUN/llm (a transformers Llama folder, safetensors, atomic), RUN/metrics.jsonl and RUN/loss_curve.png.
+Without --scenes the image placeholder is removed: a text-only model. Measured, that is not enough: stages 1 and 2
+then never make the tiny LLM use the image inside the demo budget, because learning to read 64 image tokens is a
+slow phase change for a model this small (training/RESULTS.md).
+
+With --scenes (a dataset written by `python -m training.synthetic` on its lattice), the placeholder stays and is
+filled with a *symbolic scene*: one vector per image token, in the patch raster order, naming what the generator put
+on that patch and where the patch is (the sum of the word embeddings of its colour, shape and size, or of
+"background", and of its halves left/right and top/bottom). The LLM learns to describe and answer from the image
+slot, the skill Vicuna brings; it still never sees a pixel, so stage 1 has to map the images onto what the LLM reads
+there. --caption-data adds the stage-1 captions (rendered `plain`, as stage 1 does) in alternate batches: short
+samples in which every object word depends on the scene, which is what makes the reading appear within the budget.
+
+Writes RUN/llm (a transformers Llama folder, safetensors, atomic), RUN/metrics.jsonl and RUN/loss_curve.png. With
+scenes, the report gives the token cross-entropy of the last 64 conversations with their own scene and with another
+sample's (`scene_use`): equal values mean the LLM does not read the slot.
 
 The softmax covers the corpus vocabulary only: the head rows of the other tokens of the 32000 stay exactly zero, so
 their logits are 0 and their total mass enters every softmax as one extra logit log(n_unseen). That is the exact
@@ -29,19 +43,60 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sqllava_edge.config import IMAGE_PLACEHOLDER
+from sqllava_edge.config import IGNORE_INDEX, IMAGE_PLACEHOLDER
 
 
-def corpus(rows: list[dict[str, Any]], tokenizer, template: str, sq_r: float, rng: random.Random) -> list[list[int]]:
-    """Token ids of every conversation, rendered as in training but without the image; VUSER turns drawn at sq_r."""
+def corpus(rows: list[dict[str, Any]], tokenizer, template: str, sq_r: float, rng: random.Random,
+           keep_image: bool = False) -> list[list[int]]:
+    """Token ids of every conversation, rendered as in training; VUSER turns drawn at sq_r. Without keep_image the
+    image placeholder is removed (a text-only sample); with it, it stays as IMAGE_TOKEN_INDEX for a scene."""
     from sqllava_edge.conversation import sq_convert, to_turns, tokenize_conversation
 
     out = []
     for row in rows:
-        conv = [{**t, "value": t["value"].replace(IMAGE_PLACEHOLDER, "").strip()} for t in row["conversations"]]
-        turns = sq_convert(conv, sq_r, rng, False) if sq_r > 0 else to_turns(conv, False)
-        out.append(tokenize_conversation(tokenizer, template, turns, has_image=False).ids)
+        conv = row["conversations"]
+        if not keep_image:
+            conv = [{**t, "value": t["value"].replace(IMAGE_PLACEHOLDER, "").strip()} for t in conv]
+        elif not any(IMAGE_PLACEHOLDER in t["value"] for t in conv):
+            conv = [{**conv[0], "value": IMAGE_PLACEHOLDER + "\n" + conv[0]["value"]}, *conv[1:]]
+        turns = sq_convert(conv, sq_r, rng, keep_image) if sq_r > 0 else to_turns(conv, keep_image)
+        if template == "plain":  # as stage 1 renders captions (spec 3.5): the first pair, instruction dropped
+            turns = turns[:2]
+        out.append(tokenize_conversation(tokenizer, template, turns, has_image=keep_image).ids)
     return out
+
+
+SCENE_BACKGROUND = "background"
+
+
+def scene_words(rows: list[dict[str, Any]], grid: int) -> list[list[tuple[str, ...]]]:
+    """Per sample, per patch (raster order): the words a symbolic scene sums for it: what is there (colour, shape,
+    size, or "background") and which half of the image the patch is in (left/right, top/bottom)."""
+    from training.synthetic import patch_contents, patch_halves
+
+    halves = patch_halves(grid)
+    scenes = []
+    for i, row in enumerate(rows):
+        if "meta" not in row or "objects" not in row["meta"]:
+            raise ValueError(f"sample {row.get('id', i)} has no meta.objects; --scenes needs a synthetic dataset")
+        scenes.append([((SCENE_BACKGROUND,) if o is None else (o.colour, o.shape, o.size)) + where
+                       for o, where in zip(patch_contents(row["meta"]["objects"], grid), halves)])
+    return scenes
+
+
+class SceneEmbedder:
+    """Symbolic scenes -> (B, T, H) image rows: per patch the sum of its words' (mean token) embeddings, rescaled to
+    norm sqrt(H) (unit RMS per channel, the scale image tokens have after the projector). Computed from the live
+    embedding table, so the words' embeddings learn from both uses."""
+
+    def __init__(self, tokenizer, words: set[str], hidden: int):
+        self.ids = {w: torch.tensor(tokenizer.encode(w)) for w in sorted(words)}
+        self.norm = math.sqrt(hidden)
+
+    def __call__(self, embedding: torch.nn.Embedding, scenes: list[list[tuple[str, ...]]]) -> torch.Tensor:
+        vec = {w: embedding(ids).mean(0) for w, ids in self.ids.items()}
+        rows = torch.stack([torch.stack([sum(vec[w] for w in patch) for patch in scene]) for scene in scenes])
+        return rows * (self.norm / rows.norm(dim=-1, keepdim=True))
 
 
 class RestrictedHead:
@@ -67,55 +122,73 @@ def pretrain(args) -> Path:
 
     from sqllava_edge.config import get_preset
     from sqllava_edge.fileutil import atomic_dir
-    from sqllava_edge.model import hf_llama_config
+    from sqllava_edge.model import hf_llama_config, splice_image_embeddings
     from sqllava_edge.tokenizer import default_tokenizer
     from training.data import load_samples
-    from training.state import MetricsLog, plot_loss
+    from training.modeling import decoder_hidden, shared_prefix
+    from training.state import MetricsLog, plot_loss, stage0_start, warmup_cosine
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    if (out / "llm").exists():
-        raise FileExistsError(f"{out}/llm exists; choose a new --out or delete it")
+    out = stage0_start(args.out, "llm", args.threads)
     config = get_preset(args.preset)
     tokenizer = default_tokenizer()
     rows = [r for path in args.data for r in load_samples(path)]
+    captions = [r for path in args.caption_data for r in load_samples(path)]
+    meta = {r["image"]: r["meta"] for r in rows if "image" in r and "meta" in r}
+    captions = [{**r, "meta": meta[r["image"]]} if "meta" not in r and r.get("image") in meta else r for r in captions]
     if not rows:
         raise ValueError(f"{', '.join(map(str, args.data))}: no samples")
     rng = random.Random(args.seed)
     torch.manual_seed(args.seed)
-    texts = corpus(rows, tokenizer, args.template, args.sq_r, rng)
-    vocab = {t for ids in texts for t in ids} | {config.llm.eos_token_id}
+    sources = [corpus(rows, tokenizer, args.template, args.sq_r, rng, keep_image=args.scenes)]
+    if captions:
+        sources.append(corpus(captions, tokenizer, "plain", 0.0, rng, keep_image=args.scenes))
+    texts = sources[0]
+    scenes, embed_scene, source_scenes = None, None, [None] * len(sources)
+    if args.scenes:
+        from training.synthetic import lattice
+
+        grid = lattice(args.data[0])
+        if grid * grid != config.num_image_tokens:
+            raise ValueError(f"--scenes: the dataset's {grid} x {grid} lattice has {grid * grid} cells but preset "
+                             f"{config.name!r} gives the LLM {config.num_image_tokens} image tokens; write the data "
+                             f"with python -m training.synthetic --grid matching the preset's patch grid")
+        source_scenes = [scene_words(rows, grid)] + ([scene_words(captions, grid)] if captions else [])
+        scenes = source_scenes[0]
+        embed_scene = SceneEmbedder(tokenizer, {w for sc in source_scenes for s in sc for p in s for w in p},
+                                    config.llm.hidden_size)
+    vocab = {t for src in sources for ids in src for t in ids if t >= 0} | {config.llm.eos_token_id}
     model = LlamaForCausalLM(hf_llama_config(config.llm))
     head = model.lm_head.weight
     restricted = RestrictedHead(sorted(vocab), config.llm.vocab_size, head.device)
     with torch.no_grad():  # unseen rows start at zero and stay there: the loss reads only the corpus rows, so their
         head[restricted.index < 0] = 0.0  # gradient is exactly zero and AdamW (no decay) never moves them
     model.train()
+    embedding = model.get_input_embeddings()
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.98))
-    warmup = max(1, int(0.03 * args.max_steps))
-    schedule = lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.max_steps)))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = warmup_cosine(optimizer, args.max_steps)
     out.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(out / "metrics.jsonl", None)
-    order: list[int] = []
-    bar = tqdm(total=args.max_steps, desc="stage 0 (LLM text pretraining)", unit="step", disable=not args.progress)
+    orders: list[list[int]] = [[] for _ in sources]
+    bar = tqdm(total=args.max_steps, desc="stage 0 (LLM pretraining)", unit="step", disable=not args.progress)
     start = time.time()
     for step in range(1, args.max_steps + 1):
-        batch = []
-        while len(batch) < args.batch_size:
+        k = (step - 1) % len(sources)  # conversations and captions take turns, one source per batch
+        order, picked = orders[k], []
+        while len(picked) < args.batch_size:
             if not order:
-                order = list(range(len(texts)))
+                order.extend(range(len(sources[k])))
                 rng.shuffle(order)
-            batch.append(texts[order.pop()])
-        width = max(map(len, batch))
-        ids = torch.tensor([b + [config.llm.pad_token_id] * (width - len(b)) for b in batch])
-        mask = torch.tensor([[1] * len(b) + [0] * (width - len(b)) for b in batch])
-        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
-        keep_pos = mask[:, 1:].bool()
-        loss_sum = restricted.loss_sum(hidden[keep_pos], head, ids[:, 1:][keep_pos])
-        n = int(keep_pos.sum())
+            picked.append(order.pop())
+        ids = [torch.tensor(sources[k][i]) for i in picked]
+        images = embed_scene(embedding, [source_scenes[k][i] for i in picked]) if args.scenes else None
+        # Every text token is a target; image rows and padding are not (splice marks them IGNORE_INDEX).
+        batch = splice_image_embeddings(ids, embedding, images, [r.clamp(min=0) for r in ids])
+        hidden = decoder_hidden(model.model, batch.inputs_embeds, batch.attention_mask, shared_prefix(ids))
+        targets = batch.labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        loss_sum = restricted.loss_sum(hidden[:, :-1][keep], head, targets[keep])
+        n = int(keep.sum())
         (loss_sum / n).backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
         lr = optimizer.param_groups[0]["lr"]
@@ -128,15 +201,48 @@ def pretrain(args) -> Path:
         bar.set_postfix(loss=f"{loss:.3f}")
         bar.update(1)
     bar.close()
+    report = {"stage": 0, "steps": args.max_steps, "wall_s": round(time.time() - start, 1), "final_loss": round(loss, 4),
+              "corpus_vocab": len(vocab), "scenes": bool(args.scenes)}
+    if scenes is not None:
+        report["scene_use"] = scene_use(model, restricted, texts, scenes, embed_scene)
     with atomic_dir(out / "llm") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / "pretrain.json").write_text(json.dumps({
             "trainer": "python -m training.pretrain_llm", "preset": config.name, "data": [str(p) for p in args.data],
-            "steps": args.max_steps, "corpus_vocab": len(vocab), "final_loss": loss}, indent=2))
-    plot_loss(log.records(), out / "loss_curve.png", f"stage 0: {config.name} LLM text pretraining")
-    print(json.dumps({"stage": 0, "steps": args.max_steps, "wall_s": round(time.time() - start, 1),
-                      "final_loss": round(loss, 4), "corpus_vocab": len(vocab)}), flush=True)
+            "caption_data": [str(p) for p in args.caption_data],
+            **report}, indent=2))
+    what = "LLM pretraining on text + symbolic scenes" if args.scenes else "LLM text pretraining"
+    plot_loss(log.records(), out / "loss_curve.png", f"stage 0: {config.name} {what}")
+    print(json.dumps(report), flush=True)
     return out / "llm"
+
+
+def scene_use(model, restricted: RestrictedHead, texts, scenes, embed_scene, n: int = 64, batch: int = 16) -> dict:
+    """Token cross-entropy of the last n samples with their own scene vs another sample's: how much the LLM reads
+    the image slot (equal values: not at all)."""
+    from sqllava_edge.model import splice_image_embeddings
+    from training.modeling import decoder_hidden
+
+    embedding = model.get_input_embeddings()
+    idx = list(range(max(0, len(texts) - n), len(texts)))
+    totals, count = [0.0, 0.0], 0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(idx), batch):
+            rows = idx[start:start + batch]
+            if len(rows) < 2:
+                break
+            ids = [torch.tensor(texts[i]) for i in rows]
+            images = embed_scene(embedding, [scenes[i] for i in rows])
+            for k, imgs in enumerate((images, images.roll(1, 0))):
+                spliced = splice_image_embeddings(ids, embedding, imgs, [r.clamp(min=0) for r in ids])
+                hidden = decoder_hidden(model.model, spliced.inputs_embeds, spliced.attention_mask)
+                targets = spliced.labels[:, 1:]
+                keep = targets != IGNORE_INDEX
+                totals[k] += restricted.loss_sum(hidden[:, :-1][keep], model.lm_head.weight, targets[keep]).item()
+            count += int(keep.sum())
+    model.train()
+    return {"own_scene_ce": round(totals[0] / max(count, 1), 4), "other_scene_ce": round(totals[1] / max(count, 1), 4)}
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -150,6 +256,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--template", default="v1_sq", help="conversation template the text is rendered with")
     parser.add_argument("--sq-r", type=float, default=0.5, help="share of later human turns rendered as VUSER turns")
     parser.add_argument("--seed", type=int, default=0, help="seed of the init, the order and the VUSER draws")
+    parser.add_argument("--caption-data", type=Path, nargs="*", default=[],
+                        help="caption files (stage1.json) rendered as stage 1 does (plain); batches alternate with --data")
+    parser.add_argument("--scenes", action="store_true",
+                        help="fill the image slot with the sample's symbolic scene (synthetic datasets on a lattice)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     args = parser.parse_args(argv)

@@ -9,6 +9,7 @@ the loss-curve plot.
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -112,3 +113,20 @@ def plot_loss(records: list[dict[str, Any]], out: Path, title: str) -> Path | No
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def stage0_start(out: Path, part: str, threads: int | None) -> Path:
+    """Common start of the stage-0 trainers: thread count, and refuse to overwrite an earlier OUT/part."""
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(out)
+    if (out / part).exists():
+        raise FileExistsError(f"{out}/{part} exists; choose a new --out or delete it")
+    return out
+
+
+def warmup_cosine(optimizer, max_steps: int):
+    """The stage-0 schedule: linear warm-up over 3% of the steps, then cosine to 0, stepped once per step."""
+    warmup = max(1, int(0.03 * max_steps))
+    schedule = lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max_steps)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

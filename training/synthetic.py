@@ -144,6 +144,40 @@ def _cells(o: Obj, grid: int) -> list[tuple[int, int]]:
     return [(col + i, row + j) for i in range(span) for j in range(span)]
 
 
+def patch_contents(objects: list[dict | Obj], grid: int) -> list[Obj | None]:
+    """What sits in each cell of the grid x grid lattice, in raster order (row by row): the object or None.
+
+    For a dataset written on the lattice (the default) the cells are the tiny preset's image patches, so this is a
+    per-patch annotation of the image; the stage-0 trainers (training/pretrain_vision.py, pretrain_llm.py --scenes)
+    learn from it.
+    """
+    cells: list[Obj | None] = [None] * (grid * grid)
+    for o in objects:
+        obj = o if isinstance(o, Obj) else Obj(**o)
+        for cx, cy in _cells(obj, grid):
+            if not (0 <= cx < grid and 0 <= cy < grid):
+                raise ValueError(f"object {obj} is not on a {grid} x {grid} lattice; was the dataset written with --grid 0?")
+            cells[cy * grid + cx] = obj
+    return cells
+
+
+def patch_halves(grid: int) -> list[tuple[str, str]]:
+    """(left|right, top|bottom) of each cell of the lattice in raster order: the halves the position questions ask."""
+    return [("left" if col < grid / 2 else "right", "top" if row < grid / 2 else "bottom")
+            for row in range(grid) for col in range(grid)]
+
+
+def lattice(data_json: str | Path) -> int:
+    """The lattice size a synthetic dataset was written with, from the dataset_info.json beside its JSON files."""
+    info = Path(data_json).parent / "dataset_info.json"
+    if not info.is_file():
+        raise FileNotFoundError(f"{info} not found: scene annotations need a dataset written by python -m training.synthetic")
+    grid = int(json.loads(info.read_text()).get("grid", 0))
+    if grid < 1:
+        raise ValueError(f"{info}: the dataset was written with free placement (--grid 0); per-patch scenes need a lattice")
+    return grid
+
+
 def _place(rng: np.random.Generator, objects: list[Obj]) -> tuple[str, float, float, float] | None:
     for _ in range(200):
         size = "big" if rng.random() < 0.5 else "small"
