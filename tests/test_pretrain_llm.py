@@ -102,7 +102,7 @@ def test_scenes_fill_the_image_slot_and_the_llm_learns_from_them(tmp_path, synth
     hidden = get_preset("tiny").llm.hidden_size
     embedder = SceneEmbedder(tok, {w for s in scenes for p in s for w in p}, hidden)
     table = torch.nn.Embedding(32000, hidden)
-    vectors = embedder(table, scenes)  # (2, 64, H)
+    vectors = embedder(table, embedder.index(scenes))  # (2, 64, H)
     assert vectors.shape == (2, 64, hidden)
     assert torch.allclose(vectors.norm(dim=-1), torch.full((2, 64), math.sqrt(hidden)), rtol=1e-4)
     objects = [i for i, p in enumerate(scenes[0]) if p[0] != "background"]

@@ -72,30 +72,39 @@ SCENE_BACKGROUND = "background"
 def scene_words(rows: list[dict[str, Any]], grid: int) -> list[list[tuple[str, ...]]]:
     """Per sample, per patch (raster order): the words a symbolic scene sums for it: what is there (colour, shape,
     size, or "background") and which half of the image the patch is in (left/right, top/bottom)."""
-    from training.synthetic import patch_contents, patch_halves
+    from training.synthetic import patch_halves, row_patches
 
     halves = patch_halves(grid)
-    scenes = []
-    for i, row in enumerate(rows):
-        if "meta" not in row or "objects" not in row["meta"]:
-            raise ValueError(f"sample {row.get('id', i)} has no meta.objects; --scenes needs a synthetic dataset")
-        scenes.append([((SCENE_BACKGROUND,) if o is None else (o.colour, o.shape, o.size)) + where
-                       for o, where in zip(patch_contents(row["meta"]["objects"], grid), halves)])
-    return scenes
+    return [[((SCENE_BACKGROUND,) if o is None else (o.colour, o.shape, o.size)) + where
+             for o, where in zip(row_patches(row, grid, i), halves)] for i, row in enumerate(rows)]
 
 
 class SceneEmbedder:
     """Symbolic scenes -> (B, T, H) image rows: per patch the sum of its words' (mean token) embeddings, rescaled to
     norm sqrt(H) (unit RMS per channel, the scale image tokens have after the projector). Computed from the live
-    embedding table, so the words' embeddings learn from both uses."""
+    embedding table, so the words' embeddings learn from both uses. `index` turns scenes into word indices once;
+    the per-step call is then one gather per word slot."""
 
     def __init__(self, tokenizer, words: set[str], hidden: int):
-        self.ids = {w: torch.tensor(tokenizer.encode(w)) for w in sorted(words)}
+        self.words = sorted(words)
+        self.ids = [torch.tensor(tokenizer.encode(w)) for w in self.words]
         self.norm = math.sqrt(hidden)
 
-    def __call__(self, embedding: torch.nn.Embedding, scenes: list[list[tuple[str, ...]]]) -> torch.Tensor:
-        vec = {w: embedding(ids).mean(0) for w, ids in self.ids.items()}
-        rows = torch.stack([torch.stack([sum(vec[w] for w in patch) for patch in scene]) for scene in scenes])
+    def index(self, scenes: list[list[tuple[str, ...]]]) -> torch.Tensor:
+        """(N, T, W) word indices; a patch with fewer than W words is padded with the index of a zero vector."""
+        position = {w: i for i, w in enumerate(self.words)}
+        width = max(len(patch) for scene in scenes for patch in scene)
+        pad = len(self.words)
+        return torch.tensor([[[position[w] for w in patch] + [pad] * (width - len(patch)) for patch in scene]
+                             for scene in scenes])
+
+    def __call__(self, embedding: torch.nn.Embedding, index: torch.Tensor) -> torch.Tensor:
+        table = torch.stack([embedding(ids).mean(0) for ids in self.ids])  # (V', H)
+        table = torch.cat([table, table.new_zeros(1, table.shape[1])])  # the padding word
+        words = table[index]  # (B, T, W, H)
+        rows = words[:, :, 0]
+        for k in range(1, words.shape[2]):  # left to right, as the words are listed
+            rows = rows + words[:, :, k]
         return rows * (self.norm / rows.norm(dim=-1, keepdim=True))
 
 
@@ -147,15 +156,12 @@ def pretrain(args) -> Path:
     if args.scenes:
         from training.synthetic import lattice
 
-        grid = lattice(args.data[0])
-        if grid * grid != config.num_image_tokens:
-            raise ValueError(f"--scenes: the dataset's {grid} x {grid} lattice has {grid * grid} cells but preset "
-                             f"{config.name!r} gives the LLM {config.num_image_tokens} image tokens; write the data "
-                             f"with python -m training.synthetic --grid matching the preset's patch grid")
-        source_scenes = [scene_words(rows, grid)] + ([scene_words(captions, grid)] if captions else [])
-        scenes = source_scenes[0]
-        embed_scene = SceneEmbedder(tokenizer, {w for sc in source_scenes for s in sc for p in s for w in p},
+        grid = lattice(args.data[0], config.vision)
+        words = [scene_words(rows, grid)] + ([scene_words(captions, grid)] if captions else [])
+        embed_scene = SceneEmbedder(tokenizer, {w for sc in words for s in sc for p in s for w in p},
                                     config.llm.hidden_size)
+        source_scenes = [embed_scene.index(sc) for sc in words]  # (N, T, W) word indices per source
+        scenes = source_scenes[0]
     vocab = {t for src in sources for ids in src for t in ids if t >= 0} | {config.llm.eos_token_id}
     model = LlamaForCausalLM(hf_llama_config(config.llm))
     head = model.lm_head.weight
@@ -181,7 +187,7 @@ def pretrain(args) -> Path:
                 rng.shuffle(order)
             picked.append(order.pop())
         ids = [torch.tensor(sources[k][i]) for i in picked]
-        images = embed_scene(embedding, [source_scenes[k][i] for i in picked]) if args.scenes else None
+        images = embed_scene(embedding, source_scenes[k][picked]) if args.scenes else None
         # Every text token is a target; image rows and padding are not (splice marks them IGNORE_INDEX).
         batch = splice_image_embeddings(ids, embedding, images, [r.clamp(min=0) for r in ids])
         hidden = decoder_hidden(model.model, batch.inputs_embeds, batch.attention_mask, shared_prefix(ids))
@@ -233,7 +239,7 @@ def scene_use(model, restricted: RestrictedHead, texts, scenes, embed_scene, n: 
             if len(rows) < 2:
                 break
             ids = [torch.tensor(texts[i]) for i in rows]
-            images = embed_scene(embedding, [scenes[i] for i in rows])
+            images = embed_scene(embedding, scenes[rows])
             for k, imgs in enumerate((images, images.roll(1, 0))):
                 spliced = splice_image_embeddings(ids, embedding, imgs, [r.clamp(min=0) for r in ids])
                 hidden = decoder_hidden(model.model, spliced.inputs_embeds, spliced.attention_mask)

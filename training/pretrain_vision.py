@@ -31,16 +31,14 @@ HEADS = {"colour": ("background", *COLOURS), "shape": ("background", *SHAPES), "
 
 def patch_targets(rows: list[dict], grid: int) -> torch.Tensor:
     """(N, 5, grid*grid) class ids per patch for the heads of HEADS; 0 is background for colour, shape, size."""
-    from training.synthetic import patch_contents, patch_halves
+    from training.synthetic import patch_halves, row_patches
 
     out = torch.zeros(len(rows), len(HEADS), grid * grid, dtype=torch.long)
     halves = patch_halves(grid)
     out[:, 3] = torch.tensor([HEADS["horizontal"].index(h) for h, _ in halves])
     out[:, 4] = torch.tensor([HEADS["vertical"].index(v) for _, v in halves])
     for i, row in enumerate(rows):
-        if "meta" not in row or "objects" not in row["meta"]:
-            raise ValueError(f"sample {row.get('id', i)} has no meta.objects; pretrain_vision needs a synthetic dataset")
-        for p, obj in enumerate(patch_contents(row["meta"]["objects"], grid)):
+        for p, obj in enumerate(row_patches(row, grid, i)):
             if obj is not None:
                 out[i, :3, p] = torch.tensor([HEADS["colour"].index(obj.colour), HEADS["shape"].index(obj.shape),
                                               HEADS["size"].index(obj.size)])
@@ -53,12 +51,7 @@ def load_split(json_path: Path, image_folder: Path | None, vision) -> tuple[torc
     from training.data import load_samples
     from training.synthetic import lattice
 
-    grid = lattice(json_path)
-    if grid * grid != vision.num_image_tokens or vision.image_size // vision.patch_size != grid:
-        raise ValueError(f"{json_path}: the dataset's {grid} x {grid} lattice is not the preset's patch grid "
-                         f"({vision.image_size // vision.patch_size} x {vision.image_size // vision.patch_size}); "
-                         f"write it with python -m training.synthetic --image-size {vision.image_size} --grid "
-                         f"{vision.image_size // vision.patch_size}")
+    grid = lattice(json_path, vision)
     rows = load_samples(json_path)
     folder = image_folder or json_path.parent / "images"
     pixels = torch.stack([torch.from_numpy(preprocess(folder / row["image"], vision, "pad")) for row in rows])
@@ -111,8 +104,7 @@ def pretrain(args) -> Path:
     torch.manual_seed(args.seed)
     vision = VisionTower(config.vision)
     heads = PatchHeads(config.vision.hidden_size)
-    used = [p for p in vision.parameters()]  # layers past the selected one never run, so they get no gradient
-    params = used + list(heads.parameters())
+    params = list(vision.parameters()) + list(heads.parameters())  # layers past the selected one get no gradient
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     scheduler = warmup_cosine(optimizer, args.max_steps)
     out.mkdir(parents=True, exist_ok=True)

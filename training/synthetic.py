@@ -167,14 +167,29 @@ def patch_halves(grid: int) -> list[tuple[str, str]]:
             for row in range(grid) for col in range(grid)]
 
 
-def lattice(data_json: str | Path) -> int:
-    """The lattice size a synthetic dataset was written with, from the dataset_info.json beside its JSON files."""
+def row_patches(row: dict, grid: int, index: int = 0) -> list[Obj | None]:
+    """`patch_contents` of one dataset sample, with a clear error for samples that carry no scene annotation."""
+    if "meta" not in row or "objects" not in row["meta"]:
+        raise ValueError(f"sample {row.get('id', index)} has no meta.objects; per-patch scenes need a dataset written "
+                         "by python -m training.synthetic")
+    return patch_contents(row["meta"]["objects"], grid)
+
+
+def lattice(data_json: str | Path, vision=None) -> int:
+    """The lattice size a synthetic dataset was written with, from the dataset_info.json beside its JSON files; with
+    `vision` (a VisionConfig), also checked to be that preset's patch grid."""
     info = Path(data_json).parent / "dataset_info.json"
     if not info.is_file():
         raise FileNotFoundError(f"{info} not found: scene annotations need a dataset written by python -m training.synthetic")
     grid = int(json.loads(info.read_text()).get("grid", 0))
     if grid < 1:
         raise ValueError(f"{info}: the dataset was written with free placement (--grid 0); per-patch scenes need a lattice")
+    if vision is not None:
+        side = vision.image_size // vision.patch_size
+        if grid != side or grid * grid != vision.num_image_tokens:
+            raise ValueError(f"{data_json}: the dataset's {grid} x {grid} lattice is not the preset's {side} x {side} "
+                             f"patch grid; write it with python -m training.synthetic --image-size {vision.image_size} "
+                             f"--grid {side}")
     return grid
 
 
