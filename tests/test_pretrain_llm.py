@@ -129,3 +129,22 @@ def test_scenes_need_a_lattice_matching_the_image_tokens(tmp_path, synthetic_dat
     with pytest.raises(ValueError, match="lattice"):
         main(["--data", str(tmp_path / "free" / "stage2.json"), "--out", str(tmp_path / "r"), "--max-steps", "1",
               "--scenes", "--no-progress"])
+
+
+def test_scene_qa_asks_every_held_out_question_once(tmp_path, synthetic_data):
+    """The stage-0 report's ceiling: QA on perfect scenes of held-out images, one entry per question, per type."""
+    from training.data import load_samples
+    from training.pretrain_llm import main
+    from training.synthetic import QUESTION_GROUP
+
+    folder = main(["--data", str(synthetic_data / "stage2.json"), "--out", str(tmp_path / "run"), "--max-steps", "2",
+                   "--batch-size", "2", "--scenes", "--eval-data", str(synthetic_data / "eval.json"),
+                   "--eval-every", "1", "--no-progress"])
+    qa = json.loads((folder / "pretrain.json").read_text())["scene_qa"]
+    rows = load_samples(synthetic_data / "eval.json")
+    kinds = [k for r in rows for k in r["meta"]["types"]]
+    assert qa["questions"] == len(kinds) > 0
+    assert set(qa["per_type"]) == {QUESTION_GROUP[k] for k in kinds}
+    assert 0.0 <= qa["accuracy"] <= 1.0 and all(0.0 <= v <= 1.0 for v in qa["per_type"].values())
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "scene_qa" in r] == [1]  # every --eval-every steps before the last

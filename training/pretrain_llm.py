@@ -23,7 +23,11 @@ samples in which every object word depends on the scene, which is what makes the
 
 Writes RUN/llm (a transformers Llama folder, safetensors, atomic), RUN/metrics.jsonl and RUN/loss_curve.png. With
 scenes, the report gives the token cross-entropy of the last 64 conversations with their own scene and with another
-sample's (`scene_use`): equal values mean the LLM does not read the slot.
+sample's (`scene_use`): equal values mean the LLM does not read the slot. With --eval-data (held-out samples of
+the same generator), it also gives `scene_qa`: every question of the first --eval-images held-out images asked on its
+own, as training.evaluate asks it, with the image slot filled by the *perfect* scene of that image. That is the
+ceiling of the whole pipeline: stages 1 and 2 map pixels onto what this LLM reads, so the final model's QA accuracy
+stays near it (training/RESULTS.md).
 
 The softmax covers the corpus vocabulary only: the head rows of the other tokens of the 32000 stay exactly zero, so
 their logits are 0 and their total mass enters every softmax as one extra logit log(n_unseen). That is the exact
@@ -162,6 +166,7 @@ def pretrain(args) -> Path:
                                     config.llm.hidden_size)
         source_scenes = [embed_scene.index(sc) for sc in words]  # (N, T, W) word indices per source
         scenes = source_scenes[0]
+    held_out = load_samples(args.eval_data)[: args.eval_images] if args.eval_data and args.scenes else []
     vocab = {t for src in sources for ids in src for t in ids if t >= 0} | {config.llm.eos_token_id}
     model = LlamaForCausalLM(hf_llama_config(config.llm))
     head = model.lm_head.weight
@@ -206,11 +211,17 @@ def pretrain(args) -> Path:
                    "elapsed": time.time() - start})
         bar.set_postfix(loss=f"{loss:.3f}")
         bar.update(1)
+        if held_out and args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
+            qa = scene_qa(model, tokenizer, held_out, grid, embed_scene)
+            log.write({"step": step, "scene_qa": qa})
+            bar.write(f"step {step}: held-out scene QA {qa['accuracy']:.1%} {qa['per_type']}")
     bar.close()
     report = {"stage": 0, "steps": args.max_steps, "wall_s": round(time.time() - start, 1), "final_loss": round(loss, 4),
               "corpus_vocab": len(vocab), "scenes": bool(args.scenes)}
     if scenes is not None:
         report["scene_use"] = scene_use(model, restricted, texts, scenes, embed_scene)
+    if held_out:
+        report["scene_qa"] = scene_qa(model, tokenizer, held_out, grid, embed_scene)
     with atomic_dir(out / "llm") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / "pretrain.json").write_text(json.dumps({
@@ -251,6 +262,53 @@ def scene_use(model, restricted: RestrictedHead, texts, scenes, embed_scene, n: 
     return {"own_scene_ce": round(totals[0] / max(count, 1), 4), "other_scene_ce": round(totals[1] / max(count, 1), 4)}
 
 
+def scene_qa(model, tokenizer, rows, grid: int, embed_scene, template: str = "v1_sq", batch: int = 32) -> dict:
+    """QA accuracy of the LLM reading *perfect* symbolic scenes: every question of `rows` (synthetic samples with
+    meta.types) asked on its own as training.evaluate asks it, scored teacher-forced (right iff the argmax over the
+    full vocabulary is the answer at every answer token and at "</s>", i.e. what greedy decoding would say). The
+    ceiling that stages 1 and 2 can carry over to pixels."""
+    from collections import Counter
+
+    from sqllava_edge.conversation import Turn, tokenize_conversation
+    from sqllava_edge.model import splice_image_embeddings
+    from training.modeling import decoder_hidden
+    from training.synthetic import QUESTION_GROUP
+
+    items = []  # (ids, labels, scene row, group)
+    for i, row in enumerate(rows):
+        turns = row["conversations"]
+        qa_turns = [(turns[j]["value"], turns[j + 1]["value"]) for j in range(0, len(turns) - 1, 2)]
+        for (question, answer), kind in zip(qa_turns, row["meta"]["types"]):
+            if kind not in QUESTION_GROUP:
+                continue  # descriptions
+            question = question.replace(IMAGE_PLACEHOLDER, "").strip()
+            conv = tokenize_conversation(tokenizer, template, [Turn("user", IMAGE_PLACEHOLDER + "\n" + question),
+                                                               Turn("assistant", answer)], has_image=True)
+            items.append((conv.ids, conv.labels, i, QUESTION_GROUP[kind]))
+    index = embed_scene.index(scene_words(rows, grid))
+    embedding = model.get_input_embeddings()
+    right, total = Counter(), Counter()
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(items), batch):
+            chunk = items[start:start + batch]
+            ids = [torch.tensor(c[0]) for c in chunk]
+            images = embed_scene(embedding, index[[c[2] for c in chunk]])
+            spliced = splice_image_embeddings(ids, embedding, images, [torch.tensor(c[1]) for c in chunk])
+            hidden = decoder_hidden(model.model, spliced.inputs_embeds, spliced.attention_mask)
+            targets = spliced.labels[:, 1:]
+            guess = model.lm_head(hidden[:, :-1]).argmax(-1)
+            ok = ((guess == targets) | (targets == IGNORE_INDEX)).all(dim=1)
+            for c, good in zip(chunk, ok.tolist()):
+                total[c[3]] += 1
+                right[c[3]] += good
+    model.train(was_training)
+    n = sum(total.values())
+    return {"questions": n, "accuracy": round(sum(right.values()) / max(n, 1), 4),
+            "per_type": {k: round(right[k] / total[k], 4) for k in sorted(total)}}
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m training.pretrain_llm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, nargs="+", required=True, help="LLaVA JSON files whose text to learn")
@@ -266,11 +324,20 @@ def main(argv: list[str] | None = None) -> Path:
                         help="caption files (stage1.json) rendered as stage 1 does (plain); batches alternate with --data")
     parser.add_argument("--scenes", action="store_true",
                         help="fill the image slot with the sample's symbolic scene (synthetic datasets on a lattice)")
+    parser.add_argument("--eval-data", type=Path, default=None,
+                        help="held-out synthetic samples (eval.json; needs --scenes): report the QA accuracy on their "
+                             "perfect scenes, the ceiling of the whole pipeline")
+    parser.add_argument("--eval-images", type=int, default=20, help="held-out images of --eval-data to ask about")
+    parser.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0 = at the end only)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     args = parser.parse_args(argv)
     if args.max_steps < 1 or args.batch_size < 1 or args.lr <= 0:
         parser.error("--max-steps and --batch-size must be >= 1 and --lr > 0")
+    if args.eval_data and not args.scenes:
+        parser.error("--eval-data scores the LLM on perfect scenes: pass --scenes too")
+    if args.eval_images < 1 or args.eval_every < 0:
+        parser.error("--eval-images must be >= 1 and --eval-every >= 0")
     return pretrain(args)
 
 
