@@ -148,3 +148,4 @@ def test_scene_qa_asks_every_held_out_question_once(tmp_path, synthetic_data):
     assert 0.0 <= qa["accuracy"] <= 1.0 and all(0.0 <= v <= 1.0 for v in qa["per_type"].values())
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "scene_qa" in r] == [1]  # every --eval-every steps before the last
+    assert (tmp_path / "run" / "scene_qa.png").stat().st_size > 0

@@ -23,11 +23,11 @@ samples in which every object word depends on the scene, which is what makes the
 
 Writes RUN/llm (a transformers Llama folder, safetensors, atomic), RUN/metrics.jsonl and RUN/loss_curve.png. With
 scenes, the report gives the token cross-entropy of the last 64 conversations with their own scene and with another
-sample's (`scene_use`): equal values mean the LLM does not read the slot. With --eval-data (held-out samples of
-the same generator), it also gives `scene_qa`: every question of the first --eval-images held-out images asked on its
-own, as training.evaluate asks it, with the image slot filled by the *perfect* scene of that image. That is the
-ceiling of the whole pipeline: stages 1 and 2 map pixels onto what this LLM reads, so the final model's QA accuracy
-stays near it (training/RESULTS.md).
+sample's (`scene_use`): equal values mean the LLM does not read the slot. With --eval-data (held-out samples of the
+same generator) it also gives `scene_qa`: every question of the first --eval-images held-out images asked on its own,
+as training.evaluate asks it, with the image slot filled by the *perfect* scene of that image, and RUN/scene_qa.png
+(its curve with --eval-every). That is the ceiling of the whole pipeline: stages 1 and 2 map pixels onto what this
+LLM reads, so the final model's QA accuracy stays near it (training/RESULTS.md).
 
 The softmax covers the corpus vocabulary only: the head rows of the other tokens of the 32000 stay exactly zero, so
 their logits are 0 and their total mass enters every softmax as one extra logit log(n_unseen). That is the exact
@@ -110,6 +110,7 @@ class SceneEmbedder:
         for k in range(1, words.shape[2]):  # left to right, as the words are listed
             rows = rows + words[:, :, k]
         return rows * (self.norm / rows.norm(dim=-1, keepdim=True))
+
 
 
 class RestrictedHead:
@@ -230,6 +231,9 @@ def pretrain(args) -> Path:
             **report}, indent=2))
     what = "LLM pretraining on text + symbolic scenes" if args.scenes else "LLM text pretraining"
     plot_loss(log.records(), out / "loss_curve.png", f"stage 0: {config.name} {what}")
+    if held_out:
+        plot_scene_qa(log.records() + [{"step": args.max_steps, "scene_qa": report["scene_qa"]}],
+                      out / "scene_qa.png", f"stage 0: {config.name}, QA on perfect held-out scenes")
     print(json.dumps(report), flush=True)
     return out / "llm"
 
@@ -307,6 +311,32 @@ def scene_qa(model, tokenizer, rows, grid: int, embed_scene, template: str = "v1
     n = sum(total.values())
     return {"questions": n, "accuracy": round(sum(right.values()) / max(n, 1), 4),
             "per_type": {k: round(right[k] / total[k], 4) for k in sorted(total)}}
+
+
+
+def plot_scene_qa(records: list[dict[str, Any]], out: Path, title: str) -> Path | None:
+    """Held-out scene-QA accuracy per question type against the step, to a PNG (headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(r["step"], r["scene_qa"]) for r in records if "scene_qa" in r]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    steps = [step for step, _ in points]
+    ax.plot(steps, [qa["accuracy"] for _, qa in points], "k-o", lw=2, label="all")
+    for kind in points[-1][1]["per_type"]:
+        ax.plot(steps, [qa["per_type"].get(kind, float("nan")) for _, qa in points], "-", marker=".", alpha=0.7,
+                label=kind)
+    ax.set(xlabel="optimizer step", ylabel="exact-match accuracy", ylim=(0, 1), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
 
 
 def main(argv: list[str] | None = None) -> Path:
