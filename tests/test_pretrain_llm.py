@@ -149,3 +149,24 @@ def test_scene_qa_asks_every_held_out_question_once(tmp_path, synthetic_data):
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "scene_qa" in r] == [1]  # every --eval-every steps before the last
     assert (tmp_path / "run" / "scene_qa.png").stat().st_size > 0
+
+
+def test_scene_qa_asks_in_the_evaluation_prompt_and_scores_the_answer_tokens(synthetic_data):
+    """Each scored item is training.evaluate's prompt followed by the answer and "</s>", and only those are scored."""
+    from sqllava_edge.config import IGNORE_INDEX, get_preset
+    from sqllava_edge.conversation import answer_prompt
+    from sqllava_edge.tokenizer import default_tokenizer
+    from training.data import load_samples
+    from training.pretrain_llm import SceneEmbedder, SceneQA, scene_words
+
+    rows = load_samples(synthetic_data / "eval.json")
+    tok = default_tokenizer()
+    words = {w for s in scene_words(rows, 8) for p in s for w in p}
+    qa = SceneQA(tok, rows, 8, SceneEmbedder(tok, words, get_preset("tiny").llm.hidden_size))
+    turns = rows[0]["conversations"]
+    ids, labels, scene, _ = qa.items[0]
+    prompt = answer_prompt(tok, turns[0]["value"].replace("<image>", "").strip())
+    assert ids[:len(prompt)].tolist() == prompt and scene == 0
+    scored = [t for t in labels.tolist() if t != IGNORE_INDEX]
+    assert scored == ids[len(prompt):].tolist() and scored[-1] == tok.eos_id
+    assert tok.decode(scored[:-1]).strip() == turns[1]["value"]

@@ -112,7 +112,6 @@ class SceneEmbedder:
         return rows * (self.norm / rows.norm(dim=-1, keepdim=True))
 
 
-
 class RestrictedHead:
     """Cross-entropy through the rows `vocab` of a head whose other rows are zero (see the module docstring)."""
 
@@ -167,7 +166,9 @@ def pretrain(args) -> Path:
                                     config.llm.hidden_size)
         source_scenes = [embed_scene.index(sc) for sc in words]  # (N, T, W) word indices per source
         scenes = source_scenes[0]
-    held_out = load_samples(args.eval_data)[: args.eval_images] if args.eval_data and args.scenes else []
+    held_out = None
+    if args.eval_data:  # main() requires --scenes with it
+        held_out = SceneQA(tokenizer, load_samples(args.eval_data)[: args.eval_images], grid, embed_scene)
     vocab = {t for src in sources for ids in src for t in ids if t >= 0} | {config.llm.eos_token_id}
     model = LlamaForCausalLM(hf_llama_config(config.llm))
     head = model.lm_head.weight
@@ -212,8 +213,8 @@ def pretrain(args) -> Path:
                    "elapsed": time.time() - start})
         bar.set_postfix(loss=f"{loss:.3f}")
         bar.update(1)
-        if held_out and args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
-            qa = scene_qa(model, tokenizer, held_out, grid, embed_scene)
+        if held_out is not None and args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
+            qa = held_out(model)
             log.write({"step": step, "scene_qa": qa})
             bar.write(f"step {step}: held-out scene QA {qa['accuracy']:.1%} {qa['per_type']}")
     bar.close()
@@ -221,8 +222,8 @@ def pretrain(args) -> Path:
               "corpus_vocab": len(vocab), "scenes": bool(args.scenes)}
     if scenes is not None:
         report["scene_use"] = scene_use(model, restricted, texts, scenes, embed_scene)
-    if held_out:
-        report["scene_qa"] = scene_qa(model, tokenizer, held_out, grid, embed_scene)
+    if held_out is not None:
+        report["scene_qa"] = held_out(model)
     with atomic_dir(out / "llm") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / "pretrain.json").write_text(json.dumps({
@@ -231,7 +232,7 @@ def pretrain(args) -> Path:
             **report}, indent=2))
     what = "LLM pretraining on text + symbolic scenes" if args.scenes else "LLM text pretraining"
     plot_loss(log.records(), out / "loss_curve.png", f"stage 0: {config.name} {what}")
-    if held_out:
+    if held_out is not None:
         plot_scene_qa(log.records() + [{"step": args.max_steps, "scene_qa": report["scene_qa"]}],
                       out / "scene_qa.png", f"stage 0: {config.name}, QA on perfect held-out scenes")
     print(json.dumps(report), flush=True)
@@ -266,52 +267,58 @@ def scene_use(model, restricted: RestrictedHead, texts, scenes, embed_scene, n: 
     return {"own_scene_ce": round(totals[0] / max(count, 1), 4), "other_scene_ce": round(totals[1] / max(count, 1), 4)}
 
 
-def scene_qa(model, tokenizer, rows, grid: int, embed_scene, template: str = "v1_sq", batch: int = 32) -> dict:
+class SceneQA:
     """QA accuracy of the LLM reading *perfect* symbolic scenes: every question of `rows` (synthetic samples with
-    meta.types) asked on its own as training.evaluate asks it, scored teacher-forced (right iff the argmax over the
+    meta.types) asked on its own in training.evaluate's prompt, scored teacher-forced (right iff the argmax over the
     full vocabulary is the answer at every answer token and at "</s>", i.e. what greedy decoding would say). The
-    ceiling that stages 1 and 2 can carry over to pixels."""
-    from collections import Counter
+    ceiling that stages 1 and 2 can carry over to pixels. Questions are tokenized and scenes indexed once; each call
+    scores the model as it is now."""
 
-    from sqllava_edge.conversation import Turn, tokenize_conversation
-    from sqllava_edge.model import splice_image_embeddings
-    from training.modeling import decoder_hidden
-    from training.synthetic import QUESTION_GROUP
+    def __init__(self, tokenizer, rows, grid: int, embed_scene, template: str = "v1_sq", batch: int = 32):
+        from sqllava_edge.conversation import Turn, tokenize_conversation
+        from training.synthetic import QUESTION_GROUP
 
-    items = []  # (ids, labels, scene row, group)
-    for i, row in enumerate(rows):
-        turns = row["conversations"]
-        qa_turns = [(turns[j]["value"], turns[j + 1]["value"]) for j in range(0, len(turns) - 1, 2)]
-        for (question, answer), kind in zip(qa_turns, row["meta"]["types"]):
-            if kind not in QUESTION_GROUP:
-                continue  # descriptions
-            question = question.replace(IMAGE_PLACEHOLDER, "").strip()
-            conv = tokenize_conversation(tokenizer, template, [Turn("user", IMAGE_PLACEHOLDER + "\n" + question),
-                                                               Turn("assistant", answer)], has_image=True)
-            items.append((conv.ids, conv.labels, i, QUESTION_GROUP[kind]))
-    index = embed_scene.index(scene_words(rows, grid))
-    embedding = model.get_input_embeddings()
-    right, total = Counter(), Counter()
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(items), batch):
-            chunk = items[start:start + batch]
-            ids = [torch.tensor(c[0]) for c in chunk]
-            images = embed_scene(embedding, index[[c[2] for c in chunk]])
-            spliced = splice_image_embeddings(ids, embedding, images, [torch.tensor(c[1]) for c in chunk])
-            hidden = decoder_hidden(model.model, spliced.inputs_embeds, spliced.attention_mask)
-            targets = spliced.labels[:, 1:]
-            guess = model.lm_head(hidden[:, :-1]).argmax(-1)
-            ok = ((guess == targets) | (targets == IGNORE_INDEX)).all(dim=1)
-            for c, good in zip(chunk, ok.tolist()):
-                total[c[3]] += 1
-                right[c[3]] += good
-    model.train(was_training)
-    n = sum(total.values())
-    return {"questions": n, "accuracy": round(sum(right.values()) / max(n, 1), 4),
-            "per_type": {k: round(right[k] / total[k], 4) for k in sorted(total)}}
+        self.items = []  # (ids, labels, scene row, question group)
+        for i, row in enumerate(rows):
+            turns = row["conversations"]
+            pairs = [(turns[j]["value"], turns[j + 1]["value"]) for j in range(0, len(turns) - 1, 2)]
+            for (question, answer), kind in zip(pairs, row["meta"]["types"]):
+                if kind not in QUESTION_GROUP:
+                    continue  # descriptions
+                question = question.replace(IMAGE_PLACEHOLDER, "").strip()
+                conv = tokenize_conversation(tokenizer, template, [Turn("user", IMAGE_PLACEHOLDER + "\n" + question),
+                                                                   Turn("assistant", answer)], has_image=True)
+                self.items.append((torch.tensor(conv.ids), torch.tensor(conv.labels), i, QUESTION_GROUP[kind]))
+        self.index = embed_scene.index(scene_words(rows, grid))
+        self.embed_scene = embed_scene
+        self.batch = batch
 
+    def __call__(self, model) -> dict:
+        from collections import Counter
+
+        from sqllava_edge.model import splice_image_embeddings
+        from training.modeling import decoder_hidden
+
+        embedding = model.get_input_embeddings()
+        right, total = Counter(), Counter()
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for start in range(0, len(self.items), self.batch):
+                chunk = self.items[start:start + self.batch]
+                images = self.embed_scene(embedding, self.index[[c[2] for c in chunk]])
+                spliced = splice_image_embeddings([c[0] for c in chunk], embedding, images, [c[1] for c in chunk])
+                hidden = decoder_hidden(model.model, spliced.inputs_embeds, spliced.attention_mask)
+                targets = spliced.labels[:, 1:]
+                guess = model.lm_head(hidden[:, :-1]).argmax(-1)
+                ok = ((guess == targets) | (targets == IGNORE_INDEX)).all(dim=1)
+                for c, good in zip(chunk, ok.tolist()):
+                    total[c[3]] += 1
+                    right[c[3]] += good
+        model.train(was_training)
+        n = sum(total.values())
+        return {"questions": n, "accuracy": round(sum(right.values()) / max(n, 1), 4),
+                "per_type": {k: round(right[k] / total[k], 4) for k in sorted(total)}}
 
 
 def plot_scene_qa(records: list[dict[str, Any]], out: Path, title: str) -> Path | None:
