@@ -170,3 +170,55 @@ def test_scene_qa_asks_in_the_evaluation_prompt_and_scores_the_answer_tokens(syn
     scored = [t for t in labels.tolist() if t != IGNORE_INDEX]
     assert scored == ids[len(prompt):].tolist() and scored[-1] == tok.eos_id
     assert tok.decode(scored[:-1]).strip() == turns[1]["value"]
+
+
+def test_scene_facts_name_each_object_by_a_unique_referent_then_its_attributes():
+    """Every line is `referent: attributes`; the referent picks out exactly one object (or a colour's count), the
+    attributes are that object's, and the lines come in a seeded random order."""
+    import numpy as np
+
+    from training.synthetic import Obj, scene_facts
+
+    objects = [Obj("red", "star", "big", 0.25, 0.25, 0.1), Obj("red", "circle", "small", 0.8125, 0.9375, 0.05),
+               Obj("blue", "cross", "small", 0.5, 0.0625, 0.05)]  # the cross is neither left nor right
+    for seed in range(20):
+        lines = scene_facts(objects, np.random.default_rng(seed)).rstrip(".").split(". ")
+        assert len(lines) == len(objects) + 2  # one per object, one count per colour
+        seen = set()
+        for line in lines:
+            ref, attrs = line.split(": ")
+            if ref.endswith(" shapes"):
+                assert attrs == str(sum(o.colour == ref.split()[0] for o in objects))
+                seen.add(ref)
+                continue
+            words = ref.removesuffix(" object").split()
+            match = [o for o in objects if all(w in (o.colour, o.shape) for w in words)]
+            assert len(match) == 1, line  # "red" alone would be ambiguous: two red objects
+            o = match[0]
+            assert attrs.split(", ") == [o.colour, o.shape, o.size] + [w for w in (o.horizontal, o.vertical) if w]
+            seen.add(o.shape)
+        assert seen == {"star", "circle", "cross", "red shapes", "blue shapes"}
+    orders = {scene_facts(objects, np.random.default_rng(s)) for s in range(20)}
+    assert len(orders) > 1 and scene_facts(objects, np.random.default_rng(3)) == scene_facts(objects, np.random.default_rng(3))
+
+
+def test_scene_facts_extend_the_stage0_captions(tmp_path, synthetic_data):
+    from training.data import load_samples
+    from training.pretrain_llm import main, with_scene_facts
+
+    meta = {r["image"]: r["meta"] for r in load_samples(synthetic_data / "stage2.json")}
+    captions = [{**r, "meta": meta[r["image"]]} for r in load_samples(synthetic_data / "stage1.json")]
+    extended = with_scene_facts(captions, seed=0)
+    for before, after in zip(captions, extended):
+        caption = before["conversations"][1]["value"]
+        assert after["conversations"][0] == before["conversations"][0]
+        assert after["conversations"][1]["value"].startswith(caption + " ")
+        assert after["conversations"][1]["value"].count(":") >= len(before["meta"]["objects"]) + 1
+    with pytest.raises(ValueError, match="meta.objects"):
+        with_scene_facts([{**captions[0], "meta": {}}], seed=0)
+    with pytest.raises(SystemExit):  # needs captions to extend
+        main(["--data", str(synthetic_data / "stage2.json"), "--out", str(tmp_path / "r"), "--scenes", "--scene-facts"])
+    folder = main(["--data", str(synthetic_data / "stage2.json"), "--caption-data", str(synthetic_data / "stage1.json"),
+                   "--out", str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "2", "--scenes",
+                   "--scene-facts", "--no-progress"])
+    assert json.loads((folder / "pretrain.json").read_text())["scene_use"]["own_scene_ce"] > 0

@@ -20,6 +20,10 @@ on that patch and where the patch is (the sum of the word embeddings of its colo
 slot, the skill Vicuna brings; it still never sees a pixel, so stage 1 has to map the images onto what the LLM reads
 there. --caption-data adds the stage-1 captions (rendered `plain`, as stage 1 does) in alternate batches: short
 samples in which every object word depends on the scene, which is what makes the reading appear within the budget.
+--scene-facts appends to each caption the image's objects once more, each led by a referent as the questions use it
+("star: green, star, big, right, top. red shapes: 2."), so that every attribute after it can only be predicted by
+finding that object's patches: the binding that answering "What colour is the star?" needs with several shapes
+present, which the LLM otherwise learns slowly (training/RESULTS.md).
 
 Writes RUN/llm (a transformers Llama folder, safetensors, atomic), RUN/metrics.jsonl and RUN/loss_curve.png. With
 scenes, the report gives the token cross-entropy of the last 64 conversations with their own scene and with another
@@ -67,6 +71,26 @@ def corpus(rows: list[dict[str, Any]], tokenizer, template: str, sq_r: float, rn
         if template == "plain":  # as stage 1 renders captions (spec 3.5): the first pair, instruction dropped
             turns = turns[:2]
         out.append(tokenize_conversation(tokenizer, template, turns, has_image=keep_image).ids)
+    return out
+
+
+def with_scene_facts(captions: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """Captions with the image's `training.synthetic.scene_facts` appended to each answer (--scene-facts). A caption
+    describes the objects; the facts after it then ask, per object, for the attributes of the one a referent names:
+    the binding that the QA needs and the captions alone do not teach (training/RESULTS.md)."""
+    import numpy as np
+
+    from training.synthetic import scene_facts
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for row in captions:
+        if "objects" not in row.get("meta", {}):
+            raise ValueError(f"caption sample {row.get('id', '?')} has no meta.objects; --scene-facts needs a dataset "
+                             "written by python -m training.synthetic")
+        first, answer = row["conversations"][:2]
+        facts = scene_facts(row["meta"]["objects"], rng)
+        out.append({**row, "conversations": [first, {**answer, "value": f"{answer['value']} {facts}"}]})
     return out
 
 
@@ -152,6 +176,8 @@ def pretrain(args) -> Path:
         raise ValueError(f"{', '.join(map(str, args.data))}: no samples")
     rng = random.Random(args.seed)
     torch.manual_seed(args.seed)
+    if args.scene_facts:  # main() requires --scenes with it
+        captions = with_scene_facts(captions, args.seed)
     sources = [corpus(rows, tokenizer, args.template, args.sq_r, rng, keep_image=args.scenes)]
     if captions:
         sources.append(corpus(captions, tokenizer, "plain", 0.0, rng, keep_image=args.scenes))
@@ -361,6 +387,10 @@ def main(argv: list[str] | None = None) -> Path:
                         help="caption files (stage1.json) rendered as stage 1 does (plain); batches alternate with --data")
     parser.add_argument("--scenes", action="store_true",
                         help="fill the image slot with the sample's symbolic scene (synthetic datasets on a lattice)")
+    parser.add_argument("--scene-facts", action="store_true",
+                        help="append to each caption every object's attributes, each led by how a question names the "
+                             "object (training.synthetic.scene_facts): teaches the binding the QA needs (needs --scenes "
+                             "and --caption-data)")
     parser.add_argument("--eval-data", type=Path, default=None,
                         help="held-out synthetic samples (eval.json; needs --scenes): report the QA accuracy on their "
                              "perfect scenes, the ceiling of the whole pipeline")
@@ -373,6 +403,9 @@ def main(argv: list[str] | None = None) -> Path:
         parser.error("--max-steps and --batch-size must be >= 1 and --lr > 0")
     if args.eval_data and not args.scenes:
         parser.error("--eval-data scores the LLM on perfect scenes: pass --scenes too")
+    if args.scene_facts and not (args.scenes and args.caption_data):
+        parser.error("--scene-facts extends the captions with what the symbolic scenes hold: pass --scenes and "
+                     "--caption-data too")
     if args.eval_images < 1 or args.eval_every < 0:
         parser.error("--eval-images must be >= 1 and --eval-every >= 0")
     return pretrain(args)

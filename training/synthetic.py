@@ -265,6 +265,23 @@ def caption(objects: list[Obj], rng: np.random.Generator) -> str:
     return f"{listed[0].upper()}{listed[1:]}."
 
 
+def scene_facts(objects: list[dict | Obj], rng: np.random.Generator) -> str:
+    """Every object's attributes, each line led by a way the questions refer to it, then the count of every colour,
+    in random order: "star: green, star, big, right, top. red shapes: 2." Read left to right, each attribute after the
+    referent can only be predicted by finding the referent's patches in the image: the binding the QA needs, one
+    token away from its cue (used by stage 0, training/pretrain_llm.py --scene-facts)."""
+    objects = [o if isinstance(o, Obj) else Obj(**o) for o in objects]
+    colour_count = {c: sum(o.colour == c for o in objects) for c in {o.colour for o in objects}}
+    facts = []
+    for o in objects:
+        refs = [o.shape, f"{o.colour} {o.shape}"] + ([f"{o.colour} object"] if colour_count[o.colour] == 1 else [])
+        ref = refs[int(rng.integers(len(refs)))]
+        where = [w for w in (o.horizontal, o.vertical) if w]
+        facts.append(f"{ref}: " + ", ".join([o.colour, o.shape, o.size, *where]))
+    facts += [f"{colour} shapes: {count}" for colour, count in sorted(colour_count.items())]
+    return ". ".join(facts[i] for i in rng.permutation(len(facts))) + "."
+
+
 def questions(objects: list[Obj], rng: np.random.Generator) -> list[dict]:
     """Every answerable (type, question, answer) for this scene, one random phrasing each, shuffled."""
     colour_count = {c: sum(o.colour == c for o in objects) for c in {o.colour for o in objects}}
