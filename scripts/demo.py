@@ -112,7 +112,7 @@ def steps(out: Path) -> list[Step]:
              s0v, [data]),
         Step("stage0", "3/8 stage 0: pretrain the tiny LLM on the text with symbolic scenes, no images (stands in for Vicuna)",
              [py, "-m", "training.pretrain_llm", "--data", str(data / "stage2.json"), "--caption-data",
-              str(data / "stage1.json"), "--scenes", "--preset", "tiny", "--out", str(s0), "--max-steps", str(STAGE0_STEPS),
+              str(data / "stage1.json"), "--scenes", "--scene-facts", "--preset", "tiny", "--out", str(s0), "--max-steps", str(STAGE0_STEPS),
               "--eval-data", str(data / "eval.json")],
              s0, [data]),
         Step("stage1", "4/8 training stage 1 (prototype extractor + projector on captions, frozen base ViT and LLM)",
