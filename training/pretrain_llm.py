@@ -23,7 +23,8 @@ samples in which every object word depends on the scene, which is what makes the
 --scene-facts appends to each caption the image's objects once more, each led by a referent as the questions use it
 ("star: green, star, big, right, top. red shapes: 2."), so that every attribute after it can only be predicted by
 finding that object's patches: the binding that answering "What colour is the star?" needs with several shapes
-present, which the LLM otherwise learns slowly (training/RESULTS.md).
+present. Measured, the LLM learns that binding inside the facts, but its QA gains stay within the run-to-run spread
+(training/RESULTS.md).
 
 Writes RUN/llm (a transformers Llama folder, safetensors, atomic), RUN/metrics.jsonl and RUN/loss_curve.png. With
 scenes, the report gives the token cross-entropy of the last 64 conversations with their own scene and with another
@@ -77,7 +78,7 @@ def corpus(rows: list[dict[str, Any]], tokenizer, template: str, sq_r: float, rn
 def with_scene_facts(captions: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
     """Captions with the image's `training.synthetic.scene_facts` appended to each answer (--scene-facts). A caption
     describes the objects; the facts after it then ask, per object, for the attributes of the one a referent names:
-    the binding that the QA needs and the captions alone do not teach (training/RESULTS.md)."""
+    the binding that the QA needs, which a caption, listing every object, does not ask for."""
     import numpy as np
 
     from training.synthetic import scene_facts
@@ -176,7 +177,7 @@ def pretrain(args) -> Path:
         raise ValueError(f"{', '.join(map(str, args.data))}: no samples")
     rng = random.Random(args.seed)
     torch.manual_seed(args.seed)
-    if args.scene_facts:  # main() requires --scenes with it
+    if args.scene_facts:  # main() requires --scenes and --caption-data with it
         captions = with_scene_facts(captions, args.seed)
     sources = [corpus(rows, tokenizer, args.template, args.sq_r, rng, keep_image=args.scenes)]
     if captions:
@@ -389,8 +390,8 @@ def main(argv: list[str] | None = None) -> Path:
                         help="fill the image slot with the sample's symbolic scene (synthetic datasets on a lattice)")
     parser.add_argument("--scene-facts", action="store_true",
                         help="append to each caption every object's attributes, each led by how a question names the "
-                             "object (training.synthetic.scene_facts): teaches the binding the QA needs (needs --scenes "
-                             "and --caption-data)")
+                             "object (training.synthetic.scene_facts), a direct signal for the binding the QA needs "
+                             "(needs --scenes and --caption-data)")
     parser.add_argument("--eval-data", type=Path, default=None,
                         help="held-out synthetic samples (eval.json; needs --scenes): report the QA accuracy on their "
                              "perfect scenes, the ceiling of the whole pipeline")

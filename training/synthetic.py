@@ -265,13 +265,18 @@ def caption(objects: list[Obj], rng: np.random.Generator) -> str:
     return f"{listed[0].upper()}{listed[1:]}."
 
 
+def colour_counts(objects: list[Obj]) -> dict[str, int]:
+    """How many objects have each colour that occurs (a colour held by one object can name it)."""
+    return {c: sum(o.colour == c for o in objects) for c in {o.colour for o in objects}}
+
+
 def scene_facts(objects: list[dict | Obj], rng: np.random.Generator) -> str:
     """Every object's attributes, each line led by a way the questions refer to it, then the count of every colour,
     in random order: "star: green, star, big, right, top. red shapes: 2." Read left to right, each attribute after the
-    referent can only be predicted by finding the referent's patches in the image: the binding the QA needs, one
-    token away from its cue (used by stage 0, training/pretrain_llm.py --scene-facts)."""
+    referent can only be predicted by finding the referent's patches in the image, one token after its cue: the
+    binding the QA needs (used by stage 0, training/pretrain_llm.py --scene-facts)."""
     objects = [o if isinstance(o, Obj) else Obj(**o) for o in objects]
-    colour_count = {c: sum(o.colour == c for o in objects) for c in {o.colour for o in objects}}
+    colour_count = colour_counts(objects)
     facts = []
     for o in objects:
         refs = [o.shape, f"{o.colour} {o.shape}"] + ([f"{o.colour} object"] if colour_count[o.colour] == 1 else [])
@@ -284,7 +289,7 @@ def scene_facts(objects: list[dict | Obj], rng: np.random.Generator) -> str:
 
 def questions(objects: list[Obj], rng: np.random.Generator) -> list[dict]:
     """Every answerable (type, question, answer) for this scene, one random phrasing each, shuffled."""
-    colour_count = {c: sum(o.colour == c for o in objects) for c in {o.colour for o in objects}}
+    colour_count = colour_counts(objects)
     found = []
     for o in objects:
         unique_colour = colour_count[o.colour] == 1
