@@ -222,3 +222,110 @@ def test_scene_facts_extend_the_stage0_captions(tmp_path, synthetic_data):
                    "--out", str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "2", "--scenes",
                    "--scene-facts", "--no-progress"])
     assert json.loads((folder / "pretrain.json").read_text())["scene_use"]["own_scene_ce"] > 0
+
+
+def _vocabulary_or_skip():
+    from sqllava_edge.vocab import vocab_dir
+
+    try:
+        vocab_dir()
+    except RuntimeError as err:
+        pytest.skip(f"the Llama-2 vocabulary needs PyPI access once (pip download of llama-cpp-python): {err}")
+
+
+def test_referent_targets_point_each_attribute_at_its_objects_patches():
+    """--bind-attention's targets on a real tokenized conversation: an answer looks at its question's referent, a
+    count at every object of the colour, an attribute word only at an object that has it, and the system prompt and
+    the roles at nothing."""
+    _vocabulary_or_skip()
+    from sqllava_edge.conversation import Turn, tokenize_conversation
+    from sqllava_edge.tokenizer import default_tokenizer
+    from training.pretrain_llm import referent_targets
+    from training.synthetic import Obj, patch_contents
+
+    objects = [Obj("red", "star", "big", 0.25, 0.25, 0.1), Obj("red", "circle", "small", 0.8125, 0.9375, 0.05),
+               Obj("blue", "cross", "small", 0.5625, 0.0625, 0.05)]
+    cells = patch_contents(objects, 8)
+    where = {o.shape: tuple(p for p, c in enumerate(cells) if c == o) for o in objects}
+    assert len(where["star"]) == 4 and len(where["circle"]) == len(where["cross"]) == 1
+    tok = default_tokenizer()
+    turns = [Turn("user", "<image>\nWhat colour is the star?"), Turn("assistant", "red"),
+             Turn("vuser", "How many red shapes are there?"), Turn("assistant", "2"),
+             Turn("user", "Is the cross big or small?"), Turn("assistant", "small")]
+    ids = tokenize_conversation(tok, "v1_sq", turns).ids
+    targets = referent_targets(tok, ids, objects, 8)
+    assert len({p for p, _ in targets}) == len(targets)  # one target per position
+    named = [(tok.decode([ids[p + 1]]).strip(), patches) for p, patches in targets]
+    red_objects = tuple(sorted(where["star"] + where["circle"]))
+    assert named == [
+        ("red", where["star"]),  # the answer: the star's colour (naming the star in the question is the user's choice)
+        ("", red_objects), ("2", red_objects),  # "How many red shapes": both answer tokens ("▁", "2") look at both
+        ("small", where["cross"]),  # "big" in the question is not the cross's attribute: no target
+        ("small", where["cross"]),  # the answer
+    ]
+    system_end = ids.index(-200)
+    assert all(p > system_end for p, _ in targets)
+    # a caption phrase's shape looks at the object of its colour, a fact's attributes at the fact's referent
+    text = "A small blue cross at the top. cross: blue, cross, small, top."
+    facts = tokenize_conversation(tok, "plain", [Turn("user", "<image>"), Turn("assistant", text)]).ids
+    named = [(tok.decode([facts[p + 1]]).strip(), patches) for p, patches in referent_targets(tok, facts, objects, 8)]
+    assert named == [("cross", where["cross"]), ("top", where["cross"]),
+                     ("blue", where["cross"]), ("cross", where["cross"]), ("small", where["cross"]), ("top", where["cross"])]
+    assert referent_targets(tok, facts, objects[:2], 8) == []  # an object that is not in the image is never a target
+
+
+@pytest.mark.parametrize("prefix", [0, 20])
+def test_bind_attention_recomputes_the_models_own_attention(prefix):
+    """The mass BindAttention reports is the attention the model itself computes (eager attention weights), with
+    and without the shared-prefix pass, and its loss trains the heads' query and key maps."""
+    from transformers import LlamaForCausalLM
+
+    from sqllava_edge.config import get_preset
+    from sqllava_edge.model import hf_llama_config
+    from training.modeling import decoder_hidden
+    from training.pretrain_llm import BindAttention
+
+    config = hf_llama_config(get_preset("tiny").llm)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # sharpen the attention so that the masses differ clearly from uniform
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+    bind = BindAttention(model, [(1, 0), (2, 3)])
+    x = torch.randn(2, 50, config.hidden_size)
+    x[1, :prefix] = x[0, :prefix]
+    with torch.no_grad():
+        weights = model.model(inputs_embeds=x, output_attentions=True).attentions
+    rows, pos, start = torch.tensor([0, 1, 1]), torch.tensor([40, 30, 49]), torch.tensor([5, 5, 5])
+    mask = torch.zeros(3, 10)
+    mask[0, 2] = mask[1, 2] = mask[2, [2, 7]] = 1
+    bind.active = True
+    decoder_hidden(model.model, x, torch.ones(2, 50, dtype=torch.long), prefix)
+    bind.active = False
+    loss, masses = bind.loss(rows, pos, start, mask)
+    for (layer, head), mass in zip(bind.heads, masses):
+        expected = (weights[layer][rows, head, pos, 5:15] * mask).sum(-1).mean()
+        assert mass == pytest.approx(float(expected), abs=1e-4)
+    assert 0 < min(masses) < 0.5
+    loss.backward()
+    attn = model.model.layers[1].self_attn
+    assert attn.q_proj.weight.grad.abs().sum() > 0 and attn.k_proj.weight.grad.abs().sum() > 0
+    assert not bind.captured  # nothing kept between steps
+    with pytest.raises(ValueError, match="layers 0-3"):
+        BindAttention(model, [(4, 0)])
+
+
+def test_pretrain_with_bind_attention_logs_the_referent_mass(tmp_path, synthetic_data):
+    from training.pretrain_llm import main
+
+    common = ["--data", str(synthetic_data / "stage2.json"), "--caption-data", str(synthetic_data / "stage1.json"),
+              "--max-steps", "2", "--batch-size", "2", "--no-progress"]
+    main([*common, "--out", str(tmp_path / "run"), "--scenes", "--bind-attention", "1:0,2:0"])
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(len(r["bind_mass"]) == 2 and all(0 < m < 1 for m in r["bind_mass"]) and r["bind_loss"] > 0
+               for r in records)
+    for bad in (["--scenes", "--bind-attention", "1-0"], ["--bind-attention", "1:0"]):  # bad spec; no scenes
+        with pytest.raises(SystemExit):
+            main([*common, "--out", str(tmp_path / "bad"), *bad])

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sqllava_edge.config import IGNORE_INDEX, IMAGE_PLACEHOLDER
+from sqllava_edge.config import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
 
 
 def corpus(rows: list[dict[str, Any]], tokenizer, template: str, sq_r: float, rng: random.Random,
@@ -137,6 +137,160 @@ class SceneEmbedder:
         return rows * (self.norm / rows.norm(dim=-1, keepdim=True))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# --bind-attention: a direct signal for selecting the referent's patches
+
+_REFERENT_NOUNS = {"object", "objects", "shape", "shapes"}
+_RESETS = {"a", "user", "vuser"}  # a caption phrase ("a big red star ..."), a new turn
+
+
+def token_words(tokenizer, ids: list[int]) -> list[tuple[str, int, int]]:
+    """(word, first token, last token) of a token sequence: lower-case words rebuilt from their pieces
+    ("diam" + "ond"), punctuation as words of its own, and "<sep>" for BOS, "</s>" and the image placeholder."""
+    specials = {tokenizer.bos_id, tokenizer.eos_id}
+    pieces = tokenizer.hf.convert_ids_to_tokens([max(i, 0) for i in ids])
+    words: list[list] = []
+    for t, (i, piece) in enumerate(zip(ids, pieces)):
+        body = piece.lstrip("\u2581")
+        if i < 0 or i in specials:
+            words.append(["<sep>", t, t])
+        elif body == "" or body.isalnum():
+            continues = (not piece.startswith("\u2581") and words and words[-1][0] != "<sep>"
+                         and (words[-1][0] == "" or words[-1][0].isalnum()))
+            if continues:
+                words[-1][0] += body.lower()
+                words[-1][2] = t
+            else:
+                words.append([body.lower(), t, t])
+        else:
+            words.append([body, t, t])
+    return [(w, first, last) for w, first, last in words]
+
+
+def referent_targets(tokenizer, ids: list[int], objects: list, grid: int) -> list[tuple[int, tuple[int, ...]]]:
+    """(position, patches) pairs: at `position` the next token names an attribute of the object(s) the text has
+    just referred to, and `patches` are where they are in the image (raster indices on the grid x grid lattice).
+
+    The referent is the last shape named ("What colour is the star?" -> green; "star: green, star, big"), or the
+    objects of a colour named as a group ("How many red shapes ...?" -> 2; "Which shape is blue?" -> star). A shape
+    word is a target itself after its colour ("a big red star") or when its object is the referent. An attribute
+    word is a target only if it is the referent's ("Is the star big or small?" marks "big" only for a big star), a
+    number only if it counts the referent objects. A caption phrase, a new turn or the end of a sentence that is not
+    a question forgets the referent."""
+    from training.synthetic import ANSWERS, Obj, patch_contents
+
+    objs = [o if isinstance(o, Obj) else Obj(**o) for o in objects]
+    cells = patch_contents(objs, grid)
+    patches = [tuple(p for p, o in enumerate(cells) if o == obj) for obj in objs]
+    by_shape = {o.shape: i for i, o in enumerate(objs)}
+    colours = set(ANSWERS["colour"])
+    attribute = {**{c: "colour" for c in colours}, **{s: "size" for s in ANSWERS["size"]},
+                 **{h: "horizontal" for h in ANSWERS["horizontal"]}, **{v: "vertical" for v in ANSWERS["vertical"]}}
+    words = token_words(tokenizer, ids)
+
+    def word(k: int, skip_separators: bool = False) -> str:
+        while skip_separators and k < len(words) and words[k][0] in ("<sep>", ""):
+            k += 1
+        return words[k][0] if 0 <= k < len(words) else ""
+
+    out: list[tuple[int, tuple[int, ...]]] = []
+    referent: frozenset[int] = frozenset()
+    for k, (w, first, last) in enumerate(words):
+        prev, nxt = word(k - 1), word(k + 1)
+        target: frozenset[int] = frozenset()
+        if w in by_shape:
+            if prev in colours or prev == ":" or referent == {by_shape[w]}:
+                target = frozenset({by_shape[w]})
+        elif referent and w in attribute:
+            if all(getattr(objs[i], attribute[w]) == w for i in referent):
+                target = referent
+        elif referent and w.isdigit() and int(w) == len(referent):
+            target = referent
+        if target:
+            where = tuple(sorted(p for i in target for p in patches[i]))
+            out += [(t - 1, where) for t in range(max(first, 1), last + 1)]
+        if w in by_shape:
+            referent = frozenset({by_shape[w]})
+        elif w in colours and (nxt in _REFERENT_NOUNS or nxt == "?" or prev == "are"):
+            referent = frozenset(i for i, o in enumerate(objs) if o.colour == w)
+        elif (w in _RESETS and (w != "a" or word(k + 2) in colours)) or (w == "." and word(k + 1, True) != "assistant"):
+            referent = frozenset()
+    return out
+
+
+class BindAttention:
+    """The --bind-attention loss: at every `referent_targets` position, -log of the attention mass that the given
+    heads put on the referent's image rows (mean over positions and heads).
+
+    The heads' attention is recomputed from their inputs, caught by a forward pre-hook while `active` (with a shared
+    prefix the decoder runs twice; the two calls are joined). The keys are computed from *detached* inputs: the loss
+    trains the heads' query and key maps and, through the queries, what the layers below bring to the text
+    positions, but it cannot move the image rows or the word vectors they are made of to fit the keys (measured:
+    with that path open, the LLM read colours far worse, training/RESULTS.md)."""
+
+    def __init__(self, model, heads: list[tuple[int, int]]):
+        config = model.config
+        for layer, head in heads:
+            if not (0 <= layer < config.num_hidden_layers and 0 <= head < config.num_attention_heads):
+                raise ValueError(f"--bind-attention {layer}:{head}: the model has layers 0-{config.num_hidden_layers - 1} "
+                                 f"and heads 0-{config.num_attention_heads - 1}")
+        self.model, self.heads, self.active = model, heads, False
+        self.captured: dict[int, list] = {}
+        for layer in sorted({layer for layer, _ in heads}):
+            model.model.layers[layer].self_attn.register_forward_pre_hook(self._hook(layer), with_kwargs=True)
+
+    def _hook(self, layer: int):
+        def grab(module, args, kwargs):
+            if self.active:
+                self.captured.setdefault(layer, []).append((kwargs["hidden_states"], kwargs["position_embeddings"]))
+        return grab
+
+    @staticmethod
+    def batch_targets(sequences: list[list[int]], targets: list[list[tuple[int, tuple[int, ...]]]], n_image: int):
+        """(rows, positions, image starts, patch masks) of a batch for `loss`, positions in spliced coordinates (the
+        placeholder expanded to n_image rows)."""
+        rows, positions, starts, masks = [], [], [], []
+        for b, (ids, refs) in enumerate(zip(sequences, targets)):
+            image = ids.index(IMAGE_TOKEN_INDEX)
+            for position, patches in refs:
+                rows.append(b)
+                positions.append(position + (n_image - 1 if position >= image else 0))
+                starts.append(image)
+                mask = torch.zeros(n_image)
+                mask[list(patches)] = 1.0
+                masks.append(mask)
+        if not rows:
+            return None
+        return torch.tensor(rows), torch.tensor(positions), torch.tensor(starts), torch.stack(masks)
+
+    def loss(self, rows: torch.Tensor, positions: torch.Tensor, image_start: torch.Tensor, mask: torch.Tensor):
+        """Returns (loss, mean mass per head). rows, positions, image_start: (N,); mask: (N, n_image)."""
+        from transformers.models.llama.modeling_llama import rotate_half
+
+        total, masses = 0.0, []
+        columns = image_start[:, None] + torch.arange(mask.shape[1])[None, :]
+        for layer, head in self.heads:
+            calls = self.captured[layer]
+            batch = calls[-1][0].shape[0]
+            hidden = torch.cat([h.expand(batch, -1, -1) for h, _ in calls], dim=1)  # (B, T, H)
+            cos = torch.cat([pe[0] for _, pe in calls], dim=1)[0]  # (T, d): the same positions in every row
+            sin = torch.cat([pe[1] for _, pe in calls], dim=1)[0]
+            attn = self.model.model.layers[layer].self_attn
+            d = attn.head_dim
+            kv_head = head // (attn.config.num_attention_heads // attn.config.num_key_value_heads)
+            q = attn.q_proj(hidden[rows, positions])[:, head * d:(head + 1) * d]  # (N, d)
+            q = q * cos[positions] + rotate_half(q) * sin[positions]
+            k = attn.k_proj(hidden.detach())[..., kv_head * d:(kv_head + 1) * d]  # (B, T, d)
+            k = k * cos + rotate_half(k) * sin
+            scores = torch.einsum("nd,ntd->nt", q, k[rows]) * attn.scaling  # (N, T)
+            later = torch.arange(k.shape[1])[None, :] > positions[:, None]
+            probs = scores.masked_fill(later, float("-inf")).float().softmax(-1)
+            mass = (probs.gather(1, columns) * mask).sum(-1)
+            total = total + (-torch.log(mass + 1e-6)).mean()
+            masses.append(round(float(mass.detach().mean()), 4))
+        self.captured.clear()
+        return total / len(self.heads), masses
+
 class RestrictedHead:
     """Cross-entropy through the rows `vocab` of a head whose other rows are zero (see the module docstring)."""
 
@@ -193,6 +347,13 @@ def pretrain(args) -> Path:
                                     config.llm.hidden_size)
         source_scenes = [embed_scene.index(sc) for sc in words]  # (N, T, W) word indices per source
         scenes = source_scenes[0]
+    bind, bind_refs = None, None
+    if args.bind_attention:  # main() requires --scenes with it
+        sample_rows = [rows] + ([captions] if captions else [])
+        bind_refs = [[referent_targets(tokenizer, ids, r["meta"]["objects"], grid) for ids, r in zip(src, srows)]
+                     for src, srows in zip(sources, sample_rows)]
+        n_sup = sum(len(x) for src in bind_refs for x in src)
+        print(f"--bind-attention: {n_sup} supervised positions in {sum(len(s) for s in sources)} samples", flush=True)
     held_out = None
     if args.eval_data:  # main() requires --scenes with it
         held_out = SceneQA(tokenizer, load_samples(args.eval_data)[: args.eval_images], grid, embed_scene)
@@ -202,6 +363,8 @@ def pretrain(args) -> Path:
     restricted = RestrictedHead(sorted(vocab), config.llm.vocab_size, head.device)
     with torch.no_grad():  # unseen rows start at zero and stay there: the loss reads only the corpus rows, so their
         head[restricted.index < 0] = 0.0  # gradient is exactly zero and AdamW (no decay) never moves them
+    if bind_refs is not None:
+        bind = BindAttention(model, args.bind_attention)
     model.train()
     embedding = model.get_input_embeddings()
     params = list(model.parameters())
@@ -224,12 +387,25 @@ def pretrain(args) -> Path:
         images = embed_scene(embedding, source_scenes[k][picked]) if args.scenes else None
         # Every text token is a target; image rows and padding are not (splice marks them IGNORE_INDEX).
         batch = splice_image_embeddings(ids, embedding, images, [r.clamp(min=0) for r in ids])
+        if bind is not None:
+            bind.active = True
         hidden = decoder_hidden(model.model, batch.inputs_embeds, batch.attention_mask, shared_prefix(ids))
         targets = batch.labels[:, 1:]
         keep = targets != IGNORE_INDEX
         loss_sum = restricted.loss_sum(hidden[:, :-1][keep], head, targets[keep])
         n = int(keep.sum())
-        (loss_sum / n).backward()
+        total = loss_sum / n
+        extra = {}
+        if bind is not None:
+            bind.active = False
+            picked_targets = bind.batch_targets([sources[k][i] for i in picked], [bind_refs[k][i] for i in picked],
+                                                images.shape[1])
+            if picked_targets is not None:
+                bind_loss, masses = bind.loss(*picked_targets)
+                total = total + args.bind_weight * bind_loss
+                extra = {"bind_loss": float(bind_loss.detach()), "bind_mass": masses}
+            bind.captured.clear()
+        total.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
@@ -237,8 +413,8 @@ def pretrain(args) -> Path:
         optimizer.zero_grad(set_to_none=True)
         loss = loss_sum.item() / n
         log.write({"step": step, "loss": loss, "lr": {"llm": lr}, "grad_norm": grad_norm, "trained_tokens": n,
-                   "elapsed": time.time() - start})
-        bar.set_postfix(loss=f"{loss:.3f}")
+                   "elapsed": time.time() - start, **extra})
+        bar.set_postfix(loss=f"{loss:.3f}", **({"bind": f"{extra['bind_mass'][0]:.2f}"} if extra else {}))
         bar.update(1)
         if held_out is not None and args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
             qa = held_out(model)
@@ -373,6 +549,16 @@ def plot_scene_qa(records: list[dict[str, Any]], out: Path, title: str) -> Path 
     return out
 
 
+def _heads(text: str) -> list[tuple[int, int]]:
+    try:
+        heads = [tuple(int(v) for v in item.split(":")) for item in text.split(",")]
+    except ValueError:
+        heads = []
+    if not heads or any(len(h) != 2 for h in heads):
+        raise argparse.ArgumentTypeError(f"{text!r}: give LAYER:HEAD pairs, comma separated, e.g. 1:0,2:0")
+    return heads
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m training.pretrain_llm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, nargs="+", required=True, help="LLaVA JSON files whose text to learn")
@@ -392,6 +578,10 @@ def main(argv: list[str] | None = None) -> Path:
                         help="append to each caption every object's attributes, each led by how a question names the "
                              "object (training.synthetic.scene_facts), a direct signal for the binding the QA needs "
                              "(needs --scenes and --caption-data)")
+    parser.add_argument("--bind-attention", type=_heads, default=None, metavar="LAYER:HEAD[,...]",
+                        help="train these attention heads (0-based) to look at the referent's image patches wherever "
+                             "the next token names one of its attributes (needs --scenes; the demo uses 1:0,2:0)")
+    parser.add_argument("--bind-weight", type=float, default=0.2, help="weight of the --bind-attention loss")
     parser.add_argument("--eval-data", type=Path, default=None,
                         help="held-out synthetic samples (eval.json; needs --scenes): report the QA accuracy on their "
                              "perfect scenes, the ceiling of the whole pipeline")
@@ -407,6 +597,8 @@ def main(argv: list[str] | None = None) -> Path:
     if args.scene_facts and not (args.scenes and args.caption_data):
         parser.error("--scene-facts extends the captions with what the symbolic scenes hold: pass --scenes and "
                      "--caption-data too")
+    if args.bind_attention and not args.scenes:
+        parser.error("--bind-attention points heads at the referent's patches of the symbolic scene: pass --scenes too")
     if args.eval_images < 1 or args.eval_every < 0:
         parser.error("--eval-images must be >= 1 and --eval-every >= 0")
     return pretrain(args)
