@@ -72,3 +72,14 @@ def test_two_demos_cannot_share_an_output_folder(demo, tmp_path, capsys):
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert demo.main(["--out", str(out), "--skip-benchmark"]) == 1
     assert "another demo is running" in capsys.readouterr().err
+
+
+def test_training_times_sum_the_stand_ins_and_the_two_stages(demo, tmp_path):
+    stamps = tmp_path / ".stamps"
+    stamps.mkdir()
+    for name, seconds in (("stage0_vision", 40.0), ("stage0", 300.4), ("stage1", 50.0)):
+        (stamps / f"{name}.json").write_text(json.dumps({"key": "k", "seconds": seconds}))
+    assert "unknown" in demo.training_times(stamps)
+    (stamps / "stage2.json").write_text(json.dumps({"key": "k", "seconds": 370.0}))
+    line = demo.training_times(stamps)
+    assert "stand-ins 340 s" in line and "stages 1 + 2 420 s (7.0 min" in line and "760 s in all" in line
