@@ -183,7 +183,8 @@ def referent_targets(tokenizer, ids: list[int], objects: list, grid: int) -> lis
 
     The referent is the last shape named ("What colour is the star?" -> green; "star: green, star, big"), or the
     objects of a colour named as a group ("How many red shapes ...?" -> 2; "Which shape is blue?" -> star). A shape
-    word is a target itself after its colour ("a big red star") or when its object is the referent. An attribute
+    word is a target itself after its colour ("a big red star"), after a colon (an answer) or when its object is the
+    referent. An attribute
     word is a target only if it is the referent's ("Is the star big or small?" marks "big" only for a big star), a
     number only if it counts the referent objects. A caption phrase, a new turn or the end of a sentence that is not
     a question forgets the referent."""
