@@ -75,3 +75,23 @@ def test_vision_pretraining_refuses_a_dataset_off_the_patch_grid(tmp_path):
     with pytest.raises(ValueError, match="patch grid"):
         main(["--data", str(tmp_path / "g4" / "stage2.json"), "--out", str(tmp_path / "r"), "--max-steps", "1",
               "--no-progress"])
+
+
+def test_gray_images_lose_their_hue_and_their_colour_targets(synthetic_data, tmp_path):
+    """--gray-share: the chosen images become grey (equal R, G, B before normalization), the others stay as they
+    are, and a run with it trains with the objects' colour ignored on the grey images."""
+    from sqllava_edge.config import get_preset
+    from training.pretrain_vision import load_split, main, to_gray
+
+    vision = get_preset("tiny").vision
+    pixels, _ = load_split(synthetic_data / "stage2.json", None, vision)
+    which = torch.tensor([True, False] + [False] * (len(pixels) - 2))
+    out = to_gray(pixels, which, vision)
+    rgb = out * torch.tensor(vision.image_std).view(1, 3, 1, 1) + torch.tensor(vision.image_mean).view(1, 3, 1, 1)
+    assert torch.allclose(rgb[0, 0], rgb[0, 1], atol=1e-5) and torch.allclose(rgb[0, 1], rgb[0, 2], atol=1e-5)
+    assert torch.equal(out[1:], pixels[1:]) and not torch.equal(out[0], pixels[0])
+    run = tmp_path / "g"
+    main(["--data", str(synthetic_data / "stage2.json"), "--out", str(run), "--max-steps", "3", "--batch-size", "8",
+          "--gray-share", "0.5", "--threads", "1", "--no-progress"])
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and all(r["loss_colour"] > 0 for r in records)

@@ -9,6 +9,13 @@ trained on the synthetic training images with their annotations: at the selected
 layers SQ-LLaVA runs), every patch learns to tell the colour, the shape and the size of the object covering it, or
 that it is background. Only the training split is used; the held-out split's colour/shape pairs are never seen.
 
+Trained on colour images only, the ViT ties shape to colour: it labels 80% of the held-out patches with the right
+shape, and an orange square (a pair training never shows) comes out a circle. --gray-share 0.5 shows half the
+training images in grey, with the objects' colour left out of their targets, so that shape has to be read from the
+outline alone: 96% of the held-out patches then get their shape right (colour 97.6% vs 98.9%). Measured through the
+whole pipeline it traded colour answers for position, size and shape ones and cost grounded questions, so the demo
+does not use it yet (training/RESULTS.md).
+
 Needs a dataset written by `python -m training.synthetic` on its lattice (the default), whose cells are the
 preset's patches. Writes RUN/vision (a transformers CLIPVisionModel folder, safetensors, atomic), RUN/metrics.jsonl
 and RUN/loss_curve.png; pass RUN/vision to stage 1 as `--vision-base`.
@@ -27,6 +34,17 @@ from training.synthetic import COLOURS, SHAPES
 
 HEADS = {"colour": ("background", *COLOURS), "shape": ("background", *SHAPES), "size": ("background", "big", "small"),
          "horizontal": ("left", "right"), "vertical": ("top", "bottom")}  # the last two: where the patch is
+
+
+def to_gray(pixels: torch.Tensor, which: torch.Tensor, vision) -> torch.Tensor:
+    """`pixels` (B, 3, H, W, normalized with the vision config's mean/std) with the images `which` (B,) turned to
+    grey (ITU-R 601 luma), renormalized."""
+    mean = torch.tensor(vision.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(vision.image_std).view(1, 3, 1, 1)
+    rgb = pixels * std + mean
+    luma = (rgb * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True).expand_as(rgb)
+    grey = (luma - mean) / std
+    return torch.where(which.view(-1, 1, 1, 1), grey, pixels)
 
 
 def patch_targets(rows: list[dict], grid: int) -> torch.Tensor:
@@ -114,8 +132,12 @@ def pretrain(args) -> Path:
     start = time.time()
     for step in range(1, args.max_steps + 1):
         idx = torch.randint(0, len(pixels), (args.batch_size,), generator=gen)
-        logits = heads(vision(pixels[idx]))
-        tgt = targets[idx]
+        batch, tgt = pixels[idx], targets[idx]
+        if args.gray_share > 0:
+            gray = torch.rand(len(idx), generator=gen) < args.gray_share
+            batch, tgt = to_gray(batch, gray, config.vision), tgt.clone()
+            tgt[:, 0][gray[:, None] & (tgt[:, 0] > 0)] = -100  # an object's colour is not in a grey image
+        logits = heads(vision(batch))
         parts = [F.cross_entropy(lg.flatten(0, 1), tgt[:, k].flatten()) for k, lg in enumerate(logits)]
         loss = sum(parts)
         loss.backward()
@@ -157,12 +179,17 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--max-steps", type=int, default=600, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=32, help="images per step")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW LR (3%% warm-up, cosine to 0)")
+    parser.add_argument("--gray-share", type=float, default=0.0,
+                        help="share of training images shown in grey (their objects' colour is not a target): shape "
+                             "features that do not depend on the colour, for unseen colour/shape pairs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the init and the sampling")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     args = parser.parse_args(argv)
     if args.max_steps < 1 or args.batch_size < 1 or args.lr <= 0:
         parser.error("--max-steps and --batch-size must be >= 1 and --lr > 0")
+    if not 0.0 <= args.gray_share <= 1.0:
+        parser.error(f"--gray-share is a share of the images, in [0, 1]; got {args.gray_share}")
     return pretrain(args)
 
 
