@@ -101,6 +101,7 @@ def test_merged_checkpoint_equals_model_with_adapters(checkpoint, tmp_path):
     meta = json.loads((merged_dir / "sqllava_edge.json").read_text())
     assert meta["lora"] == {"llm": None, "vision": None}
     assert meta["provenance"]["merge"]["logits_max_abs_diff"] <= 1e-4
+    assert meta["provenance"]["merge"]["vision_max_abs_diff"] <= 1e-4  # the ViT-LoRA is checked on its own
     merged, _ = load_checkpoint(merged_dir)
     with torch.no_grad():
         logits = merged.eval()(ids, pixel_values=pixels).logits
