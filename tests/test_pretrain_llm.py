@@ -12,13 +12,9 @@ from training.pretrain_llm import RestrictedHead
 
 @pytest.fixture(scope="module")
 def synthetic_data(tmp_path_factory):
-    from sqllava_edge.vocab import vocab_dir
     from training.synthetic import build
 
-    try:
-        vocab_dir()
-    except RuntimeError as err:
-        pytest.skip(f"the Llama-2 vocabulary needs PyPI access once (pip download of llama-cpp-python): {err}")
+    _vocabulary_or_skip()
     out = tmp_path_factory.mktemp("syn0") / "data"
     build(out, n_train=12, n_eval=2, seed=4, image_size=112, max_turns=4)
     return out
@@ -329,3 +325,19 @@ def test_pretrain_with_bind_attention_logs_the_referent_mass(tmp_path, synthetic
     for bad in (["--scenes", "--bind-attention", "1-0"], ["--bind-attention", "1:0"]):  # bad spec; no scenes
         with pytest.raises(SystemExit):
             main([*common, "--out", str(tmp_path / "bad"), *bad])
+
+
+def test_bind_targets_move_text_positions_past_the_expanded_image():
+    """A target before the placeholder keeps its position, one after it moves by n_image - 1; a batch stacks the
+    samples' targets with their row numbers, and a batch without any is None."""
+    from training.pretrain_llm import BindAttention
+
+    ids = [1, 5, -200, 7, 8, 9]
+    pos, image, masks = BindAttention.sample_targets(ids, [(1, (0,)), (4, (2, 3))], n_image=4)
+    assert pos.tolist() == [1, 7] and image == 2
+    assert masks.tolist() == [[1, 0, 0, 0], [0, 0, 1, 1]]
+    empty = BindAttention.sample_targets(ids, [], n_image=4)
+    rows, positions, starts, stacked = BindAttention.batch_targets([empty, (pos, image, masks)])
+    assert rows.tolist() == [1, 1] and positions.tolist() == [1, 7] and starts.tolist() == [2, 2]
+    assert torch.equal(stacked, masks)
+    assert BindAttention.batch_targets([empty, empty]) is None

@@ -184,9 +184,8 @@ def referent_targets(tokenizer, ids: list[int], objects: list, grid: int) -> lis
     The referent is the last shape named ("What colour is the star?" -> green; "star: green, star, big"), or the
     objects of a colour named as a group ("How many red shapes ...?" -> 2; "Which shape is blue?" -> star). A shape
     word is a target itself after its colour ("a big red star"), after a colon (an answer) or when its object is the
-    referent. An attribute
-    word is a target only if it is the referent's ("Is the star big or small?" marks "big" only for a big star), a
-    number only if it counts the referent objects. A caption phrase, a new turn or the end of a sentence that is not
+    referent. An attribute word is a target only if it is the referent's ("Is the star big or small?" marks "big"
+    only for a big star), a number only if it counts the referent objects. A caption phrase, a new turn or the end of a sentence that is not
     a question forgets the referent."""
     from training.synthetic import ANSWERS, Obj, patch_contents
 
@@ -257,22 +256,25 @@ class BindAttention:
         return grab
 
     @staticmethod
-    def batch_targets(sequences: list[list[int]], targets: list[list[tuple[int, tuple[int, ...]]]], n_image: int):
-        """(rows, positions, image starts, patch masks) of a batch for `loss`, positions in spliced coordinates (the
-        placeholder expanded to n_image rows)."""
-        rows, positions, starts, masks = [], [], [], []
-        for b, (ids, refs) in enumerate(zip(sequences, targets)):
-            image = ids.index(IMAGE_TOKEN_INDEX)
-            for position, patches in refs:
-                rows.append(b)
-                positions.append(position + (n_image - 1 if position >= image else 0))
-                starts.append(image)
-                mask = torch.zeros(n_image)
-                mask[list(patches)] = 1.0
-                masks.append(mask)
-        if not rows:
+    def sample_targets(ids: list[int], refs: list[tuple[int, tuple[int, ...]]], n_image: int):
+        """One sample's `referent_targets` as (positions in spliced coordinates, the placeholder expanded to n_image
+        rows; image start; (N, n_image) patch masks), computed once before training."""
+        image = ids.index(IMAGE_TOKEN_INDEX)
+        positions = torch.tensor([p + (n_image - 1 if p >= image else 0) for p, _ in refs], dtype=torch.long)
+        masks = torch.zeros(len(refs), n_image)
+        for j, (_, patches) in enumerate(refs):
+            masks[j, list(patches)] = 1.0
+        return positions, image, masks
+
+    @staticmethod
+    def batch_targets(samples: list[tuple[torch.Tensor, int, torch.Tensor]]):
+        """(rows, positions, image starts, patch masks) of a batch of `sample_targets` for `loss`, or None."""
+        rows = torch.cat([torch.full((len(pos),), b, dtype=torch.long) for b, (pos, _, _) in enumerate(samples)])
+        if not len(rows):
             return None
-        return torch.tensor(rows), torch.tensor(positions), torch.tensor(starts), torch.stack(masks)
+        positions = torch.cat([pos for pos, _, _ in samples])
+        starts = torch.cat([torch.full((len(pos),), image, dtype=torch.long) for pos, image, _ in samples])
+        return rows, positions, starts, torch.cat([masks for _, _, masks in samples])
 
     def loss(self, rows: torch.Tensor, positions: torch.Tensor, image_start: torch.Tensor, mask: torch.Tensor):
         """Returns (loss, mean mass per head). rows, positions, image_start: (N,); mask: (N, n_image)."""
@@ -361,9 +363,11 @@ def pretrain(args) -> Path:
     bind, bind_refs = None, None
     if args.bind_attention:  # main() requires --scenes with it
         sample_rows = [rows] + ([captions] if captions else [])
-        bind_refs = [[referent_targets(tokenizer, ids, r["meta"]["objects"], grid) for ids, r in zip(src, srows)]
+        n_image = grid * grid
+        bind_refs = [[BindAttention.sample_targets(ids, referent_targets(tokenizer, ids, r["meta"]["objects"], grid),
+                                                   n_image) for ids, r in zip(src, srows)]
                      for src, srows in zip(sources, sample_rows)]
-        n_sup = sum(len(x) for src in bind_refs for x in src)
+        n_sup = sum(len(x[0]) for src in bind_refs for x in src)
         print(f"--bind-attention: {n_sup} supervised positions in {sum(len(s) for s in sources)} samples", flush=True)
     held_out = None
     if args.eval_data:  # main() requires --scenes with it
@@ -409,8 +413,7 @@ def pretrain(args) -> Path:
         extra = {}
         if bind is not None:
             bind.active = False
-            picked_targets = bind.batch_targets([sources[k][i] for i in picked], [bind_refs[k][i] for i in picked],
-                                                images.shape[1])
+            picked_targets = bind.batch_targets([bind_refs[k][i] for i in picked])
             if picked_targets is not None:
                 bind_loss, masses = bind.loss(*picked_targets)
                 total = total + args.bind_weight * bind_loss
