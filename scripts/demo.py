@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The demo's training budget on a 2-core CPU (training/RESULTS.md): optimizer steps per stage with the tiny-demo
 # recipe (training/recipes.py). Stage 0 makes the stand-ins for CLIP and Vicuna that the tiny preset lacks offline.
 STAGE0_VISION_STEPS = 800
-STAGE0_STEPS = 550
+STAGE0_STEPS = 1000
 STAGE1_STEPS = 300
 STAGE2_STEPS = 400
 

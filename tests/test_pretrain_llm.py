@@ -261,6 +261,10 @@ def test_referent_targets_point_each_attribute_at_its_objects_patches():
     ]
     system_end = ids.index(-200)
     assert all(p > system_end for p, _ in targets)
+    grouped = referent_targets(tok, ids, objects, 8, groups=True)  # --count-sink: the counted objects, counts only
+    assert [(p, patches) for p, patches, _ in grouped] == targets
+    assert [g for _, _, g in grouped] == [None, (where["star"], where["circle"]), (where["star"], where["circle"]),
+                                          None, None]
     # a caption phrase's shape looks at the object of its colour, a fact's attributes at the fact's referent
     text = "A small blue cross at the top. cross: blue, cross, small, top."
     facts = tokenize_conversation(tok, "plain", [Turn("user", "<image>"), Turn("assistant", text)]).ids
@@ -308,6 +312,20 @@ def test_bind_attention_recomputes_the_models_own_attention(prefix):
     attn = model.model.layers[1].self_attn
     assert attn.q_proj.weight.grad.abs().sum() > 0 and attn.k_proj.weight.grad.abs().sum() > 0
     assert not bind.captured  # nothing kept between steps
+    # --count-sink rows: cross-entropy to the target distribution over BOS and the patches; other rows unchanged
+    sink, shares = torch.tensor([0.0, 0.5, 0.0]), mask.clone()
+    shares[1, 2] = 0.5
+    bind.active = True
+    decoder_hidden(model.model, x, torch.ones(2, 50, dtype=torch.long), prefix)
+    bind.active = False
+    mixed, _ = bind.loss(rows, pos, start, shares, sink)
+    expected = 0.0
+    for layer, head in bind.heads:
+        p = weights[layer][rows, head, pos]  # (3, T)
+        plain = -torch.log((p[:, 5:15] * mask).sum(-1) + 1e-6)
+        plain[1] = -(0.5 * torch.log(p[1, 7] + 1e-6) + 0.5 * torch.log(p[1, 0] + 1e-6))
+        expected += plain.mean() / len(bind.heads)
+    assert float(mixed) == pytest.approx(float(expected), abs=1e-4)
     with pytest.raises(ValueError, match="layers 0-3"):
         BindAttention(model, [(4, 0)])
 
@@ -333,11 +351,27 @@ def test_bind_targets_move_text_positions_past_the_expanded_image():
     from training.pretrain_llm import BindAttention
 
     ids = [1, 5, -200, 7, 8, 9]
-    pos, image, masks = BindAttention.sample_targets(ids, [(1, (0,)), (4, (2, 3))], n_image=4)
+    pos, image, masks, sinks = BindAttention.sample_targets(ids, [(1, (0,)), (4, (2, 3))], n_image=4)
     assert pos.tolist() == [1, 7] and image == 2
-    assert masks.tolist() == [[1, 0, 0, 0], [0, 0, 1, 1]]
+    assert masks.tolist() == [[1, 0, 0, 0], [0, 0, 1, 1]] and sinks.tolist() == [0, 0]
     empty = BindAttention.sample_targets(ids, [], n_image=4)
-    rows, positions, starts, stacked = BindAttention.batch_targets([empty, (pos, image, masks)])
+    rows, positions, starts, stacked, stacked_sinks = BindAttention.batch_targets([empty, (pos, image, masks, sinks)])
     assert rows.tolist() == [1, 1] and positions.tolist() == [1, 7] and starts.tolist() == [2, 2]
-    assert torch.equal(stacked, masks)
+    assert torch.equal(stacked, masks) and torch.equal(stacked_sinks, sinks)
     assert BindAttention.batch_targets([empty, empty]) is None
+
+
+def test_count_sink_targets_weigh_every_counted_object_alike():
+    """With --count-sink, a count's target is a distribution: each object the same share whatever its size, BOS the
+    rest; other targets keep their plain masks. Without a sink the triples give the old masks."""
+    from training.pretrain_llm import BindAttention
+
+    ids = [1, 5, -200, 7, 8, 9]
+    refs = [(1, (0,), None), (4, (0, 1, 2, 3, 5), ((0, 1, 2, 3), (5,)))]  # a colour; a count of a big and a small
+    pos, image, masks, sinks = BindAttention.sample_targets(ids, refs, n_image=8, sink=1.0)
+    assert masks[0].tolist() == [1, 0, 0, 0, 0, 0, 0, 0] and sinks[0] == 0
+    third = pytest.approx(1 / 3)
+    assert masks[1, :4].sum() == third and masks[1, 5] == third and sinks[1] == third
+    assert masks[1].sum() + sinks[1] == pytest.approx(1.0)
+    _, _, plain, no_sink = BindAttention.sample_targets(ids, refs, n_image=8)
+    assert plain[1].tolist() == [1, 1, 1, 1, 0, 1, 0, 0] and not no_sink.any()

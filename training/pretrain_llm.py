@@ -177,7 +177,7 @@ def token_words(tokenizer, ids: list[int]) -> list[tuple[str, int, int]]:
     return [(w, first, last) for w, first, last in words]
 
 
-def referent_targets(tokenizer, ids: list[int], objects: list, grid: int) -> list[tuple[int, tuple[int, ...]]]:
+def referent_targets(tokenizer, ids: list[int], objects: list, grid: int, groups: bool = False) -> list[tuple]:
     """(position, patches) pairs: at `position` the next token names an attribute of the object(s) the text has
     just referred to, and `patches` are where they are in the image (raster indices on the grid x grid lattice).
 
@@ -186,7 +186,10 @@ def referent_targets(tokenizer, ids: list[int], objects: list, grid: int) -> lis
     word is a target itself after its colour ("a big red star"), after a colon (an answer) or when its object is the
     referent. An attribute word is a target only if it is the referent's ("Is the star big or small?" marks "big"
     only for a big star), a number only if it counts the referent objects. A caption phrase, a new turn or the end of a sentence that is not
-    a question forgets the referent."""
+    a question forgets the referent.
+
+    groups=True returns (position, patches, per-object patches) triples, the last set only where the next token is a
+    count (else None): what --count-sink needs to weigh every counted object alike."""
     from training.synthetic import ANSWERS, Obj, patch_contents
 
     objs = [o if isinstance(o, Obj) else Obj(**o) for o in objects]
@@ -218,7 +221,8 @@ def referent_targets(tokenizer, ids: list[int], objects: list, grid: int) -> lis
             target = referent
         if target:
             where = tuple(sorted(p for i in target for p in patches[i]))
-            out += [(t - 1, where) for t in range(max(first, 1), last + 1)]
+            counted = tuple(patches[i] for i in sorted(target)) if w.isdigit() else None
+            out += [(t - 1, where, counted) if groups else (t - 1, where) for t in range(max(first, 1), last + 1)]
         if w in by_shape:
             referent = frozenset({by_shape[w]})
         elif w in colours and (nxt in _REFERENT_NOUNS or nxt == "?" or prev == "are"):
@@ -256,28 +260,43 @@ class BindAttention:
         return grab
 
     @staticmethod
-    def sample_targets(ids: list[int], refs: list[tuple[int, tuple[int, ...]]], n_image: int):
+    def sample_targets(ids: list[int], refs: list[tuple], n_image: int, sink: float = 0.0):
         """One sample's `referent_targets` as (positions in spliced coordinates, the placeholder expanded to n_image
-        rows; image start; (N, n_image) patch masks), computed once before training."""
+        rows; image start; (N, n_image) patch masks; (N,) sink shares), computed once before training.
+
+        With sink > 0 and refs from referent_targets(..., groups=True), a count target's mask row is instead a target
+        distribution: every counted object gets the same share 1 / (k + sink), spread over its patches, and the
+        first position (BOS) gets sink / (k + sink). The share left on BOS then says how many objects there are
+        (1 / (1 + k) at sink 1), which a head that spreads its attention over the objects' patches cannot show."""
         image = ids.index(IMAGE_TOKEN_INDEX)
-        positions = torch.tensor([p + (n_image - 1 if p >= image else 0) for p, _ in refs], dtype=torch.long)
-        masks = torch.zeros(len(refs), n_image)
-        for j, (_, patches) in enumerate(refs):
-            masks[j, list(patches)] = 1.0
-        return positions, image, masks
+        positions = torch.tensor([r[0] + (n_image - 1 if r[0] >= image else 0) for r in refs], dtype=torch.long)
+        masks, sinks = torch.zeros(len(refs), n_image), torch.zeros(len(refs))
+        for j, ref in enumerate(refs):
+            counted = ref[2] if len(ref) > 2 else None
+            if sink > 0 and counted:
+                for patches in counted:
+                    masks[j, list(patches)] = 1.0 / (len(patches) * (len(counted) + sink))
+                sinks[j] = sink / (len(counted) + sink)
+            else:
+                masks[j, list(ref[1])] = 1.0
+        return positions, image, masks, sinks
 
     @staticmethod
-    def batch_targets(samples: list[tuple[torch.Tensor, int, torch.Tensor]]):
-        """(rows, positions, image starts, patch masks) of a batch of `sample_targets` for `loss`, or None."""
-        rows = torch.cat([torch.full((len(pos),), b, dtype=torch.long) for b, (pos, _, _) in enumerate(samples)])
+    def batch_targets(samples: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]]):
+        """(rows, positions, image starts, patch masks, sink shares) of a batch of `sample_targets` for `loss`, or
+        None."""
+        rows = torch.cat([torch.full((len(s[0]),), b, dtype=torch.long) for b, s in enumerate(samples)])
         if not len(rows):
             return None
-        positions = torch.cat([pos for pos, _, _ in samples])
-        starts = torch.cat([torch.full((len(pos),), image, dtype=torch.long) for pos, image, _ in samples])
-        return rows, positions, starts, torch.cat([masks for _, _, masks in samples])
+        positions = torch.cat([s[0] for s in samples])
+        starts = torch.cat([torch.full((len(s[0]),), s[1], dtype=torch.long) for s in samples])
+        return rows, positions, starts, torch.cat([s[2] for s in samples]), torch.cat([s[3] for s in samples])
 
-    def loss(self, rows: torch.Tensor, positions: torch.Tensor, image_start: torch.Tensor, mask: torch.Tensor):
-        """Returns (loss, mean mass per head). rows, positions, image_start: (N,); mask: (N, n_image)."""
+    def loss(self, rows: torch.Tensor, positions: torch.Tensor, image_start: torch.Tensor, mask: torch.Tensor,
+             sink: torch.Tensor | None = None):
+        """Returns (loss, mean mass per head). rows, positions, image_start: (N,); mask: (N, n_image); sink: (N,)
+        shares of BOS in a target distribution (rows with sink > 0: cross-entropy to that distribution, the mask
+        row holding the patches' shares; other rows: -log of the mass on the mask's patches)."""
         from transformers.models.llama.modeling_llama import rotate_half
 
         total, masses = 0.0, []
@@ -298,8 +317,13 @@ class BindAttention:
             scores = torch.einsum("nd,ntd->nt", q, k[rows]) * attn.scaling  # (N, T)
             later = torch.arange(k.shape[1])[None, :] > positions[:, None]
             probs = scores.masked_fill(later, float("-inf")).float().softmax(-1)
-            mass = (probs.gather(1, columns) * mask).sum(-1)
-            total = total + (-torch.log(mass + 1e-6)).mean()
+            image_probs = probs.gather(1, columns)
+            mass = (image_probs * (mask > 0)).sum(-1)
+            per_row = -torch.log(mass + 1e-6)
+            if sink is not None and bool((sink > 0).any()):
+                spread = -(mask * torch.log(image_probs + 1e-6)).sum(-1) - sink * torch.log(probs[:, 0] + 1e-6)
+                per_row = torch.where(sink > 0, spread, per_row)
+            total = total + per_row.mean()
             masses.append(round(float(mass.detach().mean()), 4))
         self.captured.clear()
         return total / len(self.heads), masses
@@ -364,8 +388,9 @@ def pretrain(args) -> Path:
     if args.bind_attention:  # main() requires --scenes with it
         sample_rows = [rows] + ([captions] if captions else [])
         n_image = grid * grid
-        bind_refs = [[BindAttention.sample_targets(ids, referent_targets(tokenizer, ids, r["meta"]["objects"], grid),
-                                                   n_image) for ids, r in zip(src, srows)]
+        bind_refs = [[BindAttention.sample_targets(ids, referent_targets(tokenizer, ids, r["meta"]["objects"], grid,
+                                                                         groups=args.count_sink > 0),
+                                                   n_image, args.count_sink) for ids, r in zip(src, srows)]
                      for src, srows in zip(sources, sample_rows)]
         n_sup = sum(len(x[0]) for src in bind_refs for x in src)
         print(f"--bind-attention: {n_sup} supervised positions in {sum(len(s) for s in sources)} samples", flush=True)
@@ -596,6 +621,9 @@ def main(argv: list[str] | None = None) -> Path:
                         help="train these attention heads (0-based) to look at the referent's image patches wherever "
                              "the next token names one of its attributes (needs --scenes; the demo uses 1:0,2:0)")
     parser.add_argument("--bind-weight", type=float, default=0.2, help="weight of the --bind-attention loss")
+    parser.add_argument("--count-sink", type=float, default=0.0, metavar="S",
+                        help="at a count, the --bind-attention target is a distribution instead: each counted object "
+                             "1/(k+S) of the attention, BOS S/(k+S), so the heads' output says how many (0 = off)")
     parser.add_argument("--eval-data", type=Path, default=None,
                         help="held-out synthetic samples (eval.json; needs --scenes): report the QA accuracy on their "
                              "perfect scenes, the ceiling of the whole pipeline")
@@ -613,6 +641,8 @@ def main(argv: list[str] | None = None) -> Path:
                      "--caption-data too")
     if args.bind_attention and not args.scenes:
         parser.error("--bind-attention points heads at the referent's patches of the symbolic scene: pass --scenes too")
+    if args.count_sink < 0 or (args.count_sink and not args.bind_attention):
+        parser.error("--count-sink is a share of the attention given to BOS at counts (>= 0) and needs --bind-attention")
     if args.eval_images < 1 or args.eval_every < 0:
         parser.error("--eval-images must be >= 1 and --eval-every >= 0")
     return pretrain(args)
