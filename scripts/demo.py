@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The demo's training budget on a 2-core CPU (training/RESULTS.md): optimizer steps per stage with the tiny-demo
 # recipe (training/recipes.py). Stage 0 makes the stand-ins for CLIP and Vicuna that the tiny preset lacks offline.
 STAGE0_VISION_STEPS = 800
+STAGE0_VISION_GRAY_SHARE = 0.5  # half the vision images grey: shape read from the outline, not tied to colour
 STAGE0_STEPS = 1000
 STAGE1_STEPS = 300
 STAGE2_STEPS = 400
@@ -108,7 +109,8 @@ def steps(out: Path) -> list[Step]:
         Step("data", "1/8 synthetic dataset", [py, "-m", "training.synthetic", str(data), "--n-train", "2000", "--n-eval", "100", "--seed", "0"], data),
         Step("stage0_vision", "2/8 stage 0: pretrain the tiny ViT on the training images (stands in for CLIP)",
              [py, "-m", "training.pretrain_vision", "--data", str(data / "stage2.json"), "--eval-data",
-              str(data / "eval.json"), "--preset", "tiny", "--out", str(s0v), "--max-steps", str(STAGE0_VISION_STEPS)],
+              str(data / "eval.json"), "--preset", "tiny", "--out", str(s0v), "--max-steps", str(STAGE0_VISION_STEPS),
+              "--gray-share", str(STAGE0_VISION_GRAY_SHARE)],
              s0v, [data]),
         Step("stage0", "3/8 stage 0: pretrain the tiny LLM on the text with symbolic scenes, no images (stands in for Vicuna)",
              [py, "-m", "training.pretrain_llm", "--data", str(data / "stage2.json"), "--caption-data",
