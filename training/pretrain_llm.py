@@ -34,7 +34,9 @@ attributes of every object in the slot (95-100% of the questions on one-object i
 ones); with it (the demo: heads 1:0 and 2:0, weight 0.2) it selects, and held-out QA from perfect scenes rises from
 58-67% to 82% (training/RESULTS.md). A pretrained Vicuna brings such heads from its own pretraining; a model trained
 from scratch on 2000 images in a few minutes does not find them by itself. The saved model is an ordinary Llama:
-the loss shapes its weights, not its architecture.
+the loss shapes its weights, not its architecture. --count-sink S makes a count's target a distribution over the
+counted objects (each the same share, whatever its size) and BOS, so that the heads' output carries the number;
+measured once (1000 steps, S 1) it left count at the majority answer, so the demo does not use it.
 
 Writes RUN/llm (a transformers Llama folder, safetensors, atomic), RUN/metrics.jsonl and RUN/loss_curve.png. With
 scenes, the report gives the token cross-entropy of the last 64 conversations with their own scene and with another
