@@ -301,6 +301,31 @@ def test_resume_reproduces_the_uninterrupted_losses(stage1, data, tmp_path):
         train(_cfg(2, data, straight, init=str(stage1)))
 
 
+def test_bf16_on_cpu_autocasts_and_keeps_trained_weights_fp32(stage1, data, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    from training import modeling
+    from training.train import train
+
+    seen, forward = [], modeling.LossModule.forward
+
+    def spy(self, *args):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return forward(self, *args)
+
+    monkeypatch.setattr(modeling.LossModule, "forward", spy)
+    runs = {}
+    for name, bf16 in (("fp32", False), ("bf16", True)):
+        runs[name] = tmp_path / name
+        train(_cfg(2, data, runs[name], init=str(stage1), max_steps=3, bf16=bf16, device="cpu"))
+    assert seen == [False] * 3 + [True] * 3, seen  # one micro-batch per step
+    fp32, bf16 = _losses(runs["fp32"]), _losses(runs["bf16"])
+    assert fp32 != bf16
+    assert max(abs(a - b) / a for a, b in zip(fp32, bf16)) < 0.05, (fp32, bf16)
+    saved = [runs["bf16"] / "checkpoint" / f for f in
+             ("projector.safetensors", "llm_lora/adapter_model.safetensors", "vit_lora/adapter_model.safetensors")]
+    assert {str(t.dtype) for f in saved for t in load_file(f).values()} == {"torch.float32"}
+
+
 def test_torchrun_ddp_and_fsdp_match_one_process(stage1, data, tmp_path):
     """Same global batch (4) as 1 x 4 and 2 x 2. Dropout off: its masks are per-process random streams.
     Tolerance 2e-4: the only difference is the order of float additions (gloo's all-reduce of gradients and

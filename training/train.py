@@ -115,7 +115,8 @@ HELP: dict[str, str] = {
     "num_workers": "data loader worker processes (default: 0 on CPU, 4 on CUDA)",
     "threads": "torch CPU threads (default: torch's choice)",
     "device": "auto | cpu | cuda",
-    "bf16": "bf16 autocast (default: on for CUDA)",
+    "bf16": "bf16 autocast with the frozen base stored in bf16, on CUDA or CPU; trained weights stay fp32 "
+            "(default: on for CUDA)",
     "grad_checkpointing": "activation checkpointing in the LLM and ViT (default: on for CUDA)",
     "fsdp": "shard with FSDP instead of DDP (for models that do not fit one GPU)",
     "progress": "show the tqdm progress bar",
@@ -369,7 +370,7 @@ def forward_backward(run: Run, micro: list) -> tuple[float, int, int, Counter]:
     if dist.world > 1:
         torch.distributed.all_reduce(counts)
     norm = max(counts.item(), 1.0) / dist.world
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bool(run.cfg.bf16 and dist.device.type == "cuda"))
+    autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=bool(run.cfg.bf16))
     loss_sum, positions, stats = torch.zeros((), device=dist.device), 0, Counter()
     extra_rows = run.model.config.num_image_tokens - 1  # each image placeholder becomes T rows
     for k, batch in enumerate(micro):
