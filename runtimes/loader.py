@@ -42,7 +42,7 @@ def load_parts(path: str | os.PathLike, device, vision_backend: str | None, llm_
     config = source.config
     if source.is_bundle:
         _check_manifest(source)
-    n_ctx = _n_ctx(n_ctx, config)
+    n_ctx = _n_ctx(n_ctx, config, sequences)
     if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
         raise ValueError(f"n_threads must be a positive int, got {n_threads!r}")
     vision_choice = choose_vision(source, dev, vision_backend, vision_precision)
@@ -77,15 +77,18 @@ def load_parts(path: str | os.PathLike, device, vision_backend: str | None, llm_
     return LoadedParts(vision, llm, tokenizer, config, template, mode, backends)
 
 
-def _n_ctx(n_ctx: int | None, config: ModelConfig) -> int:
+def _n_ctx(n_ctx: int | None, config: ModelConfig, sequences: int = 1) -> int:
+    """KV cells shared by all sequences. One sequence never exceeds the model's trained context (the pool enforces
+    it), but several can together: a server's slots share n_ctx, so it may reach trained context x sequences."""
     limit = config.llm.max_position_embeddings
     if n_ctx is None:
         return min(DEFAULT_N_CTX, limit)
     if not isinstance(n_ctx, int) or n_ctx < config.num_image_tokens + 32:
         raise ValueError(f"n_ctx must be an int >= {config.num_image_tokens + 32} (the {config.num_image_tokens} "
                          f"image tokens plus a prompt), got {n_ctx!r}")
-    if n_ctx > limit:
-        raise ValueError(f"n_ctx {n_ctx} exceeds the model's trained context of {limit} positions; use n_ctx <= {limit}")
+    if n_ctx > limit * max(1, sequences):
+        raise ValueError(f"n_ctx {n_ctx} exceeds the model's trained context of {limit} positions times the "
+                         f"{sequences} sequences that share it; use n_ctx <= {limit * max(1, sequences)}")
     return n_ctx
 
 

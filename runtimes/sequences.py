@@ -61,11 +61,13 @@ def _common_prefix(a: Sequence[Item], b: Sequence[Item]) -> int:
 
 
 class SequencePool:
-    def __init__(self, llm, capacity: int):
+    def __init__(self, llm, capacity: int, max_positions: int | None = None):
+        """max_positions: the most one sequence may hold (the model's trained context); n_ctx bounds all together."""
         if capacity < 2:
             raise ValueError(f"a sequence pool needs at least 2 sequences, got {capacity}")
         self.llm = llm
         self.capacity = capacity
+        self.max_positions = min(llm.n_ctx, max_positions or llm.n_ctx)
         self.content: dict[int, list[Item]] = {seq: [] for seq in range(capacity)}
         self.busy: set[int] = set()
         self._logits: dict[int, np.ndarray] = {}  # logits after each sequence's last position
@@ -85,8 +87,8 @@ class SequencePool:
         if not items:
             raise ValueError("empty prompt")
         need = positions(items)
-        if need > self.llm.n_ctx:
-            raise PromptTooLongError(_too_long(items, need, self.llm.n_ctx))
+        if need > self.max_positions:
+            raise PromptTooLongError(_too_long(items, need, self.max_positions))
         seq, keep = self._place(items)
         self.busy.add(seq)
         if keep == len(items):
@@ -216,7 +218,7 @@ class SequencePool:
 
     def fit(self, tokens: Mapping[int, int]) -> dict[int, int]:
         """The part of a decode step the context has room for (after evicting idle sequences); the rest must stop."""
-        feed = dict(tokens)
+        feed = {seq: token for seq, token in tokens.items() if self.llm.length(seq) < self.max_positions}
         while feed and not self._make_room(len(feed), set(feed)):
             feed.pop(max(feed))
         return feed

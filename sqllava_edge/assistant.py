@@ -5,13 +5,16 @@
     for piece in assistant.stream(image, "Describe the image."): ...
     assistant.describe(image)
     assistant.self_question(image, n=3, seed=0)               # describe, then n sampled VUSER questions (spec 5.1)
+    assistant.interview(image, n=3, seed=0)                   # ... and the model's answers to its own questions
     chat = assistant.chat(image); chat.ask("..."); chat.ask("and then?")
     print(assistant.backends)                                 # what was chosen and why
 
 Sampling options per call (`max_new_tokens`, `temperature`, `top_k`, `top_p`, `seed`, `stop`) start from the task's
 defaults (generation.TASK_DEFAULTS, spec 5). Image embeddings are cached by the content hash of the preprocessed
 pixels; KV-cache prefixes are reused across calls (runtimes.sequences), so a chat follow-up prefills only its new
-tokens and never re-encodes the image. One re-entrant lock serialises every call, so threads may share an Assistant.
+tokens and never re-encodes the image. The backends, caches and pool live in a `runtimes.engine.Engine`
+(`assistant.engine`), the same one `sqllava-edge serve` batches requests on; its re-entrant lock serialises every call,
+so threads may share an Assistant.
 
 Errors (all subclasses of ValueError / RuntimeError / FileNotFoundError, from sqllava_edge.errors):
   FileNotFoundError         the model folder or an image file does not exist
@@ -24,22 +27,17 @@ Errors (all subclasses of ValueError / RuntimeError / FileNotFoundError, from sq
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from sqllava_edge.config import IMAGE_TOKEN_INDEX, ModelConfig
-from sqllava_edge.errors import BundleError
-from sqllava_edge.generation import TASK_DEFAULTS, GenerationConfig, Sampler
+from sqllava_edge.config import ModelConfig
+from sqllava_edge.generation import TASK_DEFAULTS, GenerationConfig
 
 OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
 SEQUENCES = 4  # KV sequences kept: self_question(n=3) = the shared prompt + 3 samples in one batch
-IMAGE_CACHE = 16  # image embeddings kept, by content hash
 
 
 @dataclass(frozen=True)
@@ -68,6 +66,12 @@ class SelfQuestions:
     seed: int
 
 
+@dataclass(frozen=True)
+class Exchange:
+    question: str  # one of the model's own questions (self_question)
+    answer: str  # the model's greedy answer to it, in the same conversation
+
+
 def _config(task: str, options: dict[str, Any]) -> GenerationConfig:
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
@@ -91,43 +95,41 @@ def _check_question(question: Any) -> str:
 class Assistant:
     def __init__(self, vision, llm, tokenizer, config: ModelConfig, *, template: str | None = None,
                  image_mode: str | None = None, backends: Backends | None = None, sequences: int = SEQUENCES,
-                 image_cache: int = IMAGE_CACHE):
+                 image_cache: int | None = None):
         """Wrap already-loaded backends (VisionBackend, LLMBackend). Most users call `Assistant.load` instead."""
-        from runtimes.sequences import SequencePool
+        from runtimes.engine import IMAGE_CACHE, Engine
 
-        if llm.vocab_size != config.llm.vocab_size or tokenizer.vocab_size != config.llm.vocab_size:
-            raise BundleError(f"vocabulary sizes disagree: model config {config.llm.vocab_size}, LLM backend "
-                              f"{llm.vocab_size}, tokenizer {tokenizer.vocab_size}; the artifacts come from different models")
+        self.engine = Engine(vision, llm, tokenizer, config, image_mode=image_mode or config.image_aspect_ratio,
+                             sequences=sequences, image_cache=IMAGE_CACHE if image_cache is None else image_cache)
         self.vision, self.llm, self.tokenizer, self.config = vision, llm, tokenizer, config
         self.template = template or config.template
-        self.image_mode = image_mode or config.image_aspect_ratio
+        self.image_mode = self.engine.image_mode
         self.backends = backends
         self.eos_id = config.llm.eos_token_id
-        self._pool = SequencePool(llm, sequences)
-        self._images: OrderedDict[str, Any] = OrderedDict()
         self._descriptions: dict[str, str] = {}  # image key -> greedy description, for self_question
-        self._image_cache = image_cache
-        self._lock = threading.RLock()
+        self._lock = self.engine.lock
+        self.engine.on_image_evicted(lambda key: self._descriptions.pop(key, None))
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | None = None, vision_backend: str | None = None,
              llm_backend: str | None = None, n_ctx: int | None = None, n_threads: int | None = None,
              gpu_layers: int | None = None, *, vision_precision: str | None = None, llm_precision: str | None = None,
-             verify: bool = True) -> "Assistant":
+             verify: bool = True, sequences: int = SEQUENCES) -> "Assistant":
         """Load a bundle (`python -m export`) or a training checkpoint folder (torch backends).
 
         device: None (detect), "cpu", "cuda", "jetson". vision_backend: torch | onnxruntime | tensorrt; llm_backend:
         torch | llama.cpp (None = automatic, or $SQLLAVA_EDGE_VISION_BACKEND / $SQLLAVA_EDGE_LLM_BACKEND).
         vision_precision: fp32 | fp16 | int8; llm_precision: a GGUF precision (f32, f16, q8_0, q4_k_m, ...).
         verify: check every artifact's sha256 against the manifest (a few seconds for a 7B bundle).
+        sequences: KV sequences the LLM keeps (prefix cache + parallel samples; the server raises it for its slots).
         """
         from runtimes.loader import load_parts
 
         parts = load_parts(path, device, vision_backend, llm_backend, n_ctx, n_threads, gpu_layers,
-                           vision_precision, llm_precision, verify, SEQUENCES)
+                           vision_precision, llm_precision, verify, sequences)
         try:
             return cls(parts.vision, parts.llm, parts.tokenizer, parts.config, template=parts.template,
-                       image_mode=parts.image_mode, backends=parts.backends)
+                       image_mode=parts.image_mode, backends=parts.backends, sequences=sequences)
         except BaseException:
             parts.vision.close()
             parts.llm.close()
@@ -152,21 +154,21 @@ class Assistant:
         question = _check_question(question)
         config = _config("answer", options)
         ids = answer_prompt(self.tokenizer, question, self.template)
-        return self._stream_text(image, ids, config)
+        return self.engine.stream_text(image, ids, config)
 
     def describe(self, image, **options) -> str:
         """The SQ demo's first round: "Can you describe the image in detail?" (spec 5.1 step 3), greedy."""
         from sqllava_edge.conversation import describe_prompt
 
         ids = describe_prompt(self.tokenizer, self.template)
-        return "".join(self._stream_text(image, ids, _config("describe", options))).rstrip()
+        return "".join(self.engine.stream_text(image, ids, _config("describe", options))).rstrip()
 
     def generate(self, image, prompt_ids: Sequence[int], **options) -> list[int]:
         """Low level: new token ids for prompt ids holding one IMAGE_TOKEN_INDEX (EOS excluded; greedy default)."""
         config = _config("answer", options)
         with self._lock:
-            items = self._items(image, prompt_ids)
-            return [token for token, _ in self._tokens(items, config)]
+            items = self.engine.items(image, prompt_ids)
+            return [token for token, _ in self.engine.tokens(items, config)]
 
     def self_question(self, image, n: int = 3, seed: int | None = None, *, description: str | None = None,
                       **options) -> SelfQuestions:
@@ -183,18 +185,39 @@ class Assistant:
         config = _config("self_question", options)
         seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else int(seed)
         with self._lock:
-            ref = image if _is_ref(image) else self._image(image)
-            if description is None:  # greedy, hence a function of the image: computed once per image
-                if ref.key not in self._descriptions:
-                    self._descriptions[ref.key] = self.describe(ref)
-                description = self._descriptions[ref.key]
-            items = self._items(ref, self_question_prompt(self.tokenizer, description, self.template))
+            ref = self.engine.image_ref(image)
+            description = self._description(ref) if description is None else description
+            items = self.engine.items(ref, self_question_prompt(self.tokenizer, description, self.template))
             questions: list[str] = []
             while len(questions) < n:  # rounds of at most (sequences - 1) samples beside the shared prompt
-                count = min(n - len(questions), self._pool.capacity - 1)
+                count = min(n - len(questions), self.engine.pool.capacity - 1)
                 seeds = [seed + len(questions) + i for i in range(count)]
-                questions += self._sample_forks(items, config, seeds)
+                questions += self.engine.sample_forks(items, config, seeds)
         return SelfQuestions(description, questions, seed)
+
+    def interview(self, image, n: int = 3, seed: int | None = None, **options) -> list[Exchange]:
+        """The model questions itself about the image, then answers each of its questions: `self_question(image, n,
+        seed)`, then for question q the greedy answer to `... ASSISTANT: {description}</s>VUSER: {q}</s> ASSISTANT:`
+        (the conversation the SQ objective trains, spec 3.3). The answers decode together in one batch on the shared
+        image + description prefix. Options apply to the questions (as in self_question); answers are greedy."""
+        from sqllava_edge.conversation import interview_prompt
+
+        with self._lock:
+            asked = self.self_question(image, n, seed, **options)
+            ref = self.engine.image_ref(image)
+            prompts = [self.engine.items(ref, interview_prompt(self.tokenizer, asked.description, q, self.template))
+                       for q in asked.questions]
+            answers: list[str] = []
+            for start in range(0, len(prompts), self.engine.pool.capacity):
+                answers += self.engine.answer_batch(prompts[start:start + self.engine.pool.capacity],
+                                                    TASK_DEFAULTS["answer"])
+        return [Exchange(q, a) for q, a in zip(asked.questions, answers)]
+
+    def _description(self, ref) -> str:
+        """The greedy description of an image (a function of the image: computed once per cached image)."""
+        if ref.key not in self._descriptions:
+            self._descriptions[ref.key] = self.describe(ref)
+        return self._descriptions[ref.key]
 
     def chat(self, image) -> "Chat":
         """A multi-turn conversation about one image: encoded once, its KV cache kept between questions."""
@@ -202,11 +225,8 @@ class Assistant:
 
     def close(self) -> None:
         with self._lock:
-            self._pool.reset()
-            self._images.clear()
             self._descriptions.clear()
-            self.vision.close()
-            self.llm.close()
+            self.engine.close()
 
     def __enter__(self) -> "Assistant":
         return self
@@ -218,131 +238,6 @@ class Assistant:
         kinds = f"{self.backends.vision}+{self.backends.llm}" if self.backends else f"{self.vision.name}+{self.llm.name}"
         return f"Assistant({self.config.name}, {kinds}, n_ctx={self.llm.n_ctx})"
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Internals (the caller holds the lock)
-
-    def _image(self, image):
-        """ImageRef for `image`: embeddings from the cache (by pixel content hash) or one vision encode."""
-        from runtimes.sequences import ImageRef
-        from sqllava_edge.image import preprocess
-
-        pixels = preprocess(image, self.config.vision, self.image_mode)  # (3, S, S), the one preprocessing
-        key = hashlib.sha256(pixels.tobytes()).hexdigest()
-        if key in self._images:
-            self._images.move_to_end(key)
-            return self._images[key]
-        embeds = self.vision.encode(pixels[None])[0]  # (T, H)
-        self.counters.vision_encodes += 1
-        want = (self.config.num_image_tokens, self.config.llm.hidden_size)
-        if embeds.shape != want:
-            raise BundleError(f"the vision backend returned {embeds.shape} embeddings per image but the LLM expects "
-                              f"{want}; the vision and LLM artifacts come from different models, re-export the bundle")
-        ref = ImageRef(key, embeds)
-        self._images[key] = ref
-        while len(self._images) > self._image_cache:
-            evicted, _ = self._images.popitem(last=False)
-            self._descriptions.pop(evicted, None)
-        return ref
-
-    def _items(self, image, prompt_ids: Sequence[int]):
-        from runtimes.sequences import prompt_items
-
-        if sum(1 for i in prompt_ids if i == IMAGE_TOKEN_INDEX) != 1:
-            raise ValueError(f"prompt ids must hold exactly one image placeholder ({IMAGE_TOKEN_INDEX})")
-        return prompt_items(prompt_ids, [image if _is_ref(image) else self._image(image)])
-
-    def _tokens(self, items, config: GenerationConfig, stopped: Callable[[], bool] | None = None):
-        """Greedy/sampled tokens of one sequence continuing `items`: yields (token, seq)."""
-        from runtimes.sequences import sample
-
-        seq, logits = self._pool.prefill(items)
-        try:
-            check = (lambda _seq: stopped()) if stopped else None
-            for _, token in sample(self._pool, {seq: logits}, {seq: Sampler(config)}, config.max_new_tokens,
-                                   self.eos_id, check):
-                yield token, seq
-        finally:
-            self._pool.done(seq)
-
-    def _stream_text(self, image, ids: Sequence[int], config: GenerationConfig,
-                     on_finish: Callable[[list[int], str], None] | None = None) -> Iterator[str]:
-        with self._lock:
-            items = self._items(image, ids)  # errors (bad image, too long) surface at the first next()
-            text = _TextStream(self.tokenizer, config.stop)
-            tokens = []
-            for token, _ in self._tokens(items, config, lambda: text.stopped):
-                tokens.append(token)
-                piece = text.push(token)
-                if piece:
-                    yield piece
-            tail = text.finish()
-            if tail:
-                yield tail
-            if on_finish is not None:
-                on_finish(tokens, text.text)
-
-    def _sample_forks(self, items, config: GenerationConfig, seeds: Sequence[int]) -> list[str]:
-        from runtimes.sequences import sample
-
-        pool = self._pool
-        root, logits = pool.prefill(items)
-        forks: list[int] = []
-        try:
-            forks = [pool.fork(root) for _ in seeds]
-            samplers = {seq: Sampler(config, s) for seq, s in zip(forks, seeds)}
-            streams = {seq: _TextStream(self.tokenizer, config.stop) for seq in forks}
-            for seq, token in sample(pool, {seq: logits for seq in forks}, samplers, config.max_new_tokens,
-                                     self.eos_id, lambda seq: streams[seq].stopped):
-                streams[seq].push(token)
-        finally:
-            pool.done(*forks, drop=True)  # sampled continuations are not worth keeping
-            pool.done(root)
-        return [streams[seq].text.strip() for seq in forks]
-
-
-def _is_ref(image) -> bool:
-    from runtimes.sequences import ImageRef
-
-    return isinstance(image, ImageRef)
-
-
-class _TextStream:
-    """Token ids -> text pieces; holds back an incomplete UTF-8 character and any possible start of a stop string."""
-
-    def __init__(self, tokenizer, stop: Sequence[str]):
-        self.tokenizer, self.stop = tokenizer, tuple(s for s in stop if s)
-        self.ids: list[int] = []
-        self.text = ""  # the final text so far (cut at a stop string)
-        self.stopped = False
-        self._emitted = 0
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        for s in self.stop:
-            at = text.find(s)
-            if at >= 0:
-                text, self.stopped = text[:at], True
-        self.text = text
-        if self.stopped:
-            return self._emit(text)
-        hold = max([k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])], default=0)
-        safe = text[: len(text) - hold]
-        return self._emit(safe.rstrip("\ufffd"))  # U+FFFD: a multi-byte character still being generated
-
-    def finish(self) -> str:
-        return self._emit(self.text)
-
-    def _emit(self, upto: str) -> str:
-        if self._emitted == 0:
-            upto_stripped = upto.lstrip()
-            skip = len(upto) - len(upto_stripped)
-        else:
-            skip = 0
-        piece = upto[max(self._emitted, skip):]
-        self._emitted = max(self._emitted, skip) + len(piece)
-        return piece
-
 
 class Chat:
     """Turns about one image. The image is encoded once (at creation) and kept; each question extends the KV cache
@@ -353,8 +248,7 @@ class Chat:
         from sqllava_edge.conversation import Turn
 
         self._assistant = assistant
-        with assistant._lock:
-            self._image = assistant._image(image)
+        self._image = assistant.engine.image_ref(image)
         self.turns: list[Turn] = []
         self.ids: list[int] = []
 
@@ -373,7 +267,7 @@ class Chat:
             self.ids = prompt + tokens + [assistant.eos_id]
             self.turns += [Turn("user", question), Turn("assistant", text.strip())]
 
-        return assistant._stream_text(self._image, prompt, config, finish)
+        return assistant.engine.stream_text(self._image, prompt, config, finish)
 
     def next_prompt(self, question: str) -> list[int]:
         """The full prompt ids the next `ask(question)` would run (for a fresh single-shot comparison)."""

@@ -4,6 +4,8 @@
     sqllava-edge ask MODEL IMAGE "question"              answer one question (streamed to stdout)
     sqllava-edge self-question MODEL IMAGE [--n 3]       describe the image, then sample questions about it
     sqllava-edge chat MODEL IMAGE                        multi-turn chat; questions from stdin, one per line
+    sqllava-edge interview MODEL IMAGE [--n 3]           the model's own questions, each with its answer
+    sqllava-edge serve MODEL [--port 8080] ...           the OpenAI-compatible HTTP server (sqllava_edge.serve)
 MODEL is a bundle folder or a training checkpoint folder.
 
 Each subcommand is a `register_<name>(subparsers)` function that adds its parser and sets `func`; `func(args)`
@@ -188,6 +190,12 @@ def run_chat(args) -> int:
     return 0
 
 
+def register_serve(subparsers) -> None:
+    from sqllava_edge.serve import register_serve as register
+
+    register(subparsers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sqllava-edge", description="SQ-LLaVA on edge devices")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -195,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_ask(subparsers)
     register_self_question(subparsers)
     register_chat(subparsers)
+    register_serve(subparsers)
     return parser
 
 

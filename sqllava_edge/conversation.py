@@ -18,7 +18,7 @@ from sqllava_edge.errors import PromptTooLongError
 from sqllava_edge.tokenizer import Tokenizer
 
 __all__ = ["Turn", "Template", "TEMPLATES", "get_template", "render", "TokenizedConversation", "tokenize_conversation",
-           "to_turns", "sq_convert", "prompt_ids", "answer_prompt", "describe_prompt", "self_question_prompt",
+           "to_turns", "sq_convert", "prompt_ids", "answer_prompt", "describe_prompt", "self_question_prompt", "interview_prompt",
            "chat_append_ids", "DESCRIBE_QUESTION"]
 
 ROLES = ("user", "assistant", "vuser")
@@ -277,6 +277,19 @@ def self_question_prompt(tokenizer: Tokenizer, description: str, template: str |
     if description.endswith(EOS_TEXT):
         description = description[: -len(EOS_TEXT)].strip()
     turns = [Turn("user", DESCRIBE_QUESTION), Turn("assistant", description), Turn("vuser", None)]
+    return prompt_ids(tokenizer, turns, template, has_image=True)
+
+
+def interview_prompt(tokenizer: Tokenizer, description: str, question: str,
+                     template: str | Template = "v1_sq") -> list[int]:
+    """The self-questioning conversation with the model's own question asked, open for its answer:
+    `{system} USER: <image>\nCan you describe the image in detail? ASSISTANT: {description}</s>VUSER: {question}</s>
+    ASSISTANT:` (a VUSER turn followed by the assistant's answer, as the SQ objective trains it, spec 3.3)."""
+    description = description.strip()
+    if description.endswith(EOS_TEXT):
+        description = description[: -len(EOS_TEXT)].strip()
+    turns = [Turn("user", DESCRIBE_QUESTION), Turn("assistant", description), Turn("vuser", question.strip()),
+             Turn("assistant", None)]
     return prompt_ids(tokenizer, turns, template, has_image=True)
 
 

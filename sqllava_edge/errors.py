@@ -14,6 +14,10 @@ class ImageError(SQLLaVAError, ValueError):
     """An image could not be read or is not acceptable (corrupt, truncated, too large, animated...)."""
 
 
+class ImageTooLargeError(ImageError):
+    """An image has more pixels than the decompression-bomb guard allows."""
+
+
 class CheckpointError(SQLLaVAError, ValueError):
     """A checkpoint folder is missing files, is corrupt, or does not match its config."""
 

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sqllava_edge.config import ASPECT_MODES, VisionConfig
-from sqllava_edge.errors import ImageError
+from sqllava_edge.errors import ImageError, ImageTooLargeError
 
 DEFAULT_MAX_PIXELS = 64_000_000  # 64 MP: above any phone/DSLR photo, far below what would exhaust an 8 GB Jetson
 SUPPORTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "DIB", "TIFF", "WEBP", "PPM", "TGA", "ICO", "AVIF")
@@ -66,7 +66,7 @@ def load_image(src: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{what} is too large for Pillow ({e}); downscale it before passing it in") from e
+        raise ImageTooLargeError(f"{what} is too large for Pillow ({e}); downscale it before passing it in") from e
     except Exception as e:  # Pillow decoders raise OSError, SyntaxError, struct.error, ValueError...: never leak them
         raise ImageError(f"{what} could not be decoded ({type(e).__name__}: {e}); the data is corrupt or truncated: "
                          f"{_FIX_FILE}") from e
@@ -188,7 +188,7 @@ def _check_pixels(size: tuple[int, int], max_pixels: int, what: str) -> None:
     if width <= 0 or height <= 0:
         raise ImageError(f"{what} has no pixels ({width}x{height}); pass a non-empty image")
     if width * height > max_pixels:
-        raise ImageError(f"{what} is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
+        raise ImageTooLargeError(f"{what} is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
                          "(decompression-bomb guard); downscale it first, or pass a larger max_pixels if you trust it")
 
 

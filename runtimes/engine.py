@@ -1,0 +1,219 @@
+"""One loaded model as every front door drives it: vision + LLM backends, the image-embedding cache, the KV-sequence
+pool and the lock that serialises them.
+
+`Assistant` (the Python API) and `runtimes.scheduler.Scheduler` (the server's continuous batching) both run on an
+Engine, so a question gives the same tokens whichever door it came through: the same preprocessing, the same cached
+embeddings, the same prefix reuse (runtimes.sequences) and the same `Sampler`.
+
+Everything that touches the backends or the pool runs under `engine.lock` (re-entrant). Preprocessing an image
+(`pixels`) needs no lock, so a server can decode and resize uploads on other threads.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from runtimes.sequences import ImageRef, SequencePool, prompt_items, sample
+from sqllava_edge.config import IMAGE_TOKEN_INDEX, ModelConfig
+from sqllava_edge.errors import BundleError
+from sqllava_edge.generation import GenerationConfig, Sampler
+
+IMAGE_CACHE = 16  # image embeddings kept, by content hash
+
+
+class Engine:
+    def __init__(self, vision, llm, tokenizer, config: ModelConfig, *, image_mode: str, sequences: int,
+                 image_cache: int = IMAGE_CACHE):
+        if llm.vocab_size != config.llm.vocab_size or tokenizer.vocab_size != config.llm.vocab_size:
+            raise BundleError(f"vocabulary sizes disagree: model config {config.llm.vocab_size}, LLM backend "
+                              f"{llm.vocab_size}, tokenizer {tokenizer.vocab_size}; the artifacts come from different models")
+        self.vision, self.llm, self.tokenizer, self.config = vision, llm, tokenizer, config
+        self.image_mode = image_mode
+        self.eos_id = config.llm.eos_token_id
+        self.pool = SequencePool(llm, sequences, config.llm.max_position_embeddings)
+        self.lock = threading.RLock()
+        self.image_hits = 0  # image_ref calls answered from the cache
+        self._images: OrderedDict[str, ImageRef] = OrderedDict()
+        self._image_cache = image_cache
+        self._on_evict: list[Callable[[str], None]] = []
+
+    @property
+    def counters(self):
+        return self.llm.counters
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Images
+
+    def pixels(self, image) -> np.ndarray:
+        """(3, S, S) float32: the one preprocessing (sqllava_edge.image). Thread-safe, no lock needed."""
+        from sqllava_edge.image import preprocess
+
+        return preprocess(image, self.config.vision, self.image_mode)
+
+    def image_ref(self, image) -> ImageRef:
+        """ImageRef for `image` (anything `pixels` takes, pixels themselves, or an ImageRef): embeddings from the cache
+        (by the preprocessed pixels' content hash) or one vision encode."""
+        if isinstance(image, ImageRef):
+            return image
+        pixels = image if _is_pixels(image, self.config) else self.pixels(image)
+        key = hashlib.sha256(pixels.tobytes()).hexdigest()
+        with self.lock:
+            if key in self._images:
+                self._images.move_to_end(key)
+                self.image_hits += 1
+                return self._images[key]
+            embeds = self.vision.encode(pixels[None])[0]  # (T, H)
+            self.counters.vision_encodes += 1
+            want = (self.config.num_image_tokens, self.config.llm.hidden_size)
+            if embeds.shape != want:
+                raise BundleError(f"the vision backend returned {embeds.shape} embeddings per image but the LLM expects "
+                                  f"{want}; the vision and LLM artifacts come from different models, re-export the bundle")
+            ref = ImageRef(key, embeds)
+            self._images[key] = ref
+            while len(self._images) > self._image_cache:
+                evicted, _ = self._images.popitem(last=False)
+                for callback in self._on_evict:
+                    callback(evicted)
+            return ref
+
+    def on_image_evicted(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(key)` when an image's embeddings leave the cache (to drop what was derived from them)."""
+        self._on_evict.append(callback)
+
+    def items(self, image, prompt_ids: Sequence[int]) -> list:
+        """Prompt ids -> pool items; `image` fills the one IMAGE_TOKEN_INDEX (None for a text-only prompt)."""
+        count = sum(1 for i in prompt_ids if i == IMAGE_TOKEN_INDEX)
+        if count != (0 if image is None else 1):
+            raise ValueError(f"prompt ids must hold exactly {0 if image is None else 1} image placeholder(s) "
+                             f"({IMAGE_TOKEN_INDEX}), found {count}")
+        return prompt_items(prompt_ids, [] if image is None else [self.image_ref(image)])
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Generation for one caller at a time (the caller holds the lock for the whole call)
+
+    def tokens(self, items, config: GenerationConfig, stopped: Callable[[], bool] | None = None
+               ) -> Iterator[tuple[int, int]]:
+        """Greedy/sampled tokens of one sequence continuing `items`: yields (token, seq)."""
+        seq, logits = self.pool.prefill(items)
+        try:
+            check = (lambda _seq: stopped()) if stopped else None
+            for _, token in sample(self.pool, {seq: logits}, {seq: Sampler(config)}, config.max_new_tokens,
+                                   self.eos_id, check):
+                yield token, seq
+        finally:
+            self.pool.done(seq)
+
+    def stream_text(self, image, ids: Sequence[int], config: GenerationConfig,
+                    on_finish: Callable[[list[int], str], None] | None = None) -> Iterator[str]:
+        """Text pieces of one answer; `on_finish(tokens, text)` runs after the last piece."""
+        with self.lock:
+            items = self.items(image, ids)  # errors (bad image, too long) surface at the first next()
+            text = TextStream(self.tokenizer, config.stop)
+            tokens = []
+            for token, _ in self.tokens(items, config, lambda: text.stopped):
+                tokens.append(token)
+                piece = text.push(token)
+                if piece:
+                    yield piece
+            tail = text.finish()
+            if tail:
+                yield tail
+            if on_finish is not None:
+                on_finish(tokens, text.text)
+
+    def sample_forks(self, items, config: GenerationConfig, seeds: Sequence[int]) -> list[str]:
+        """Prefill `items` once, then decode len(seeds) sampled continuations of it in one batch -> their texts
+        (continuation i samples with seeds[i])."""
+        pool = self.pool
+        with self.lock:
+            root, logits = pool.prefill(items)
+            forks: list[int] = []
+            try:
+                forks = [pool.fork(root) for _ in seeds]
+                samplers = {seq: Sampler(config, s) for seq, s in zip(forks, seeds)}
+                streams = {seq: TextStream(self.tokenizer, config.stop) for seq in forks}
+                for seq, token in sample(pool, {seq: logits for seq in forks}, samplers, config.max_new_tokens,
+                                         self.eos_id, lambda seq: streams[seq].stopped):
+                    streams[seq].push(token)
+            finally:
+                pool.done(*forks, drop=True)  # sampled continuations are not worth keeping
+                pool.done(root)
+        return [streams[seq].text.strip() for seq in forks]
+
+    def answer_batch(self, prompts: Sequence[list], config: GenerationConfig) -> list[str]:
+        """Several prompts (pool items) answered together: each prefilled (reusing shared prefixes), then all decoded
+        in one batched step per token -> their texts. At most pool.capacity prompts."""
+        pool = self.pool
+        with self.lock:
+            seqs: list[int] = []
+            try:
+                logits = {}
+                for items in prompts:
+                    seq, logits[seq] = pool.prefill(items)
+                    seqs.append(seq)
+                samplers = {seq: Sampler(config) for seq in seqs}
+                streams = {seq: TextStream(self.tokenizer, config.stop) for seq in seqs}
+                for seq, token in sample(pool, logits, samplers, config.max_new_tokens, self.eos_id,
+                                         lambda seq: streams[seq].stopped):
+                    streams[seq].push(token)
+            finally:
+                pool.done(*seqs)
+        return [streams[seq].text.strip() for seq in seqs]
+
+    def reset(self) -> None:
+        with self.lock:
+            self.pool.reset()
+            self._images.clear()
+
+    def close(self) -> None:
+        with self.lock:
+            self.reset()
+            self.vision.close()
+            self.llm.close()
+
+
+def _is_pixels(image: Any, config: ModelConfig) -> bool:
+    size = config.vision.image_size
+    return isinstance(image, np.ndarray) and image.dtype == np.float32 and image.shape == (3, size, size)
+
+
+class TextStream:
+    """Token ids -> text pieces; holds back an incomplete UTF-8 character and any possible start of a stop string."""
+
+    def __init__(self, tokenizer, stop: Sequence[str]):
+        self.tokenizer, self.stop = tokenizer, tuple(s for s in stop if s)
+        self.ids: list[int] = []
+        self.text = ""  # the final text so far (cut at a stop string)
+        self.stopped = False
+        self._emitted = 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        for s in self.stop:
+            at = text.find(s)
+            if at >= 0:
+                text, self.stopped = text[:at], True
+        self.text = text
+        if self.stopped:
+            return self._emit(text)
+        hold = max([k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])], default=0)
+        safe = text[: len(text) - hold]
+        return self._emit(safe.rstrip("\ufffd"))  # U+FFFD: a multi-byte character still being generated
+
+    def finish(self) -> str:
+        return self._emit(self.text)
+
+    def _emit(self, upto: str) -> str:
+        if self._emitted == 0:
+            upto_stripped = upto.lstrip()
+            skip = len(upto) - len(upto_stripped)
+        else:
+            skip = 0
+        piece = upto[max(self._emitted, skip):]
+        self._emitted = max(self._emitted, skip) + len(piece)
+        return piece

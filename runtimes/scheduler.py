@@ -1,0 +1,373 @@
+"""Continuous batching on one Engine: many requests, one model, one batched decode call per step.
+
+Up to `parallel` requests run at once. One scheduler thread loops: it admits a waiting request (encodes its image
+unless cached, prefills its prompt reusing any cached prefix, forks it for n > 1 choices), then advances every running
+choice of every request by one token in a single `pool.decode` call (the LLM backend's batched decode), as
+llama.cpp's `llama-server` does with its slots. A finished or cancelled request frees its sequences at once, so the
+next waiting request is admitted on the next loop.
+
+Token choice follows `runtimes.sequences.sample` step for step (same Sampler, same EOS / stop-string / length rules),
+so a request decoded here gives the tokens `Assistant.ask` gives for the same prompt, as long as the backend's batched
+decode gives the same logits as a lone one (exactly so for llama.cpp with an f32 GGUF and f32 KV cache on the CPU).
+
+Events go to each request's `on_event` callback from the scheduler thread; it must return quickly (the server hands
+them to its event loop). All engine work runs under `engine.lock`, one step at a time, so an `Assistant` call on the
+same engine waits for the current step, never for a whole request.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from runtimes.engine import Engine, TextStream
+from runtimes.sequences import positions
+from sqllava_edge.errors import PromptTooLongError
+from sqllava_edge.generation import GenerationConfig, Sampler
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is full; try again later."""
+
+
+class ShuttingDownError(RuntimeError):
+    """The scheduler no longer accepts requests."""
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str  # "start" | "token" | "finish" | "error" | "done"
+    choice: int = 0
+    text: str = ""  # "token": the new text piece (may be empty while a character or stop string is incomplete)
+    token: int = -1
+    reason: str = ""  # "finish": "stop" | "length" | "cancelled" | "timeout"
+    error: BaseException | None = None
+    usage: dict[str, int] = field(default_factory=dict)  # "start": prompt / cached positions; "done": totals
+
+
+@dataclass
+class Request:
+    """One prompt continued by len(seeds) choices (forks of one prefill), or several prompts (a list of id lists),
+    one choice each, prefilled separately (sharing whatever prefix they share) and decoded together."""
+
+    prompt_ids: list  # ids holding one IMAGE_TOKEN_INDEX when `image` is given, or a list of such id lists
+    image: Any  # None, preprocessed pixels (Engine.pixels), an ImageRef, or anything Engine.pixels takes
+    config: GenerationConfig
+    seeds: Sequence[int | None] = (None,)  # one per choice
+    on_event: Callable[[Event], None] = lambda event: None
+    timeout: float | None = None  # seconds from submission
+    drop_after: bool = False  # forget the sequences' content when done (sampled continuations)
+
+    def __post_init__(self):
+        if not self.seeds:
+            raise ValueError("a request needs at least one choice")
+        many = bool(self.prompt_ids) and isinstance(self.prompt_ids[0], (list, tuple))
+        self.prompts = [list(p) for p in self.prompt_ids] if many else [list(self.prompt_ids)]
+        if many and len(self.prompts) != len(self.seeds):
+            raise ValueError(f"{len(self.prompts)} prompts need {len(self.prompts)} seeds, got {len(self.seeds)}")
+
+
+class Handle:
+    """What `submit` returns: `cancel()` it when the client goes away."""
+
+    def __init__(self, request: Request, scheduler: "Scheduler"):
+        self.request = request
+        self.submitted = time.monotonic()
+        self.first_token: float | None = None
+        self._scheduler = scheduler
+        self.cancelled = False
+        self.finished = threading.Event()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._scheduler._wake()
+
+
+class _Choice:
+    def __init__(self, index: int, seq: int, logits: np.ndarray, sampler: Sampler, text: TextStream):
+        self.index, self.seq, self.logits, self.sampler, self.text = index, seq, logits, sampler, text
+        self.count = 0
+        self.done = False
+
+
+class _Job:
+    def __init__(self, handle: Handle, choices: list[_Choice], prompt: int):
+        self.handle, self.choices, self.prompt = handle, choices, prompt
+
+    @property
+    def active(self) -> list[_Choice]:
+        return [c for c in self.choices if not c.done]
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, parallel: int = 4, queue: int = 64):
+        if not isinstance(parallel, int) or parallel < 1:
+            raise ValueError(f"parallel must be a positive int, got {parallel!r}")
+        if not isinstance(queue, int) or queue < 0:
+            raise ValueError(f"queue must be an int >= 0, got {queue!r}")
+        self.engine, self.parallel, self.queue_limit = engine, parallel, queue
+        self._waiting: collections.deque[Handle] = collections.deque()
+        self._running: list[_Job] = []
+        self._cv = threading.Condition()
+        self._accepting = True
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="sqllava-edge-scheduler", daemon=True)
+        self.stats = collections.Counter()  # admitted, finished, cancelled, timeouts, errors, steps, cached_positions...
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Public
+
+    def submit(self, request: Request) -> Handle:
+        """Queue a request; raises QueueFullError / ShuttingDownError instead of waiting."""
+        n = len(request.seeds)
+        if n + 1 > self.engine.pool.capacity:
+            raise ValueError(f"n={n} choices need {n + 1} KV sequences but the engine keeps "
+                             f"{self.engine.pool.capacity}; ask for fewer choices")
+        handle = Handle(request, self)
+        with self._cv:
+            if not self._accepting:
+                raise ShuttingDownError("the server is shutting down")
+            if len(self._waiting) >= self.queue_limit + max(0, self.parallel - len(self._running)):
+                raise QueueFullError(f"{len(self._waiting)} requests are waiting and {len(self._running)} running "
+                                     f"(--parallel {self.parallel}, --queue {self.queue_limit}); retry later")
+            self._waiting.append(handle)
+            self._cv.notify_all()
+        return handle
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def busy_slots(self) -> int:
+        return sum(len(job.active) for job in self._running)
+
+    def shutdown(self, timeout: float = 30.0) -> bool:
+        """Stop accepting, let queued and running requests finish for up to `timeout` s, cancel the rest, stop the
+        thread. True if everything finished in time."""
+        with self._cv:
+            self._accepting = False
+            self._cv.notify_all()
+        deadline = time.monotonic() + timeout
+        while (self._waiting or self._running) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        clean = not (self._waiting or self._running)
+        with self._cv:
+            for handle in list(self._waiting) + [job.handle for job in self._running]:
+                handle.cancelled = True
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join(timeout=10)
+        return clean
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The loop
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._waiting or self._running or self._stop):
+                    self._cv.wait(timeout=1.0)
+                if self._stop and not self._running:
+                    for handle in self._waiting:
+                        self._emit(handle, Event("error", error=ShuttingDownError("the server is shutting down")))
+                        handle.finished.set()
+                    self._waiting.clear()
+                    return
+            try:
+                self._reap()
+                admitted = self._admit()
+                if self._running:
+                    self._step()
+                elif not admitted:
+                    time.sleep(0.005)  # a request waits for KV room that nothing running will free: rare
+            except Exception as exc:  # a backend failure: fail what is running, keep serving
+                for job in self._running:
+                    self._end_job(job, Event("error", error=exc))
+                self._running.clear()
+
+    def _reap(self) -> None:
+        """Cancelled and timed-out requests leave the queue and free their sequences."""
+        now = time.monotonic()
+        with self._cv:
+            for handle in list(self._waiting):
+                reason = _ended(handle, now)
+                if reason:
+                    self._waiting.remove(handle)
+                    self.stats[reason] += 1
+                    self._emit(handle, Event("finish", reason=reason))
+                    self._emit(handle, Event("done", usage={"prompt_tokens": 0, "completion_tokens": 0}))
+                    handle.finished.set()
+        for job in list(self._running):
+            reason = _ended(job.handle, now)
+            if reason:
+                self.stats[reason] += 1
+                for choice in job.active:
+                    self._finish(job, choice, reason)
+                self._retire(job)
+
+    def _admit(self) -> bool:
+        """Admit the next waiting request if a slot and enough sequences are free. True if one was admitted."""
+        with self._cv:
+            if not self._waiting or len(self._running) >= self.parallel:
+                return False
+            handle = self._waiting[0]
+        request, engine = handle.request, self.engine
+        pool = engine.pool
+        n = len(request.seeds)
+        with engine.lock:
+            if pool.capacity - len(pool.busy) < n + 1:
+                return False  # wait for running requests to free sequences
+            try:
+                seqs, logits, need, cached = self._prefill(request)
+                if seqs is None:
+                    return False  # room frees up as running requests finish
+            except Exception as exc:
+                with self._cv:
+                    self._waiting.popleft()
+                self.stats["errors"] += 1
+                self._emit(handle, Event("error", error=exc))
+                handle.finished.set()
+                return True
+        with self._cv:
+            self._waiting.popleft()
+        config = request.config
+        choices = [_Choice(i, seq, seq_logits, Sampler(config, seed), TextStream(engine.tokenizer, config.stop))
+                   for i, (seq, seq_logits, seed) in enumerate(zip(seqs, logits, request.seeds))]
+        job = _Job(handle, choices, need)
+        self._running.append(job)
+        self.stats["admitted"] += 1
+        self.stats["cached_positions"] += cached
+        self.stats["prompt_positions"] += need
+        self._emit(handle, Event("start", usage={"prompt_tokens": need, "cached_tokens": cached}))
+        return True
+
+    def _prefill(self, request: Request):
+        """Prefill the request's prompt(s) (caller holds engine.lock) -> (seqs, logits per seq, positions, positions
+        reused from the cache), or Nones when the shared context has no room until running requests finish."""
+        engine, pool = self.engine, self.engine.pool
+        counters = engine.counters
+        seqs: list[int] = []
+        logits: list[np.ndarray] = []
+        need = cached = 0
+        try:
+            for prompt in request.prompts:
+                items = engine.items(request.image, prompt)
+                before = counters.prefill_tokens + counters.prefill_embeds
+                try:
+                    seq, seq_logits = pool.prefill(items)
+                except PromptTooLongError:
+                    if positions(items) <= engine.llm.n_ctx and self._running:
+                        pool.done(*seqs)
+                        return None, None, 0, 0
+                    raise
+                seqs.append(seq)
+                logits.append(seq_logits)
+                need += positions(items)
+                cached += positions(items) - (counters.prefill_tokens + counters.prefill_embeds - before)
+        except BaseException:
+            pool.done(*seqs)
+            raise
+        if len(request.prompts) == 1 and len(request.seeds) > 1:
+            root = seqs[0]
+            seqs = [pool.fork(root) for _ in request.seeds]
+            logits = logits * len(seqs)
+            pool.done(root)
+        return seqs, logits, need, cached
+
+    def _step(self) -> None:
+        """Sample one token for every running choice, then decode all that continue in one batched call."""
+        engine, eos = self.engine, self.engine.eos_id
+        feed: dict[int, tuple[_Job, _Choice, int]] = {}  # seq -> (job, choice, token to feed)
+        for job in list(self._running):
+            for choice in job.active:
+                token = choice.sampler(choice.logits)
+                if token == eos:
+                    self._finish(job, choice, "stop")
+                    continue
+                choice.count += 1
+                piece = choice.text.push(token)
+                if job.handle.first_token is None:
+                    job.handle.first_token = time.monotonic()
+                self._emit(job.handle, Event("token", choice.index, piece, token))
+                if choice.text.stopped:
+                    self._finish(job, choice, "stop")
+                elif choice.count >= job.handle.request.config.max_new_tokens:
+                    self._finish(job, choice, "length")
+                else:
+                    feed[choice.seq] = (job, choice, token)
+        if feed:
+            with engine.lock:
+                fitted = engine.pool.fit({seq: token for seq, (_, _, token) in feed.items()})
+                for seq in sorted(set(feed) - set(fitted)):  # the shared context is full: these stop here
+                    job, choice, _ = feed[seq]
+                    self._finish(job, choice, "length")
+                out = engine.pool.decode(fitted) if fitted else {}
+            self.stats["steps"] += 1
+            for seq, logits in out.items():
+                feed[seq][1].logits = logits
+        for job in list(self._running):
+            if not job.active:
+                self._retire(job)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Bookkeeping
+
+    def _finish(self, job: _Job, choice: _Choice, reason: str) -> None:
+        choice.done = True
+        tail = choice.text.finish()
+        if tail:
+            self._emit(job.handle, Event("token", choice.index, tail))
+        with self.engine.lock:
+            self.engine.pool.done(choice.seq, drop=job.handle.request.drop_after or len(job.choices) > 1)
+        self._emit(job.handle, Event("finish", choice.index, reason=reason))
+
+    def _retire(self, job: _Job) -> None:
+        if job in self._running:
+            self._running.remove(job)
+        self.stats["finished"] += 1
+        completion = sum(c.count for c in job.choices)
+        self._emit(job.handle, Event("done", usage={"prompt_tokens": job.prompt, "completion_tokens": completion}))
+        job.handle.finished.set()
+        self._wake()
+
+    def _end_job(self, job: _Job, event: Event) -> None:
+        for choice in job.active:
+            choice.done = True
+            with self.engine.lock:
+                try:
+                    self.engine.pool.done(choice.seq, drop=True)
+                except Exception:  # the backend already failed; the pool is reset by the next reset()
+                    pass
+        self.stats["errors"] += 1
+        self._emit(job.handle, event)
+        job.handle.finished.set()
+
+    @staticmethod
+    def _emit(handle: Handle, event: Event) -> None:
+        try:
+            handle.request.on_event(event)
+        except Exception:  # a broken listener must not stop the loop; the request is cancelled instead
+            handle.cancelled = True
+
+
+def _ended(handle: Handle, now: float) -> str:
+    if handle.cancelled:
+        return "cancelled"
+    timeout = handle.request.timeout
+    if timeout is not None and now - handle.submitted > timeout:
+        return "timeout"
+    return ""

@@ -1,0 +1,302 @@
+"""The server's wire formats: OpenAI chat-completion requests in, prompts and sampling settings out; errors as
+OpenAI's error object. Pure functions of the request body (and the tokenizer), so every rule here is testable
+without a socket.
+
+Rules (the README's "Serving" section says the same):
+- `messages`: system turns (first, joined) replace the template's system prompt; user / assistant turns alternate
+  (consecutive turns of one role are joined with a newline) and the last one is the user's.
+- One image per conversation, in a user turn, as a data URI (`data:image/...;base64,...`). It goes where SQ-LLaVA
+  was trained to see it: the start of the first user turn. `http(s)://` URLs are refused (the server never fetches);
+  `file://` URLs and plain paths only with --allow-local-files.
+- Sampling: temperature defaults to 0 (greedy, as SQ-LLaVA's evaluation), max_tokens to 512.
+- Fields that would change the meaning of the answer and are not supported (tools, logprobs, response_format,
+  non-zero penalties, logit_bias, ...) are refused by name; unknown fields too, so nothing is silently ignored.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqllava_edge.generation import GenerationConfig
+
+MAX_N = 8  # choices per request (each is a KV sequence)
+MAX_STOP = 4  # stop strings, as OpenAI allows
+DEFAULT_MAX_TOKENS = 512
+
+# Accepted and used; accepted because harmless; refused because they change what the answer means.
+USED = {"messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+        "n", "stream", "stream_options"}
+HARMLESS = {"user", "metadata", "store", "service_tier", "modalities", "parallel_tool_calls", "prediction"}
+UNSUPPORTED = {"tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs", "response_format",
+               "logit_bias", "presence_penalty", "frequency_penalty", "audio", "reasoning_effort", "web_search_options",
+               "min_p", "repeat_penalty"}
+# (zero / false / null / "text" values of some unsupported fields mean "off" and are accepted)
+_OFF_VALUES = {"logprobs": (False, None), "presence_penalty": (0, None), "frequency_penalty": (0, None),
+               "logit_bias": (None,), "tools": (None,), "functions": (None,), "tool_choice": (None, "none"),
+               "top_logprobs": (None, 0), "modalities": (None,)}
+
+
+class APIError(Exception):
+    """An error the client caused or must handle, rendered as OpenAI's error object with `status`."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+@dataclass
+class Conversation:
+    """What a chat-completions request asks: turns (role, text), where the image goes, and a system prompt."""
+
+    turns: list[tuple[str, str]]  # ("user" | "assistant", text); ends with a user turn
+    system: str | None = None
+    image: bytes | str | None = None  # raw bytes (data URI) or a local path (--allow-local-files)
+
+
+@dataclass
+class ChatRequest:
+    conversation: Conversation
+    config: GenerationConfig
+    n: int = 1
+    seed: int | None = None
+    stream: bool = False
+    include_usage: bool = False
+    model: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fields
+
+
+def check_fields(body: Any, allowed: set[str]) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    refused = sorted(k for k in body if k in UNSUPPORTED and body[k] not in _OFF_VALUES.get(k, ()))
+    if refused:
+        raise bad_request(f"unsupported field(s) {refused}: this server answers with text from one image conversation; "
+                          "remove them", param=refused[0], code="unsupported_parameter")
+    unknown = sorted(set(body) - allowed - HARMLESS - UNSUPPORTED)
+    if unknown:
+        raise bad_request(f"unknown field(s) {unknown}; accepted: {', '.join(sorted(allowed | HARMLESS))}",
+                          param=unknown[0], code="unknown_parameter")
+    return body
+
+
+def _number(body: dict, name: str, lo: float, hi: float, default=None, *, integer: bool = False,
+            lo_open: bool = False):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise bad_request(f"{name} must be {kind}, got {value!r}", param=name)
+    if not math.isfinite(value) or value < lo or value > hi or (lo_open and value == lo):
+        bounds = f"{'(' if lo_open else '['}{lo}, {hi}]"
+        raise bad_request(f"{name} must be in {bounds}, got {value!r}", param=name)
+    return value
+
+
+def sampling(body: dict, *, default_temperature: float = 0.0, default_max: int = DEFAULT_MAX_TOKENS,
+             max_tokens_limit: int = 1 << 20) -> tuple[GenerationConfig, int | None]:
+    """GenerationConfig and seed from the OpenAI sampling fields (+ top_k)."""
+    if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
+        raise bad_request("give max_tokens or max_completion_tokens, not both", param="max_tokens")
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_new = _number(body, name, 1, max_tokens_limit, default_max, integer=True)
+    temperature = _number(body, "temperature", 0, 2, default_temperature)
+    top_p = _number(body, "top_p", 0, 1, 1.0, lo_open=True)
+    top_k = _number(body, "top_k", 0, 1 << 20, 0, integer=True)
+    seed = _number(body, "seed", -(1 << 63), (1 << 64) - 1, None, integer=True)
+    stop = body.get("stop")
+    if stop is None:
+        stops: tuple[str, ...] = ()
+    elif isinstance(stop, str):
+        stops = (stop,)
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= MAX_STOP:
+        stops = tuple(stop)
+    else:
+        raise bad_request(f"stop must be a string or a list of at most {MAX_STOP} strings", param="stop")
+    if any(not s for s in stops):
+        raise bad_request("stop strings must not be empty (an empty string would never match)", param="stop")
+    config = GenerationConfig(max_new_tokens=max_new, temperature=float(temperature), top_k=top_k,
+                              top_p=float(top_p), stop=stops)
+    return config, None if seed is None else int(seed) % (1 << 63)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Messages
+
+
+def parse_chat(body: Any) -> ChatRequest:
+    body = check_fields(body, USED)
+    conversation = parse_messages(body.get("messages"))
+    config, seed = sampling(body)
+    n = _number(body, "n", 1, MAX_N, 1, integer=True)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool) and stream is not None:
+        raise bad_request("stream must be true or false", param="stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or set(options) - {"include_usage", "include_obfuscation"}:
+        raise bad_request("stream_options accepts {\"include_usage\": bool}", param="stream_options")
+    model = body.get("model", "")
+    if not isinstance(model, str):
+        raise bad_request("model must be a string", param="model")
+    return ChatRequest(conversation, config, n, seed, bool(stream), bool(options.get("include_usage")), model)
+
+
+def parse_messages(messages: Any) -> Conversation:
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("messages must be a non-empty list of {role, content} objects", param="messages")
+    system: list[str] = []
+    turns: list[tuple[str, str]] = []
+    image = None
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict) or "role" not in message:
+            raise bad_request(f"{where} must be an object with a role and content", param=where)
+        role = message["role"]
+        if role == "developer":
+            role = "system"
+        if role not in ("system", "user", "assistant"):
+            raise bad_request(f"{where}.role {role!r} is not supported; use system, user or assistant", param=where)
+        text, found = _content(message.get("content"), where)
+        if found is not None:
+            if role != "user":
+                raise bad_request(f"{where}: only user messages may carry an image", param=where)
+            if image is not None:
+                raise bad_request("SQ-LLaVA takes one image per conversation; this one has more", param=where)
+            image = found
+        if role == "system":
+            if turns:
+                raise bad_request(f"{where}: system messages go before the conversation", param=where)
+            system.append(text)
+        elif turns and turns[-1][0] == role:
+            turns[-1] = (role, f"{turns[-1][1]}\n{text}")
+        else:
+            turns.append((role, text))
+    if not turns or turns[0][0] != "user":
+        raise bad_request("the conversation must start with a user message (after any system messages)",
+                          param="messages")
+    if turns[-1][0] != "user":
+        raise bad_request("the last message must be the user's: the model answers it", param="messages")
+    if any(not text.strip() for role, text in turns if role == "user") and image is None:
+        raise bad_request("a user message is empty; ask something", param="messages")
+    return Conversation(turns, "\n".join(system) if system else None, image)
+
+
+def _content(content: Any, where: str) -> tuple[str, Any]:
+    """(text, image or None) of one message's content: a string, or a list of text / image_url parts."""
+    if isinstance(content, str):
+        return content, None
+    if not isinstance(content, list):
+        raise bad_request(f"{where}.content must be a string or a list of parts", param=where)
+    texts, image = [], None
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str):
+                raise bad_request(f"{where}.content[{j}].image_url must be {{\"url\": \"data:image/...\"}}", param=where)
+            if image is not None:
+                raise bad_request("SQ-LLaVA takes one image per conversation; this one has more", param=where)
+            image = url
+        else:
+            raise bad_request(f"{where}.content[{j}] must be {{\"type\": \"text\", \"text\": ...}} or "
+                              "{\"type\": \"image_url\", \"image_url\": {\"url\": ...}}", param=where)
+    return "\n".join(texts), image
+
+
+_DATA_URI = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,",
+                       re.ASCII)
+
+
+def image_source(url: str, *, max_bytes: int, allow_local_files: bool, param: str = "messages") -> bytes | str:
+    """An image URL as the client sent it -> raw bytes (data URI) or a local path; APIError otherwise."""
+    match = _DATA_URI.match(url)
+    if match:
+        mime = (match.group("mime") or "").lower()
+        if not mime.startswith("image/"):
+            raise bad_request(f"the data URI holds {mime or 'no media type'}, not an image; send "
+                              "data:image/png;base64,... (or jpeg, webp)", param=param, code="invalid_image")
+        if not match.group("b64"):
+            raise bad_request("image data URIs must be base64 (data:image/png;base64,...)", param=param,
+                              code="invalid_image")
+        payload = url[match.end():]
+        if len(payload) * 3 // 4 > max_bytes + 3:
+            raise too_large(len(payload) * 3 // 4, max_bytes)
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise bad_request("the image data URI is not valid base64 (truncated or corrupted?)", param=param,
+                              code="invalid_image") from None
+        if not data:
+            raise bad_request("the image is empty (0 bytes)", param=param, code="invalid_image")
+        if len(data) > max_bytes:
+            raise too_large(len(data), max_bytes)
+        return data
+    if url.startswith(("http://", "https://")):
+        raise bad_request("the server does not fetch image URLs: download the image and send its bytes as a data URI "
+                          "(data:image/jpeg;base64,...)", param=param, code="invalid_image")
+    path = url[len("file://"):] if url.startswith("file://") else url
+    if not allow_local_files:
+        raise bad_request("local image paths are off on this server (start it with --allow-local-files); send the "
+                          "bytes as a data URI (data:image/png;base64,...)", param=param, code="invalid_image")
+    if not os.path.isfile(path):
+        raise bad_request(f"no image file at {path!r} on the server", param=param, code="invalid_image")
+    if os.path.getsize(path) > max_bytes:
+        raise too_large(os.path.getsize(path), max_bytes)
+    return path
+
+
+def too_large(size: int, limit: int) -> APIError:
+    return APIError(413, f"the image is {size / 2**20:.1f} MiB, over this server's limit of {limit / 2**20:.1f} MiB "
+                         "(--max-image-mb); downscale or re-encode it (JPEG) before sending",
+                    code="image_too_large")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The self-questions extension
+
+
+SELF_QUESTION_FIELDS = {"image", "n", "seed", "answer", "model", "max_tokens", "temperature", "top_p", "top_k"}
+
+
+@dataclass
+class SelfQuestionRequest:
+    image: str
+    n: int
+    seed: int | None
+    answer: bool
+    config: GenerationConfig
+
+
+def parse_self_questions(body: Any, defaults: GenerationConfig) -> SelfQuestionRequest:
+    body = check_fields(body, SELF_QUESTION_FIELDS)
+    image = body.get("image")
+    if not isinstance(image, str):
+        raise bad_request("image must be a data URI string (data:image/png;base64,...)", param="image")
+    n = _number(body, "n", 1, MAX_N, 3, integer=True)
+    answer = body.get("answer", False)
+    if not isinstance(answer, bool):
+        raise bad_request("answer must be true or false", param="answer")
+    config, seed = sampling(body, default_temperature=defaults.temperature, default_max=defaults.max_new_tokens)
+    config = config.replace(top_k=body.get("top_k", defaults.top_k), top_p=body.get("top_p", defaults.top_p))
+    return SelfQuestionRequest(image, n, seed, answer, config)
