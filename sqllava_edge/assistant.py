@@ -195,11 +195,13 @@ class Assistant:
                 questions += self.engine.sample_forks(items, config, seeds)
         return SelfQuestions(description, questions, seed)
 
-    def interview(self, image, n: int = 3, seed: int | None = None, **options) -> list[Exchange]:
+    def interview(self, image, n: int = 3, seed: int | None = None, *, max_answer_tokens: int | None = None,
+                  **options) -> list[Exchange]:
         """The model questions itself about the image, then answers each of its questions: `self_question(image, n,
         seed)`, then for question q the greedy answer to `... ASSISTANT: {description}</s>VUSER: {q}</s> ASSISTANT:`
         (the conversation the SQ objective trains, spec 3.3). The answers decode together in one batch on the shared
-        image + description prefix. Options apply to the questions (as in self_question); answers are greedy."""
+        image + description prefix. Options apply to the questions (as in self_question); answers are greedy, at most
+        `max_answer_tokens` (default: the answer default, 512) each."""
         from sqllava_edge.conversation import interview_prompt
 
         with self._lock:
@@ -210,7 +212,7 @@ class Assistant:
             answers: list[str] = []
             for start in range(0, len(prompts), self.engine.pool.capacity):
                 answers += self.engine.answer_batch(prompts[start:start + self.engine.pool.capacity],
-                                                    TASK_DEFAULTS["answer"])
+                                                    _config("answer", {"max_new_tokens": max_answer_tokens}))
         return [Exchange(q, a) for q, a in zip(asked.questions, answers)]
 
     def _description(self, ref) -> str:

@@ -94,7 +94,7 @@ def run(args) -> int:
     app = create_app(load, settings, on_loaded=loaded, on_failed=failed)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30,
                             access_log=False)
-    server = uvicorn.Server(config)
+    server = _server_class()(config)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print("warning: listening beyond this machine without --api-key: anyone on the network can use the model",
               file=sys.stderr)
@@ -102,6 +102,33 @@ def run(args) -> int:
           file=sys.stderr, flush=True)
     server.run()
     return 1 if failure else 0
+
+
+def _server_class():
+    import contextlib
+    import signal
+    import threading
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, except that a SIGINT / SIGTERM that stopped it gracefully is not re-raised afterwards
+        (uvicorn does, so the process would die by the signal): a clean stop exits 0."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            signals = (signal.SIGINT, signal.SIGTERM)
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server
 
 
 def _default_n_ctx(args) -> int | None:

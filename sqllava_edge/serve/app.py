@@ -272,7 +272,8 @@ def _routes(app: FastAPI, state: State) -> None:
             return call.respond({"description": description, "questions": questions, "seed": seed})
         prompts = [interview_prompt(tok, description, q, template) for q in questions]
         answers_call = _Call(state, request, arrived, "/v1/self-questions")
-        answers_call.submit(scheduler, EngineRequest(prompts, pixels, TASK_DEFAULTS["answer"], [None] * len(prompts),
+        answer_config = TASK_DEFAULTS["answer"].replace(max_new_tokens=ask.answer_tokens)
+        answers_call.submit(scheduler, EngineRequest(prompts, pixels, answer_config, [None] * len(prompts),
                                                      timeout=settings.timeout))
         await answers_call.started()
         answers, _, _ = await answers_call.collect(len(prompts))

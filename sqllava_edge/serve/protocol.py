@@ -286,6 +286,7 @@ class SelfQuestionRequest:
     seed: int | None
     answer: bool
     config: GenerationConfig
+    answer_tokens: int | None = None  # max_tokens applies to the questions and to each answer
 
 
 def parse_self_questions(body: Any, defaults: GenerationConfig) -> SelfQuestionRequest:
@@ -299,4 +300,4 @@ def parse_self_questions(body: Any, defaults: GenerationConfig) -> SelfQuestionR
         raise bad_request("answer must be true or false", param="answer")
     config, seed = sampling(body, default_temperature=defaults.temperature, default_max=defaults.max_new_tokens)
     config = config.replace(top_k=body.get("top_k", defaults.top_k), top_p=body.get("top_p", defaults.top_p))
-    return SelfQuestionRequest(image, n, seed, answer, config)
+    return SelfQuestionRequest(image, n, seed, answer, config, body.get("max_tokens"))
