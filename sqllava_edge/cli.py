@@ -163,6 +163,25 @@ def run_self_question(args) -> int:
     return 0
 
 
+def register_interview(subparsers) -> None:
+    parser = subparsers.add_parser("interview", help="the model's own questions about an image, each with its answer",
+                                   description="Self-questioning, then the model answers each of its questions in the "
+                                               "same conversation (all answers decoded in one batch).")
+    _add_model_args(parser, "self_question")
+    parser.add_argument("--n", type=int, default=3, help="number of questions (default 3)")
+    parser.add_argument("--max-answer-tokens", type=int, help="longest answer (default 512)")
+    parser.set_defaults(func=run_interview)
+
+
+def run_interview(args) -> int:
+    with _open_assistant(args) as assistant:
+        exchanges = assistant.interview(args.image, n=args.n, seed=args.seed, max_answer_tokens=args.max_answer_tokens,
+                                        **_options(args, with_seed=False))
+    for i, exchange in enumerate(exchanges):
+        print(f"Q{i + 1}: {exchange.question}\nA{i + 1}: {exchange.answer}")
+    return 0
+
+
 def register_chat(subparsers) -> None:
     parser = subparsers.add_parser("chat", help="multi-turn chat about an image (questions from stdin)",
                                    description="Chat about one image: each line of stdin is a question, answered "
@@ -203,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_ask(subparsers)
     register_self_question(subparsers)
     register_chat(subparsers)
+    register_interview(subparsers)
     register_serve(subparsers)
     return parser
 

@@ -399,3 +399,16 @@ def test_cli_refuses_bad_settings_in_one_line(tiny_bundle):
 
     assert main(["serve", str(tiny_bundle), "--parallel", "0"]) == 1
     assert main(["serve", str(tiny_bundle / "missing")]) == 1
+
+
+def test_cli_interview_prints_the_python_apis_exchanges(tiny_bundle, assistant, tmp_path, capsys):
+    from sqllava_edge import cli
+
+    photo = tmp_path / "photo.png"
+    image(6).save(photo)
+    expected = assistant.interview(photo, n=2, seed=3, max_new_tokens=8, max_answer_tokens=6)
+    common = [str(tiny_bundle), str(photo), "--vision-precision", "fp32", "--threads", "1"]
+    assert cli.main(["interview", *common, "--n", "2", "--seed", "3", "--max-new-tokens", "8",
+                     "--max-answer-tokens", "6"]) == 0
+    lines = [f"Q{i + 1}: {e.question}\nA{i + 1}: {e.answer}" for i, e in enumerate(expected)]
+    assert capsys.readouterr().out == "\n".join(lines) + "\n"
