@@ -8,6 +8,9 @@ Facts (edge-deployment.md sections 2 and 3):
   * q_proj / k_proj rows are permuted from transformers' rotate-half RoPE layout to llama.cpp's interleaved one.
   * the vocabulary is the full SentencePiece one (tokens, scores, types) with the special ids, add_bos true, and
     the conversation template as a Jinja `tokenizer.chat_template`, so stock llama.cpp can run the file on text.
+    The SDK never lets llama.cpp tokenize: it hands it ids from the bundle's tokenizer (plain caller text, the
+    checkpoint's `legacy` setting). Stock llama.cpp on text acts like legacy=true after special tokens and parses
+    control-token names in messages (docs/DESIGN.md, "Text after </s>").
   * K-quants work on rows of 256 values; tensors whose rows are not a multiple of 256 get a fallback type from
     llama.cpp (the tiny preset's widths 256 / 768 are multiples, so it is quantized as asked).
 Validation right after writing, on a 64-token prompt, llama.cpp (f32 KV cache, no flash attention: the weights'

@@ -1,16 +1,28 @@
 """Conversation templates, the self-questioning (SQ) conversion, label masks and prompt ids (spec 3 and 5).
 
-A conversation is a list of `Turn(role, text)` with roles "user", "assistant" and "vuser" (the paper's `[vusr]`: the
-model asking a question about the image). `text=None` marks the open turn the model is to write; it renders as
-"ROLE:". Rendering follows the reference templates byte for byte (spec 3.2-3.3). Token ids are the reference
-tokenization of the rendered string (`tokenizer_image_token`, spec 1.5); labels come from which characters of the
-rendered string are targets, so they never depend on length arithmetic and never fall into the reference's silent
-"tokenization mismatch" (spec 3.4, 8.8).
+A conversation is a list of `Turn(role, text, image=False)` with roles "user", "assistant" and "vuser" (the paper's
+`[vusr]`: the model asking a question about the image). `text=None` marks the open turn the model is to write; it
+renders as "ROLE:". `image=True` puts the image at the start of that turn (rendered "<image>\n" before the text).
+Rendering follows the reference templates byte for byte (spec 3.2-3.3).
+
+Where control tokens come from (issue 25): only the template inserts them. Ids are built segment by segment: BOS,
+then runs of text (template words and turn texts together, encoded as plain text), with the template's own "</s>"
+after each finished turn inserted as the EOS id and the image position inserted as IMAGE_TOKEN_INDEX. Turn texts and
+system prompts are never parsed: "</s>", "<s>", "<unk>" or "<image>" in them stay ordinary characters. For text a
+caller cannot be confused about, the ids equal the reference tokenization of the rendered string
+(`tokenizer_image_token`, spec 1.5, with the checkpoint's `legacy` setting, spec 3.4). `render` gives that string
+for display and comparisons; ids are never parsed out of it.
+
+The one place where the string "<image>" means the image is LLaVA-format training JSON: `to_turns` / `sq_convert`
+turn a human turn holding "<image>" into a Turn with image=True (spec 1.5, preprocess_multimodal).
+
+Labels come from which segments are targets, so they never depend on length arithmetic and never fall into the
+reference's silent "tokenization mismatch" (spec 3.4, 8.8).
 """
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Mapping, Sequence
 
 from sqllava_edge.config import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
@@ -39,13 +51,18 @@ SYSTEM_LLAVA_V1 = ("A chat between a curious human and an artificial intelligenc
 @dataclass(frozen=True)
 class Turn:
     role: str  # "user" | "assistant" | "vuser"
-    text: str | None  # None: the open turn the model writes next
+    text: str | None  # plain text, never parsed; None: the open turn the model writes next
+    image: bool = False  # the image goes at the start of this turn
 
     def __post_init__(self):
         if self.role not in ROLES:
             raise ValueError(f"Turn role {self.role!r} is not one of {ROLES}")
         if self.text is not None and not isinstance(self.text, str):
             raise ValueError(f"Turn text must be a str or None, got {type(self.text).__name__}")
+        if not isinstance(self.image, bool):
+            raise ValueError(f"Turn image must be True or False, got {self.image!r}")
+        if self.image and self.text is None:
+            raise ValueError("the open turn (text=None) cannot carry the image; put it on the first user turn")
 
 
 @dataclass(frozen=True)
@@ -80,7 +97,7 @@ def get_template(template: str | Template) -> Template:
     return TEMPLATES[template]
 
 
-def _check_turns(tpl: Template, turns: Sequence[Turn]) -> None:
+def _check_turns(tpl: Template, turns: Sequence[Turn], has_image: bool) -> None:
     if not turns:
         raise ValueError("a conversation needs at least one turn")
     for i, turn in enumerate(turns):
@@ -98,32 +115,80 @@ def _check_turns(tpl: Template, turns: Sequence[Turn]) -> None:
         raise ValueError("the first turn must be a user turn (it carries the image)")
     if tpl.style == "plain" and (len(turns) != 2 or turns[1].role != "assistant"):
         raise ValueError("the 'plain' template (stage 1) takes exactly [user, assistant(caption or None)] turns")
+    count = sum(turn.image for turn in turns)
+    if has_image and count != 1:
+        raise ValueError(f"an image conversation needs exactly one turn with image=True (found {count}); the image "
+                         "goes at the start of the first user turn (to_turns/sq_convert and the prompt builders do "
+                         "this)")
+    if not has_image and count:
+        raise ValueError("a text-only conversation has a turn with image=True; pass has_image=True with an image")
 
 
-def _render_spans(tpl: Template, turns: Sequence[Turn]) -> list[tuple[str, bool]]:
-    """The rendered string as consecutive (text, is_target) pieces (spec 3.2-3.5)."""
-    _check_turns(tpl, turns)
+@dataclass(frozen=True)
+class _Span:
+    """One segment of a rendered conversation: text (encoded as plain text) or one control id (BOS/EOS/image)."""
+
+    text: str  # as `render` shows it
+    target: bool  # trained (spec 3.4)
+    control: str | None = None  # None (text) | "eos" | "image"
+
+
+def _text_or_eos(text: str, target: bool) -> list[_Span]:
+    """A template separator: "</s>" is the EOS control token, anything else is text."""
+    if text == EOS_TEXT:
+        return [_Span(text, target, "eos")]
+    return [_Span(text, target)] if text else []
+
+
+def _turn_text(turn: Turn, target: bool, prefix: str = "") -> list[_Span]:
+    """`prefix` + the image (when the turn carries it) + the turn's text, as the reference renders
+    "<image>\n" + text (spec 1.5)."""
+    spans = [_Span(prefix, target)] if prefix else []
+    if turn.image:
+        spans.append(_Span(IMAGE_PLACEHOLDER, False, "image"))
+        if turn.text:
+            spans.append(_Span("\n", target))
+    return spans + ([_Span(turn.text, target)] if turn.text else [])
+
+
+def _render_spans(tpl: Template, turns: Sequence[Turn], has_image: bool) -> list[_Span]:
+    """The rendered conversation as consecutive segments (spec 3.2-3.5), controls where the template puts them."""
+    _check_turns(tpl, turns, has_image)
     if tpl.style == "plain":  # spec 3.5: the instruction is dropped; the caption + "\n" is the target, no EOS
         caption = turns[1].text
-        return [(IMAGE_PLACEHOLDER, False)] + ([(caption + tpl.sep, True)] if caption is not None else [])
-    spans = [(tpl.system + tpl.sep, False)]
+        image = [_Span(IMAGE_PLACEHOLDER, False, "image")] if turns[0].image else []
+        return image + ([_Span(caption + tpl.sep, True)] if caption is not None else [])
+    spans = [_Span(tpl.system + tpl.sep, False)]
     for i, turn in enumerate(turns):
         role = tpl.roles[turn.role]
         sep = tpl.sep if i % 2 == 0 else tpl.sep2
         if turn.text is None:
-            spans.append((role + ":", False))
+            spans.append(_Span(role + ":", False))
         elif turn.role == "user":  # spec 3.4: the instruction and role prefixes are never trained
-            spans.append((f"{role}: {turn.text}{sep}", False))
+            spans += _turn_text(turn, False, f"{role}: ") + _text_or_eos(sep, False)
         elif turn.role == "assistant":  # the answer + its "</s>" are trained (QA)
-            spans += [(role + ":", False), (f" {turn.text}{sep}", True)]
+            spans += [_Span(role + ":", False), *_turn_text(turn, True, " "), *_text_or_eos(sep, True)]
         else:  # vuser: the question + the "</s>" appended to it are trained (SQ); its separator " " is not
-            spans += [(role + ":", False), (f" {turn.text}{EOS_TEXT}", True), (sep, False)]
+            spans += [_Span(role + ":", False), *_turn_text(turn, True, " "), *_text_or_eos(EOS_TEXT, True),
+                      *_text_or_eos(sep, False)]
     return spans
 
 
-def render(template: str | Template, turns: Sequence[Turn]) -> str:
-    """The prompt string exactly as the reference template renders it."""
-    return "".join(text for text, _ in _render_spans(get_template(template), turns))
+def _with_system(tpl: Template, system: str | None) -> Template:
+    if system is None:
+        return tpl
+    if not isinstance(system, str):
+        raise ValueError(f"the system prompt must be a str or None, got {type(system).__name__}")
+    return replace(tpl, system=system)
+
+
+def render(template: str | Template, turns: Sequence[Turn], has_image: bool | None = None, *,
+           system: str | None = None) -> str:
+    """The prompt string exactly as the reference template renders it, for display and comparisons (ids never come
+    from parsing it). has_image=None: whatever the turns say."""
+    has_image = any(turn.image for turn in turns) if has_image is None else has_image
+    return "".join(span.text for span in _render_spans(_with_system(get_template(template), system), turns,
+                                                       has_image))
 
 
 @dataclass
@@ -142,24 +207,18 @@ class TokenizedConversation:
 
 
 def tokenize_conversation(tokenizer: Tokenizer, template: str | Template, turns: Sequence[Turn],
-                          has_image: bool = True, max_length: int | None = None) -> TokenizedConversation:
-    """Ids = `tokenizer_image_token(render(template, turns))` (one IMAGE_TOKEN_INDEX where "<image>" stood, BOS first);
-    labels = ids on target characters (answers, SQ questions, their "</s>"), IGNORE_INDEX elsewhere (spec 3.4).
-    `max_length` truncates ids and labels together (the reference collator's model_max_length, spec 1.5)."""
-    tpl = get_template(template)
-    spans = _render_spans(tpl, turns)
-    text = "".join(piece for piece, _ in spans)
-    _check_image_count(text, has_image)
-    target = [flag for piece, flag in spans for _ in piece]  # one flag per character of `text`
-    ids, offsets = _encode_with_offsets(tokenizer, text, has_image)
-    labels = [IGNORE_INDEX]  # BOS
-    for tok, (start, end) in zip(ids[1:], offsets[1:]):
-        flags = target[start:max(end, start + 1)]
-        # Targets start before a space or right after "</s>"/"<image>", where tokens always break (no piece of the
-        # Llama vocabulary holds "▁" after another character), so a token never straddles a target boundary.
-        assert all(f == flags[0] for f in flags), f"token {tok} straddles a target boundary at {start}:{end}"
-        labels.append(tok if flags[0] and tok != IMAGE_TOKEN_INDEX else IGNORE_INDEX)
-    result = TokenizedConversation(ids, labels, 0, text=text)
+                          has_image: bool = True, max_length: int | None = None, *,
+                          system: str | None = None) -> TokenizedConversation:
+    """Ids: BOS, then the rendered conversation segment by segment (module docstring): text encoded as plain text,
+    the template's "</s>" as EOS, one IMAGE_TOKEN_INDEX at the turn with image=True (exactly one when has_image).
+    Labels: ids on targets (answers, SQ questions, their "</s>"), IGNORE_INDEX elsewhere (spec 3.4).
+    `system` replaces the template's system prompt (plain text). `max_length` truncates ids and labels together
+    (the reference collator's model_max_length, spec 1.5)."""
+    tpl = _with_system(get_template(template), system)
+    spans = _render_spans(tpl, turns, has_image)
+    ids, targets = _encode_spans(tokenizer, spans)
+    labels = [tok if target else IGNORE_INDEX for tok, target in zip(ids, targets)]
+    result = TokenizedConversation(ids, labels, 0, text="".join(span.text for span in spans))
     if max_length is not None and len(ids) > max_length:
         if IMAGE_TOKEN_INDEX in ids[max_length:]:
             raise PromptTooLongError(f"max_length={max_length} would cut the image placeholder at position "
@@ -170,30 +229,36 @@ def tokenize_conversation(tokenizer: Tokenizer, template: str | Template, turns:
     return result
 
 
-def _check_image_count(text: str, has_image: bool) -> None:
-    count = text.count(IMAGE_PLACEHOLDER)
-    if has_image and count != 1:
-        raise ValueError(f"an image conversation needs exactly one {IMAGE_PLACEHOLDER!r} (found {count}); put it at "
-                         "the start of the first user turn (to_turns/sq_convert and the prompt builders do this)")
-    if not has_image and count:
-        raise ValueError(f"a text-only conversation contains {IMAGE_PLACEHOLDER!r}; pass has_image=True with an image")
+def _encode_spans(tokenizer: Tokenizer, spans: Sequence[_Span]) -> tuple[list[int], list[bool]]:
+    """(ids, is_target per id): BOS, then each run of text spans encoded as one plain text (so pieces merge across
+    the template/turn boundary as SentencePiece merges them in the reference), control spans as their ids."""
+    ids, targets = [tokenizer.bos_id], [False]
+    run: list[_Span] = []
+    after_eos = False  # text right after the template's "</s>" (legacy=False changes its first token, spec 3.4)
 
+    def flush() -> None:
+        text = "".join(span.text for span in run)
+        flags = [span.target for span in run for _ in span.text]  # one flag per character of `text`
+        run_ids, offsets = tokenizer.encode_with_offsets(text, after_special=after_eos)
+        for tok, (start, end) in zip(run_ids, offsets):
+            chars = flags[start:max(end, start + 1)]
+            # Targets start before a space or right after a control token, where tokens always break (no piece of
+            # the Llama vocabulary holds "▁" after another character), so a token never straddles a target boundary.
+            assert all(f == chars[0] for f in chars), f"token {tok} straddles a target boundary at {start}:{end}"
+            ids.append(tok)
+            targets.append(chars[0])
+        run.clear()
 
-def _encode_with_offsets(tokenizer: Tokenizer, text: str,
-                         has_image: bool) -> tuple[list[int], list[tuple[int, int]]]:
-    """tokenizer_image_token (spec 1.5) that also returns each token's character span in `text`."""
-    ids, offsets = [tokenizer.bos_id], [(0, 0)]
-    pos = 0
-    for k, chunk in enumerate(text.split(IMAGE_PLACEHOLDER) if has_image else [text]):
-        if k:
-            ids.append(IMAGE_TOKEN_INDEX)
-            offsets.append((pos, pos + len(IMAGE_PLACEHOLDER)))
-            pos += len(IMAGE_PLACEHOLDER)
-        chunk_ids, chunk_offsets = tokenizer.encode_with_offsets(chunk)
-        ids += chunk_ids
-        offsets += [(pos + start, pos + end) for start, end in chunk_offsets]
-        pos += len(chunk)
-    return ids, offsets
+    for span in spans:
+        if span.control is None:
+            run.append(span)
+            continue
+        flush()
+        ids.append(tokenizer.eos_id if span.control == "eos" else IMAGE_TOKEN_INDEX)
+        targets.append(span.target and span.control == "eos")
+        after_eos = span.control == "eos"
+    flush()
+    return ids, targets
 
 
 # --- LLaVA JSON -> turns (spec 3.3, 3.5) -------------------------------------------------------------------------
@@ -203,18 +268,19 @@ _FROM_ROLE = {"human": "user", "gpt": "assistant", "vuser": "vuser"}
 
 def to_turns(conversations: Sequence[Mapping[str, str]], has_image: bool = True) -> list[Turn]:
     """LLaVA JSON turns ({"from": "human"|"gpt"|"vuser", "value": ...}) -> Turns, as the reference prepares them:
-    a leading gpt turn is dropped, and with an image every turn holding "<image>" is rewritten to
-    "<image>\\n" + the rest stripped (preprocess_multimodal, spec 1.5). Roles must alternate."""
+    a leading gpt turn is dropped, and with an image every turn holding "<image>" becomes a Turn with image=True
+    and the rest of its text stripped (rendered "<image>\\n" + rest: preprocess_multimodal, spec 1.5). This is the
+    one place where the string "<image>" means the image (module docstring). Roles must alternate."""
     turns = []
     for j, item in enumerate(conversations):
         valid = isinstance(item, Mapping) and item.get("from") in _FROM_ROLE and isinstance(item.get("value"), str)
         if not valid:
             raise ValueError(f"conversation turn {j} must be {{'from': 'human'|'gpt'|'vuser', 'value': str}}, "
                              f"got {item!r}")
-        text = item["value"]
-        if has_image and IMAGE_PLACEHOLDER in text:
-            text = (IMAGE_PLACEHOLDER + "\n" + text.replace(IMAGE_PLACEHOLDER, "").strip()).strip()
-        turns.append(Turn(_FROM_ROLE[item["from"]], text))
+        text, image = item["value"], has_image and IMAGE_PLACEHOLDER in item["value"]
+        if image:
+            text = text.replace(IMAGE_PLACEHOLDER, "").strip()
+        turns.append(Turn(_FROM_ROLE[item["from"]], text, image))
     if turns and turns[0].role == "assistant":  # the reference drops a conversation-opening gpt turn
         turns = turns[1:]
     if not turns:
@@ -236,25 +302,35 @@ def sq_convert(conversations: Sequence[Mapping[str, str]], sq_r: float, rng: ran
     turns = to_turns(conversations, has_image)
     if not has_image:
         return turns
-    return [Turn("vuser", turn.text) if turn.role == "user" and j > 0 and rng.random() < sq_r else turn
+    return [replace(turn, role="vuser") if turn.role == "user" and j > 0 and rng.random() < sq_r else turn
             for j, turn in enumerate(turns)]
 
 
 # --- prompts for inference (spec 5) ------------------------------------------------------------------------------
 
 def _place_image(turns: Sequence[Turn], has_image: bool) -> list[Turn]:
-    """Put "<image>\\n" at the start of the first user turn (moving it there if the text already holds it)."""
+    """The turns with the image on the first one (unless a turn already carries it). Text is left as it is."""
     turns = list(turns)
-    if has_image and turns and turns[0].text is not None:
-        rest = turns[0].text.replace(IMAGE_PLACEHOLDER, "").strip()
-        turns[0] = Turn(turns[0].role, (IMAGE_PLACEHOLDER + "\n" + rest).strip())
+    if has_image and turns and not any(turn.image for turn in turns) and turns[0].text is not None:
+        turns[0] = replace(turns[0], image=True)
     return turns
 
 
 def prompt_ids(tokenizer: Tokenizer, turns: Sequence[Turn], template: str | Template = "v1_sq",
-               has_image: bool = True) -> list[int]:
-    """Ids of a prompt (last turn usually open) with the image placed in the first user turn."""
-    return tokenize_conversation(tokenizer, template, _place_image(turns, has_image), has_image).ids
+               has_image: bool = True, *, system: str | None = None) -> list[int]:
+    """Prompt ids of a conversation given as structured turns: the entry point for every front door.
+
+    turns: Turn(role, text) with roles "user" / "assistant" / "vuser", alternating and starting with a user turn;
+        usually ending with the open turn Turn("assistant", None) (renders "ASSISTANT:", generation follows). Texts
+        come from callers and are plain text: "</s>", "<s>", "<unk>", "<image>" and role words in them are encoded
+        as the characters they are.
+    has_image: the image goes at the start of the first user turn (the only place the model saw it in training), as
+        one IMAGE_TOKEN_INDEX the runtime replaces by the image embeddings. No string decides this.
+    system: replaces the template's system prompt (plain text); None keeps the template's.
+    Returns BOS + ids; the only control ids are the template's: BOS first, EOS after each finished assistant (and
+    vuser) turn, one IMAGE_TOKEN_INDEX when has_image.
+    """
+    return tokenize_conversation(tokenizer, template, _place_image(turns, has_image), has_image, system=system).ids
 
 
 def answer_prompt(tokenizer: Tokenizer, question: str, template: str | Template = "v1_sq",
@@ -272,7 +348,8 @@ def describe_prompt(tokenizer: Tokenizer, template: str | Template = "v1_sq", ha
 def self_question_prompt(tokenizer: Tokenizer, description: str, template: str | Template = "v1_sq") -> list[int]:
     """Spec 5.1 step 4:
     `{system} USER: <image>\\nCan you describe the image in detail? ASSISTANT: {description}</s>VUSER:`.
-    The description is stripped of whitespace and of a trailing "</s>", as the demo does with the decoded answer."""
+    The description is plain text, stripped of whitespace and of a trailing "</s>" as the demo does with the decoded
+    answer; the "</s>" before "VUSER:" is the template's EOS id."""
     description = description.strip()
     if description.endswith(EOS_TEXT):
         description = description[: -len(EOS_TEXT)].strip()
@@ -300,8 +377,8 @@ def chat_append_ids(tokenizer: Tokenizer, history: Sequence[Turn], question: str
     `history` ends with a finished assistant or vuser turn; the runtime's cache then holds the earlier prompt plus the
     generated reply and its EOS. The returned ids open a new `question` ("USER: ... ASSISTANT:"), or, with
     question=None after a vuser turn, let the assistant answer the model's own question (" ASSISTANT:").
-    Guarantee: prompt ids of the history up to its last "</s>" + these ids == the ids of the full new prompt.
-    With an empty history this is the whole first prompt.
+    Guarantee: prompt ids of the history up to its last EOS + these ids == the ids of the full new prompt (text after
+    a control token is encoded on its own). With an empty history this is the whole first prompt.
     """
     if not history:
         if question is None:
@@ -313,16 +390,5 @@ def chat_append_ids(tokenizer: Tokenizer, history: Sequence[Turn], question: str
         raise ValueError("question=None (answer the model's own question) needs history ending with a vuser turn")
     new = [Turn("assistant", None)] if question is None else [Turn("user", question), Turn("assistant", None)]
     full = prompt_ids(tokenizer, [*history, *new], template, has_image)
-    prefix = _history_ids(tokenizer, history, template, has_image)
-    if full[: len(prefix)] != prefix:  # cannot happen: tokenization restarts after the special token "</s>"
-        raise RuntimeError("internal error: the history's ids are not a prefix of the new prompt's ids")
-    return full[len(prefix):]
-
-
-def _history_ids(tokenizer: Tokenizer, history: Sequence[Turn], template: str | Template,
-                 has_image: bool) -> list[int]:
-    """Ids of the rendered history up to and including its last "</s>" (what a runtime has in its cache)."""
-    text = render(template, _place_image(history, has_image))
-    cut = text.rindex(EOS_TEXT) + len(EOS_TEXT)
-    _check_image_count(text[:cut], has_image)
-    return _encode_with_offsets(tokenizer, text[:cut], has_image)[0]
+    cut = len(full) - full[::-1].index(tokenizer.eos_id)  # after the last EOS, which the history's last turn ends with
+    return full[cut:]

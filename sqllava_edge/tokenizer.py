@@ -1,11 +1,19 @@
 """The Llama-2 SentencePiece tokenizer SQ-LLaVA uses, wrapped so every module encodes text the same way.
 
-SQ-LLaVA trained with transformers 4.31's slow `LlamaTokenizer` (legacy=True, spec 1.5 and 3.4). Its behaviour:
-  * special tokens in the text ("<s>", "</s>", "<unk>") are split out first, so "</s>" inside a prompt is the EOS id 2;
-  * every other piece of text is encoded by SentencePiece on its own, so each one gets the dummy prefix "▁"
-    (" ASSISTANT" right after "</s>" becomes ["▁", "▁A", ...]; "VUSER" becomes ["▁V", ...]).
+Text is text. `Tokenizer.encode` never turns characters into control tokens: "</s>", "<s>", "<unk>" and "<image>"
+typed by anyone are encoded as the characters they are. BOS, EOS and the image position are inserted as ids by the
+conversation templates (sqllava_edge.conversation), never parsed out of a string.
+
+SQ-LLaVA trained with transformers 4.31's slow `LlamaTokenizer` (spec 1.5 and 3.4). It split the rendered prompt on
+special tokens and ran SentencePiece on each piece of text in between, so each piece gets the dummy prefix "▁"
+(" ASSISTANT" right after "</s>" becomes ["▁", "▁A", ...]). One setting changes that: `legacy` in the checkpoint's
+tokenizer_config.json (issue 27; spec 3.4). With `"legacy": false` (Vicuna-v1.5 configs carry it), a piece of text
+right after a special token that does not start with a space loses the "▁" of its first SentencePiece token
+("</s>USER:" -> "US", "ER", ...; "</s>VUSER:" -> "V", "USER", ...). `encode(text, after_special=True)` reproduces
+that for the text a template puts after "</s>". Missing, the key means legacy=True, as in transformers.
+
 The fast tokenizers transformers 5 builds for Llama (Metaspace, prepend_scheme="first") prepend "▁" only to the
-first piece and not before a leading space. `Tokenizer` switches such a tokenizer back to SentencePiece's legacy
+first piece and not before a leading space. `Tokenizer` switches such a tokenizer back to SentencePiece's own
 behaviour (normalizer Prepend("▁") + Replace(" ", "▁"), no pre-tokenizer); with it, HF reproduces all 46 llama.cpp
 test vectors of the Llama-2 vocabulary.
 
@@ -27,35 +35,43 @@ from sqllava_edge.fileutil import atomic_dir
 from sqllava_edge.vocab import (LLAMA_CPP_PYTHON_VERSION, VOCAB_GGUF, SpmVocab, cache_root, parse_spm_model,
                                 read_spm_vocab, spm_model_bytes, vocab_dir, vocab_file, vocab_test_cases)
 
-__all__ = ["Tokenizer", "load_tokenizer", "default_tokenizer", "tokenizer_image_token", "vocab_file"]
+__all__ = ["Tokenizer", "load_tokenizer", "read_legacy", "default_tokenizer", "vocab_file"]
 
 SPIECE_UNDERLINE = "▁"
 SPM_MODEL_FILE = "tokenizer.model"
+TOKENIZER_CONFIG = "tokenizer_config.json"
 _BUILD_VERSION = 1  # bump when Tokenizer.from_spm_vocab changes, so default_tokenizer's disk cache is rebuilt
 
 
 class Tokenizer:
-    """A HF fast tokenizer with SentencePiece-legacy encoding and the ids SQ-LLaVA relies on.
+    """A HF fast tokenizer with SentencePiece encoding, plain-text encoding, and the ids SQ-LLaVA relies on.
 
-    The wrapper owns `hf`: for a Llama SentencePiece vocabulary it switches `hf`'s pipeline to the legacy behaviour
-    (module docstring), and it sets the pad token to `<unk>` when there is none (spec 1.5: pad = unk = 0).
+    The wrapper owns `hf`: for a Llama SentencePiece vocabulary it switches `hf`'s pipeline to SentencePiece's own
+    encoding (module docstring), it turns special-token parsing off (`split_special_tokens`), and it sets the pad
+    token to `<unk>` when there is none (spec 1.5: pad = unk = 0).
+    `legacy` is the checkpoint's tokenizer_config.json setting (module docstring); `save` writes it back.
     `spm_model` holds the SentencePiece `tokenizer.model` bytes when known; `save` writes them beside tokenizer.json
     (GGUF exporters need the piece scores, which tokenizer.json does not keep).
     """
 
-    def __init__(self, hf: Any, spm_model: bytes | None = None):
+    def __init__(self, hf: Any, spm_model: bytes | None = None, legacy: bool = True):
         if not getattr(hf, "is_fast", False):
             raise ValueError(f"{type(hf).__name__} is not a fast (tokenizers-backed) tokenizer; load the folder with "
                              "load_tokenizer(), which needs tokenizer.json or tokenizer.model")
+        if not isinstance(legacy, bool):
+            raise ValueError(f"legacy must be true or false, got {legacy!r} (tokenizer_config.json)")
         self.hf = hf
         self.spm_model = spm_model
-        self.is_sentencepiece_legacy = _use_sentencepiece_legacy(hf)
+        self.legacy = legacy
+        self.is_sentencepiece = _use_sentencepiece_encoding(hf)
+        hf.split_special_tokens = True  # text is text: "</s>" typed by anyone is 3 ordinary tokens (module docstring)
+        self._control_ids = frozenset(hf.all_special_ids) - {hf.unk_token_id}  # unk: unknown text, without byte fallback
         if hf.pad_token is None:
             hf.pad_token = hf.unk_token  # spec 1.5: pad_token = unk_token for every version but v0
         hf.padding_side = "right"  # spec 1.5: the collator right-pads
 
     @classmethod
-    def from_spm_vocab(cls, vocab: SpmVocab) -> "Tokenizer":
+    def from_spm_vocab(cls, vocab: SpmVocab, legacy: bool = True) -> "Tokenizer":
         """Build the fast tokenizer of a Llama-style SentencePiece vocabulary (tokens, scores, types)."""
         from tokenizers import AddedToken, decoders, models, processors
         from tokenizers import Tokenizer as Backend
@@ -76,17 +92,43 @@ class Tokenizer:
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab.bos_id)])
         hf = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=vocab.tokens[vocab.eos_id],
                                      unk_token=vocab.tokens[vocab.unk_id], clean_up_tokenization_spaces=False)
-        return cls(hf, spm_model=spm_model_bytes(vocab))
+        return cls(hf, spm_model=spm_model_bytes(vocab), legacy=legacy)
 
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        """Token ids of `text`; "</s>" etc. inside it become their special ids; "<image>" stays plain text."""
-        ids = self.hf.encode(text, add_special_tokens=False)
-        return [self.bos_id, *ids] if add_bos else list(ids)
+    def encode(self, text: str, add_bos: bool = False, *, after_special: bool = False) -> list[int]:
+        """Token ids of `text` as plain text: "</s>", "<s>", "<unk>", "<image>" in it are ordinary characters.
 
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """(ids, character (start, end) of each token), no BOS. A dummy-prefix "▁" maps to the piece's first char."""
-        enc = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)
-        return list(enc["input_ids"]), [tuple(span) for span in enc["offset_mapping"]]
+        `after_special`: the text directly follows a control token (EOS) in the prompt, which matters for a
+        `legacy=False` tokenizer only (module docstring). BOS first with add_bos.
+        """
+        ids = self.encode_with_offsets(text, after_special=after_special)[0]
+        return [self.bos_id, *ids] if add_bos else ids
+
+    def encode_with_offsets(self, text: str, *,
+                            after_special: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, character (start, end) of each token) of `text` as plain text, no BOS. A dummy-prefix "▁" maps to
+        the piece's first character."""
+        if not isinstance(text, str):
+            raise ValueError(f"text to encode must be a str, got {type(text).__name__}")
+        enc = self.hf(text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)
+        ids, offsets = list(enc["input_ids"]), [tuple(span) for span in enc["offset_mapping"]]
+        if self._control_ids.intersection(ids):  # cannot happen with split_special_tokens; never let it through
+            raise RuntimeError(f"internal error: plain text {text[:60]!r} encoded to control ids "
+                               f"{sorted(self._control_ids.intersection(ids))}; please report it")
+        if after_special and not self.legacy and self.is_sentencepiece and ids and not text.startswith((" ", "▁")):
+            ids, offsets = self._drop_first_prefix(ids, offsets)
+        return ids, offsets
+
+    def _drop_first_prefix(self, ids: list[int], offsets: list[tuple[int, int]]):
+        """transformers 4.31 `LlamaTokenizer(legacy=False)._tokenize` on text after a special token: the first
+        SentencePiece token loses its leading "▁"; the rest of that piece is looked up as a piece (unknown: unk)."""
+        piece = self.hf.convert_ids_to_tokens(ids[0])
+        if not piece.startswith(SPIECE_UNDERLINE):
+            return ids, offsets
+        rest = piece[len(SPIECE_UNDERLINE):]
+        if not rest:
+            return ids[1:], offsets[1:]
+        rest_id = self.hf.convert_tokens_to_ids(rest)
+        return [self.unk_id if rest_id is None else rest_id, *ids[1:]], offsets
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`. The image id -200 is dropped, or shown as "<image>" when skip_special_tokens=False."""
@@ -127,16 +169,21 @@ class Tokenizer:
         return len(self.hf)
 
     def save(self, folder: str | os.PathLike) -> Path:
-        """Write tokenizer.json, tokenizer_config.json (and tokenizer.model when known) to `folder`, atomically."""
+        """Write tokenizer.json, tokenizer_config.json (with `legacy`) and tokenizer.model when known to `folder`,
+        atomically."""
         with atomic_dir(folder) as tmp:
             self.hf.save_pretrained(str(tmp))
+            config_path = tmp / TOKENIZER_CONFIG
+            config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+            config["legacy"] = self.legacy
+            config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
             if self.spm_model is not None:
                 (tmp / SPM_MODEL_FILE).write_bytes(self.spm_model)
         return Path(folder)
 
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id}, "
-                f"sentencepiece_legacy={self.is_sentencepiece_legacy})")
+                f"legacy={self.legacy})")
 
 
 _SPM_NORMAL, _SPM_UNKNOWN, _SPM_CONTROL, _SPM_USER_DEFINED = 1, 2, 3, 4  # SentencePiece piece types
@@ -155,9 +202,9 @@ def _merges_by_score(vocab: SpmVocab, ids: dict[str, int]) -> list[tuple[str, st
     return [(left, right) for _, left, right in merges]
 
 
-def _use_sentencepiece_legacy(hf: Any) -> bool:
-    """Give a Llama SentencePiece BPE tokenizer SentencePiece's own encoding: "▁" before *every* piece of text between
-    special tokens, spaces as "▁", no pre-splitting. Returns False (and changes nothing) for other tokenizers."""
+def _use_sentencepiece_encoding(hf: Any) -> bool:
+    """Give a Llama SentencePiece BPE tokenizer SentencePiece's own encoding: "▁" before every text it encodes,
+    spaces as "▁", no pre-splitting. Returns False (and changes nothing) for other tokenizers."""
     from tokenizers import models, normalizers
 
     backend = hf.backend_tokenizer
@@ -170,35 +217,46 @@ def _use_sentencepiece_legacy(hf: Any) -> bool:
     return True
 
 
-def tokenizer_image_token(tokenizer: Tokenizer, prompt: str, add_bos: bool = True) -> list[int]:
-    """Spec 1.5: split on "<image>", encode each chunk on its own, join with one IMAGE_TOKEN_INDEX; BOS once, first."""
-    ids = [tokenizer.bos_id] if add_bos else []
-    for k, chunk in enumerate(prompt.split(IMAGE_PLACEHOLDER)):
-        if k:
-            ids.append(IMAGE_TOKEN_INDEX)
-        ids += tokenizer.encode(chunk)
-    return ids
-
-
 def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
     """Load the tokenizer files of a checkpoint or HF model folder: tokenizer.json (+ tokenizer_config.json), or a
-    Llama SentencePiece tokenizer.model alone. Never contacts a model hub."""
+    Llama SentencePiece tokenizer.model alone. `legacy` comes from tokenizer_config.json (missing: True, as
+    transformers does). Never contacts a model hub."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"tokenizer folder {folder} does not exist")
+    legacy = read_legacy(folder)
     spm_path = folder / SPM_MODEL_FILE
     spm_model = spm_path.read_bytes() if spm_path.is_file() else None
     if (folder / "tokenizer.json").is_file():
         from transformers import AutoTokenizer
 
-        return Tokenizer(AutoTokenizer.from_pretrained(str(folder), local_files_only=True), spm_model=spm_model)
+        hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        return Tokenizer(hf, spm_model=spm_model, legacy=legacy)
     if spm_model is not None:
         vocab = parse_spm_model(spm_model, source=str(spm_path))
         _check_no_added_tokens(folder, len(vocab.tokens))
-        return Tokenizer.from_spm_vocab(vocab)
+        return Tokenizer.from_spm_vocab(vocab, legacy=legacy)
     raise FileNotFoundError(
         f"{folder} has no tokenizer.json or tokenizer.model; copy the base LLM's tokenizer files there, "
         "or write them with Tokenizer.save(folder) (e.g. default_tokenizer().save(folder))")
+
+
+def read_legacy(folder: str | os.PathLike) -> bool:
+    """The `legacy` setting in `folder`/tokenizer_config.json; True when the file or the key is missing (transformers'
+    default for Llama tokenizers, and what transformers 4.31 used)."""
+    path = Path(folder) / TOKENIZER_CONFIG
+    if not path.is_file():
+        return True
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); restore the checkpoint's original file") from None
+    legacy = config.get("legacy") if isinstance(config, dict) else None
+    if legacy is None:
+        return True
+    if not isinstance(legacy, bool):
+        raise ValueError(f"{path}: \"legacy\" must be true or false, got {legacy!r}")
+    return legacy
 
 
 def _check_no_added_tokens(folder: Path, n_pieces: int) -> None:
@@ -206,8 +264,8 @@ def _check_no_added_tokens(folder: Path, n_pieces: int) -> None:
     added = {}
     if (folder / "added_tokens.json").is_file():
         added.update(json.loads((folder / "added_tokens.json").read_text()))
-    if (folder / "tokenizer_config.json").is_file():
-        decoder = json.loads((folder / "tokenizer_config.json").read_text()).get("added_tokens_decoder", {})
+    if (folder / TOKENIZER_CONFIG).is_file():
+        decoder = json.loads((folder / TOKENIZER_CONFIG).read_text()).get("added_tokens_decoder", {})
         added.update({entry.get("content"): int(i) for i, entry in decoder.items()})
     extra = sorted(token for token, i in added.items() if int(i) >= n_pieces)
     if extra:

@@ -245,7 +245,7 @@ def test_referent_targets_point_each_attribute_at_its_objects_patches():
     where = {o.shape: tuple(p for p, c in enumerate(cells) if c == o) for o in objects}
     assert len(where["star"]) == 4 and len(where["circle"]) == len(where["cross"]) == 1
     tok = default_tokenizer()
-    turns = [Turn("user", "<image>\nWhat colour is the star?"), Turn("assistant", "red"),
+    turns = [Turn("user", "What colour is the star?", image=True), Turn("assistant", "red"),
              Turn("vuser", "How many red shapes are there?"), Turn("assistant", "2"),
              Turn("user", "Is the cross big or small?"), Turn("assistant", "small")]
     ids = tokenize_conversation(tok, "v1_sq", turns).ids
@@ -267,7 +267,7 @@ def test_referent_targets_point_each_attribute_at_its_objects_patches():
                                           None, None]
     # a caption phrase's shape looks at the object of its colour, a fact's attributes at the fact's referent
     text = "A small blue cross at the top. cross: blue, cross, small, top."
-    facts = tokenize_conversation(tok, "plain", [Turn("user", "<image>"), Turn("assistant", text)]).ids
+    facts = tokenize_conversation(tok, "plain", [Turn("user", "", image=True), Turn("assistant", text)]).ids
     named = [(tok.decode([facts[p + 1]]).strip(), patches) for p, patches in referent_targets(tok, facts, objects, 8)]
     assert named == [("cross", where["cross"]), ("top", where["cross"]),
                      ("blue", where["cross"]), ("cross", where["cross"]), ("small", where["cross"]), ("top", where["cross"])]

@@ -1,20 +1,19 @@
-"""The Llama-2 vocabulary, its llama.cpp test vectors, and the SentencePiece-legacy behaviour SQ-LLaVA trained with."""
+"""The Llama-2 vocabulary, its llama.cpp test vectors, plain-text encoding, and the SentencePiece behaviour SQ-LLaVA
+trained with (transformers 4.31's LlamaTokenizer, both `legacy` settings)."""
 from __future__ import annotations
 
 import io
 import json
 import random
-import re
 import tarfile
 
 import pytest
 
 from sqllava_edge.config import IMAGE_TOKEN_INDEX
-from sqllava_edge.tokenizer import Tokenizer, default_tokenizer, load_tokenizer, tokenizer_image_token
+from sqllava_edge.tokenizer import Tokenizer, default_tokenizer, load_tokenizer, read_legacy
 from sqllava_edge.vocab import (LLAMA_CPP_PYTHON_VERSION, VOCAB_FILES, main, parse_spm_model, read_spm_vocab,
                                 spm_model_bytes, vocab_dir, vocab_test_cases)
-
-SPECIAL = re.compile(r"(<s>|</s>|<unk>)")
+from tests.slow_llama import SPECIAL, SPECIAL_IDS, sentencepiece, slow_llama
 
 
 @pytest.fixture(scope="session")
@@ -31,23 +30,19 @@ def tok(vocab_folder) -> Tokenizer:
 
 
 @pytest.fixture(scope="session")
-def sentencepiece_legacy(vocab_folder):
-    """Oracle: what transformers 4.31's slow LlamaTokenizer (legacy=True) does. It splits special tokens out, then
-    runs SentencePiece itself on each remaining piece (with the tokenizer.model we write)."""
-    spm = pytest.importorskip("sentencepiece", reason="the SentencePiece oracle needs the sentencepiece package")
-    sp = spm.SentencePieceProcessor(model_proto=spm_model_bytes(read_spm_vocab()))
-    special_ids = {"<s>": 1, "</s>": 2, "<unk>": 0}
+def sp(vocab_folder):
+    return sentencepiece()
 
-    def encode(text: str) -> list[int]:
-        ids = []
-        for piece in SPECIAL.split(text):
-            if piece in special_ids:
-                ids.append(special_ids[piece])
-            elif piece:
-                ids += sp.encode(piece)
-        return ids
 
-    return encode
+def vicuna_folder(tok: Tokenizer, folder, legacy: bool | None):
+    """A Vicuna-style tokenizer folder: tokenizer.model + a slow-tokenizer config (with `legacy` unless None)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(tok.spm_model)
+    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "pad_token": None}
+    if legacy is not None:
+        config["legacy"] = legacy
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
 
 
 def test_vocab_vectors_parse_like_llama_cpp(vocab_folder):
@@ -91,23 +86,62 @@ def test_ids(tok):
 
 
 @pytest.mark.parametrize("text,pieces", [
-    ("</s>", ["</s>"]),
-    ("A1</s>VUSER: Q2", ["▁A", "1", "</s>", "▁V", "USER", ":", "▁Q", "2"]),  # dummy prefix after </s>
-    ("Q2</s> ASSISTANT:", ["▁Q", "2", "</s>", "▁", "▁A", "SS", "IST", "ANT", ":"]),  # and before a leading space
-    (" ASSISTANT: ", ["▁", "▁A", "SS", "IST", "ANT", ":", "▁"]),  # the trailing "▁" spec 3.4's "-2" removes
-    ("x <s> y<unk>", ["▁x", "▁", "<s>", "▁", "▁y", "<unk>"]),
+    ("</s>", ["▁</", "s", ">"]),  # typed control-token names are ordinary characters
+    ("hi</s>there", ["▁hi", "</", "s", ">", "there"]),
+    ("x <s> y<unk>", ["▁x", "▁<", "s", ">", "▁y", "<", "unk", ">"]),
+    ("<image>\n<image>", ["▁<", "image", ">", "<0x0A>", "<", "image", ">"]),
+    (" ASSISTANT: ", ["▁", "▁A", "SS", "IST", "ANT", ":", "▁"]),  # the dummy prefix before a leading space
 ])
-def test_legacy_special_token_behaviour(tok, text, pieces):
-    assert tok.hf.convert_ids_to_tokens(tok.encode(text)) == pieces
+def test_text_is_plain_text(tok, text, pieces):
+    ids = tok.encode(text)
+    assert tok.hf.convert_ids_to_tokens(ids) == pieces
+    assert not {tok.bos_id, tok.eos_id, tok.unk_id, IMAGE_TOKEN_INDEX} & set(ids)
 
 
-def test_matches_slow_legacy_tokenizer(tok, sentencepiece_legacy):
+ALPHABET = [*" \n\t", *"abcXYZ019.,:;!?'\"()-é中🦙▁", "Hello", " world", "USER:", " ASSISTANT: ", "</s>", "<s>", "<unk>",
+            "<image>", "  ", "\n\n", "VUSER"]
+
+
+def test_plain_text_matches_sentencepiece(tok, sp):
+    """SentencePiece never makes a control token out of text: our plain encoding is exactly SentencePiece's."""
     rng = random.Random(0)
-    alphabet = [*" \n\t", *"abcXYZ019.,:;!?'\"()-é中🦙▁", "Hello", " world", "USER:", " ASSISTANT: ", "</s>",
-                "<s>", "<unk>", "<image>", "  ", "\n\n", "VUSER"]
-    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 25))) for _ in range(3000)]
-    wrong = [text for text in texts if tok.encode(text) != sentencepiece_legacy(text)]
+    texts = ["".join(rng.choice(ALPHABET) for _ in range(rng.randint(0, 25))) for _ in range(2000)]
+    assert [text for text in texts if tok.encode(text) != sp.encode(text)] == []
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_text_between_special_tokens_matches_transformers_4_31(tok, sp, legacy):
+    """The reference tokenized whole prompts with special tokens parsed. Each piece of text between them, encoded on
+    its own (after_special when it follows one), gives the reference's ids for either `legacy` setting."""
+    ours = Tokenizer(tok.hf, tok.spm_model, legacy=legacy)
+    reference = slow_llama(sp, legacy)
+    rng = random.Random(1)
+    wrong = []
+    for _ in range(2000):
+        text = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(0, 25)))
+        ids, after_special = [], False
+        for piece in SPECIAL.split(text):
+            if piece in SPECIAL_IDS:
+                ids.append(SPECIAL_IDS[piece])
+            elif piece:
+                ids += ours.encode(piece, after_special=after_special)
+            after_special = piece in SPECIAL_IDS if piece else after_special
+        if ids != reference(text):
+            wrong.append(text)
     assert wrong == []
+
+
+@pytest.mark.parametrize("text,legacy_pieces,pieces", [
+    ("USER: Q3", ["▁US", "ER", ":", "▁Q", "3"], ["US", "ER", ":", "▁Q", "3"]),  # issue 27: 3148 vs 3308
+    ("VUSER:", ["▁V", "USER", ":"], ["V", "USER", ":"]),  # issue 27: 478 vs 29963
+    (" ASSISTANT:", ["▁", "▁A", "SS", "IST", "ANT", ":"], ["▁", "▁A", "SS", "IST", "ANT", ":"]),  # a leading space
+    ("\nx", ["▁", "<0x0A>", "x"], ["<0x0A>", "x"]),  # a lone "▁" first token is dropped
+])
+def test_text_after_eos_follows_legacy(tok, text, legacy_pieces, pieces):
+    new = Tokenizer(tok.hf, tok.spm_model, legacy=False)
+    assert tok.hf.convert_ids_to_tokens(tok.encode(text, after_special=True)) == legacy_pieces
+    assert tok.hf.convert_ids_to_tokens(new.encode(text, after_special=True)) == pieces
+    assert new.encode(text) == tok.encode(text)  # only text right after a control token differs
 
 
 @pytest.mark.parametrize("text", ["Hello world", "  two spaces\n\nnew lines\tand tabs ", "é🦙 中文 123", ""])
@@ -116,22 +150,11 @@ def test_decode_inverts_encode(tok, text):
 
 
 def test_decode_image_and_bad_ids(tok):
-    ids = tokenizer_image_token(tok, "A USER: <image>\nWhat?")
+    ids = [tok.bos_id, *tok.encode("A USER: "), IMAGE_TOKEN_INDEX, *tok.encode("\nWhat?")]
     assert tok.decode(ids, skip_special_tokens=False) == "<s> A USER: <image>\nWhat?"
     assert IMAGE_TOKEN_INDEX not in tok.encode(tok.decode(ids))
     with pytest.raises(ValueError, match="IGNORE_INDEX"):
         tok.decode([1, -100, 5])
-
-
-@pytest.mark.parametrize("prompt", ["<image>", "a <image>\nb", "<image>\n<image>x", "no image </s> here"])
-def test_tokenizer_image_token(tok, prompt):
-    chunks = prompt.split("<image>")
-    expected = [1] + tok.encode(chunks[0])
-    for chunk in chunks[1:]:
-        expected += [IMAGE_TOKEN_INDEX] + tok.encode(chunk)
-    ids = tokenizer_image_token(tok, prompt)
-    assert ids == expected and ids.count(IMAGE_TOKEN_INDEX) == len(chunks) - 1 and ids.count(1) == 1
-    assert tokenizer_image_token(tok, prompt, add_bos=False) == ids[1:]
 
 
 def test_save_and_load_roundtrip(tok, tmp_path, vocab_folder):
@@ -145,14 +168,34 @@ def test_save_and_load_roundtrip(tok, tmp_path, vocab_folder):
 
 
 def test_sentencepiece_only_folder_loads_exactly(tok, tmp_path, vocab_folder):
-    """A Vicuna-style folder (tokenizer.model + a slow-tokenizer config) must tokenize like the reference."""
-    (tmp_path / "tokenizer.model").write_bytes(tok.spm_model)
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True, "pad_token": None}))
-    vicuna = load_tokenizer(tmp_path)
-    assert vicuna.is_sentencepiece_legacy and vicuna.pad_id == 0
+    """A Vicuna-style folder (tokenizer.model + a slow-tokenizer config) must tokenize like the reference, with its
+    `legacy` setting (issue 27)."""
+    vicuna = load_tokenizer(vicuna_folder(tok, tmp_path, legacy=False))
+    assert vicuna.is_sentencepiece and vicuna.pad_id == 0 and vicuna.legacy is False
     assert [text for text, ids in vocab_test_cases(vocab_folder) if vicuna.encode(text) != ids] == []
-    assert vicuna.encode("x</s>VUSER: y") == tok.encode("x</s>VUSER: y")
+    assert vicuna.encode("VUSER: y", after_special=True)[0] == 29963 != tok.encode("VUSER: y", after_special=True)[0]
+
+
+@pytest.mark.parametrize("config,legacy", [(None, True), ({}, True), ({"legacy": None}, True),
+                                           ({"legacy": True}, True), ({"legacy": False}, False)])
+def test_legacy_setting_is_read_and_saved(tok, tmp_path, config, legacy):
+    """Missing means True (transformers' default); both folder kinds honour it; save writes it back."""
+    folder = vicuna_folder(tok, tmp_path / "spm", legacy=None)
+    if config is None:
+        (folder / "tokenizer_config.json").unlink()
+    else:
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    assert read_legacy(folder) is legacy and load_tokenizer(folder).legacy is legacy
+    saved = Tokenizer(tok.hf, tok.spm_model, legacy=legacy).save(tmp_path / "saved")  # tokenizer.json folder
+    assert json.loads((saved / "tokenizer_config.json").read_text())["legacy"] is legacy
+    assert load_tokenizer(saved).legacy is legacy
+
+
+@pytest.mark.parametrize("content,match", [('{"legacy": "false"}', "true or false"), ("{oops", "not valid JSON")])
+def test_bad_legacy_setting_is_a_clear_error(tmp_path, content, match):
+    (tmp_path / "tokenizer_config.json").write_text(content)
+    with pytest.raises(ValueError, match=match):
+        read_legacy(tmp_path)
 
 
 def test_sentencepiece_only_folder_with_added_tokens_is_refused(tok, tmp_path):

@@ -530,7 +530,7 @@ class SceneQA:
                 if kind not in QUESTION_GROUP:
                     continue  # descriptions
                 question = question.replace(IMAGE_PLACEHOLDER, "").strip()
-                conv = tokenize_conversation(tokenizer, template, [Turn("user", IMAGE_PLACEHOLDER + "\n" + question),
+                conv = tokenize_conversation(tokenizer, template, [Turn("user", question, image=True),
                                                                    Turn("assistant", answer)], has_image=True)
                 self.items.append((torch.tensor(conv.ids), torch.tensor(conv.labels), i, QUESTION_GROUP[kind]))
         self.index = embed_scene.index(scene_words(rows, grid))
