@@ -16,7 +16,7 @@ import random
 import threading
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any, AsyncIterator, Callable
 
@@ -316,15 +316,13 @@ async def _pixels(state: State, image, param: str):
 
 
 def _chat_prompt(assistant, chat: ChatRequest, has_image: bool) -> list[int]:
-    """Prompt ids of an OpenAI conversation in the model's template; caller text never becomes control tokens."""
-    from sqllava_edge.conversation import Turn, get_template, prompt_ids
+    """Prompt ids of an OpenAI conversation in the model's template. Caller text (system prompt included) is plain
+    text: only the template puts in BOS, EOS and the image position (at the start of the first user turn)."""
+    from sqllava_edge.conversation import Turn, prompt_ids
 
-    template = get_template(assistant.template)
-    if chat.conversation.system is not None:
-        template = replace(template, system=chat.conversation.system)
     turns = [Turn(role, text) for role, text in chat.conversation.turns] + [Turn("assistant", None)]
     try:
-        return prompt_ids(assistant.tokenizer, turns, template, has_image)
+        return prompt_ids(assistant.tokenizer, turns, assistant.template, has_image, system=chat.conversation.system)
     except ValueError as exc:
         raise bad_request(str(exc), param="messages") from None
 
