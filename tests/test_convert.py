@@ -25,11 +25,12 @@ from sqllava_edge.model import SQLLaVA, hf_clip_config
 
 pytest.importorskip("peft", reason="LoRA adapters need peft")
 
+# 224 px / patch 14 = 256 image tokens: the official cluster projector always pools into 256 centres (spec 1.4).
 SMALL = ModelConfig(
     "small-test",
-    VisionConfig(image_size=56, patch_size=14, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2),
-    ProjectorConfig(num_centers=4),
-    LLMConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=2, max_position_embeddings=256),
+    VisionConfig(image_size=224, patch_size=14, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2),
+    ProjectorConfig(num_centers=256),
+    LLMConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=2, max_position_embeddings=512),
 )
 LLM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # spec 2.1
 VIT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]  # spec 2.2
@@ -293,7 +294,7 @@ def test_llava_hf_matches_transformers(tmp_path):
     ours, tokenizer = load_checkpoint(tmp_path / "ours")
     assert ours.config.projector.type == "mlp2x_gelu" and ours.config.vision.select_layer == -2
     assert ours.config.llm.vocab_size == 32064 and tokenizer.vocab_size == 32002
-    px = torch.randn(1, 3, 56, 56)
+    px = torch.randn(1, 3, SMALL.vision.image_size, SMALL.vision.image_size)
     before, after = IDS[:3], IDS[4:]
     with torch.no_grad():
         mine = ours(torch.tensor(before + [IMAGE_TOKEN_INDEX] + after), pixel_values=px).logits
@@ -306,9 +307,9 @@ def test_llava_hf_matches_transformers(tmp_path):
 def test_round_trip_ours_official_ours_is_identical(tmp_path):
     from safetensors.torch import load_file
 
-    model = with_lora(SQLLaVA.from_config(get_preset("tiny"), seed=7), vit="trained")
+    model = with_lora(SQLLaVA.from_config(SMALL, seed=7), vit="trained")
     save_checkpoint(tmp_path / "ours", model)
-    export_official(tmp_path / "ours", tmp_path / "official", max_shard_bytes=20 << 20)
+    export_official(tmp_path / "ours", tmp_path / "official", max_shard_bytes=2 << 20)
     official = tmp_path / "official"
     assert (official / "base" / "pytorch_model.bin.index.json").is_file()  # sharded base, as released
     assert {"adapter_config.json", "adapter_model.bin", "non_lora_trainables.bin", "config.json"} <= {
@@ -317,7 +318,7 @@ def test_round_trip_ours_official_ours_is_identical(tmp_path):
     convert("sqllava", official, tmp_path / "again", progress=False)  # base + tower found through the configs
     first = json.loads((tmp_path / "ours" / "sqllava_edge.json").read_text())
     second = json.loads((tmp_path / "again" / "sqllava_edge.json").read_text())
-    assert first["config"] == second["config"] and first["lora"] == second["lora"]
+    assert {**first["config"], "name": ""} == {**second["config"], "name": ""} and first["lora"] == second["lora"]
     for part in ("llm", "vision", "llm_lora", "vit_lora"):
         a, b = _folder_tensors(tmp_path / "ours" / part), _folder_tensors(tmp_path / "again" / part)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
@@ -426,6 +427,112 @@ def test_clear_errors(tmp_path, small_model, damage, message):
     with pytest.raises(CheckpointError, match=message):
         convert_sqllava(paths, tmp_path / "ours")
     assert not (tmp_path / "ours").exists()  # nothing half-written
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config settings: honoured as the official loader (sqllava/model/builder.py) reads them, or refused; never ignored.
+
+
+def _release_with_config(tmp_path, seed: int = 11, vit: str | None = "trained", vit_folder: bool = True, **config):
+    """A bf16 release of a fresh model whose base numbers are exactly the stored ones, its config.json edited:
+    a value None removes the key. -> (model, paths)."""
+    model = with_lora(SQLLaVA.from_config(SMALL, seed=seed), vit=vit)
+    round_base(model, torch.bfloat16)
+    paths = write_sqllava_release(model, tmp_path, vit_folder=vit_folder)
+    cfg = json.loads((paths["model"] / "config.json").read_text())
+    cfg.update({k: v for k, v in config.items() if v is not None})
+    for key in [k for k, v in config.items() if v is None]:
+        del cfg[key]
+    (paths["model"] / "config.json").write_text(json.dumps(cfg))
+    return model, paths
+
+
+@pytest.mark.parametrize("setting", ["missing", True, False])
+def test_mm_use_im_patch_token_adds_the_token_and_a_row(tmp_path, setting):
+    """Official loader: add <im_patch> when mm_use_im_patch_token is on (default True when the key is missing), then
+    resize_token_embeddings(len(tokenizer)): one more token, one more embedding and lm_head row."""
+    from sqllava_edge.tokenizer import default_tokenizer
+
+    model, paths = _release_with_config(tmp_path, mm_use_im_patch_token=None if setting == "missing" else setting)
+    report = convert_sqllava(paths, tmp_path / "ours")
+    loaded, tokenizer = load_checkpoint(tmp_path / "ours")
+    added = setting is not False
+    assert loaded.config.llm.vocab_size == tokenizer.vocab_size == 32000 + added
+    assert (tokenizer.encode("<im_patch>") == [32000]) is added
+    assert default_tokenizer().vocab_size == 32000  # the shared default tokenizer is not changed
+    got, want = logits(loaded), logits(model)
+    assert (got[..., :32000] - want).abs().max().item() <= 1e-5
+    if added:
+        for weights in (loaded.llm.get_input_embeddings().weight, loaded.llm.get_output_embeddings().weight):
+            assert torch.allclose(weights[32000], weights[:32000].mean(0), atol=1e-6)
+        assert "<im_patch> = id 32000" in report.text()
+
+
+def test_mm_use_im_start_end_is_refused_with_what_to_do(tmp_path, small_model):
+    paths = write_sqllava_release(small_model, tmp_path)
+    _edit_json(paths["model"] / "config.json", mm_use_im_start_end=True)
+    with pytest.raises(CheckpointError, match=r"mm_use_im_start_end=true: .*<im_start><image><im_end>.*"
+                                              r"set \"mm_use_im_start_end\": false in config\.json"):
+        convert_sqllava(paths, tmp_path / "ours")
+    assert not (tmp_path / "ours").exists()
+
+
+@pytest.mark.parametrize("value,mode,warned", [("pad", "pad", False), ("square", "crop", False), (None, "crop", False),
+                                               ("anyres", "crop", True), ("keep", "crop", True)])
+def test_image_aspect_ratio_anything_but_pad_is_a_centre_crop(value, mode, warned):
+    """mm_utils.process_images pads for "pad" and hands every other value to the CLIP processor (resize + crop)."""
+    from sqllava_edge.official import official_aspect
+
+    warnings: list[str] = []
+    assert official_aspect(value, "sqllava", Path("config.json"), warnings) == mode
+    assert bool(warnings) is warned and all("centre crop" in w for w in warnings)
+
+
+def test_image_aspect_ratio_in_a_release_and_anyres_in_llava(tmp_path, caplog):
+    _, paths = _release_with_config(tmp_path, image_aspect_ratio="anyres")
+    with caplog.at_level("WARNING", logger="sqllava_edge.convert"):
+        report = convert_sqllava(paths, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "sqllava_edge.json").read_text())["config"]["image_aspect_ratio"] == "crop"
+    assert any("image_aspect_ratio='anyres'" in w for w in report.warnings)
+    assert "image_aspect_ratio='anyres'" in caplog.text
+    from sqllava_edge.official import official_aspect
+
+    with pytest.raises(CheckpointError, match="LLaVA-NeXT"):  # liuhaotian's anyres is tiling, not a crop
+        official_aspect("anyres", "llava", Path("config.json"), [])
+
+
+def test_num_latents_is_not_the_number_of_centres(tmp_path):
+    """The reference builds Clustering(..., 256, 2) whatever num_latents says; no projector tensor depends on it."""
+    model, paths = _release_with_config(tmp_path, num_latents=64)
+    report = convert_sqllava(paths, tmp_path / "ours")
+    loaded, _ = load_checkpoint(tmp_path / "ours")
+    assert loaded.config.projector.num_centers == 256 and loaded.projector.num_centers == 256
+    assert (logits(loaded) - logits(model)).abs().max().item() <= 1e-5
+    assert any("num_latents=64" in w and "ignored" in w for w in report.warnings)
+
+
+def test_export_official_refuses_other_than_256_centres(tmp_path):
+    cfg = SMALL.replace(projector=ProjectorConfig(num_centers=16))
+    save_checkpoint(tmp_path / "ours", SQLLaVA.from_config(cfg, seed=0))
+    with pytest.raises(CheckpointError, match="hard-codes 256 centres .*this model uses 16"):
+        export_official(tmp_path / "ours", tmp_path / "official", include_base=False)
+    assert not (tmp_path / "official").exists()
+
+
+def test_trained_vit_lora_in_adapter_without_vit_folder_is_ignored_with_a_warning(tmp_path, caplog):
+    """Official loader: the ViT-LoRA tensors of adapter_model.bin find no module (the tower is built later), so the
+    tower runs without them (spec 6.2 / 8.15). We do the same and say so."""
+    model, paths = _release_with_config(tmp_path, vit="trained", vit_folder=False)
+    with caplog.at_level("WARNING", logger="sqllava_edge.convert"):
+        report = convert_sqllava(paths, tmp_path / "ours")
+    loaded, _ = load_checkpoint(tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "sqllava_edge.json").read_text())["lora"]["vision"] is None
+    with model.vision.clip.disable_adapter():
+        want = logits(model)
+    assert (logits(loaded) - want).abs().max().item() <= 1e-5
+    assert (logits(loaded) - logits(model)).abs().max().item() > 1e-3  # the ViT-LoRA did change the features
+    assert report.vit_lora_identity is None and any("trained ViT-LoRA" in line for line in report.ignored)
+    assert "trained ViT-LoRA tensors" in caplog.text and "Vit-lora" in report.warnings[0]
 
 
 def test_layout_detection_and_cli(tmp_path, small_model, capsys):
