@@ -11,8 +11,9 @@ any of these layouts (or our own checkpoint) for the PyTorch backend.
 Where the official loader (sqllava/model/builder.py) reads a setting differently from what its name says, we follow
 the loader and say so in the report's warnings: num_latents (256 centres), image_aspect_ratio (anything but pad is a
 crop), mm_use_im_patch_token (default on: one more token), ViT-LoRA tensors in adapter_model.bin (unused).
-Dtypes: `--dtype keep` writes every tensor as the release stores it (bf16 LoRA and projector stay bf16, lossless);
-the official loader casts them to fp16 instead, which `--dtype float16` reproduces.
+Dtypes: `--dtype keep` writes every tensor as the release stores it (bf16 LoRA and projector stay bf16, nothing is
+rounded); the official loader ends with fp16 weights (projector cast, LoRA merged into the fp16 LLM): `--dtype
+float16` writes fp16.
 """
 from __future__ import annotations
 
