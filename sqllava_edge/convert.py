@@ -117,13 +117,11 @@ def _local_ref(folder: Path, ref: str | None) -> Path | None:
 
 
 def _has_weights(folder: Path) -> bool:
-    from sqllava_edge.weights import find_weights
+    """Whether `folder` has HF weight files or an index of them (find_weights then says what is wrong with them)."""
+    from sqllava_edge.weights import WEIGHT_STEMS
 
-    try:
-        find_weights(folder)
-    except CheckpointError:
-        return False
-    return True
+    return any((folder / f"{stem}{suffix}{index}").is_file() for stem in WEIGHT_STEMS
+               for suffix in (".safetensors", ".bin") for index in ("", ".index.json"))
 
 
 def _tokenizer_dir(*folders: Path) -> Path | None:
