@@ -7,10 +7,18 @@ Spec: sqllava-spec.md 6.1-6.3 (files, loading, config keys), 8.1 (identity ViT-L
 (ViT-LoRA tensors inside adapter_model.bin). Names: sqllava_edge.names. Everything is checked before anything is
 written; weights stream one input shard at a time; the output folder appears atomically. `load_any(folder)` opens
 any of these layouts (or our own checkpoint) for the PyTorch backend.
+
+Where the official loader (sqllava/model/builder.py) reads a setting differently from what its name says, we follow
+the loader and say so in the report's warnings: num_latents (256 centres), image_aspect_ratio (anything but pad is a
+crop), mm_use_im_patch_token (default on: one more token), ViT-LoRA tensors in adapter_model.bin (unused).
+Dtypes: `--dtype keep` writes every tensor as the release stores it (bf16 LoRA and projector stay bf16, nothing is
+rounded); the official loader ends with fp16 weights (projector cast, LoRA merged into the fp16 LLM): `--dtype
+float16` writes fp16.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import logging
@@ -26,8 +34,8 @@ from sqllava_edge.checkpoint import FORMAT, META_FILE, VERSION
 from sqllava_edge.config import ModelConfig
 from sqllava_edge.errors import CheckpointError
 from sqllava_edge.names import to_ours
-from sqllava_edge.official import (export_official, lora_config_fields, llava_hf_model_config, official_model_config,
-                                   read_json)
+from sqllava_edge.official import (added_tokens, export_official, lora_config_fields, llava_hf_model_config,
+                                   official_model_config, read_json)
 
 __all__ = ["convert", "export_official", "load_any", "detect_layout", "Report", "main"]
 log = logging.getLogger(__name__)
@@ -46,7 +54,12 @@ class Report:
     loaded: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # where a setting is read as the official loader reads it
     vit_lora_identity: bool | None = None  # None: no ViT-LoRA
+
+    def warn(self, text: str) -> None:
+        log.warning("%s", text)
+        self.warnings.append(text)
 
     def text(self) -> str:
         lines = [f"converted {self.kind} -> {self.out}", "loaded:"] + [f"  - {x}" for x in self.loaded]
@@ -54,6 +67,7 @@ class Report:
         identity = {None: "no ViT-LoRA", True: "yes: every lora_B is 0, the adapter changes nothing (spec 8.1)",
                     False: "no: the ViT-LoRA changes the vision features"}[self.vit_lora_identity]
         lines += [f"ViT-LoRA identity: {identity}"] + [f"note: {x}" for x in self.notes]
+        lines += [f"warning: {x}" for x in self.warnings]
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -81,6 +95,8 @@ class Plan:
     llm_lora: Adapter | None = None
     vit_lora: Adapter | None = None
     tokenizer_dir: Path | None = None
+    added_tokens: list[str] = field(default_factory=list)  # tokens the official loader adds (mm_use_im_patch_token)
+    added_rows: int = 0  # embedding / lm_head rows appended for them (set when the tokenizer is read)
     ignore_reasons: dict[str, str] = field(default_factory=dict)  # part -> why the streams' tensors of it are skipped
     report: Report | None = None
 
@@ -98,6 +114,14 @@ def _local_ref(folder: Path, ref: str | None) -> Path | None:
         if (candidate / "config.json").is_file():
             return candidate.resolve()
     return None
+
+
+def _has_weights(folder: Path) -> bool:
+    """Whether `folder` has HF weight files or an index of them (find_weights then says what is wrong with them)."""
+    from sqllava_edge.weights import WEIGHT_STEMS
+
+    return any((folder / f"{stem}{suffix}{index}").is_file() for stem in WEIGHT_STEMS
+               for suffix in (".safetensors", ".bin") for index in ("", ".index.json"))
 
 
 def _tokenizer_dir(*folders: Path) -> Path | None:
@@ -235,8 +259,12 @@ def _plan_adapters(plan: Plan, model_dir: Path, shapes: dict) -> None:
             report.ignored.append(f"{len(embedded)} ViT-LoRA tensors inside {Path(plan.llm_lora.source).name}: identity "
                                   "(every lora_B is 0, spec 8.1) and no Vit-lora/ folder, so nothing to import")
         else:
-            raise CheckpointError(f"{plan.llm_lora.source} carries trained ViT-LoRA tensors but {vit_dir} is missing, so "
-                                  "their lora_alpha is unknown; put the release's Vit-lora folder beside it")
+            report.ignored.append(f"{len(embedded)} trained ViT-LoRA tensors inside {Path(plan.llm_lora.source).name}: "
+                                  "unused by the official loader (spec 6.2 step 4 / 8.15)")
+            report.warn(f"{plan.llm_lora.source} carries trained ViT-LoRA tensors (some lora_B is not 0) but there is no "
+                        f"{vit_dir}: they are ignored, as the official loader ignores them (the tower does not exist "
+                        "yet when it loads the adapter, spec 6.2 / 8.15); the vision tower runs without ViT-LoRA. To "
+                        "use them, put the release's Vit-lora folder (it holds their lora_alpha) beside the adapter")
     if plan.vit_lora is not None:
         report.vit_lora_identity = is_identity(plan.vit_lora)
 
@@ -270,12 +298,19 @@ def plan_official(kind: str, model_dir: Path, base: Path | None, vision_tower: P
         raise CheckpointError(f"{model_dir / 'config.json'} has none of {', '.join(OFFICIAL_KEYS)}: not an official "
                               "SQ-LLaVA / LLaVA-1.5 folder (llava-hf folders: --from llava-hf)")
     lora_release = (model_dir / "adapter_config.json").is_file()
-    if base is None:
-        ref = read_json(model_dir / "adapter_config.json").get("base_model_name_or_path") if lora_release else None
-        base = _local_ref(model_dir, ref) if lora_release else model_dir
+    if base is None and lora_release:
+        ref = read_json(model_dir / "adapter_config.json").get("base_model_name_or_path")
+        base = _local_ref(model_dir, ref)
         if base is None:
             raise CheckpointError(f"{model_dir} is a LoRA release; pass its base LLM with --base DIR (the official "
                                   f"--model-base; adapter_config.json names {ref!r}, not found locally)")
+    elif base is None:
+        if not _has_weights(model_dir):
+            what = ("a projector-only (stage-1) folder: mm_projector.bin" if (model_dir / "mm_projector.bin").is_file()
+                    else "no LLM weights")
+            raise CheckpointError(f"{model_dir} holds {what}; pass the LLM it was trained on with --base DIR (the "
+                                  "official --model-base, e.g. vicuna-7b-v1.5)")
+        base = model_dir
     if vision_tower is None:
         ref = cfg.get("mm_vision_tower") or cfg.get("vision_tower")
         vision_tower = _local_ref(model_dir, ref)
@@ -283,13 +318,18 @@ def plan_official(kind: str, model_dir: Path, base: Path | None, vision_tower: P
             raise CheckpointError(f"pass the CLIP tower folder with --vision-tower DIR (config.json names {ref!r}, "
                                   "not found locally)")
     pre = vision_tower / "preprocessor_config.json"
+    report = Report(kind)
+    warnings: list[str] = []
     config = official_model_config(cfg, read_json(vision_tower / "config.json"), read_json(pre) if pre.is_file() else None,
-                                   kind, model_dir / "config.json")
+                                   kind, model_dir / "config.json", warnings)
+    for text in warnings:
+        report.warn(text)
     base_is_model = Path(base).resolve() == model_dir.resolve()
     if not base_is_model:
         _check_base_config(config, base)
     plan = Plan(kind, config, [(find_weights(base), "official_llm"), (find_weights(vision_tower), "clip")],
-                {"llm": Path(base), "vision": Path(vision_tower)}, None, "", report=Report(kind))
+                {"llm": Path(base), "vision": Path(vision_tower)}, None, "", report=report,
+                added_tokens=added_tokens(cfg, model_dir / "config.json"))
     _plan_projector(plan, model_dir, base_is_model)
     _plan_adapters(plan, model_dir, _shapes(plan.config, ("llm", "vision")))
     plan.tokenizer_dir = _tokenizer_dir(base, model_dir)
@@ -323,6 +363,8 @@ def _link_problem(plan: Plan, part: str) -> str | None:
         return f"{folder / 'config.json'} says model_type {model_type!r}, not {want!r}"
     if part == "llm" and (plan.llm_overrides or plan.projector is None):
         return "some of its tensors are replaced or taken out (non_lora_trainables.bin / the projector)"
+    if part == "llm" and plan.added_rows:
+        return f"its embeddings gain {plan.added_rows} row(s) for {', '.join(plan.added_tokens)} (mm_use_im_patch_token)"
     return None
 
 
@@ -360,14 +402,28 @@ def _stream(plan: Plan, sinks: dict[str, Callable], flushes: list[Callable], pro
 
 def _llm_sink(writer, plan: Plan) -> Callable:
     vocab = plan.config.llm.vocab_size
+    stored = vocab - plan.added_rows  # rows in the files; the official loader resizes them to len(tokenizer)
 
     def add(key: str, tensor, source: str) -> None:
-        if key in ("model.embed_tokens.weight", "lm_head.weight") and tensor.shape[0] != vocab:
-            raise CheckpointError(f"vocab size mismatch: {source} {key} has {tensor.shape[0]} rows but the config says "
-                                  f"vocab_size={vocab}; the weights and the config come from different models")
-        writer.add(key, plan.llm_overrides.get(key, tensor), source)
+        tensor = plan.llm_overrides.get(key, tensor)
+        if key in ("model.embed_tokens.weight", "lm_head.weight"):
+            if tensor.shape[0] != stored:
+                raise CheckpointError(f"vocab size mismatch: {source} {key} has {tensor.shape[0]} rows but the config "
+                                      f"says vocab_size={stored}; the weights and the config come from different models")
+            if plan.added_rows:
+                tensor = _append_mean_rows(tensor, plan.added_rows)
+        writer.add(key, tensor, source)
 
     return add
+
+
+def _append_mean_rows(tensor, count: int):
+    """Rows for added tokens: the mean of the existing rows (transformers' resize_token_embeddings since 4.46; the
+    official loader, on transformers 4.31, draws them at random, spec 6.2)."""
+    import torch
+
+    mean = tensor.float().mean(dim=0, keepdim=True).to(tensor.dtype)
+    return torch.cat([tensor, mean.expand(count, -1)])
 
 
 def _write_bases(plan: Plan, tmp: Path, dtype, base_weights: str, max_shard_bytes: int, progress: bool) -> dict:
@@ -412,20 +468,46 @@ def _write_adapter(adapter: Adapter, folder: Path, dtype) -> None:
 
 
 def _load_tokenizer(plan: Plan):
-    if plan.tokenizer_dir is None:
+    """The tokenizer to write (None: the default one at load time), with the tokens the official loader adds; grows
+    plan.config's vocabulary to the tokenizer's length when those tokens need new embedding rows (spec 6.2)."""
+    from sqllava_edge.tokenizer import default_tokenizer, load_tokenizer
+
+    if plan.tokenizer_dir is None and not plan.added_tokens:
         plan.report.notes.append("no tokenizer files found; the default Llama-2 tokenizer (32000) will be used")
         return None
-    from sqllava_edge.tokenizer import load_tokenizer
-
-    try:
-        tok = load_tokenizer(plan.tokenizer_dir)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read the tokenizer in {plan.tokenizer_dir}: {exc}") from None
-    if tok.vocab_size > plan.config.llm.vocab_size:
-        raise CheckpointError(f"vocab size mismatch: the tokenizer in {plan.tokenizer_dir} has {tok.vocab_size} tokens but "
-                              f"the LLM has {plan.config.llm.vocab_size} embedding rows")
-    plan.report.loaded.append(f"tokenizer ({tok.vocab_size} tokens) from {plan.tokenizer_dir}")
+    if plan.tokenizer_dir is None:
+        tok, where = copy.deepcopy(default_tokenizer()), "the default Llama-2 tokenizer (no tokenizer files found)"
+    else:
+        try:
+            tok, where = load_tokenizer(plan.tokenizer_dir), str(plan.tokenizer_dir)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot read the tokenizer in {plan.tokenizer_dir}: {exc}") from None
+    missing = [t for t in plan.added_tokens if t not in tok.hf.get_vocab()]
+    if missing:
+        tok.hf.add_tokens(missing, special_tokens=True)
+    plan.report.loaded.append(f"tokenizer ({tok.vocab_size} tokens) from {where}"
+                              + (f", plus {', '.join(missing)} (mm_use_im_patch_token)" if missing else ""))
+    vocab = plan.config.llm.vocab_size
+    beyond = {token: i for token, i in tok.hf.get_vocab().items() if i >= vocab}
+    if set(beyond) - set(plan.added_tokens):
+        raise CheckpointError(f"vocab size mismatch: the tokenizer in {where} has {tok.vocab_size} tokens but the LLM "
+                              f"has {vocab} embedding rows")
+    if beyond:
+        plan.added_rows = tok.vocab_size - vocab
+        plan.config = plan.config.replace(llm=dataclasses.replace(plan.config.llm, vocab_size=tok.vocab_size))
+        plan.report.notes.append(
+            "mm_use_im_patch_token is on (config.json; the official default when the key is missing): "
+            f"{', '.join(f'{t} = id {i}' for t, i in sorted(beyond.items(), key=lambda x: x[1]))}; embed_tokens and "
+            f"lm_head grow to {tok.vocab_size} rows as the official loader's resize_token_embeddings does. The new rows "
+            "are the mean of the others (the official loader draws them at random); no prompt contains the token")
     return tok
+
+
+def _dtypes(tensors: dict, written) -> str:
+    """"bfloat16" (kept as stored) or "bfloat16 -> float16" (cast by --dtype)."""
+    stored = "/".join(sorted({str(v.dtype).replace("torch.", "") for v in tensors.values()}))
+    target = str(written).replace("torch.", "") if written is not None else None
+    return stored if target in (None, stored) else f"{stored} -> {target}"
 
 
 def write_plan(plan: Plan, out: Path, *, dtype: str = "keep", base_weights: str = "copy",
@@ -446,7 +528,8 @@ def write_plan(plan: Plan, out: Path, *, dtype: str = "keep", base_weights: str 
         refs = _write_bases(plan, tmp, torch_dtype, base_weights, max_shard_bytes, progress)
         projector = {k: (v.to(torch_dtype) if torch_dtype else v).contiguous() for k, v in plan.projector.items()}
         save_file(projector, str(tmp / "projector.safetensors"), metadata={"format": "pt"})
-        report.loaded.append(f"projector ({plan.config.projector.type}): {len(projector)} tensors from {plan.projector_source}")
+        report.loaded.append(f"projector ({plan.config.projector.type}): {len(projector)} tensors "
+                             f"({_dtypes(plan.projector, torch_dtype)}) from {plan.projector_source}")
         if plan.llm_overrides:
             report.loaded.append(f"LLM tensors replaced from {plan.projector_source}: {sorted(plan.llm_overrides)}")
         lora = {"llm": None, "vision": None}
@@ -454,8 +537,9 @@ def write_plan(plan: Plan, out: Path, *, dtype: str = "keep", base_weights: str 
             if adapter is not None and adapter.tensors:
                 _write_adapter(adapter, tmp / name, torch_dtype)
                 lora[part] = name
-                report.loaded.append(f"{'LLM' if part == 'llm' else 'ViT'}-LoRA: {len(adapter.tensors)} tensors, "
-                                     f"r={adapter.fields['r']}, alpha={adapter.fields['lora_alpha']}, from {adapter.source}")
+                report.loaded.append(f"{'LLM' if part == 'llm' else 'ViT'}-LoRA: {len(adapter.tensors)} tensors "
+                                     f"({_dtypes(adapter.tensors, torch_dtype)}), r={adapter.fields['r']}, "
+                                     f"alpha={adapter.fields['lora_alpha']}, from {adapter.source}")
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer")
         meta = {"format": FORMAT, "version": VERSION, "config": plan.config.to_dict(), "base": refs, "lora": lora,

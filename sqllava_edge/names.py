@@ -133,11 +133,13 @@ def to_layout(layout: str, part: str, key: str) -> str:
 
 OFFICIAL_CONFIG_KEYS: tuple[tuple[str, str, str], ...] = (
     ("mm_projector_type", "projector.type", "spec 6.3 (LLaVA default when absent: linear)"),
-    ("num_latents", "projector.num_centers", "spec 6.3 / 1.4: written as 256, the reference hard-codes 256 centres"),
+    ("num_latents", "projector.num_centers",
+     "spec 6.3 / 1.4: written (256) but never read, the reference hard-codes 256 centres; import uses 256"),
     ("mm_hidden_size", "vision.hidden_size", "spec 6.3: CLIP width the projector expects"),
     ("mm_vision_select_layer", "vision.select_layer", "spec 6.3 / 1.2"),
     ("mm_vision_select_feature", "vision.select_feature", "spec 6.3 / 1.2 (default patch)"),
-    ("image_aspect_ratio", "image_aspect_ratio", "spec 6.3 / 1.3 (pad; LLaVA default square)"),
+    ("image_aspect_ratio", "image_aspect_ratio",
+     "spec 6.3 / 1.3 (pad; LLaVA default square; the reference crops for every value but pad)"),
     ("vocab_size", "llm.vocab_size", "LLaMA config (spec 6.3)"),
     ("hidden_size", "llm.hidden_size", "LLaMA config"),
     ("intermediate_size", "llm.intermediate_size", "LLaMA config"),
@@ -168,7 +170,8 @@ LLAVA_HF_CONFIG_KEYS: tuple[tuple[str, str, str], ...] = (
     ("projector_hidden_act", "projector.type", "transformers LlavaConfig: gelu = LLaVA-1.5 mlp2x_gelu"),
 )
 
-# Foreign value -> our value, per our config path. A value missing here is an error naming the key.
+# Foreign value -> our value, per our config path. A value missing here is an error naming the key, except for
+# image_aspect_ratio: the reference pads for "pad" only, so any other value is read as "crop" (official.official_aspect).
 VALUE_MAPS: dict[str, dict] = {
     "image_aspect_ratio": {"pad": "pad", "square": "crop", None: "crop"},  # LLaVA "square" = CLIP processor crop
     "vision.select_feature": {"patch": "patch", "cls_patch": "cls_patch", "default": "patch", "full": "cls_patch"},

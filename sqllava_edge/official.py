@@ -24,6 +24,11 @@ CLIP_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_laye
                  "image_size": 224, "patch_size": 32, "layer_norm_eps": 1e-5, "hidden_act": "quick_gelu"}
 LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "fan_in_fan_out", "rank_pattern",
                "alpha_pattern", "use_rslora")
+# The reference builds Clustering(mm_hidden_size, hidden_size, 256, 2): 256 centres whatever config.num_latents says
+# (sqllava/model/multimodal_projector/builder.py, spec 1.4). No projector tensor depends on the number of centres
+# (spec 1.4.1: the pooling has no parameters), so it cannot be read from the weights either.
+OFFICIAL_NUM_CENTERS = 256
+IMAGE_PATCH_TOKEN = "<im_patch>"  # spec 1.5 / 3.6: added by the official loader when mm_use_im_patch_token is on
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -83,20 +88,61 @@ def vision_config(clip_cfg: dict[str, Any], preprocessor: dict[str, Any] | None,
 
 
 def official_model_config(cfg: dict[str, Any], clip_cfg: dict[str, Any], preprocessor: dict[str, Any] | None,
-                          kind: str, where: Path) -> ModelConfig:
-    """ModelConfig from an official SQ-LLaVA / LLaVA-1.5 config.json (spec 6.3) and its CLIP tower's config."""
+                          kind: str, where: Path, warnings: list[str] | None = None) -> ModelConfig:
+    """ModelConfig from an official SQ-LLaVA / LLaVA-1.5 config.json (spec 6.3) and its CLIP tower's config.
+
+    Settings read the way the official code reads them, not as their names say, are described in `warnings`.
+    """
+    warnings = [] if warnings is None else warnings
     ptype = _mapped("projector.type", cfg.get("mm_projector_type", "linear"), "mm_projector_type", where)
     select = _mapped("vision.select_feature", cfg.get("mm_vision_select_feature", "patch"), "mm_vision_select_feature", where)
-    aspect = _mapped("image_aspect_ratio", cfg.get("image_aspect_ratio"), "image_aspect_ratio", where)
+    aspect = official_aspect(cfg.get("image_aspect_ratio"), kind, where, warnings)
     vision = vision_config(clip_cfg, preprocessor, int(cfg.get("mm_vision_select_layer", -1)), select, where)
     if cfg.get("mm_hidden_size", vision.hidden_size) != vision.hidden_size:
         raise CheckpointError(f"{where}: mm_hidden_size={cfg['mm_hidden_size']} but the vision tower is "
                               f"{vision.hidden_size} wide; --vision-tower points at another CLIP model")
-    if ptype == "cluster":  # num_latents is unused by the reference, which hard-codes 256 centres (spec 1.4)
-        projector = ProjectorConfig(type="cluster", num_centers=int(cfg.get("num_latents", 256)))
+    if ptype == "cluster":
+        latents = cfg.get("num_latents", OFFICIAL_NUM_CENTERS)
+        if latents != OFFICIAL_NUM_CENTERS:
+            warnings.append(f"num_latents={latents!r} in {where} is ignored: the official projector pools into "
+                            f"{OFFICIAL_NUM_CENTERS} centres whatever it says (spec 1.4), so the model runs with "
+                            f"{OFFICIAL_NUM_CENTERS}")
+        if vision.num_image_tokens < OFFICIAL_NUM_CENTERS:
+            raise CheckpointError(f"{where}: the official cluster projector pools into {OFFICIAL_NUM_CENTERS} centres "
+                                  f"but this vision tower gives {vision.num_image_tokens} image tokens; sqllava-edge "
+                                  "needs at least one token per centre (num_latents does not change this, spec 1.4)")
+        projector = ProjectorConfig(type="cluster", num_centers=OFFICIAL_NUM_CENTERS)
     else:
         projector = ProjectorConfig(type=ptype, keep_unused_ln=False)
     return _named(vision, projector, llm_config(cfg, where), aspect, TEMPLATES[kind], kind, where)
+
+
+def official_aspect(value: Any, kind: str, where: Path, warnings: list[str]) -> str:
+    """Our image mode for config.json's image_aspect_ratio: the official process_images pads for "pad" only; every
+    other value gets the CLIP processor alone, i.e. resize + centre crop (sqllava/mm_utils.py, train.py:928)."""
+    table = VALUE_MAPS["image_aspect_ratio"]
+    if isinstance(value, str) and value.startswith("anyres") and kind == "llava":
+        raise CheckpointError(f"{where}: image_aspect_ratio={value!r} is LLaVA-NeXT's image tiling, which sqllava-edge "
+                              "does not implement; only LLaVA-1.5 folders (pad or square) can be imported")
+    if (value is None or isinstance(value, str)) and value in table:
+        return table[value]
+    warnings.append(f"image_aspect_ratio={value!r} in {where} is read as a centre crop (our 'crop'), as the official "
+                    "code does for every value but 'pad' (mm_utils.process_images)")
+    return "crop"
+
+
+def added_tokens(cfg: dict[str, Any], where: Path) -> list[str]:
+    """Tokens the official loader adds to the tokenizer before `resize_token_embeddings(len(tokenizer))`
+    (sqllava/model/builder.py, spec 6.2 / 3.6). mm_use_im_patch_token defaults to True when the key is missing;
+    mm_use_im_start_end is refused: it changes every prompt, which sqllava-edge does not build."""
+    if cfg.get("mm_use_im_start_end", False):
+        raise CheckpointError(
+            f"{where} sets mm_use_im_start_end=true: such a model expects <im_start><image><im_end> around every image "
+            "(two more tokens, trained embedding rows), and sqllava-edge builds prompts with <image> alone. The "
+            "released SQ-LLaVA and LLaVA-1.5 models set it to false. If this model was trained without "
+            "--mm_use_im_start_end True, set \"mm_use_im_start_end\": false in config.json and convert again; "
+            "otherwise it cannot be imported")
+    return [IMAGE_PATCH_TOKEN] if cfg.get("mm_use_im_patch_token", True) else []
 
 
 def llava_hf_model_config(cfg: dict[str, Any], preprocessor: dict[str, Any] | None, where: Path) -> ModelConfig:
@@ -156,6 +202,10 @@ def official_config_json(config: ModelConfig, vision_tower: str) -> dict[str, An
     if config.projector.type == "cluster" and config.projector.em_iterations != 2:
         raise CheckpointError("the official cluster projector hard-codes 2 EM iterations (spec 1.4); this model uses "
                               f"{config.projector.em_iterations}")
+    if config.projector.type == "cluster" and config.projector.num_centers != OFFICIAL_NUM_CENTERS:
+        raise CheckpointError(f"the official cluster projector hard-codes {OFFICIAL_NUM_CENTERS} centres (spec 1.4; "
+                              f"num_latents is not read); this model uses {config.projector.num_centers}, so the "
+                              "official code would compute other image features")
     values = {"llm." + k: getattr(llm, k) for k in vars(llm)}
     values.update({"projector.type": config.projector.type, "projector.num_centers": config.projector.num_centers,
                    "vision.hidden_size": config.vision.hidden_size, "vision.select_layer": config.vision.select_layer,

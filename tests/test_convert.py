@@ -25,11 +25,12 @@ from sqllava_edge.model import SQLLaVA, hf_clip_config
 
 pytest.importorskip("peft", reason="LoRA adapters need peft")
 
+# 224 px / patch 14 = 256 image tokens: the official cluster projector always pools into 256 centres (spec 1.4).
 SMALL = ModelConfig(
     "small-test",
-    VisionConfig(image_size=56, patch_size=14, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2),
-    ProjectorConfig(num_centers=4),
-    LLMConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=2, max_position_embeddings=256),
+    VisionConfig(image_size=224, patch_size=14, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2),
+    ProjectorConfig(num_centers=256),
+    LLMConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=2, max_position_embeddings=512),
 )
 LLM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # spec 2.1
 VIT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]  # spec 2.2
@@ -69,6 +70,13 @@ def round_base(model: SQLLaVA, dtype: torch.dtype) -> None:
             for name, p in module.named_parameters():
                 if "lora_" not in name:
                     p.copy_(p.to(dtype).float())
+
+
+def round_all(model: SQLLaVA, dtype: torch.dtype) -> None:
+    """Round every parameter (base, LoRA, projector) through `dtype`: a release stored in it holds the model's numbers."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(dtype).float())
 
 
 def lora_state(module, prefix_from: str = "", prefix_to: str = "") -> dict[str, torch.Tensor]:
@@ -125,10 +133,17 @@ def peft04_config(r: int, alpha: int, targets: list[str], task_type, base: str) 
             "peft_type": "LORA", "r": r, "revision": None, "target_modules": targets, "task_type": task_type}
 
 
-def write_clip_folder(model: SQLLaVA, folder: Path, full_clip: bool = False) -> Path:
-    """A CLIP tower folder the way transformers 4.x saved it: vision_model.* keys (full CLIPModel: + text tower)."""
+def tower_state(model: SQLLaVA, dtype: torch.dtype | None = None) -> dict:
     clip = model.vision.clip.get_base_model() if hasattr(model.vision.clip, "get_base_model") else model.vision.clip
-    state = {"vision_model." + k: v for k, v in base_state_dict(clip).items()}
+    return {"vision_model." + k: v if dtype is None else v.to(dtype) for k, v in base_state_dict(clip).items()}
+
+
+def write_clip_folder(model: SQLLaVA, folder: Path, full_clip: bool = False, position_ids: bool = False) -> Path:
+    """A CLIP tower folder the way transformers 4.x saved it: vision_model.* keys (full CLIPModel: + text tower;
+    position_ids: the buffer transformers < 4.31 saved, as in openai/clip-vit-large-patch14-336)."""
+    state = tower_state(model)
+    if position_ids:
+        state["vision_model.embeddings.position_ids"] = torch.arange(model.config.num_image_tokens + 1)[None]
     vision_cfg = {**hf_clip_config(model.config.vision).to_dict(), "model_type": "clip_vision_model"}
     if full_clip:
         state.update({"text_model.embeddings.token_embedding.weight": torch.randn(10, 8), "logit_scale": torch.tensor(2.0),
@@ -150,12 +165,16 @@ def llm_base_state(model: SQLLaVA, dtype: torch.dtype) -> dict:
 
 
 def write_sqllava_release(model: SQLLaVA, root: Path, fmt: str = "bin", dtype=torch.bfloat16, shards: int = 2,
-                          vit_folder: bool = True) -> dict[str, Path]:
+                          vit_folder: bool = True, adapter_dtype: torch.dtype | None = None,
+                          extra_base: dict | None = None) -> dict[str, Path]:
     """The released SQ-LLaVA layout (spec 6.1): ShareGPT4V base (share4v config, its own mlp projector, RoPE buffers),
-    CLIP tower folder, and the LoRA folder with adapter (LLM + ViT tensors), non_lora_trainables.bin, Vit-lora/."""
+    CLIP tower folder, and the LoRA folder with adapter (LLM + ViT tensors), non_lora_trainables.bin, Vit-lora/.
+    adapter_dtype: LoRA, ViT-LoRA and projector tensors stored in it (DeepSpeed --bf16 saves bf16); extra_base: more
+    tensors in the base's state dict."""
     cfg, ext = model.config, ".bin" if fmt == "bin" else ".safetensors"
     h, d = cfg.llm.hidden_size, cfg.vision.hidden_size
-    base_state = llm_base_state(model, dtype)
+    cast = (lambda t: t) if adapter_dtype is None else (lambda t: t.to(adapter_dtype))
+    base_state = {**llm_base_state(model, dtype), **(extra_base or {})}
     base_state.update({"model.mm_projector.0.weight": torch.randn(h, d).to(dtype), "model.mm_projector.0.bias": torch.randn(h).to(dtype),
                        "model.mm_projector.2.weight": torch.randn(h, h).to(dtype), "model.mm_projector.2.bias": torch.randn(h).to(dtype)})
     base_state.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.ones(8) for i in range(cfg.llm.num_layers)})
@@ -168,12 +187,12 @@ def write_sqllava_release(model: SQLLaVA, root: Path, fmt: str = "bin", dtype=to
     lora.mkdir()
     (lora / "config.json").write_text(json.dumps(mm_config(cfg, "cluster", Path("/not/downloaded/ShareGPT4V-vit"))))
     (lora / "adapter_config.json").write_text(json.dumps(peft04_config(4, 8, LLM_TARGETS, "CAUSAL_LM", "./checkpoints/x")))
-    adapter = lora_state(model.llm)
-    vit = lora_state(model.vision.clip, "base_model.model.", "")
+    adapter = {k: cast(v) for k, v in lora_state(model.llm).items()}
+    vit = {k: cast(v) for k, v in lora_state(model.vision.clip, "base_model.model.", "").items()}
     adapter.update({"base_model.model.model.vision_tower.vision_tower.vision_model." + k: v for k, v in vit.items()})
     save_weights(adapter, lora, fmt, 1)
     os.rename(lora / f"{'pytorch_model' if fmt == 'bin' else 'model'}{ext}", lora / f"adapter_model{ext}")
-    torch.save({"base_model.model.model.mm_projector." + k: v.clone() for k, v in model.projector.state_dict().items()},
+    torch.save({"base_model.model.model.mm_projector." + k: cast(v.clone()) for k, v in model.projector.state_dict().items()},
                lora / "non_lora_trainables.bin")
     if vit_folder:
         (lora / "Vit-lora").mkdir()
@@ -226,6 +245,156 @@ def test_float32_output_and_identity_without_vit_folder(tmp_path):
     assert json.loads((tmp_path / "ours" / "sqllava_edge.json").read_text())["lora"]["vision"] is None
     assert "identity" in " ".join(report.ignored) and report.vit_lora_identity is None
     assert (logits(loaded) - logits(model)).abs().max().item() <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Release layouts as the official code really saves them: dtypes, extra keys, tokenizer files, merged and stage-1.
+
+VICUNA_TOKENIZER_CONFIG = {  # tokenizer_config.json of lmsys/vicuna-7b-v1.5 (slow LlamaTokenizer)
+    "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+    "pad_token": None, "clean_up_tokenization_spaces": False, "legacy": False, "model_max_length": 4096,
+    "padding_side": "right", "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer"}
+
+
+def write_slow_tokenizer_files(folder: Path) -> None:
+    """What a slow LlamaTokenizer's save_pretrained leaves (Vicuna, ShareGPT4V, merge_lora_weights.py): the
+    SentencePiece tokenizer.model and its configs, no tokenizer.json."""
+    from sqllava_edge.tokenizer import default_tokenizer
+
+    (folder / "tokenizer.model").write_bytes(default_tokenizer().spm_model)
+    (folder / "tokenizer_config.json").write_text(json.dumps(VICUNA_TOKENIZER_CONFIG))
+    (folder / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                                "unk_token": "<unk>", "pad_token": "<unk>"}))
+
+
+def test_bf16_adapters_and_projector_keep_their_dtype_and_merge_exactly(tmp_path):
+    """DeepSpeed --bf16 saves the LoRA, ViT-LoRA and projector tensors in bf16. --dtype keep writes them as they are
+    (no rounding); --dtype float16 gives the official loader's fp16. Merged and attached adapters agree."""
+    from safetensors.torch import load_file
+
+    model = with_lora(SQLLaVA.from_config(SMALL, seed=14), vit="trained")
+    round_all(model, torch.bfloat16)
+    paths = write_sqllava_release(model, tmp_path, adapter_dtype=torch.bfloat16)
+    report = convert_sqllava(paths, tmp_path / "ours")
+    for name in ("llm_lora/adapter_model.safetensors", "vit_lora/adapter_model.safetensors", "projector.safetensors"):
+        assert {v.dtype for v in load_file(str(tmp_path / "ours" / name)).values()} == {torch.bfloat16}, name
+    lines = [line for line in report.loaded if line.startswith(("projector", "LLM-LoRA", "ViT-LoRA"))]
+    assert len(lines) == 3 and all("(bfloat16)" in line for line in lines), lines
+    attached, _ = load_checkpoint(tmp_path / "ours")
+    merged, _ = load_checkpoint(tmp_path / "ours", merge_lora=True)
+    assert not hasattr(merged.llm, "peft_config") and not hasattr(merged.vision.clip, "peft_config")
+    assert (logits(attached) - logits(model)).abs().max().item() <= 1e-5
+    # Merged vs attached, each adapter on its own (as export.merge validates): the prototype extractor's hard
+    # assignment flips at float32 near-ties when the ViT's features move by rounding, which is not a merge error.
+    px = torch.randn(1, 3, SMALL.vision.image_size, SMALL.vision.image_size, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert (merged.vision(px) - attached.vision(px)).abs().max().item() <= 1e-5
+        embeds = attached.encode_images(px)
+        ids = torch.tensor(IDS)
+        diff = merged(ids, image_embeds=embeds).logits - attached(ids, image_embeds=embeds).logits
+    assert diff.abs().max().item() <= 1e-5
+    report16 = convert_sqllava(paths, tmp_path / "fp16", dtype="float16")
+    assert {v.dtype for v in load_file(str(tmp_path / "fp16" / "llm_lora" / "adapter_model.safetensors")).values()} == {
+        torch.float16}
+    assert any(line.startswith("LLM-LoRA") and "(bfloat16 -> float16)" in line for line in report16.loaded)
+
+
+def test_base_with_tower_keys_and_clip_with_position_ids(tmp_path):
+    """A ShareGPT4V base whose state dict also holds its tower (model.vision_tower.vision_tower.vision_model.*), and a
+    CLIP folder with the position_ids buffer: both are skipped by named rules and the logits match."""
+    model = with_lora(SQLLaVA.from_config(SMALL, seed=15), vit="trained")
+    round_base(model, torch.bfloat16)
+    tower_keys = {"model.vision_tower.vision_tower." + k: v for k, v in tower_state(model, torch.bfloat16).items()}
+    paths = write_sqllava_release(model, tmp_path, extra_base=tower_keys)
+    write_clip_folder(model, paths["tower"], position_ids=True)
+    report = convert_sqllava(paths, tmp_path / "ours")
+    loaded, _ = load_checkpoint(tmp_path / "ours")
+    assert (logits(loaded) - logits(model)).abs().max().item() <= 1e-5
+    ignored = "\n".join(report.ignored)
+    assert f"{len(tower_keys)} tensor(s) model.vision_tower.vision_tower.vision_model.{{rest}}" in ignored
+    assert "1 tensor(s) vision_model.embeddings.position_ids" in ignored
+
+
+def test_tokenizer_files_in_the_base_folder(tmp_path, small_model):
+    """Vicuna / ShareGPT4V bases carry the slow tokenizer's files; the official loader reads the tokenizer from
+    --model-base (spec 6.2), not from the adapter folder, and so do we."""
+    from sqllava_edge.tokenizer import default_tokenizer
+
+    paths = write_sqllava_release(small_model, tmp_path)
+    write_slow_tokenizer_files(paths["base"])
+    other = copy.deepcopy(default_tokenizer())
+    other.hf.add_tokens(["<not-the-base-tokenizer>"])
+    other.save(tmp_path / "other")
+    (paths["model"] / "tokenizer.json").write_bytes((tmp_path / "other" / "tokenizer.json").read_bytes())
+    report = convert_sqllava(paths, tmp_path / "ours")
+    _, tokenizer = load_checkpoint(tmp_path / "ours")
+    assert (tmp_path / "ours" / "tokenizer" / "tokenizer.model").read_bytes() == default_tokenizer().spm_model
+    assert tokenizer.vocab_size == 32000
+    text = "A chat between a curious human and an artificial intelligence assistant. USER: What is shown? ASSISTANT:"
+    assert tokenizer.encode(text, add_bos=True) == default_tokenizer().encode(text, add_bos=True)
+    assert f"tokenizer (32000 tokens) from {paths['base']}" in report.loaded
+
+
+def test_merged_fp16_folder_of_merge_lora_weights(tmp_path):
+    """scripts/merge_lora_weights.py = load_pretrained_model (LLM-LoRA merged, fp16, ViT-LoRA not merged) +
+    save_pretrained + tokenizer.save_pretrained (spec 6.2): one fp16 state dict with the LLM, the cluster projector
+    (model.mm_projector.*, ln_1 included) and the loaded tower (model.vision_tower.vision_tower.*), sharded .bin as
+    transformers 4.31 writes it, plus the tokenizer. The tower loads from mm_vision_tower, as on the official reload."""
+    model = SQLLaVA.from_config(SMALL, seed=16).eval()
+    round_all(model, torch.float16)
+    tower = write_clip_folder(model, tmp_path / "ShareGPT4V-7B_Pretrained_vit-large336-l12", position_ids=True)
+    state = llm_base_state(model, torch.float16)
+    state.update({"model.mm_projector." + k: v.half() for k, v in model.projector.state_dict().items()})
+    state.update({"model.vision_tower.vision_tower." + k: v.half() for k, v in tower_state(model).items()})
+    folder = tmp_path / "sqllava-v1.7-7b-merged"
+    save_weights(state, folder, "bin", 2)
+    config = {**mm_config(SMALL, "cluster", Path("Lin-Chen/ShareGPT4V-7B_Pretrained_vit-large336-l12")),
+              "torch_dtype": "float16", "transformers_version": "4.31.0"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}))
+    write_slow_tokenizer_files(folder)
+    assert detect_layout(folder) == "sqllava"
+    report = convert("sqllava", folder, tmp_path / "ours", vision_tower=tower, progress=False)
+    loaded, tokenizer = load_checkpoint(tmp_path / "ours")
+    assert (logits(loaded) - logits(model)).abs().max().item() <= 1e-5
+    assert loaded.config.projector.type == "cluster" and loaded.config.projector.keep_unused_ln
+    assert any(line.startswith(f"projector (cluster): 14 tensors (float16) from model.mm_projector.* in {folder}")
+               for line in report.loaded)
+    assert any("model.vision_tower.vision_tower.vision_model.{rest}" in line for line in report.ignored)
+    assert f"tokenizer (32000 tokens) from {folder}" in report.loaded and tokenizer.vocab_size == 32000
+    assert report.vit_lora_identity is None
+
+
+def test_stage1_folder_projector_and_vit_lora(tmp_path):
+    """Stage 1 (spec 6.1): config.json + mm_projector.bin (model.mm_projector.*, bf16) + Vit-lora/, no LLM weights and
+    no adapter_config.json. The official loader's "mm projector only" path takes the LLM from --model-base; stage 1
+    trains with the default image_aspect_ratio square (a crop)."""
+    model = with_lora(SQLLaVA.from_config(SMALL, seed=17), llm=False, vit="trained")
+    round_all(model, torch.bfloat16)
+    vicuna = tmp_path / "vicuna-7b-v1.5"
+    save_weights(llm_base_state(model, torch.bfloat16), vicuna, "bin", 2)
+    (vicuna / "config.json").write_text(json.dumps({**llama_fields(SMALL), "model_type": "llama"}))
+    write_slow_tokenizer_files(vicuna)
+    tower = write_clip_folder(model, tmp_path / "clip-vit-large-patch14-336", position_ids=True)
+    stage1 = tmp_path / "sqllava-7b-pretrain"
+    stage1.mkdir()
+    config = {**mm_config(SMALL, "cluster", tower), "tune_mm_mlp_adapter": True, "image_aspect_ratio": "square"}
+    (stage1 / "config.json").write_text(json.dumps(config))
+    torch.save({"model.mm_projector." + k: v.to(torch.bfloat16) for k, v in model.projector.state_dict().items()},
+               stage1 / "mm_projector.bin")
+    (stage1 / "Vit-lora").mkdir()
+    (stage1 / "Vit-lora" / "adapter_config.json").write_text(json.dumps(peft04_config(2, 4, VIT_TARGETS, None, str(tower))))
+    vit = lora_state(model.vision.clip, "base_model.model.", "base_model.model.vision_tower.vision_model.")
+    torch.save({k: v.to(torch.bfloat16) for k, v in vit.items()}, stage1 / "Vit-lora" / "adapter_model.bin")
+    (stage1 / "trainer_state.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"projector-only \(stage-1\) folder: mm_projector\.bin; pass .* --base"):
+        convert("sqllava", stage1, tmp_path / "x", progress=False)
+    report = convert("sqllava", stage1, tmp_path / "ours", base=vicuna, progress=False)
+    loaded, _ = load_checkpoint(tmp_path / "ours")
+    assert (logits(loaded) - logits(model)).abs().max().item() <= 1e-5
+    meta = json.loads((tmp_path / "ours" / "sqllava_edge.json").read_text())
+    assert meta["lora"] == {"llm": None, "vision": "vit_lora"} and meta["config"]["image_aspect_ratio"] == "crop"
+    assert report.vit_lora_identity is False and f"tokenizer (32000 tokens) from {vicuna}" in report.loaded
 
 
 def test_liuhaotian_full_model_with_full_clip_folder(tmp_path):
@@ -293,7 +462,7 @@ def test_llava_hf_matches_transformers(tmp_path):
     ours, tokenizer = load_checkpoint(tmp_path / "ours")
     assert ours.config.projector.type == "mlp2x_gelu" and ours.config.vision.select_layer == -2
     assert ours.config.llm.vocab_size == 32064 and tokenizer.vocab_size == 32002
-    px = torch.randn(1, 3, 56, 56)
+    px = torch.randn(1, 3, SMALL.vision.image_size, SMALL.vision.image_size)
     before, after = IDS[:3], IDS[4:]
     with torch.no_grad():
         mine = ours(torch.tensor(before + [IMAGE_TOKEN_INDEX] + after), pixel_values=px).logits
@@ -306,9 +475,9 @@ def test_llava_hf_matches_transformers(tmp_path):
 def test_round_trip_ours_official_ours_is_identical(tmp_path):
     from safetensors.torch import load_file
 
-    model = with_lora(SQLLaVA.from_config(get_preset("tiny"), seed=7), vit="trained")
+    model = with_lora(SQLLaVA.from_config(SMALL, seed=7), vit="trained")
     save_checkpoint(tmp_path / "ours", model)
-    export_official(tmp_path / "ours", tmp_path / "official", max_shard_bytes=20 << 20)
+    export_official(tmp_path / "ours", tmp_path / "official", max_shard_bytes=2 << 20)
     official = tmp_path / "official"
     assert (official / "base" / "pytorch_model.bin.index.json").is_file()  # sharded base, as released
     assert {"adapter_config.json", "adapter_model.bin", "non_lora_trainables.bin", "config.json"} <= {
@@ -317,7 +486,7 @@ def test_round_trip_ours_official_ours_is_identical(tmp_path):
     convert("sqllava", official, tmp_path / "again", progress=False)  # base + tower found through the configs
     first = json.loads((tmp_path / "ours" / "sqllava_edge.json").read_text())
     second = json.loads((tmp_path / "again" / "sqllava_edge.json").read_text())
-    assert first["config"] == second["config"] and first["lora"] == second["lora"]
+    assert {**first["config"], "name": ""} == {**second["config"], "name": ""} and first["lora"] == second["lora"]
     for part in ("llm", "vision", "llm_lora", "vit_lora"):
         a, b = _folder_tensors(tmp_path / "ours" / part), _folder_tensors(tmp_path / "again" / part)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
@@ -426,6 +595,112 @@ def test_clear_errors(tmp_path, small_model, damage, message):
     with pytest.raises(CheckpointError, match=message):
         convert_sqllava(paths, tmp_path / "ours")
     assert not (tmp_path / "ours").exists()  # nothing half-written
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config settings: honoured as the official loader (sqllava/model/builder.py) reads them, or refused; never ignored.
+
+
+def _release_with_config(tmp_path, seed: int = 11, vit: str | None = "trained", vit_folder: bool = True, **config):
+    """A bf16 release of a fresh model whose base numbers are exactly the stored ones, its config.json edited:
+    a value None removes the key. -> (model, paths)."""
+    model = with_lora(SQLLaVA.from_config(SMALL, seed=seed), vit=vit)
+    round_base(model, torch.bfloat16)
+    paths = write_sqllava_release(model, tmp_path, vit_folder=vit_folder)
+    cfg = json.loads((paths["model"] / "config.json").read_text())
+    cfg.update({k: v for k, v in config.items() if v is not None})
+    for key in [k for k, v in config.items() if v is None]:
+        del cfg[key]
+    (paths["model"] / "config.json").write_text(json.dumps(cfg))
+    return model, paths
+
+
+@pytest.mark.parametrize("setting", ["missing", True, False])
+def test_mm_use_im_patch_token_adds_the_token_and_a_row(tmp_path, setting):
+    """Official loader: add <im_patch> when mm_use_im_patch_token is on (default True when the key is missing), then
+    resize_token_embeddings(len(tokenizer)): one more token, one more embedding and lm_head row."""
+    from sqllava_edge.tokenizer import default_tokenizer
+
+    model, paths = _release_with_config(tmp_path, mm_use_im_patch_token=None if setting == "missing" else setting)
+    report = convert_sqllava(paths, tmp_path / "ours")
+    loaded, tokenizer = load_checkpoint(tmp_path / "ours")
+    added = setting is not False
+    assert loaded.config.llm.vocab_size == tokenizer.vocab_size == 32000 + added
+    assert (tokenizer.encode("<im_patch>") == [32000]) is added
+    assert default_tokenizer().vocab_size == 32000  # the shared default tokenizer is not changed
+    got, want = logits(loaded), logits(model)
+    assert (got[..., :32000] - want).abs().max().item() <= 1e-5
+    if added:
+        for weights in (loaded.llm.get_input_embeddings().weight, loaded.llm.get_output_embeddings().weight):
+            assert torch.allclose(weights[32000], weights[:32000].mean(0), atol=1e-6)
+        assert "<im_patch> = id 32000" in report.text()
+
+
+def test_mm_use_im_start_end_is_refused_with_what_to_do(tmp_path, small_model):
+    paths = write_sqllava_release(small_model, tmp_path)
+    _edit_json(paths["model"] / "config.json", mm_use_im_start_end=True)
+    with pytest.raises(CheckpointError, match=r"mm_use_im_start_end=true: .*<im_start><image><im_end>.*"
+                                              r"set \"mm_use_im_start_end\": false in config\.json"):
+        convert_sqllava(paths, tmp_path / "ours")
+    assert not (tmp_path / "ours").exists()
+
+
+@pytest.mark.parametrize("value,mode,warned", [("pad", "pad", False), ("square", "crop", False), (None, "crop", False),
+                                               ("anyres", "crop", True), ("keep", "crop", True)])
+def test_image_aspect_ratio_anything_but_pad_is_a_centre_crop(value, mode, warned):
+    """mm_utils.process_images pads for "pad" and hands every other value to the CLIP processor (resize + crop)."""
+    from sqllava_edge.official import official_aspect
+
+    warnings: list[str] = []
+    assert official_aspect(value, "sqllava", Path("config.json"), warnings) == mode
+    assert bool(warnings) is warned and all("centre crop" in w for w in warnings)
+
+
+def test_image_aspect_ratio_in_a_release_and_anyres_in_llava(tmp_path, caplog):
+    _, paths = _release_with_config(tmp_path, image_aspect_ratio="anyres")
+    with caplog.at_level("WARNING", logger="sqllava_edge.convert"):
+        report = convert_sqllava(paths, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "sqllava_edge.json").read_text())["config"]["image_aspect_ratio"] == "crop"
+    assert any("image_aspect_ratio='anyres'" in w for w in report.warnings)
+    assert "image_aspect_ratio='anyres'" in caplog.text
+    from sqllava_edge.official import official_aspect
+
+    with pytest.raises(CheckpointError, match="LLaVA-NeXT"):  # liuhaotian's anyres is tiling, not a crop
+        official_aspect("anyres", "llava", Path("config.json"), [])
+
+
+def test_num_latents_is_not_the_number_of_centres(tmp_path):
+    """The reference builds Clustering(..., 256, 2) whatever num_latents says; no projector tensor depends on it."""
+    model, paths = _release_with_config(tmp_path, num_latents=64)
+    report = convert_sqllava(paths, tmp_path / "ours")
+    loaded, _ = load_checkpoint(tmp_path / "ours")
+    assert loaded.config.projector.num_centers == 256 and loaded.projector.num_centers == 256
+    assert (logits(loaded) - logits(model)).abs().max().item() <= 1e-5
+    assert any("num_latents=64" in w and "ignored" in w for w in report.warnings)
+
+
+def test_export_official_refuses_other_than_256_centres(tmp_path):
+    cfg = SMALL.replace(projector=ProjectorConfig(num_centers=16))
+    save_checkpoint(tmp_path / "ours", SQLLaVA.from_config(cfg, seed=0))
+    with pytest.raises(CheckpointError, match="hard-codes 256 centres .*this model uses 16"):
+        export_official(tmp_path / "ours", tmp_path / "official", include_base=False)
+    assert not (tmp_path / "official").exists()
+
+
+def test_trained_vit_lora_in_adapter_without_vit_folder_is_ignored_with_a_warning(tmp_path, caplog):
+    """Official loader: the ViT-LoRA tensors of adapter_model.bin find no module (the tower is built later), so the
+    tower runs without them (spec 6.2 / 8.15). We do the same and say so."""
+    model, paths = _release_with_config(tmp_path, vit="trained", vit_folder=False)
+    with caplog.at_level("WARNING", logger="sqllava_edge.convert"):
+        report = convert_sqllava(paths, tmp_path / "ours")
+    loaded, _ = load_checkpoint(tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "sqllava_edge.json").read_text())["lora"]["vision"] is None
+    with model.vision.clip.disable_adapter():
+        want = logits(model)
+    assert (logits(loaded) - want).abs().max().item() <= 1e-5
+    assert (logits(loaded) - logits(model)).abs().max().item() > 1e-3  # the ViT-LoRA did change the features
+    assert report.vit_lora_identity is None and any("trained ViT-LoRA" in line for line in report.ignored)
+    assert "trained ViT-LoRA tensors" in caplog.text and "Vit-lora" in report.warnings[0]
 
 
 def test_layout_detection_and_cli(tmp_path, small_model, capsys):
