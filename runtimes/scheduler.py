@@ -232,7 +232,9 @@ class Scheduler:
             if pool.capacity - len(pool.busy) < n + 1:
                 return False  # wait for running requests to free sequences
             try:
+                started = time.perf_counter()
                 seqs, logits, need, cached = self._prefill(request)
+                self.stats["prefill_seconds"] += time.perf_counter() - started
                 if seqs is None:
                     return False  # room frees up as running requests finish
             except Exception as exc:
@@ -315,7 +317,10 @@ class Scheduler:
                 for seq in sorted(set(feed) - set(fitted)):  # the shared context is full: these stop here
                     job, choice, _ = feed[seq]
                     self._finish(job, choice, "length")
+                started = time.perf_counter()
                 out = engine.pool.decode(fitted) if fitted else {}
+                self.stats["decode_seconds"] += time.perf_counter() - started
+                self.stats["decode_tokens"] += len(fitted)
             self.stats["steps"] += 1
             for seq, logits in out.items():
                 feed[seq][1].logits = logits

@@ -6,7 +6,6 @@ EOS, 1 of 32000 ids, is practically never the argmax, so equality checks cover e
 """
 from __future__ import annotations
 
-import base64
 import contextlib
 import io
 import socket
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from sqllava_edge.serve.protocol import data_uri  # noqa: F401  (re-exported for the tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = 1  # see test_runtime.py: one llama.cpp thread is fastest on a shared 2-core machine
@@ -54,11 +55,6 @@ def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "PNG")
     return buf.getvalue()
-
-
-def data_uri(img: Image.Image | bytes, mime: str = "image/png") -> str:
-    data = img if isinstance(img, bytes) else png_bytes(img)
-    return f"data:{mime};base64," + base64.b64encode(data).decode()
 
 
 def free_port() -> int:

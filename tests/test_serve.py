@@ -434,3 +434,19 @@ def test_typed_control_tokens_and_placeholders_stay_text_in_the_prompt(server, c
     tokens = [item for item in items if not isinstance(item, ImageRef)]
     assert tokens[0] == 1 and 1 not in tokens[1:]  # BOS only where the template puts it
     assert tokens.count(2) == 1  # EOS only after the one finished assistant turn
+
+
+def test_serving_benchmark_runs_side_by_side_and_writes_its_report(tiny_bundle, tmp_path):
+    """A smoke run of benchmarks.serve (the figures themselves are for the README, not asserted as times)."""
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "benchmarks.serve", "--bundle", str(tiny_bundle), "--clients", "1,2", "--parallel",
+           "1,2", "--requests", "1", "--new-tokens", "4", "--threads", "1", "--vision-precision", "fp32",
+           "--port", str(free_port()), "--out", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    raw = json.loads((out / "serve.json").read_text())
+    assert [(p["parallel"], p["clients"]) for p in raw["phases"]] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert all(p["failed"] == 0 and p["decode_tok_per_s"] > 0 for p in raw["phases"])
+    assert all(s["tokens"] == 4 for p in raw["phases"] for s in p["samples"])
+    assert "| --parallel |" in (out / "serve.md").read_text() and (out / "serve.png").stat().st_size > 0

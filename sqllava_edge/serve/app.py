@@ -75,6 +75,7 @@ class State:
                 "prefix_cache_hit_tokens": scheduler.stats["cached_positions"],
                 "prefill_positions": counters.prefill_tokens + counters.prefill_embeds,
                 "decode_steps": counters.decode_steps, "decode_tokens": counters.decode_tokens,
+                "decode_seconds": scheduler.stats["decode_seconds"], "prefill_seconds": scheduler.stats["prefill_seconds"],
                 "cancelled_requests": scheduler.stats["cancelled"], "timed_out_requests": scheduler.stats["timeout"]}
 
 

@@ -40,6 +40,8 @@ class _Live:
                 "prefix_cache_hit_tokens": "prompt positions reused from the KV cache instead of prefilled",
                 "prefill_positions": "positions prefilled (text tokens + image rows)",
                 "decode_steps": "batched decode calls", "decode_tokens": "tokens decoded over all sequences",
+                "decode_seconds": "time spent in batched decode calls (decode_tokens / this = decode throughput)",
+                "prefill_seconds": "time spent encoding images and prefilling prompts",
                 "cancelled_requests": "requests cancelled (client gone) or shut down",
                 "timed_out_requests": "requests over the per-request timeout"}
 

@@ -266,6 +266,17 @@ def image_source(url: str, *, max_bytes: int, allow_local_files: bool, param: st
     return path
 
 
+def data_uri(image, mime: str = "image/png") -> str:
+    """The client side of image_source: encoded image bytes (or a PIL image, saved as PNG) -> a data URI."""
+    if not isinstance(image, (bytes, bytearray)):
+        import io
+
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        image, mime = buffer.getvalue(), "image/png"
+    return f"data:{mime};base64," + base64.b64encode(bytes(image)).decode()
+
+
 def too_large(size: int, limit: int) -> APIError:
     return APIError(413, f"the image is {size / 2**20:.1f} MiB, over this server's limit of {limit / 2**20:.1f} MiB "
                          "(--max-image-mb); downscale or re-encode it (JPEG) before sending",
