@@ -58,22 +58,39 @@ class OnnxVision:
 
     providers: short names from ORT_PROVIDERS in priority order, e.g. ("cuda", "cpu"). A provider that this
     onnxruntime build lacks is an error naming the package to install, never silently dropped.
+    onnxruntime-gpu lists its CUDA provider even where the CUDA / cuDNN libraries are missing, and then quietly runs
+    the session on the CPU: the session's own providers are checked after creation. A provider that did not start is
+    an error, or with allow_cpu_fallback=True (automatic selection) recorded in `dropped_providers`.
+    gpu_mem_limit: bytes the CUDA provider's memory arena may grow to (its `gpu_mem_limit` option); None = unlimited.
     """
 
     name = VisionKind.ONNXRUNTIME.value
 
     def __init__(self, onnx_path: str | os.PathLike, providers: tuple[str, ...] = ("cpu",), n_threads: int | None = None,
-                 trt_cache_dir: str | os.PathLike | None = None):
+                 trt_cache_dir: str | os.PathLike | None = None, gpu_mem_limit: int | None = None,
+                 allow_cpu_fallback: bool = False):
         ort = _import_onnxruntime()
         path = Path(onnx_path)
         if not path.is_file():
             raise FileNotFoundError(f"vision ONNX {path} does not exist; re-export the bundle (python -m export)")
-        chosen = [_ort_provider(ort, p, trt_cache_dir) for p in providers]
+        if gpu_mem_limit is not None and (not isinstance(gpu_mem_limit, int) or gpu_mem_limit < 1):
+            raise ValueError(f"gpu_mem_limit must be a positive number of bytes or None, got {gpu_mem_limit!r}")
+        chosen = [_ort_provider(ort, p, trt_cache_dir, gpu_mem_limit) for p in providers]
         options = ort.SessionOptions()
         if n_threads is not None:
             options.intra_op_num_threads = n_threads
         options.log_severity_level = 3  # errors only
         self._session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+        running = set(self._session.get_providers())
+        self.dropped_providers = tuple(p for p in providers if ORT_PROVIDERS[p] not in running)
+        if self.dropped_providers and not allow_cpu_fallback:
+            self._session = None
+            full = ", ".join(ORT_PROVIDERS[p] for p in self.dropped_providers)
+            raise BackendUnavailableError(
+                f"onnxruntime {ort.__version__} offers {full} but could not start it for {path.name} (it runs "
+                f"{', '.join(sorted(running))} instead): the CUDA / cuDNN libraries that this onnxruntime-gpu needs are "
+                "missing or of another version (see onnxruntime's CUDA execution provider requirements); install "
+                "them, or run on the CPU with device='cpu'")
         inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
         if len(inputs) != 1 or len(outputs) != 1:
             raise ValueError(f"{path}: a vision ONNX has one input and one output, found {len(inputs)} and {len(outputs)}")
@@ -125,7 +142,7 @@ def ort_available_providers() -> list[str]:
     return [short for short, full in ORT_PROVIDERS.items() if full in have]
 
 
-def _ort_provider(ort, short: str, trt_cache_dir):
+def _ort_provider(ort, short: str, trt_cache_dir, gpu_mem_limit: int | None = None):
     if short not in ORT_PROVIDERS:
         raise ValueError(f"unknown onnxruntime provider {short!r}; valid: {', '.join(ORT_PROVIDERS)}")
     full = ORT_PROVIDERS[short]
@@ -141,6 +158,8 @@ def _ort_provider(ort, short: str, trt_cache_dir):
             options.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(trt_cache_dir),
                            trt_timing_cache_path=str(trt_cache_dir))
         return (full, options)
+    if short == "cuda" and gpu_mem_limit is not None:
+        return (full, {"gpu_mem_limit": int(gpu_mem_limit), "arena_extend_strategy": "kSameAsRequested"})
     return full
 
 
@@ -156,6 +175,23 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+MIN_TENSORRT = 10  # strongly typed networks and the TensorRT 10/11 tensor API; JetPack 6.0's TensorRT 8.6 has neither
+
+
+def check_tensorrt_version(trt) -> None:
+    """Raise BackendUnavailableError (one line, saying what to upgrade) if this TensorRT is older than MIN_TENSORRT."""
+    version = str(getattr(trt, "__version__", "0"))
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        major = 0
+    if major < MIN_TENSORRT:
+        raise BackendUnavailableError(
+            f"TensorRT {version} is too old: sqllava-edge needs TensorRT {MIN_TENSORRT} or newer (strongly typed "
+            "engines); on Jetson that is JetPack 6.1 or later (TensorRT 10.3; JetPack 6.0 ships TensorRT 8.6), on a "
+            "desktop pip install -U tensorrt --extra-index-url https://pypi.nvidia.com")
+
+
 def _import_tensorrt():
     if not cuda_available():
         raise BackendUnavailableError(
@@ -167,10 +203,20 @@ def _import_tensorrt():
         import tensorrt
     except ImportError:
         raise BackendUnavailableError(
-            "the tensorrt vision backend needs the tensorrt Python package: on Jetson it ships with JetPack; on "
+            "the tensorrt vision backend needs the tensorrt Python package: on Jetson it ships with JetPack 6.1+; on "
             "desktops pip install tensorrt --extra-index-url https://pypi.nvidia.com"
         ) from None
+    check_tensorrt_version(tensorrt)
     return tensorrt
+
+
+def tensorrt_problem() -> str | None:
+    """Why the TensorRT backend cannot run here (the package, its version, CUDA buffers), or None when it can."""
+    try:
+        _import_tensorrt()
+    except BackendUnavailableError as exc:
+        return str(exc)
+    return None
 
 
 class TensorRTVision:
@@ -199,6 +245,9 @@ class TensorRTVision:
                 "version; rebuild it here with python -m export.trt BUNDLE"
             )
         self._context = self._engine.create_execution_context()
+        if self._context is None:
+            raise BackendUnavailableError(f"TensorRT {trt.__version__} could not create an execution context for {path} "
+                                          "(out of GPU memory?); see the TensorRT log above")
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
