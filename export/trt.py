@@ -292,41 +292,42 @@ def _build_serialized(trt, onnx_path: Path, size: int, max_batch: int, workspace
 
 
 def _validate_engine(trt, engine: bytes, bundle: Path, manifest, max_batch: int) -> dict:
-    """Engine vs the fp32 ONNX in onnxruntime at batch 1 and max_batch: mean per-token cosine >= ENGINE_MIN_COSINE."""
+    """Engine vs the fp32 ONNX in onnxruntime at batch 1 and max_batch: mean per-token cosine >= ENGINE_MIN_COSINE.
+
+    The engine runs through the runtime's own TensorRT backend (CUDA torch or cuda-python buffers), from memory.
+    """
     import numpy as np
 
+    from runtimes.vision import TensorRTVision, cuda_buffers_problem
     from sqllava_edge.errors import ExportValidationError
 
     reference = manifest.find("vision_onnx", "fp32")
     try:
         import onnxruntime as ort
-        import torch
     except ImportError as exc:
-        return {"skipped": f"needs torch and onnxruntime for the comparison ({exc})"}
-    if reference is None or not torch.cuda.is_available():
-        return {"skipped": "needs the fp32 ONNX in the bundle and a CUDA-enabled torch to hold device buffers"}
+        return {"skipped": f"needs onnxruntime for the comparison ({exc})"}
+    problem = cuda_buffers_problem()
+    if reference is None or problem is not None:
+        return {"skipped": f"needs the fp32 ONNX in the bundle and CUDA buffers (CUDA torch or cuda-python): {problem}"}
     session = ort.InferenceSession(str(bundle / reference.path), providers=["CPUExecutionProvider"])
-    context = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(engine).create_execution_context()
+    runner = TensorRTVision.from_bytes(engine, "the new engine", trt=trt)
     size, rng, report = manifest.preprocessing["image_size"], np.random.default_rng(0), {"reference": reference.path}
-    for batch in sorted({1, max_batch}):
-        x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
-        ref = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
-        pixels = torch.from_numpy(x).cuda()
-        context.set_input_shape(INPUT_NAME, tuple(x.shape))
-        out = torch.empty(tuple(context.get_tensor_shape(OUTPUT_NAME)), dtype=torch.float32, device="cuda")
-        context.set_tensor_address(INPUT_NAME, pixels.data_ptr())
-        context.set_tensor_address(OUTPUT_NAME, out.data_ptr())
-        stream = torch.cuda.current_stream()
-        if not context.execute_async_v3(stream.cuda_stream):
-            raise ExportValidationError(f"TensorRT engine failed to run at batch {batch}")
-        stream.synchronize()
-        got = out.cpu().numpy().astype(np.float64)
-        cos = (got * ref).sum(-1) / np.maximum(np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1), 1e-30)
-        report[f"batch_{batch}"] = {"max_abs_diff": float(np.abs(got - ref).max()), "cosine_min": float(cos.min()),
-                                    "cosine_mean": float(cos.mean())}
-        if not np.isfinite(got).all() or cos.mean() < ENGINE_MIN_COSINE:
-            raise ExportValidationError(f"TensorRT engine: tensor {OUTPUT_NAME} at batch {batch} has mean per-token cosine "
-                                        f"{cos.mean():.4f} vs the fp32 ONNX, below the tolerance {ENGINE_MIN_COSINE}")
+    try:
+        for batch in sorted({1, max_batch}):
+            x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+            ref = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+            try:
+                got = runner.encode(x).astype(np.float64)
+            except RuntimeError as exc:
+                raise ExportValidationError(f"TensorRT engine failed to run at batch {batch}: {exc}") from None
+            cos = (got * ref).sum(-1) / np.maximum(np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1), 1e-30)
+            report[f"batch_{batch}"] = {"max_abs_diff": float(np.abs(got - ref).max()), "cosine_min": float(cos.min()),
+                                        "cosine_mean": float(cos.mean())}
+            if not np.isfinite(got).all() or cos.mean() < ENGINE_MIN_COSINE:
+                raise ExportValidationError(f"TensorRT engine: tensor {OUTPUT_NAME} at batch {batch} has mean per-token "
+                                            f"cosine {cos.mean():.4f} vs the fp32 ONNX, below the tolerance {ENGINE_MIN_COSINE}")
+    finally:
+        runner.close()
     report.update(tolerance={"cosine_mean": ENGINE_MIN_COSINE}, passed=True)
     return report
 

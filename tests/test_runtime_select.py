@@ -1,6 +1,9 @@
 """Runtime pieces without a model: device detection, backend choice, memory plan, the KV sequence pool."""
 from __future__ import annotations
 
+import ctypes
+import sys
+
 import numpy as np
 import pytest
 
@@ -292,9 +295,9 @@ def _engine(gpu: str, capability: str, board: str | None = None, version: str = 
 @pytest.fixture
 def tensorrt_10_3(monkeypatch):
     """`import tensorrt` works and says 10.3.0 (the engine matching reads only the version)."""
-    fake = type(__import__("sys"))("tensorrt")
+    fake = type(sys)("tensorrt")
     fake.__version__ = "10.3.0"
-    monkeypatch.setitem(__import__("sys").modules, "tensorrt", fake)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
     monkeypatch.delenv("SQLLAVA_EDGE_VISION_BACKEND", raising=False)
     return fake
 
@@ -358,6 +361,150 @@ def test_engine_that_does_not_deserialize_falls_back_with_the_reason(tensorrt_10
     assert isinstance(backend, FakeBackend) and "could not deserialize" in reason and "onnxruntime" in reason
     with pytest.raises(BackendUnavailableError, match="could not deserialize"):
         select_vision(source, _orin(), "tensorrt")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# TensorRT without PyTorch: cuda-python buffers (issue 26). The fakes model the documented APIs on host memory
+# (cudaMalloc hands out host blocks, cudaMemcpyAsync is a memmove, the "engine" doubles its input): they check the
+# plumbing (dtypes, addresses, batching over the profile, copies back), not a GPU.
+
+
+class FakeCudart:
+    class cudaError_t:  # noqa: N801 - cuda-python's names
+        cudaSuccess = 0
+
+    class cudaMemcpyKind:  # noqa: N801
+        cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost = 1, 2
+
+    def __init__(self):
+        self.blocks, self.copies = {}, []
+
+    def cudaGetDeviceCount(self):  # noqa: N802
+        return 0, 1
+
+    def cudaSetDevice(self, index):  # noqa: N802
+        return (0,)
+
+    def cudaGetDeviceProperties(self, index):  # noqa: N802
+        return 0, type("cudaDeviceProp", (), {"name": b"Orin"})()
+
+    def cudaStreamCreate(self):  # noqa: N802
+        return 0, 7
+
+    def cudaStreamSynchronize(self, stream):  # noqa: N802
+        return (0,)
+
+    def cudaStreamDestroy(self, stream):  # noqa: N802
+        return (0,)
+
+    def cudaMalloc(self, nbytes):  # noqa: N802
+        block = ctypes.create_string_buffer(nbytes)
+        self.blocks[ctypes.addressof(block)] = block
+        return 0, ctypes.addressof(block)
+
+    def cudaFree(self, pointer):  # noqa: N802
+        self.blocks.pop(pointer)
+        return (0,)
+
+    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):  # noqa: N802
+        ctypes.memmove(dst, src, nbytes)
+        self.copies.append(kind)
+        return (0,)
+
+
+class FakeTensorRT:
+    """The TensorRT 10 runtime calls TensorRTVision makes; an fp16 engine mapping (b, 3, 4, 4) -> (b, 3, 16) * 2."""
+
+    __version__ = "10.3.0"
+    float32, float16 = "float32", "float16"
+
+    class TensorIOMode:
+        INPUT, OUTPUT = "input", "output"
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            pass
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            return FakeEngine() if data == b"engine for Orin" else None
+
+
+class FakeEngine:
+    num_io_tensors = 2
+
+    def get_tensor_name(self, i):
+        return ["pixel_values", "image_embeds"][i]
+
+    def get_tensor_mode(self, name):
+        return "input" if name == "pixel_values" else "output"
+
+    def get_tensor_dtype(self, name):
+        return "float16"
+
+    def get_tensor_profile_shape(self, name, profile):
+        return [(1, 3, 4, 4), (1, 3, 4, 4), (2, 3, 4, 4)]
+
+    def get_tensor_shape(self, name):
+        return (-1, 3, 4, 4)
+
+    def create_execution_context(self):
+        return FakeContext()
+
+
+class FakeContext:
+    def __init__(self):
+        self.shape, self.addresses = None, {}
+
+    def set_input_shape(self, name, shape):
+        assert shape[0] <= 2, "a batch beyond the profile's max"
+        self.shape = shape
+
+    def get_tensor_shape(self, name):
+        return (self.shape[0], 3, 16)
+
+    def set_tensor_address(self, name, address):
+        self.addresses[name] = address
+
+    def execute_async_v3(self, stream):
+        x = np.empty(self.shape, np.float16)
+        ctypes.memmove(x.ctypes.data, self.addresses["pixel_values"], x.nbytes)
+        y = np.ascontiguousarray(x.reshape(self.shape[0], 3, 16) * 2)
+        ctypes.memmove(self.addresses["image_embeds"], y.ctypes.data, y.nbytes)
+        return stream == 7
+
+
+def test_tensorrt_runs_on_cuda_python_buffers_without_torch():
+    cudart = FakeCudart()
+    backend = vision.TensorRTVision.from_bytes(b"engine for Orin", "vision.orin.engine", trt=FakeTensorRT(),
+                                               buffers=vision.CudaPythonBuffers(cudart=cudart))
+    pixels = np.random.default_rng(0).standard_normal((3, 3, 4, 4)).astype(np.float32)
+    out = backend.encode(pixels)  # batches of 2 + 1 (the profile's max is 2)
+    assert out.dtype == np.float32 and out.shape == (3, 3, 16)
+    np.testing.assert_allclose(out, pixels.reshape(3, 3, 16).astype(np.float16).astype(np.float32) * 2, rtol=1e-3)
+    assert "Orin" in backend.description and len(cudart.blocks) == 2  # one input and one output buffer, reused
+    assert cudart.copies == [1, 2, 1, 2]  # host -> device, engine, device -> host, per batch
+    backend.close()
+    assert not cudart.blocks
+    with pytest.raises(BackendUnavailableError, match="could not deserialize vision.other.engine"):
+        vision.TensorRTVision.from_bytes(b"engine for another GPU", "vision.other.engine", trt=FakeTensorRT(),
+                                         buffers=vision.CudaPythonBuffers(cudart=FakeCudart()))
+
+
+def test_cuda_python_is_enough_for_tensorrt(monkeypatch, tensorrt_10_3):
+    """With cuda-python (and a device) the TensorRT backend needs no CUDA torch: auto selection takes the engine."""
+    monkeypatch.setattr(vision, "cuda_available", lambda: False)
+    monkeypatch.setattr(vision, "import_cudart", lambda: FakeCudart())
+    assert vision.tensorrt_problem() is None
+    choice = choose_vision(_source(*ALL_VISION, _engine("Orin", "8.7", AGX_BOARD)), _orin())
+    assert choice.kind is VisionKind.TENSORRT
+    monkeypatch.setattr(vision, "import_cudart", lambda: None)
+    assert "cuda-python is not installed" in vision.tensorrt_problem()
 
 
 # --------------------------------------------------------------------------------------------------------------------
