@@ -209,7 +209,10 @@ def cuda_buffers_problem() -> str | None:
     cudart = import_cudart()
     if cudart is None:
         return "torch.cuda.is_available() is False and cuda-python is not installed"
-    err, count = cudart.cudaGetDeviceCount()
+    try:
+        err, count = cudart.cudaGetDeviceCount()
+    except Exception as exc:  # cuda-python raises when the CUDA driver library itself cannot be loaded
+        return f"torch.cuda.is_available() is False and cuda-python cannot reach the CUDA driver ({exc})"
     if err != cudart.cudaError_t.cudaSuccess or count < 1:
         return f"torch.cuda.is_available() is False and cuda-python finds no CUDA device ({err})"
     return None
