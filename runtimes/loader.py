@@ -56,7 +56,7 @@ def load_parts(path: str | os.PathLike, device, vision_backend: str | None, llm_
     llm_choice = choose_llm(source, dev, llm_backend, llm_precision, gpu_layers, fits)
     plan = plan_for(llm_choice)
     check_plan(plan, _smaller_ggufs(source, llm_choice))
-    arena = plan.vision_bytes if "cuda" in vision_choice.providers else None  # cap onnxruntime's CUDA arena to the plan
+    arena = plan.vision_bytes if dev.has_gpu else None  # caps onnxruntime's CUDA arena (also for a TensorRT fallback)
     vision, vision_choice = load_vision_checked(vision_choice, source, dev, n_threads, gpu_mem_limit=arena)
     try:
         llm = load_llm(llm_choice, source, dev, n_ctx, n_threads, n_seq_max=sequences)
