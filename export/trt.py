@@ -3,17 +3,17 @@
     python -m export.trt BUNDLE [--max-batch 4] [--workspace-gb 2]   # on the device: build, validate, record
     python -m export.trt BUNDLE --check                                # anywhere (CPU): static ONNX check only
 
-Portable recipe for TensorRT 10 (JetPack 6) and 11 (edge-deployment.md section 5): the ONNX is already fp16 where it
-should be (export.onnx), and the network is built STRONGLY_TYPED, so no BuilderFlag.FP16 (removed in TRT 11) is
-needed. One optimization profile over the batch (1 / max/2 / max), a timing cache kept beside the engine, and the
-engine is checked against the fp32 ONNX in onnxruntime. Engines are not portable across GPUs or TensorRT versions:
-the manifest records TensorRT version, GPU name, compute capability and JetPack/L4T release.
+Portable recipe for TensorRT 10 (JetPack 6.1 / 6.2) and 11 (edge-deployment.md section 5): the ONNX is already fp16
+where it should be (export.onnx), and the network is built STRONGLY_TYPED, so no BuilderFlag.FP16 (removed in TRT 11)
+is needed. TensorRT 8.6 (JetPack 6.0) has no STRONGLY_TYPED flag and is refused with a one-line error. One
+optimization profile over the batch (1 / max/2 / max), a timing cache kept beside the engine, and the engine is
+checked against the fp32 ONNX in onnxruntime before anything is written. Engines are not portable across GPUs or
+TensorRT versions: the manifest records TensorRT version, GPU name, compute capability and JetPack/L4T release.
 """
 from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
 import re
 import sys
 from dataclasses import dataclass, field
@@ -52,8 +52,9 @@ TRT_DTYPES = {1: "FLOAT", 2: "UINT8", 3: "INT8", 6: "INT32", 7: "INT64", 9: "BOO
               16: "BFLOAT16"}
 
 INSTALL_TENSORRT = (
-    "TensorRT is not installed in this Python. On a Jetson it comes with JetPack (JetPack 6.x: TensorRT 10.3; "
-    "`sudo apt install python3-libnvinfer`, or run inside an NVIDIA l4t container); on an x86 machine with an NVIDIA "
+    "TensorRT is not installed in this Python. On a Jetson it comes with JetPack 6.1 or 6.2 (TensorRT 10.3; JetPack "
+    "6.0's TensorRT 8.6 is too old; `sudo apt install python3-libnvinfer`, or run inside an NVIDIA l4t container for "
+    "JetPack 6.1+); on an x86 machine with an NVIDIA "
     "GPU: `pip install tensorrt --extra-index-url https://pypi.nvidia.com` (TensorRT 10.x or 11.x). The plain PyPI "
     "`tensorrt` package only downloads from NVIDIA's index. To check the ONNX graph without TensorRT: "
     "python -m export.trt BUNDLE --check"
@@ -103,7 +104,7 @@ def check_onnx(path: str | Path) -> CheckReport:
     report = CheckReport(str(path), opset, {})
     if not TRT_MIN_OPSET <= opset <= TRT_MAX_OPSET:
         report.problems.append(f"default-domain opset {opset} is outside {TRT_MIN_OPSET}..{TRT_MAX_OPSET}, the range "
-                               "TensorRT 10.3 (JetPack 6) parses; re-export with opset <= 20")
+                               "TensorRT 10.3 (JetPack 6.1+) parses; re-export with opset <= 20")
     functions = {(f.domain, f.name): f for f in model.functions}
     ops: collections.Counter = collections.Counter()
     unsupported: dict[str, list[str]] = {}
@@ -168,63 +169,52 @@ def _check_io(graph, report: CheckReport) -> None:
 
 
 def require_tensorrt():
+    """The tensorrt module, >= 10 (raises BackendUnavailableError saying what to install or upgrade)."""
+    from runtimes.vision import check_tensorrt_version
     from sqllava_edge.errors import BackendUnavailableError
 
     try:
         import tensorrt
     except ImportError:
         raise BackendUnavailableError(INSTALL_TENSORRT) from None
+    check_tensorrt_version(tensorrt)  # TensorRT 8.6 (JetPack 6.0) has no STRONGLY_TYPED flag
     return tensorrt
 
 
 def cuda_devices() -> list[dict]:
-    """Name and compute capability of each CUDA device, via the driver library (no CUDA toolkit or torch needed)."""
-    lib = None
-    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
-        try:
-            lib = ctypes.CDLL(name)
-            break
-        except OSError:
-            continue
-    if lib is None or lib.cuInit(0) != 0:
-        return []
-    count = ctypes.c_int(0)
-    if lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
-        return []
-    devices = []
-    for index in range(count.value):
-        dev, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
-        name = ctypes.create_string_buffer(256)
-        lib.cuDeviceGet(ctypes.byref(dev), index)
-        lib.cuDeviceGetName(name, 256, dev)
-        lib.cuDeviceGetAttribute(ctypes.byref(major), 75, dev)  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
-        lib.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev)  # ..._MINOR
-        devices.append({"index": index, "name": name.value.decode(errors="replace"),
-                        "compute_capability": f"{major.value}.{minor.value}"})
-    return devices
+    """Name and compute capability of each CUDA device, via the driver library (no CUDA toolkit or torch needed), in
+    CUDA's numbering: device 0 is the one the runtimes use."""
+    from runtimes.select import cuda_driver_devices
+
+    return cuda_driver_devices()
 
 
 # L4T release -> JetPack release (NVIDIA JetPack archive). Unknown L4T versions are recorded as L4T only.
 JETPACK_FOR_L4T = {"35.3.1": "5.1.1", "35.4.1": "5.1.2", "35.5.0": "5.1.3", "35.6.0": "5.1.4", "36.3.0": "6.0",
-                   "36.4.0": "6.1", "36.4.3": "6.2", "36.4.4": "6.2.1"}
+                   "36.4.0": "6.1", "36.4.3": "6.2", "36.4.4": "6.2.1", "36.4.7": "6.2.1"}
 
 
-def jetson_release(tegra_release: str | Path = "/etc/nv_tegra_release",
-                   device_model: str | Path = "/proc/device-tree/model") -> dict | None:
-    """{"l4t": "36.4.3", "jetpack": "6.2", "board": ...} on a Jetson, None elsewhere."""
-    try:
-        first = Path(tegra_release).read_text(errors="replace").splitlines()[0]
-    except (OSError, IndexError):
+def jetson_release(root: str | Path = "/") -> dict | None:
+    """{"l4t": "36.4.3", "jetpack": "6.2", "board": ...} on a Jetson, None elsewhere.
+
+    The board is named exactly as runtimes.select.detect_jetson names it (the runtime matches engines on it); a
+    container without /etc/nv_tegra_release is still a Jetson, with an unknown L4T release.
+    """
+    from runtimes.select import detect_jetson
+
+    root = Path(root)
+    board = detect_jetson(root)
+    if board is None:
         return None
+    try:
+        first = (root / "etc/nv_tegra_release").read_text(errors="replace").splitlines()[0]
+    except (OSError, IndexError):
+        return {"l4t": None, "jetpack": None, "board": board}
     match = re.search(r"R(\d+)\s*\(release\),\s*REVISION:\s*([\d.]+)", first)
     if not match:
-        return {"l4t": None, "jetpack": None, "raw": first.strip()}
+        return {"l4t": None, "jetpack": None, "board": board, "raw": first.strip()}
     l4t = f"{match.group(1)}.{match.group(2)}"
     l4t = l4t if l4t.count(".") == 2 else l4t + ".0"
-    try:
-        board = Path(device_model).read_bytes().decode(errors="replace").strip("\x00\n ")
-    except OSError:
-        board = None
     return {"l4t": l4t, "jetpack": JETPACK_FOR_L4T.get(l4t), "board": board}
 
 
@@ -259,11 +249,11 @@ def build_engine(bundle: str | Path, *, max_batch: int = 4, workspace_gb: float 
     size = manifest.preprocessing["image_size"]
     log(f"[trt] building a strongly typed engine on {device['name']} (sm {device['compute_capability']}), TensorRT {trt.__version__}")
     engine, cache = _build_serialized(trt, bundle / onnx_artifact.path, size, max_batch, workspace_gb, cache_path)
-    with atomic_write(bundle / f"{stem}.engine") as handle:
+    validation = _validate_engine(trt, engine, bundle, manifest, max_batch)  # from memory: nothing is written before
+    with atomic_write(bundle / f"{stem}.engine") as handle:  # a failed validation leaves no file the manifest omits
         handle.write(engine)
     with atomic_write(cache_path) as handle:
         handle.write(cache)
-    validation = _validate_engine(trt, engine, bundle, manifest, max_batch)
     target = {"gpu": device["name"], "compute_capability": device["compute_capability"], "tensorrt": trt.__version__,
               "jetson": jetson_release(), "max_batch": max_batch,
               "profile": {"min": 1, "opt": max(1, max_batch // 2), "max": max_batch}, "workspace_gb": workspace_gb,
@@ -302,41 +292,42 @@ def _build_serialized(trt, onnx_path: Path, size: int, max_batch: int, workspace
 
 
 def _validate_engine(trt, engine: bytes, bundle: Path, manifest, max_batch: int) -> dict:
-    """Engine vs the fp32 ONNX in onnxruntime at batch 1 and max_batch: mean per-token cosine >= ENGINE_MIN_COSINE."""
+    """Engine vs the fp32 ONNX in onnxruntime at batch 1 and max_batch: mean per-token cosine >= ENGINE_MIN_COSINE.
+
+    The engine runs through the runtime's own TensorRT backend (CUDA torch or cuda-python buffers), from memory.
+    """
     import numpy as np
 
+    from runtimes.vision import TensorRTVision, cuda_buffers_problem
     from sqllava_edge.errors import ExportValidationError
 
     reference = manifest.find("vision_onnx", "fp32")
     try:
         import onnxruntime as ort
-        import torch
     except ImportError as exc:
-        return {"skipped": f"needs torch and onnxruntime for the comparison ({exc})"}
-    if reference is None or not torch.cuda.is_available():
-        return {"skipped": "needs the fp32 ONNX in the bundle and a CUDA-enabled torch to hold device buffers"}
+        return {"skipped": f"needs onnxruntime for the comparison ({exc})"}
+    problem = cuda_buffers_problem()
+    if reference is None or problem is not None:
+        return {"skipped": f"needs the fp32 ONNX in the bundle and CUDA buffers (CUDA torch or cuda-python): {problem}"}
     session = ort.InferenceSession(str(bundle / reference.path), providers=["CPUExecutionProvider"])
-    context = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(engine).create_execution_context()
+    runner = TensorRTVision.from_bytes(engine, "the new engine", trt=trt)
     size, rng, report = manifest.preprocessing["image_size"], np.random.default_rng(0), {"reference": reference.path}
-    for batch in sorted({1, max_batch}):
-        x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
-        ref = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
-        pixels = torch.from_numpy(x).cuda()
-        context.set_input_shape(INPUT_NAME, tuple(x.shape))
-        out = torch.empty(tuple(context.get_tensor_shape(OUTPUT_NAME)), dtype=torch.float32, device="cuda")
-        context.set_tensor_address(INPUT_NAME, pixels.data_ptr())
-        context.set_tensor_address(OUTPUT_NAME, out.data_ptr())
-        stream = torch.cuda.current_stream()
-        if not context.execute_async_v3(stream.cuda_stream):
-            raise ExportValidationError(f"TensorRT engine failed to run at batch {batch}")
-        stream.synchronize()
-        got = out.cpu().numpy().astype(np.float64)
-        cos = (got * ref).sum(-1) / np.maximum(np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1), 1e-30)
-        report[f"batch_{batch}"] = {"max_abs_diff": float(np.abs(got - ref).max()), "cosine_min": float(cos.min()),
-                                    "cosine_mean": float(cos.mean())}
-        if not np.isfinite(got).all() or cos.mean() < ENGINE_MIN_COSINE:
-            raise ExportValidationError(f"TensorRT engine: tensor {OUTPUT_NAME} at batch {batch} has mean per-token cosine "
-                                        f"{cos.mean():.4f} vs the fp32 ONNX, below the tolerance {ENGINE_MIN_COSINE}")
+    try:
+        for batch in sorted({1, max_batch}):
+            x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+            ref = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+            try:
+                got = runner.encode(x).astype(np.float64)
+            except RuntimeError as exc:
+                raise ExportValidationError(f"TensorRT engine failed to run at batch {batch}: {exc}") from None
+            cos = (got * ref).sum(-1) / np.maximum(np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1), 1e-30)
+            report[f"batch_{batch}"] = {"max_abs_diff": float(np.abs(got - ref).max()), "cosine_min": float(cos.min()),
+                                        "cosine_mean": float(cos.mean())}
+            if not np.isfinite(got).all() or cos.mean() < ENGINE_MIN_COSINE:
+                raise ExportValidationError(f"TensorRT engine: tensor {OUTPUT_NAME} at batch {batch} has mean per-token "
+                                            f"cosine {cos.mean():.4f} vs the fp32 ONNX, below the tolerance {ENGINE_MIN_COSINE}")
+    finally:
+        runner.close()
     report.update(tolerance={"cosine_mean": ENGINE_MIN_COSINE}, passed=True)
     return report
 

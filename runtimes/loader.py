@@ -13,7 +13,7 @@ from typing import Any
 from runtimes.base import LLMKind, VisionKind
 from runtimes.memory import MemoryPlan, check_plan, plan_memory, torch_weight_bytes
 from runtimes.select import (DeviceInfo, LLMChoice, ModelSource, VisionChoice, choose_llm, choose_vision, load_llm,
-                             load_vision, resolve_device)
+                             load_vision_checked, resolve_device)
 from sqllava_edge.config import ModelConfig
 from sqllava_edge.errors import BundleError
 
@@ -50,14 +50,14 @@ def load_parts(path: str | os.PathLike, device, vision_backend: str | None, llm_
     def plan_for(llm_choice: LLMChoice) -> MemoryPlan:
         return _plan(config, dev, source, vision_choice, llm_choice, n_ctx)
 
-    def fits(artifact) -> bool:
-        layers = gpu_layers if gpu_layers is not None else (-1 if dev.has_gpu else 0)
+    def fits(artifact, layers: int) -> bool:  # layers: what choose_llm will offload (0 without GPU offload support)
         return plan_for(LLMChoice(LLMKind.LLAMA_CPP, "", artifact, layers, artifact.precision == "f32")).fits
 
     llm_choice = choose_llm(source, dev, llm_backend, llm_precision, gpu_layers, fits)
     plan = plan_for(llm_choice)
     check_plan(plan, _smaller_ggufs(source, llm_choice))
-    vision = load_vision(vision_choice, source, dev, n_threads)
+    arena = plan.vision_bytes if dev.has_gpu else None  # caps onnxruntime's CUDA arena (also for a TensorRT fallback)
+    vision, vision_choice = load_vision_checked(vision_choice, source, dev, n_threads, gpu_mem_limit=arena)
     try:
         llm = load_llm(llm_choice, source, dev, n_ctx, n_threads, n_seq_max=sequences)
     except BaseException:
@@ -115,15 +115,19 @@ def _check_manifest(source: ModelSource) -> None:
 def _plan(config: ModelConfig, dev: DeviceInfo, source: ModelSource, vision: VisionChoice, llm: LLMChoice,
           n_ctx: int) -> MemoryPlan:
     vision_bytes = vision.artifact.size if vision.artifact is not None else torch_weight_bytes(config, "vision")
+    share = 1.0
     if llm.kind is LLMKind.TORCH:
         llm_bytes, kv_bytes, llm_on_gpu = torch_weight_bytes(config, "llm"), 4, dev.kind == "cuda"
     else:
         kv_bytes = 4 if llm.exact else LLAMA_CPP_KV_BYTES
         llm_bytes, llm_on_gpu = llm.artifact.size, llm.gpu_layers != 0
+        if llm.gpu_layers > 0:  # llama.cpp offloads the last gpu_layers layers; -1 (or more than there are) = all
+            share = min(llm.gpu_layers, config.llm.num_layers) / config.llm.num_layers
     vision_on_gpu = vision.kind is VisionKind.TENSORRT or "cuda" in vision.providers or (
         vision.kind is VisionKind.TORCH and dev.kind == "cuda")
     return plan_memory(config, dev, llm_bytes=llm_bytes, vision_bytes=vision_bytes, n_ctx=n_ctx,
-                       kv_bytes_per_value=kv_bytes, llm_on_gpu=llm_on_gpu, vision_on_gpu=vision_on_gpu)
+                       kv_bytes_per_value=kv_bytes, llm_on_gpu=llm_on_gpu, vision_on_gpu=vision_on_gpu,
+                       llm_gpu_share=share)
 
 
 def _smaller_ggufs(source: ModelSource, choice: LLMChoice) -> list[tuple[str, int]]:

@@ -3,7 +3,9 @@
 Refusing with a clear message (and what would fit instead) beats being killed by the OOM killer, which on an 8 GB
 Jetson can take the whole board down (edge-deployment.md section 7.1). On Jetson the GPU shares the RAM, so
 everything is planned against one pool; on a desktop GPU the offloaded LLM and a CUDA vision engine count against
-GPU memory and the rest against RAM.
+GPU memory and the rest against RAM. A partly offloaded LLM counts only its offloaded layers' share of weights and KV
+cache against the GPU. Whatever uses CUDA also costs the process's CUDA context and the kernels its libraries load
+(hundreds of MiB even with lazy loading, out of the shared RAM on a Jetson), counted as "CUDA context + libraries".
 """
 from __future__ import annotations
 
@@ -16,6 +18,10 @@ GIB = 2**30
 HEADROOM = 0.10  # keep 10% of the available memory free for the OS, Python and allocator slack
 MIN_HEADROOM = 256 * 2**20
 LLAMA_CPP_BATCH = 512  # n_batch: sizes llama.cpp's compute buffer
+# One CUDA context per process: ~290-430 MiB with lazy module loading (CUDA >= 11.7 default), as PyTorch measured it
+# (pytorch#86509, #107667); more without it. Estimates, to keep a plan from running an 8 GB Orin Nano to the OOM killer.
+CUDA_CONTEXT_BYTES = 400 * 2**20
+CUDA_LIBRARY_BYTES = 150 * 2**20  # each GPU library in use: llama.cpp's CUDA backend + cuBLAS, onnxruntime/cuDNN, TensorRT
 
 
 def kv_cache_bytes(llm: LLMConfig, n_ctx: int, bytes_per_value: int = 2) -> int:
@@ -92,9 +98,19 @@ class MemoryPlan:
 
     def max_n_ctx(self) -> int:
         """The longest context that would fit with everything else unchanged (0 if nothing would)."""
-        pool = next(p for p in self.pools if "KV cache" in p.needs)
-        room = pool.budget - (pool.total - pool.needs["KV cache"])
-        return max(0, room // max(self.kv_per_token, 1))
+        longest = None
+        for pool in self.pools:
+            kv = pool.needs.get("KV cache")
+            if kv:  # a partly offloaded LLM has its share of the KV cache in each pool
+                room = pool.budget - (pool.total - kv)
+                fits = max(0, int(room // (kv / self.n_ctx)))
+                longest = fits if longest is None else min(longest, fits)
+        return longest or 0
+
+    @property
+    def vision_bytes(self) -> int:
+        """What the plan reserves for the vision part (weights + workspace): the cap for onnxruntime's CUDA arena."""
+        return sum(p.needs.get("vision weights", 0) + p.needs.get("vision workspace", 0) for p in self.pools)
 
 
 def _gib(n: int) -> str:
@@ -102,23 +118,45 @@ def _gib(n: int) -> str:
 
 
 def plan_memory(config: ModelConfig, device, *, llm_bytes: int, vision_bytes: int, n_ctx: int, kv_bytes_per_value: int,
-                llm_on_gpu: bool = False, vision_on_gpu: bool = False, ram_available: int | None = None,
-                gpu_available: int | None = None) -> MemoryPlan:
-    """Place each part in a pool. device: runtimes.select.DeviceInfo; the *_available overrides are for tests."""
+                llm_on_gpu: bool = False, vision_on_gpu: bool = False, llm_gpu_share: float = 1.0,
+                ram_available: int | None = None, gpu_available: int | None = None) -> MemoryPlan:
+    """Place each part in a pool. device: runtimes.select.DeviceInfo; the *_available overrides are for tests.
+
+    llm_gpu_share: the fraction of the LLM's layers offloaded when llm_on_gpu (llama.cpp gpu_layers / num_layers).
+    """
+    if not 0.0 <= llm_gpu_share <= 1.0:
+        raise ValueError(f"llm_gpu_share must lie in [0, 1], got {llm_gpu_share}")
     ram = device.ram_available if ram_available is None else ram_available
     kv = kv_cache_bytes(config.llm, n_ctx, kv_bytes_per_value)
-    llm_part = {"LLM weights": llm_bytes, "KV cache": kv, "LLM workspace": llm_workspace_bytes(config.llm)}
-    vision_part = {"vision weights": vision_bytes, "vision workspace": vision_workspace_bytes(config)}
     per_token = kv_cache_bytes(config.llm, 1, kv_bytes_per_value)
+    vision_part = {"vision weights": vision_bytes, "vision workspace": vision_workspace_bytes(config)}
+    share = llm_gpu_share if llm_on_gpu else 0.0
+    llm_gpu = {"LLM weights": int(llm_bytes * share), "KV cache": int(kv * share),
+               "LLM workspace": llm_workspace_bytes(config.llm)} if share > 0 else {}
+    llm_cpu = {"LLM weights": llm_bytes - int(llm_bytes * share), "KV cache": kv - int(kv * share)} if share < 1 else {}
+    if not llm_gpu:
+        llm_cpu["LLM workspace"] = llm_workspace_bytes(config.llm)
+    users = int(bool(llm_gpu)) + int(vision_on_gpu)  # GPU libraries in this process
+    cuda = {"CUDA context + libraries": CUDA_CONTEXT_BYTES + users * CUDA_LIBRARY_BYTES} if users else {}
     if device.kind == "jetson":
-        return MemoryPlan((Pool("RAM (shared with the GPU)", ram, {**llm_part, **vision_part}),), per_token, n_ctx)
-    if device.kind == "cuda" and (llm_on_gpu or vision_on_gpu):
+        return MemoryPlan((Pool("RAM (shared with the GPU)", ram, _merge(llm_gpu, llm_cpu, vision_part, cuda)),),
+                          per_token, n_ctx)
+    if device.kind == "cuda" and users:
         gpu = device.gpu_memory_free if gpu_available is None else gpu_available
-        on_gpu = {**(llm_part if llm_on_gpu else {}), **(vision_part if vision_on_gpu else {})}
-        on_cpu = {**(llm_part if not llm_on_gpu else {}), **(vision_part if not vision_on_gpu else {})}
+        on_gpu = _merge(llm_gpu, vision_part if vision_on_gpu else {}, cuda)
+        on_cpu = _merge(llm_cpu, {} if vision_on_gpu else vision_part)
         pools = [Pool("GPU memory", gpu or 0, on_gpu)] + ([Pool("RAM", ram, on_cpu)] if on_cpu else [])
         return MemoryPlan(tuple(pools), per_token, n_ctx)
-    return MemoryPlan((Pool("RAM", ram, {**llm_part, **vision_part}),), per_token, n_ctx)
+    return MemoryPlan((Pool("RAM", ram, _merge(llm_cpu, llm_gpu, vision_part)),), per_token, n_ctx)
+
+
+def _merge(*parts: dict[str, int]) -> dict[str, int]:
+    """Sum the parts by name (an LLM split between GPU and CPU lands in one pool on a Jetson or a CPU)."""
+    out: dict[str, int] = {}
+    for part in parts:
+        for name, size in part.items():
+            out[name] = out.get(name, 0) + size
+    return out
 
 
 def check_plan(plan: MemoryPlan, smaller: list[tuple[str, int]] = ()) -> None:

@@ -11,10 +11,12 @@ requested backend that cannot run raises BackendUnavailableError naming what is 
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import re
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from runtimes.base import LLMKind, VisionKind
@@ -39,11 +41,13 @@ GGUF_PREFERENCE = {
 @dataclass(frozen=True)
 class DeviceInfo:
     kind: str  # "cuda" (NVIDIA desktop/server GPU), "jetson" (integrated GPU, shared RAM) or "cpu"
-    name: str  # GPU or board name, or the CPU model
+    name: str  # GPU name (cuda), board name (jetson) or the CPU model
     ram_available: int  # bytes of RAM available now (MemAvailable); on Jetson the GPU shares it
     gpu_memory_free: int | None = None  # bytes free on a discrete GPU
-    compute_capability: str | None = None  # e.g. "8.9"
+    compute_capability: str | None = None  # e.g. "8.9"; "8.7" on Jetson Orin
     cpu_flags: frozenset[str] = field(default_factory=frozenset)  # the INT8_CPU_FLAGS and avx2/avx512f this CPU has
+    gpu_name: str | None = None  # the CUDA device name (cuDeviceGetName), what export.trt records: "Orin" on Orin
+    board: str | None = None  # Jetson only: the board, as detect_jetson names it (export.trt records the same)
 
     @property
     def fast_int8(self) -> bool:
@@ -87,55 +91,176 @@ def read_mem_available(meminfo: str | os.PathLike = "/proc/meminfo") -> int:
     return 0
 
 
-def detect_jetson(root: str | os.PathLike = "/") -> str | None:
-    """The Jetson board name, from /proc/device-tree/model or /etc/nv_tegra_release; None elsewhere."""
+# Tegra SoC -> (CUDA device name as cuDeviceGetName reports it, compute capability), for when CUDA itself cannot be
+# asked (no libcuda in a container): Orin is "Orin", 8.7 (edge-deployment.md section 5). JetPack 6.1+ is Orin only.
+TEGRA_GPUS = {"tegra234": ("Orin", "8.7")}
+TEGRA_CHIP_IDS = {35: "tegra234"}  # /sys/devices/soc0/soc_id: the chip id (0x23 = T234, Orin)
+
+
+def _device_tree_strings(path: Path) -> list[str]:
+    """A device-tree string-list property (NUL-separated), [] when absent or unreadable."""
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace").strip() for part in raw.split(b"\x00") if part.strip()]
+
+
+def tegra_soc(root: str | os.PathLike = "/") -> str | None:
+    """The Tegra SoC ("tegra234" on Orin) from the device tree's `compatible` list, else /sys/devices/soc0.
+
+    Containers often see no /etc/nv_tegra_release, and Docker masks /sys/firmware (behind /proc/device-tree), but
+    /sys/devices/soc0 (family "Tegra", soc_id = chip id) stays visible.
+    """
     root = Path(root)
-    model = root / "proc/device-tree/model"
-    if model.is_file():
-        name = model.read_bytes().rstrip(b"\x00").decode(errors="replace").strip()
-        if "jetson" in name.lower() or (root / "etc/nv_tegra_release").is_file():
-            return name or "NVIDIA Jetson"
-    if (root / "etc/nv_tegra_release").is_file():
-        release = (root / "etc/nv_tegra_release").read_text(errors="replace").splitlines()
-        return f"NVIDIA Jetson ({release[0].lstrip('# ').strip()})" if release else "NVIDIA Jetson"
+    for entry in _device_tree_strings(root / "proc/device-tree/compatible"):
+        match = re.fullmatch(r"nvidia,(tegra\d+)", entry)
+        if match:
+            return match.group(1)
+    soc0 = root / "sys/devices/soc0"
+    family = _device_tree_strings(soc0 / "family")
+    if family and family[0].lower() == "tegra":
+        ids = _device_tree_strings(soc0 / "soc_id")
+        chip = int(ids[0]) if ids and ids[0].isdigit() else None
+        return TEGRA_CHIP_IDS.get(chip, "tegra") if chip is not None else "tegra"
+    return None
+
+
+def detect_jetson(root: str | os.PathLike = "/") -> str | None:
+    """The Jetson board name (/proc/device-tree/model), None elsewhere.
+
+    A Jetson is recognised by a Tegra SoC (device tree `compatible`, /sys/devices/soc0), "Jetson" in the model, or
+    /etc/nv_tegra_release: an Orin NX devkit's model is "NVIDIA Orin NX Developer Kit", without "Jetson".
+    """
+    root = Path(root)
+    model = _device_tree_strings(root / "proc/device-tree/model")
+    name = model[0] if model else ""
+    release = root / "etc/nv_tegra_release"
+    soc = tegra_soc(root)
+    if soc is None and "jetson" not in name.lower() and not release.is_file():
+        return None
+    if name:
+        return name
+    if release.is_file():
+        lines = release.read_text(errors="replace").splitlines()
+        return f"NVIDIA Jetson ({lines[0].lstrip('# ').strip()})" if lines else "NVIDIA Jetson"
+    return f"NVIDIA Jetson ({soc})"
+
+
+def _load_libcuda():
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
+
+
+def cuda_driver_devices(lib=None) -> list[dict]:
+    """The CUDA devices in CUDA's own numbering (CUDA_VISIBLE_DEVICES and CUDA_DEVICE_ORDER applied, fastest first by
+    default), via the driver library: no toolkit, no torch, no context. [] without a usable driver.
+
+    Each: index, name (cuDeviceGetName: "Orin" on Jetson Orin), compute_capability, pci_bus_id, total_memory.
+    lib: a loaded libcuda (tests pass a fake).
+    """
+    lib = lib if lib is not None else _load_libcuda()
+    if lib is None or lib.cuInit(0) != 0:
+        return []
+    count = ctypes.c_int(0)
+    if lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return []
+    devices = []
+    for index in range(count.value):
+        dev, major, minor, total = ctypes.c_int(), ctypes.c_int(), ctypes.c_int(), ctypes.c_size_t(0)
+        name, bus = ctypes.create_string_buffer(256), ctypes.create_string_buffer(32)
+        if lib.cuDeviceGet(ctypes.byref(dev), index) != 0:
+            continue
+        lib.cuDeviceGetName(name, 256, dev)
+        lib.cuDeviceGetAttribute(ctypes.byref(major), 75, dev)  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
+        lib.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev)  # ..._MINOR
+        lib.cuDeviceGetPCIBusId(bus, 32, dev)  # "domain:bus:device.function"; empty on a Jetson's integrated GPU
+        lib.cuDeviceTotalMem_v2(ctypes.byref(total), dev)
+        devices.append({"index": index, "name": name.value.decode(errors="replace"),
+                        "compute_capability": f"{major.value}.{minor.value}",
+                        "pci_bus_id": bus.value.decode(errors="replace"), "total_memory": int(total.value)})
+    return devices
+
+
+def _pci_key(bus_id: str) -> tuple[int, ...] | None:
+    """'00000000:01:00.0' (nvidia-smi) and '0000:01:00.0' (CUDA) -> the same key."""
+    match = re.fullmatch(r"([0-9a-fA-F]+):([0-9a-fA-F]+):([0-9a-fA-F]+)\.([0-9a-fA-F]+)", bus_id.strip())
+    return tuple(int(part, 16) for part in match.groups()) if match else None
+
+
+def _nvidia_smi_free(bus_id: str) -> int | None:
+    """Free bytes of the GPU at this PCI bus id, from nvidia-smi (which lists GPUs in PCI order, ignoring
+    CUDA_VISIBLE_DEVICES: so the row is picked by bus id, never by position). None if unknown."""
+    if not shutil.which("nvidia-smi") or _pci_key(bus_id) is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=pci.bus_id,memory.free", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return None
+    for line in out.strip().splitlines():
+        parts = [part.strip() for part in line.split(",")]
+        if len(parts) == 2 and _pci_key(parts[0]) == _pci_key(bus_id):
+            try:
+                return int(float(parts[1])) * 2**20
+            except ValueError:
+                return None
     return None
 
 
 def _query_nvidia_gpu() -> tuple[str, int, str] | None:
-    """(name, free bytes, compute capability) of GPU 0 from nvidia-smi, else from torch.cuda; None if there is none."""
-    if shutil.which("nvidia-smi"):
+    """(name, free bytes, compute capability) of the GPU that CUDA numbers 0, the one llama.cpp, onnxruntime and
+    TensorRT use by default; None without a usable CUDA driver.
+
+    Name and capability come from the CUDA driver (honouring CUDA_VISIBLE_DEVICES / CUDA_DEVICE_ORDER); free memory
+    from nvidia-smi's row with the same PCI bus id, else the device's total memory (no CUDA context is created here:
+    one would hold ~300-400 MiB of GPU memory for the life of the process).
+    """
+    devices = cuda_driver_devices()
+    if not devices:
+        return None
+    device = devices[0]
+    free = _nvidia_smi_free(device["pci_bus_id"])
+    return device["name"], device["total_memory"] if free is None else free, device["compute_capability"]
+
+
+def _jetson_gpu(root: Path, board: str, query_cuda: bool) -> tuple[str | None, str | None]:
+    """(CUDA device name, compute capability) of a Jetson's GPU: from CUDA when it answers, else from the SoC table
+    (the SoC from the device tree or soc0; failing those an "Orin" board, or L4T R36, which supports only Orin)."""
+    devices = cuda_driver_devices() if query_cuda else []
+    if devices:
+        return devices[0]["name"], devices[0]["compute_capability"]
+    soc = tegra_soc(root)
+    if soc not in TEGRA_GPUS:
         try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.free,compute_cap", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True, timeout=10, check=True).stdout.strip().splitlines()
-            name, free_mib, cap = (part.strip() for part in out[0].split(","))
-            return name, int(float(free_mib)) * 2**20, cap
-        except (subprocess.SubprocessError, OSError, ValueError, IndexError):
-            pass
-    if not Path("/proc/driver/nvidia").exists() and not Path("/dev/nvidia0").exists():
-        return None  # no NVIDIA driver: do not import torch just to learn that
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    free, _ = torch.cuda.mem_get_info(0)
-    major, minor = torch.cuda.get_device_capability(0)
-    return torch.cuda.get_device_name(0), int(free), f"{major}.{minor}"
+            release = (root / "etc/nv_tegra_release").read_text(errors="replace")
+        except OSError:
+            release = ""
+        if "orin" in board.lower() or release.startswith("# R36 "):
+            soc = "tegra234"
+    return TEGRA_GPUS.get(soc or "", (None, None))
 
 
 def detect_device(root: str | os.PathLike = "/") -> DeviceInfo:
-    """What this machine offers. `root` lets tests point /proc and /etc at a fake tree."""
+    """What this machine offers. `root` lets tests point /proc, /sys and /etc at a fake tree (CUDA is then not asked)."""
     root = Path(root)
     flags = read_cpu_flags(root / "proc/cpuinfo")
     ram = read_mem_available(root / "proc/meminfo")
+    real = root == Path("/")
     jetson = detect_jetson(root)
     if jetson is not None:
-        return DeviceInfo("jetson", jetson, ram, cpu_flags=flags)
-    gpu = _query_nvidia_gpu() if root == Path("/") else None
+        gpu_name, capability = _jetson_gpu(root, jetson, real)
+        return DeviceInfo("jetson", jetson, ram, compute_capability=capability, cpu_flags=flags, gpu_name=gpu_name,
+                          board=jetson)
+    gpu = _query_nvidia_gpu() if real else None
     if gpu is not None:
         name, free, cap = gpu
-        return DeviceInfo("cuda", name, ram, gpu_memory_free=free, compute_capability=cap, cpu_flags=flags)
+        return DeviceInfo("cuda", name, ram, gpu_memory_free=free, compute_capability=cap, cpu_flags=flags,
+                          gpu_name=name)
     return DeviceInfo("cpu", _cpu_name(root), ram, cpu_flags=flags)
 
 
@@ -152,8 +277,8 @@ def resolve_device(device: str | DeviceInfo | None) -> DeviceInfo:
         if not found.has_gpu or (device != "gpu" and found.kind != device):
             raise BackendUnavailableError(
                 f"device {device!r} was requested but this machine is {found.kind} ({found.name}): no NVIDIA "
-                f"{'Jetson' if device == 'jetson' else 'GPU'} was found (nvidia-smi, /proc/driver/nvidia, "
-                "/etc/nv_tegra_release, /proc/device-tree/model); use device='cpu' or leave device unset"
+                f"{'Jetson' if device == 'jetson' else 'GPU'} was found (the CUDA driver libcuda, /etc/nv_tegra_release, "
+                "the device tree, /sys/devices/soc0); use device='cpu' or leave device unset"
             )
         return found
     raise ValueError(f"unknown device {device!r}; valid: None (auto), 'cpu', 'cuda', 'jetson', 'gpu'")
@@ -224,6 +349,8 @@ class VisionChoice:
     reason: str
     artifact: object | None = None  # bundle Artifact (vision_onnx or tensorrt_engine); None for torch
     providers: tuple[str, ...] = ()  # onnxruntime providers, short names
+    requested: bool = False  # asked for explicitly (argument or environment): never swapped for another backend
+    fallback: "VisionChoice | None" = None  # auto TensorRT only: what to load if the engine does not load
 
 
 @dataclass(frozen=True)
@@ -249,40 +376,68 @@ def requested_kind(enum, argument: str | None, env: str):
 
 def choose_vision(source: ModelSource, device: DeviceInfo, requested: str | None = None,
                   precision: str | None = None) -> VisionChoice:
-    from runtimes.vision import ort_available_providers
-
     kind, why = requested_kind(VisionKind, requested, VISION_ENV)
     if not source.is_bundle:
         if kind not in (None, VisionKind.TORCH):
             raise BackendUnavailableError(f"vision backend {kind.value!r} needs an exported bundle, but {source.folder} "
                                           "is a training checkpoint; export it: python -m export CHECKPOINT --out BUNDLE")
-        return VisionChoice(VisionKind.TORCH, why or "training checkpoint folder: PyTorch vision tower + projector")
+        return VisionChoice(VisionKind.TORCH, why or "training checkpoint folder: PyTorch vision tower + projector",
+                            requested=kind is not None)
     if kind is VisionKind.TORCH:
         source.torch_model(device)  # raises: a bundle has no PyTorch weights
+    trt_note = ""
     if kind in (None, VisionKind.TENSORRT) and device.has_gpu:
-        engine = _matching_engine(source, device)
+        engine, trt_note = _matching_engine(source, device)
         if engine is not None:
-            return VisionChoice(VisionKind.TENSORRT, why or f"{device.kind} GPU {device.name}: TensorRT engine "
-                                f"{engine.path} was built for it", engine)
+            from runtimes.vision import tensorrt_problem
+
+            problem = tensorrt_problem()
+            if problem is None:
+                reason = why or f"{device.kind} GPU {device.name}: TensorRT engine {engine.path} was built for it"
+                if kind is not None:
+                    return VisionChoice(VisionKind.TENSORRT, reason, engine, requested=True)
+                fallback = _onnx_choice(source, device, precision, "", f"TensorRT engine {engine.path} did not load", False,
+                                        strict=False)
+                return VisionChoice(VisionKind.TENSORRT, reason, engine, fallback=fallback)
+            if kind is VisionKind.TENSORRT:
+                raise BackendUnavailableError(f"the TensorRT engine {engine.path} fits this GPU but cannot run here: {problem}")
+            trt_note = f"TensorRT engine {engine.path} fits this GPU but cannot run here ({problem})"
     if kind is VisionKind.TENSORRT:
-        _explain_no_tensorrt(source, device)
+        _explain_no_tensorrt(source, device, trt_note)
+    return _onnx_choice(source, device, precision, why, trt_note, kind is not None)
+
+
+def _onnx_choice(source: ModelSource, device: DeviceInfo, precision: str | None, why: str, trt_note: str,
+                 requested: bool, strict: bool = True) -> VisionChoice | None:
+    """The onnxruntime choice; strict=False returns None instead of raising when onnxruntime cannot serve."""
+    from runtimes.vision import ort_available_providers
+
     providers = ort_available_providers()
     if not providers:
+        if not strict:
+            return None
         from runtimes.vision import _import_onnxruntime
 
         _import_onnxruntime()  # raises BackendUnavailableError naming the package
     use_cuda = device.has_gpu and "cuda" in providers
-    artifact, note = _pick_onnx(source, device, precision, use_cuda)
+    try:
+        artifact, note = _pick_onnx(source, device, precision, use_cuda)
+    except BundleError:
+        if not strict:
+            return None
+        raise
     chosen = ("cuda", "cpu") if use_cuda else ("cpu",)
     where = "CUDA" if use_cuda else "CPU"
     if not why:
         if device.has_gpu and not use_cuda:
-            why = f"{device.kind} GPU found but this onnxruntime has no CUDA provider (install onnxruntime-gpu)"
+            why = (f"{device.kind} GPU found ({trt_note or 'no TensorRT engine for it in the bundle'}) but this "
+                   "onnxruntime has no CUDA provider (install onnxruntime-gpu)")
         elif device.has_gpu:
-            why = f"{device.kind} GPU {device.name} with no TensorRT engine for it in the bundle"
+            why = f"{device.kind} GPU {device.name}: {trt_note or 'no TensorRT engine for it in the bundle'}"
         else:
             why = f"no NVIDIA GPU ({device.name})"
-    return VisionChoice(VisionKind.ONNXRUNTIME, f"{why}; onnxruntime {where}, {artifact.path} ({note})", artifact, chosen)
+    return VisionChoice(VisionKind.ONNXRUNTIME, f"{why}; onnxruntime {where}, {artifact.path} ({note})", artifact, chosen,
+                        requested=requested)
 
 
 def _pick_onnx(source: ModelSource, device: DeviceInfo, precision: str | None, use_cuda: bool):
@@ -308,36 +463,62 @@ def _pick_onnx(source: ModelSource, device: DeviceInfo, precision: str | None, u
     raise BundleError(f"{source.folder} has no vision ONNX; re-export the bundle: python -m export CHECKPOINT --out {source.folder}")
 
 
-def _matching_engine(source: ModelSource, device: DeviceInfo):
-    try:
-        import tensorrt
-    except ImportError:
-        return None
-    for engine in source.manifest.find_all("tensorrt_engine"):
-        target = engine.target or {}
-        same_gpu = target.get("gpu") == device.name or (
-            device.compute_capability is not None and target.get("compute_capability") == device.compute_capability)
-        if same_gpu and str(target.get("tensorrt")) == tensorrt.__version__:
-            return engine
+def engine_mismatch(target: dict, device: DeviceInfo) -> str | None:
+    """Why an engine recorded with `target` (export.trt) may not run on `device`; None when it matches.
+
+    TensorRT engines are specific to the GPU model: the CUDA device name and compute capability must both match (the
+    same capability alone admits another GPU's engine), and on a Jetson the board too (an AGX Orin and an Orin Nano
+    are both "Orin", 8.7).
+    """
+    if device.gpu_name is None or device.compute_capability is None:
+        return f"this GPU's CUDA name and compute capability are unknown ({device.name})"
+    built = (target.get("gpu"), target.get("compute_capability"))
+    if built != (device.gpu_name, device.compute_capability):
+        return (f"built for {built[0]} (sm {built[1]}), this GPU is {device.gpu_name} (sm {device.compute_capability})")
+    board = (target.get("jetson") or {}).get("board")
+    if board is not None and board != device.board:
+        return f"built on the board {board!r}, this is {device.board!r}"
     return None
 
 
-def _explain_no_tensorrt(source: ModelSource, device: DeviceInfo) -> None:
-    from runtimes.vision import _import_tensorrt
+def _matching_engine(source: ModelSource, device: DeviceInfo):
+    """(engine Artifact, "") for this GPU and TensorRT version, else (None, why none matched)."""
+    try:
+        import tensorrt
+    except ImportError:
+        return None, "the tensorrt package is not installed"
+    problems = []
+    for engine in source.manifest.find_all("tensorrt_engine"):
+        target = engine.target or {}
+        why = engine_mismatch(target, device)
+        if why is None and str(target.get("tensorrt")) != tensorrt.__version__:
+            why = f"built with TensorRT {target.get('tensorrt')}, this is {tensorrt.__version__}"
+        if why is None:
+            return engine, ""
+        problems.append(f"{engine.path} {why}")
+    return None, "; ".join(problems) or "no TensorRT engine in the bundle"
+
+
+def _explain_no_tensorrt(source: ModelSource, device: DeviceInfo, note: str) -> None:
+    from runtimes.vision import tensorrt_problem
 
     if not device.has_gpu:
         raise BackendUnavailableError(f"vision backend 'tensorrt' needs an NVIDIA GPU, but this machine is CPU-only "
                                       f"({device.name}); use vision_backend='onnxruntime' or leave it unset")
-    trt = _import_tensorrt()  # raises naming CUDA or the tensorrt package
-    targets = [(e.target or {}) for e in source.manifest.find_all("tensorrt_engine")]
-    have = ", ".join(f"{t.get('gpu')} / TensorRT {t.get('tensorrt')}" for t in targets) or "none"
-    raise BackendUnavailableError(f"{source.folder} has no TensorRT engine for {device.name} with TensorRT "
-                                  f"{trt.__version__} (engines: {have}); build one here: python -m export.trt {source.folder}")
+    problem = tensorrt_problem()  # names CUDA buffers, the tensorrt package or its version
+    if problem is not None:
+        raise BackendUnavailableError(problem)
+    raise BackendUnavailableError(f"{source.folder} has no TensorRT engine for {device.name} ({note}); build one here: "
+                                  f"python -m export.trt {source.folder}")
 
 
 def choose_llm(source: ModelSource, device: DeviceInfo, requested: str | None = None, precision: str | None = None,
                gpu_layers: int | None = None, fits=None) -> LLMChoice:
-    """fits(artifact) -> bool lets the memory plan skip GGUF precisions that would not fit (auto choice only)."""
+    """fits(artifact, gpu_layers) -> bool lets the memory plan skip GGUF precisions that would not fit (auto choice).
+
+    GPU offload support (`llama_supports_gpu_offload`; PyPI's llama-cpp-python wheel is CPU-only) is checked before
+    anything is planned: without it the GGUF is ordered and sized for the CPU, and the reason says so.
+    """
     kind, why = requested_kind(LLMKind, requested, LLM_ENV)
     if not source.is_bundle:
         if kind not in (None, LLMKind.TORCH):
@@ -354,19 +535,21 @@ def choose_llm(source: ModelSource, device: DeviceInfo, requested: str | None = 
     if layers != 0 and not offload:
         raise BackendUnavailableError("gpu_layers was set but this llama-cpp-python build has no GPU offload; reinstall it "
                                       "with CUDA: CMAKE_ARGS='-DGGML_CUDA=on' pip install --force-reinstall llama-cpp-python")
-    artifact, note = _pick_gguf(source, device, precision, fits)
+    order = device.kind if layers != 0 else "cpu"  # the LLM runs where its layers are: precisions ordered for that
+    artifact, note = _pick_gguf(source, order, precision, None if fits is None else lambda a: fits(a, layers))
     where = "CPU" if layers == 0 else ("all layers on the GPU" if layers < 0 else f"{layers} layers on the GPU")
     if not why:
         why = f"{device.kind} ({device.name})"
         if device.has_gpu and not offload:
-            why += "; this llama-cpp-python build has no GPU offload, so the LLM runs on the CPU"
+            why += ("; this llama-cpp-python build has no GPU offload (llama_supports_gpu_offload() is False), so the "
+                    "LLM is planned and run on the CPU: for the GPU reinstall it with CMAKE_ARGS='-DGGML_CUDA=on'")
     exact = artifact.precision == "f32"
     if exact:
         note += "; f32 KV cache and flash attention off, so logits match PyTorch"
     return LLMChoice(LLMKind.LLAMA_CPP, f"{why}; llama.cpp {where}, {artifact.path} ({note})", artifact, layers, exact)
 
 
-def _pick_gguf(source: ModelSource, device: DeviceInfo, precision: str | None, fits):
+def _pick_gguf(source: ModelSource, order_kind: str, precision: str | None, fits):
     manifest = source.manifest
     if precision is not None:
         artifact = manifest.find("llm_gguf", precision)
@@ -375,19 +558,19 @@ def _pick_gguf(source: ModelSource, device: DeviceInfo, precision: str | None, f
             raise BundleError(f"{source.folder} has no {precision} GGUF (it has {have or 'none'}); export it with "
                               f"python -m export CHECKPOINT --out {source.folder} --quant {precision}")
         return artifact, f"{precision} as requested"
-    available = [a for p in GGUF_PREFERENCE[device.kind] if (a := manifest.find("llm_gguf", p)) is not None]
+    order = GGUF_PREFERENCE[order_kind]
+    available = [a for p in order if (a := manifest.find("llm_gguf", p)) is not None]
     if not available:
         raise BundleError(f"{source.folder} has no GGUF LLM; re-export the bundle: python -m export CHECKPOINT --out {source.folder}")
-    order = GGUF_PREFERENCE[device.kind]
     for i, artifact in enumerate(available):
         if fits is None or fits(artifact):
             skipped = [a.precision for a in available[:i]]
             if skipped:
                 note = f"{', '.join(skipped)} would not fit in memory"
             elif artifact.precision == order[0]:
-                note = f"preferred on {device.kind}"
+                note = f"preferred on {order_kind}"
             else:
-                note = f"the bundle's first in the {device.kind} order {', '.join(order)}"
+                note = f"the bundle's first in the {order_kind} order {', '.join(order)}"
             return artifact, f"{artifact.precision}: {note}"
     return available[-1], f"{available[-1].precision}, the smallest in the bundle"  # the memory plan will refuse it
 
@@ -404,7 +587,12 @@ def _gpu_offload_supported() -> bool:
 # Loading
 
 
-def load_vision(choice: VisionChoice, source: ModelSource, device: DeviceInfo, n_threads: int | None = None):
+def load_vision(choice: VisionChoice, source: ModelSource, device: DeviceInfo, n_threads: int | None = None,
+                gpu_mem_limit: int | None = None):
+    """The backend for `choice`, exactly (see load_vision_checked for the auto-mode fallbacks).
+
+    gpu_mem_limit: bytes onnxruntime's CUDA arena may grow to (from the memory plan); None = unlimited.
+    """
     from runtimes import vision
 
     if choice.kind is VisionKind.TORCH:
@@ -413,7 +601,28 @@ def load_vision(choice: VisionChoice, source: ModelSource, device: DeviceInfo, n
     path = source.artifact_path(choice.artifact)
     if choice.kind is VisionKind.TENSORRT:
         return vision.TensorRTVision(path)
-    return vision.OnnxVision(path, providers=choice.providers, n_threads=n_threads)
+    return vision.OnnxVision(path, providers=choice.providers, n_threads=n_threads, gpu_mem_limit=gpu_mem_limit,
+                             allow_cpu_fallback=not choice.requested)
+
+
+def load_vision_checked(choice: VisionChoice, source: ModelSource, device: DeviceInfo, n_threads: int | None = None,
+                        gpu_mem_limit: int | None = None):
+    """-> (backend, the choice that really runs). In auto mode a TensorRT engine that does not load falls back to
+    onnxruntime, and onnxruntime silently dropping its CUDA provider is said in the reason; an explicitly requested
+    backend raises instead (BackendUnavailableError naming what is missing)."""
+    try:
+        backend = load_vision(choice, source, device, n_threads, gpu_mem_limit)
+    except BackendUnavailableError as exc:
+        if choice.fallback is None:
+            raise
+        choice = replace(choice.fallback, reason=f"{choice.fallback.reason} (TensorRT said: {exc})")
+        backend = load_vision(choice, source, device, n_threads, gpu_mem_limit)
+    dropped = getattr(backend, "dropped_providers", ())
+    if dropped:
+        choice = replace(choice, providers=tuple(p for p in choice.providers if p not in dropped),
+                         reason=f"{choice.reason}; but onnxruntime could not start its {', '.join(dropped)} provider "
+                                "(CUDA / cuDNN libraries missing or mismatched?), so vision runs on the CPU")
+    return backend, choice
 
 
 def load_llm(choice: LLMChoice, source: ModelSource, device: DeviceInfo, n_ctx: int, n_threads: int | None = None,
@@ -433,8 +642,8 @@ def load_llm(choice: LLMChoice, source: ModelSource, device: DeviceInfo, n_ctx: 
 def select_vision(source: ModelSource, device: DeviceInfo, requested: str | None = None, precision: str | None = None,
                   n_threads: int | None = None):
     """-> (VisionBackend, reason)."""
-    choice = choose_vision(source, device, requested, precision)
-    return load_vision(choice, source, device, n_threads), choice.reason
+    backend, choice = load_vision_checked(choose_vision(source, device, requested, precision), source, device, n_threads)
+    return backend, choice.reason
 
 
 def select_llm(source: ModelSource, device: DeviceInfo, n_ctx: int, requested: str | None = None,

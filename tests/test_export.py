@@ -300,6 +300,41 @@ def test_trt_without_gpu_says_where_to_build(bundle, monkeypatch, capsys):
     assert "no CUDA GPU" in capsys.readouterr().err
 
 
+def test_trt_older_than_10_names_jetpack_6_1(bundle, monkeypatch, capsys):
+    """JetPack 6.0 ships TensorRT 8.6, which has no STRONGLY_TYPED network flag: a one-line error, not a traceback."""
+    old = type(sys)("tensorrt")
+    old.__version__ = "8.6.2.3"
+    old.NetworkDefinitionCreationFlag = type("Flags", (), {"EXPLICIT_BATCH": 0})  # what 8.6 has: no STRONGLY_TYPED
+    monkeypatch.setitem(sys.modules, "tensorrt", old)
+    monkeypatch.setattr(export_trt, "cuda_devices", lambda: [{"index": 0, "name": "Orin", "compute_capability": "8.7"}])
+    assert export_trt.main([str(bundle)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "TensorRT 8.6.2.3 is too old" in err and "JetPack 6.1" in err and len(err.splitlines()) == 1
+
+
+def test_trt_failed_validation_leaves_no_files(bundle, tmp_path, monkeypatch):
+    """The engine and timing cache appear only after validation passes, like every other artifact."""
+    from sqllava_edge.errors import ExportValidationError
+
+    work = tmp_path / "bundle"
+    shutil.copytree(bundle, work)
+    before = sorted(p.relative_to(work) for p in work.rglob("*"))
+    trt = type(sys)("tensorrt")
+    trt.__version__ = "10.3.0"
+    monkeypatch.setattr(export_trt, "require_tensorrt", lambda: trt)
+    monkeypatch.setattr(export_trt, "cuda_devices", lambda: [{"index": 0, "name": "Orin", "compute_capability": "8.7"}])
+    monkeypatch.setattr(export_trt, "_build_serialized", lambda *args: (b"engine bytes", b"timing cache"))
+
+    def fail(*args):
+        raise ExportValidationError("TensorRT engine: mean per-token cosine 0.5000 vs the fp32 ONNX")
+
+    monkeypatch.setattr(export_trt, "_validate_engine", fail)
+    with pytest.raises(ExportValidationError, match="cosine"):
+        export_trt.build_engine(work, max_batch=2, log=lambda line: None)
+    assert sorted(p.relative_to(work) for p in work.rglob("*")) == before
+    assert read_manifest(work, verify=True).find("tensorrt_engine") is None
+
+
 @pytest.mark.parametrize("argv", [["B", "--max-batch", "0"], ["B", "--workspace-gb", "-1"], ["B", "--max-batch", "x"], []])
 def test_trt_bad_arguments(argv):
     with pytest.raises(SystemExit) as exc:
@@ -307,14 +342,30 @@ def test_trt_bad_arguments(argv):
     assert exc.value.code == 2
 
 
+def _tree(root: Path, files: dict[str, bytes]) -> Path:
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
 def test_jetson_release_parsing(tmp_path):
-    release = tmp_path / "nv_tegra_release"
-    release.write_text("# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64, DATE: Wed Jan  8\n")
-    model = tmp_path / "model"
-    model.write_bytes(b"NVIDIA Jetson Orin Nano Developer Kit\x00")
-    assert export_trt.jetson_release(release, model) == {"l4t": "36.4.3", "jetpack": "6.2",
-                                                         "board": "NVIDIA Jetson Orin Nano Developer Kit"}
+    root = _tree(tmp_path / "nano", {
+        "etc/nv_tegra_release": b"# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64\n",
+        "proc/device-tree/model": b"NVIDIA Jetson Orin Nano Developer Kit\x00"})
+    assert export_trt.jetson_release(root) == {"l4t": "36.4.3", "jetpack": "6.2",
+                                               "board": "NVIDIA Jetson Orin Nano Developer Kit"}
     assert export_trt.jetson_release(tmp_path / "absent") is None
+
+
+def test_jetson_release_knows_36_4_7_and_containers(tmp_path):
+    nx = _tree(tmp_path / "nx", {"etc/nv_tegra_release": b"# R36 (release), REVISION: 4.7, GCID: 1, BOARD: generic\n",
+                                 "proc/device-tree/model": b"NVIDIA Orin NX Developer Kit\x00",
+                                 "proc/device-tree/compatible": b"nvidia,p3768-0000+p3767-0000\x00nvidia,tegra234\x00"})
+    assert export_trt.jetson_release(nx) == {"l4t": "36.4.7", "jetpack": "6.2.1", "board": "NVIDIA Orin NX Developer Kit"}
+    # an l4t container: no /etc/nv_tegra_release and /proc/device-tree masked, but /sys/devices/soc0 is visible
+    container = _tree(tmp_path / "container", {"sys/devices/soc0/family": b"Tegra\n", "sys/devices/soc0/soc_id": b"35\n"})
+    assert export_trt.jetson_release(container) == {"l4t": None, "jetpack": None, "board": "NVIDIA Jetson (tegra234)"}
 
 
 def _gpu_reason() -> str | None:

@@ -389,9 +389,12 @@ def _long_question() -> str:
     return " ".join(["why"] * 3000)
 
 
+# A PNG signature then random bytes: Pillow either rejects the header or fails while decoding (which one depends on
+# the bytes); both messages name the file.
+CORRUPT_IMAGE = r"broken\.png' (could not be decoded|is not an image in a supported format)"
 BAD_CALLS = [
     ("missing image file", lambda a, t: a.ask(t / "missing.jpg", "What?"), ImageError, "no image file"),
-    ("corrupt image", lambda a, t: a.ask(_corrupt_image(t), "What?"), ImageError, ""),
+    ("corrupt image", lambda a, t: a.ask(_corrupt_image(t), "What?"), ImageError, CORRUPT_IMAGE),
     ("empty question", lambda a, t: a.ask(_image(0), "   "), ValueError, "question is empty"),
     ("question not a string", lambda a, t: a.ask(_image(0), 42), ValueError, "must be a str"),
     ("prompt longer than the context", lambda a, t: a.ask(_image(0), _long_question()), PromptTooLongError,
@@ -400,7 +403,7 @@ BAD_CALLS = [
      "unknown sampling option"),
     ("negative temperature", lambda a, t: a.ask(_image(0), "What?", temperature=-1), ValueError, "temperature"),
     ("self_question n=0", lambda a, t: a.self_question(_image(0), n=0), ValueError, "positive int"),
-    ("chat on a corrupt image", lambda a, t: a.chat(_corrupt_image(t)), ImageError, ""),
+    ("chat on a corrupt image", lambda a, t: a.chat(_corrupt_image(t)), ImageError, CORRUPT_IMAGE),
     ("empty chat question", lambda a, t: a.chat(_image(0)).ask(""), ValueError, "question is empty"),
 ]
 

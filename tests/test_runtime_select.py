@@ -1,13 +1,18 @@
 """Runtime pieces without a model: device detection, backend choice, memory plan, the KV sequence pool."""
 from __future__ import annotations
 
+import ctypes
+import sys
+
 import numpy as np
 import pytest
 
+import runtimes.select as select
+import runtimes.vision as vision
 from runtimes.base import Counters, LLMKind, VisionKind
-from runtimes.memory import check_plan, kv_cache_bytes, plan_memory
+from runtimes.memory import CUDA_CONTEXT_BYTES, check_plan, kv_cache_bytes, plan_memory
 from runtimes.select import (DeviceInfo, ModelSource, choose_llm, choose_vision, detect_device, detect_jetson,
-                             read_cpu_flags, requested_kind)
+                             read_cpu_flags, requested_kind, select_vision)
 from runtimes.sequences import ImageRef, SequencePool, prompt_items, sample
 from sqllava_edge.bundle import Artifact, Manifest, preprocessing_for
 from sqllava_edge.config import IMAGE_TOKEN_INDEX, LLMConfig, get_preset
@@ -127,8 +132,9 @@ def test_llm_choice_prefers_per_device_and_skips_what_does_not_fit(monkeypatch):
     ggufs = [_artifact("llm_gguf", p, s) for p, s in (("f16", 14), ("q8_0", 8), ("q4_k_m", 4))]
     source = _source(*ggufs)
     assert choose_llm(source, PLAIN_CPU).artifact.precision == "q8_0"
+    monkeypatch.setattr(select, "_gpu_offload_supported", lambda: True)  # a CUDA build of llama-cpp-python
     assert choose_llm(source, JETSON).artifact.precision == "q4_k_m"
-    squeezed = choose_llm(source, PLAIN_CPU, fits=lambda a: a.size <= 5)
+    squeezed = choose_llm(source, PLAIN_CPU, fits=lambda a, layers: a.size <= 5)
     assert squeezed.artifact.precision == "q4_k_m" and "q8_0 would not fit" in squeezed.reason
     exact = choose_llm(_source(_artifact("llm_gguf", "f32", 30)), PLAIN_CPU)
     assert exact.exact and "f32 KV cache" in exact.reason
@@ -184,6 +190,412 @@ def test_desktop_gpu_plans_gpu_and_ram_separately():
                        llm_on_gpu=True, vision_on_gpu=False)
     names = [p.name for p in plan.pools]
     assert names == ["GPU memory", "RAM"] and plan.pools[0].fits and "LLM weights" in plan.pools[0].needs
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Jetson detection from a fake device tree (issue 26)
+
+ORIN_NX = {"proc/device-tree/model": b"NVIDIA Orin NX Developer Kit\x00",
+           "proc/device-tree/compatible": b"nvidia,p3768-0000+p3767-0000\x00nvidia,p3767-0000\x00nvidia,tegra234\x00",
+           "proc/meminfo": "MemAvailable:    12000000 kB\n"}
+AGX_BOARD = "NVIDIA Jetson AGX Orin Developer Kit"
+
+
+def test_orin_nx_is_a_jetson_without_jetson_in_its_model(tmp_path):
+    device = detect_device(_fake_root(tmp_path, ORIN_NX))
+    assert (device.kind, device.name, device.board) == ("jetson", "NVIDIA Orin NX Developer Kit", "NVIDIA Orin NX Developer Kit")
+    # no CUDA to ask in a fake tree: the SoC table names the GPU as cuDeviceGetName does on Orin
+    assert (device.gpu_name, device.compute_capability) == ("Orin", "8.7")
+
+
+@pytest.mark.parametrize("files,name", [
+    ({"proc/device-tree/compatible": b"nvidia,p3737-0000+p3701-0005\x00nvidia,tegra234\x00nvidia,tegra23x\x00"},
+     "NVIDIA Jetson (tegra234)"),  # no model, no /etc/nv_tegra_release
+    ({"sys/devices/soc0/family": b"Tegra\n", "sys/devices/soc0/soc_id": b"35\n"},
+     "NVIDIA Jetson (tegra234)"),  # Docker masks /proc/device-tree; soc0 stays
+])
+def test_container_without_tegra_release_is_a_jetson(tmp_path, files, name):
+    device = detect_device(_fake_root(tmp_path, files))
+    assert (device.kind, device.name, device.gpu_name, device.compute_capability) == ("jetson", name, "Orin", "8.7")
+
+
+def test_other_arm_boards_are_not_jetsons(tmp_path):
+    pi = _fake_root(tmp_path, {"proc/device-tree/model": b"Raspberry Pi 4 Model B Rev 1.4\x00",
+                               "proc/device-tree/compatible": b"raspberrypi,4-model-b\x00brcm,bcm2711\x00",
+                               "sys/devices/soc0/family": b"BCM2835\n"})
+    assert detect_jetson(pi) is None and detect_device(pi).kind == "cpu"
+
+
+class FakeLibcuda:
+    """The driver calls cuda_driver_devices makes, answering for the given devices (ctypes byref / buffers)."""
+
+    def __init__(self, devices):
+        self.devices = devices
+
+    def cuInit(self, flags):
+        return 0
+
+    def cuDeviceGetCount(self, count):
+        count._obj.value = len(self.devices)
+        return 0
+
+    def cuDeviceGet(self, dev, index):
+        dev._obj.value = index
+        return 0
+
+    def cuDeviceGetName(self, buf, size, dev):
+        buf.value = self.devices[dev.value]["name"].encode()
+        return 0
+
+    def cuDeviceGetAttribute(self, out, attribute, dev):
+        major, minor = self.devices[dev.value]["compute_capability"].split(".")
+        out._obj.value = int(major if attribute == 75 else minor)
+        return 0
+
+    def cuDeviceGetPCIBusId(self, buf, size, dev):
+        buf.value = self.devices[dev.value]["pci_bus_id"].encode()
+        return 0
+
+    def cuDeviceTotalMem_v2(self, out, dev):
+        out._obj.value = self.devices[dev.value]["total_memory"]
+        return 0
+
+
+RTX_4090 = {"index": 0, "name": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9", "pci_bus_id": "0000:02:00.0",
+            "total_memory": 24 * GIB}
+
+
+def test_cuda_driver_devices_reads_name_capability_and_bus_id():
+    devices = select.cuda_driver_devices(FakeLibcuda([RTX_4090]))
+    assert devices == [RTX_4090]
+
+
+def test_gpu_is_the_one_cuda_uses_not_nvidia_smis_first(monkeypatch):
+    """nvidia-smi lists GPUs in PCI order and ignores CUDA_VISIBLE_DEVICES; CUDA's device 0 here is the 4090 on bus 2."""
+    monkeypatch.setattr(select, "cuda_driver_devices", lambda lib=None: [RTX_4090])
+    monkeypatch.setattr(select.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+
+    class Done:
+        stdout = "00000000:01:00.0, 1900\n00000000:02:00.0, 20000\n"  # pci.bus_id, memory.free: a small GPU first
+
+    monkeypatch.setattr(select.subprocess, "run", lambda *args, **kwargs: Done())
+    assert select._query_nvidia_gpu() == ("NVIDIA GeForce RTX 4090", 20000 * 2**20, "8.9")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# TensorRT engines: which one runs here, and falling back when it cannot (issue 26)
+
+
+def _engine(gpu: str, capability: str, board: str | None = None, version: str = "10.3.0") -> Artifact:
+    target = {"gpu": gpu, "compute_capability": capability, "tensorrt": version,
+              "jetson": {"l4t": "36.4.3", "jetpack": "6.2", "board": board} if board else None}
+    return _artifact("tensorrt_engine", "fp16", 50, target=target)
+
+
+@pytest.fixture
+def tensorrt_10_3(monkeypatch):
+    """`import tensorrt` works and says 10.3.0 (the engine matching reads only the version)."""
+    fake = type(sys)("tensorrt")
+    fake.__version__ = "10.3.0"
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.delenv("SQLLAVA_EDGE_VISION_BACKEND", raising=False)
+    return fake
+
+
+def _orin(board: str = AGX_BOARD) -> DeviceInfo:
+    return DeviceInfo("jetson", board, 30 * GIB, compute_capability="8.7", gpu_name="Orin", board=board)
+
+
+def test_jetson_uses_the_engine_built_on_it(tensorrt_10_3, monkeypatch, tmp_path):
+    """export.trt records cuDeviceGetName ("Orin") and 8.7; the runtime must match that, not the board string."""
+    monkeypatch.setattr(vision, "tensorrt_problem", lambda: None, raising=False)  # as if torch had CUDA
+    device = detect_device(_fake_root(tmp_path, {"proc/device-tree/model": AGX_BOARD.encode() + b"\x00",
+                                                 "etc/nv_tegra_release": "# R36 (release), REVISION: 4.3\n"}))
+    choice = choose_vision(_source(*ALL_VISION, _engine("Orin", "8.7", AGX_BOARD)), device)
+    assert choice.kind is VisionKind.TENSORRT and "was built for it" in choice.reason
+
+
+def test_engine_must_match_gpu_name_and_board_not_just_capability(tensorrt_10_3, monkeypatch):
+    pytest.importorskip("onnxruntime", reason="the fallback is onnxruntime")
+    monkeypatch.setattr(vision, "tensorrt_problem", lambda: None, raising=False)
+    rtx = DeviceInfo("cuda", "NVIDIA GeForce RTX 4090", 32 * GIB, gpu_memory_free=20 * GIB, compute_capability="8.9",
+                     gpu_name="NVIDIA GeForce RTX 4090")
+    other_gpu = choose_vision(_source(*ALL_VISION, _engine("NVIDIA L40S", "8.9")), rtx)  # same capability 8.9
+    assert other_gpu.kind is VisionKind.ONNXRUNTIME and "built for NVIDIA L40S (sm 8.9)" in other_gpu.reason
+    other_board = choose_vision(_source(*ALL_VISION, _engine("Orin", "8.7", AGX_BOARD)),
+                                _orin("NVIDIA Jetson Orin Nano Developer Kit"))
+    assert other_board.kind is VisionKind.ONNXRUNTIME and f"built on the board {AGX_BOARD!r}" in other_board.reason
+    with pytest.raises(BackendUnavailableError, match="no TensorRT engine for NVIDIA Jetson Orin Nano"):
+        choose_vision(_source(*ALL_VISION, _engine("Orin", "8.7", AGX_BOARD)),
+                      _orin("NVIDIA Jetson Orin Nano Developer Kit"), "tensorrt")
+
+
+def test_engine_without_cuda_buffers_falls_back_in_auto_and_refuses_on_request(tensorrt_10_3):
+    """The TensorRT backend holds its buffers in CUDA torch tensors; this torch has no CUDA (a CPU wheel)."""
+    pytest.importorskip("onnxruntime", reason="the fallback is onnxruntime")
+    if vision.cuda_available():
+        pytest.skip("this machine has CUDA torch: the TensorRT backend can run")
+    source = _source(*ALL_VISION, _engine("Orin", "8.7", AGX_BOARD))
+    auto = choose_vision(source, _orin())
+    assert auto.kind is VisionKind.ONNXRUNTIME and "cannot run here" in auto.reason and "PyTorch built with CUDA" in auto.reason
+    with pytest.raises(BackendUnavailableError, match="PyTorch built with CUDA"):
+        choose_vision(source, _orin(), "tensorrt")
+
+
+class FakeBackend:
+    def __init__(self, path, **kwargs):
+        self.path, self.kwargs, self.dropped_providers = path, kwargs, ()
+
+
+def test_engine_that_does_not_deserialize_falls_back_with_the_reason(tensorrt_10_3, monkeypatch):
+    pytest.importorskip("onnxruntime", reason="the fallback is onnxruntime")
+    monkeypatch.setattr(vision, "tensorrt_problem", lambda: None, raising=False)
+
+    def broken_engine(path, device_index=0):
+        raise BackendUnavailableError(f"TensorRT 10.3.0 could not deserialize {path}: it was built for another GPU")
+
+    monkeypatch.setattr(vision, "TensorRTVision", broken_engine)
+    monkeypatch.setattr(vision, "OnnxVision", FakeBackend)
+    source = _source(*ALL_VISION, _engine("Orin", "8.7", AGX_BOARD))
+    backend, reason = select_vision(source, _orin())
+    assert isinstance(backend, FakeBackend) and "could not deserialize" in reason and "onnxruntime" in reason
+    with pytest.raises(BackendUnavailableError, match="could not deserialize"):
+        select_vision(source, _orin(), "tensorrt")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# TensorRT without PyTorch: cuda-python buffers (issue 26). The fakes model the documented APIs on host memory
+# (cudaMalloc hands out host blocks, cudaMemcpyAsync is a memmove, the "engine" doubles its input): they check the
+# plumbing (dtypes, addresses, batching over the profile, copies back), not a GPU.
+
+
+class FakeCudart:
+    class cudaError_t:  # noqa: N801 - cuda-python's names
+        cudaSuccess = 0
+
+    class cudaMemcpyKind:  # noqa: N801
+        cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost = 1, 2
+
+    def __init__(self):
+        self.blocks, self.copies = {}, []
+
+    def cudaGetDeviceCount(self):  # noqa: N802
+        return 0, 1
+
+    def cudaSetDevice(self, index):  # noqa: N802
+        return (0,)
+
+    def cudaGetDeviceProperties(self, index):  # noqa: N802
+        return 0, type("cudaDeviceProp", (), {"name": b"Orin"})()
+
+    def cudaStreamCreate(self):  # noqa: N802
+        return 0, 7
+
+    def cudaStreamSynchronize(self, stream):  # noqa: N802
+        return (0,)
+
+    def cudaStreamDestroy(self, stream):  # noqa: N802
+        return (0,)
+
+    def cudaMalloc(self, nbytes):  # noqa: N802
+        block = ctypes.create_string_buffer(nbytes)
+        self.blocks[ctypes.addressof(block)] = block
+        return 0, ctypes.addressof(block)
+
+    def cudaFree(self, pointer):  # noqa: N802
+        self.blocks.pop(pointer)
+        return (0,)
+
+    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):  # noqa: N802
+        ctypes.memmove(dst, src, nbytes)
+        self.copies.append(kind)
+        return (0,)
+
+
+class FakeTensorRT:
+    """The TensorRT 10 runtime calls TensorRTVision makes; an fp16 engine mapping (b, 3, 4, 4) -> (b, 3, 16) * 2."""
+
+    __version__ = "10.3.0"
+    float32, float16 = "float32", "float16"
+
+    class TensorIOMode:
+        INPUT, OUTPUT = "input", "output"
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            pass
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            return FakeEngine() if data == b"engine for Orin" else None
+
+
+class FakeEngine:
+    num_io_tensors = 2
+
+    def get_tensor_name(self, i):
+        return ["pixel_values", "image_embeds"][i]
+
+    def get_tensor_mode(self, name):
+        return "input" if name == "pixel_values" else "output"
+
+    def get_tensor_dtype(self, name):
+        return "float16"
+
+    def get_tensor_profile_shape(self, name, profile):
+        return [(1, 3, 4, 4), (1, 3, 4, 4), (2, 3, 4, 4)]
+
+    def get_tensor_shape(self, name):
+        return (-1, 3, 4, 4)
+
+    def create_execution_context(self):
+        return FakeContext()
+
+
+class FakeContext:
+    def __init__(self):
+        self.shape, self.addresses = None, {}
+
+    def set_input_shape(self, name, shape):
+        assert shape[0] <= 2, "a batch beyond the profile's max"
+        self.shape = shape
+
+    def get_tensor_shape(self, name):
+        return (self.shape[0], 3, 16)
+
+    def set_tensor_address(self, name, address):
+        self.addresses[name] = address
+
+    def execute_async_v3(self, stream):
+        x = np.empty(self.shape, np.float16)
+        ctypes.memmove(x.ctypes.data, self.addresses["pixel_values"], x.nbytes)
+        y = np.ascontiguousarray(x.reshape(self.shape[0], 3, 16) * 2)
+        ctypes.memmove(self.addresses["image_embeds"], y.ctypes.data, y.nbytes)
+        return stream == 7
+
+
+def test_tensorrt_runs_on_cuda_python_buffers_without_torch():
+    cudart = FakeCudart()
+    backend = vision.TensorRTVision.from_bytes(b"engine for Orin", "vision.orin.engine", trt=FakeTensorRT(),
+                                               buffers=vision.CudaPythonBuffers(cudart=cudart))
+    pixels = np.random.default_rng(0).standard_normal((3, 3, 4, 4)).astype(np.float32)
+    out = backend.encode(pixels)  # batches of 2 + 1 (the profile's max is 2)
+    assert out.dtype == np.float32 and out.shape == (3, 3, 16)
+    np.testing.assert_allclose(out, pixels.reshape(3, 3, 16).astype(np.float16).astype(np.float32) * 2, rtol=1e-3)
+    assert "Orin" in backend.description and len(cudart.blocks) == 2  # one input and one output buffer, reused
+    assert cudart.copies == [1, 2, 1, 2]  # host -> device, engine, device -> host, per batch
+    backend.close()
+    assert not cudart.blocks
+    with pytest.raises(BackendUnavailableError, match="could not deserialize vision.other.engine"):
+        vision.TensorRTVision.from_bytes(b"engine for another GPU", "vision.other.engine", trt=FakeTensorRT(),
+                                         buffers=vision.CudaPythonBuffers(cudart=FakeCudart()))
+
+
+def test_cuda_python_is_enough_for_tensorrt(monkeypatch, tensorrt_10_3):
+    """With cuda-python (and a device) the TensorRT backend needs no CUDA torch: auto selection takes the engine."""
+    monkeypatch.setattr(vision, "cuda_available", lambda: False)
+    monkeypatch.setattr(vision, "import_cudart", lambda: FakeCudart())
+    assert vision.tensorrt_problem() is None
+    choice = choose_vision(_source(*ALL_VISION, _engine("Orin", "8.7", AGX_BOARD)), _orin())
+    assert choice.kind is VisionKind.TENSORRT
+    monkeypatch.setattr(vision, "import_cudart", lambda: None)
+    assert "cuda-python is not installed" in vision.tensorrt_problem()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# onnxruntime-gpu that lists CUDA but runs on the CPU (issue 26)
+
+
+def _tiny_onnx(path):
+    onnx = pytest.importorskip("onnx", reason="building a test graph needs onnx")
+    from onnx import TensorProto, helper
+
+    shape = helper.make_tensor("shape", TensorProto.INT64, [3], [0, 3, 16])
+    graph = helper.make_graph([helper.make_node("Reshape", ["pixel_values", "shape"], ["image_embeds"])], "tiny",
+                              [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["B", 3, 4, 4])],
+                              [helper.make_tensor_value_info("image_embeds", TensorProto.FLOAT, ["B", 3, 16])], [shape])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")  # the CPU wheel's own note
+def test_onnxruntime_cuda_that_does_not_start_is_reported_or_refused(tmp_path, monkeypatch):
+    """onnxruntime-gpu without CUDA/cuDNN libraries lists CUDAExecutionProvider, then runs the session on the CPU.
+    Here: the CPU wheel, made to list CUDA as onnxruntime-gpu does; its real session falls back to the CPU."""
+    ort = pytest.importorskip("onnxruntime", reason="needs onnxruntime")
+    path = _tiny_onnx(tmp_path / "vision.onnx")
+    listed = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: listed)
+    with pytest.raises(BackendUnavailableError, match="could not start it"):
+        vision.OnnxVision(path, providers=("cuda", "cpu"))
+    backend = vision.OnnxVision(path, providers=("cuda", "cpu"), allow_cpu_fallback=True)
+    assert backend.dropped_providers == ("cuda",) and backend.encode(np.ones((1, 3, 4, 4), np.float32)).shape == (1, 3, 16)
+    # automatic selection says so in the reason
+    source = _source(Artifact("vision_onnx", "vision.onnx", ["vision.onnx"], "fp32", 1, {"vision.onnx": "0" * 64}))
+    source.folder = tmp_path
+    backend, choice = select.load_vision_checked(select.VisionChoice(VisionKind.ONNXRUNTIME, "jetson GPU", source.manifest.artifacts[0],
+                                                                     ("cuda", "cpu")), source, _orin())
+    assert choice.providers == ("cpu",) and "vision runs on the CPU" in choice.reason
+
+
+def test_onnxruntime_cuda_arena_is_capped():
+    ort = pytest.importorskip("onnxruntime", reason="needs onnxruntime")
+    name, options = vision._ort_provider(type("ort", (), {"__version__": ort.__version__,
+                                                         "get_available_providers": staticmethod(lambda: ["CUDAExecutionProvider"])}),
+                                         "cuda", None, 3 * GIB)
+    assert name == "CUDAExecutionProvider" and options["gpu_mem_limit"] == 3 * GIB
+    plan = plan_memory(get_preset("sqllava-7b"), _orin(), llm_bytes=4 * GIB, vision_bytes=GIB // 2, n_ctx=1024,
+                       kv_bytes_per_value=2, llm_on_gpu=True, vision_on_gpu=True)
+    assert plan.vision_bytes == plan.pools[0].needs["vision weights"] + plan.pools[0].needs["vision workspace"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# llama.cpp without GPU offload on a GPU machine (issue 26)
+
+
+def test_cpu_only_llama_cpp_on_a_gpu_plans_for_the_cpu(monkeypatch):
+    pytest.importorskip("llama_cpp", reason="the llama.cpp choice checks llama-cpp-python is importable")
+    monkeypatch.delenv("SQLLAVA_EDGE_LLM_BACKEND", raising=False)
+    rtx = DeviceInfo("cuda", "RTX", 32 * GIB, gpu_memory_free=20 * GIB, compute_capability="8.9", gpu_name="RTX")
+    source = _source(*[_artifact("llm_gguf", p, s) for p, s in (("f16", 14), ("q8_0", 8), ("q4_k_m", 4))])
+    asked = []
+    monkeypatch.setattr(select, "_gpu_offload_supported", lambda: False)  # PyPI's CPU wheel
+    cpu = choose_llm(source, rtx, fits=lambda a, layers: asked.append(layers) or True)
+    assert cpu.artifact.precision == "q8_0" and cpu.gpu_layers == 0 and asked == [0]
+    assert "no GPU offload" in cpu.reason and "llama.cpp CPU" in cpu.reason
+    monkeypatch.setattr(select, "_gpu_offload_supported", lambda: True)
+    gpu = choose_llm(source, rtx, fits=lambda a, layers: asked.append(layers) or True)
+    assert gpu.artifact.precision == "f16" and gpu.gpu_layers == -1 and asked[-1] == -1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Memory plan: CUDA context, partial offload (issue 26)
+
+
+def test_plan_counts_the_cuda_context_on_a_jetson():
+    config = get_preset("sqllava-7b")
+    parts = dict(llm_bytes=int(3.8 * GIB), vision_bytes=int(0.3 * GIB), n_ctx=1024, kv_bytes_per_value=2)
+    on_gpu = plan_memory(config, _orin(), llm_on_gpu=True, vision_on_gpu=True, ram_available=6 * GIB, **parts)
+    on_cpu = plan_memory(config, _orin(), ram_available=6 * GIB, **parts)
+    assert on_gpu.pools[0].needs["CUDA context + libraries"] >= CUDA_CONTEXT_BYTES
+    assert "CUDA context" not in on_cpu.describe()
+    assert on_cpu.fits and not on_gpu.fits  # the context is what tips an 8 GB Orin Nano over
+
+
+def test_partly_offloaded_llm_counts_only_its_share_on_the_gpu():
+    config = get_preset("sqllava-7b")
+    gpu = DeviceInfo("cuda", "RTX", 32 * GIB, gpu_memory_free=8 * GIB, compute_capability="8.9", gpu_name="RTX")
+    plan = plan_memory(config, gpu, llm_bytes=12 * GIB, vision_bytes=GIB, n_ctx=2048, kv_bytes_per_value=2,
+                       llm_on_gpu=True, llm_gpu_share=0.25)
+    by_name = {p.name: p for p in plan.pools}
+    assert by_name["GPU memory"].needs["LLM weights"] == 3 * GIB and by_name["RAM"].needs["LLM weights"] == 9 * GIB
+    assert by_name["GPU memory"].fits and "CUDA context + libraries" in by_name["GPU memory"].needs
+    assert by_name["GPU memory"].needs["KV cache"] + by_name["RAM"].needs["KV cache"] == kv_cache_bytes(config.llm, 2048)
 
 
 # --------------------------------------------------------------------------------------------------------------------
