@@ -1,6 +1,6 @@
 """The main job, end to end on the built-in `tiny` preset: data -> stand-ins for the pretrained bases (stage 0: a
 ViT for CLIP, an LLM for Vicuna) -> the two-stage SQ-LLaVA training -> evaluation -> export -> Assistant ->
-benchmark. `make demo` runs it.
+benchmark -> the HTTP server answering one request. `make demo` runs it.
 
 Each step runs as its own command (the same commands the README shows), writes its output atomically, and records
 a stamp holding the hash of its inputs; a rerun skips a step whose inputs are unchanged and whose output is there, so
@@ -177,6 +177,65 @@ def show_assistant(out: Path) -> None:
     print(f"-- Assistant: done in {time.perf_counter() - start:.0f} s")
 
 
+def serve_once(bundle: Path, image: Path, question: str, port: int | None = None) -> str:
+    """Start `sqllava-edge serve` on the bundle (127.0.0.1), ask one question through the official openai client,
+    stop the server with SIGTERM and check it exits 0. -> the answer."""
+    import signal
+    import socket
+
+    import httpx
+    from openai import OpenAI
+
+    from sqllava_edge.serve.protocol import data_uri
+
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "sqllava_edge.serve", str(bundle), "--port", str(port)]
+    print("$ " + " ".join(display(cmd)), flush=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("SQLLAVA_EDGE_API_KEY", None)
+    server = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start (see its messages above)")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="not-needed", max_retries=0)
+        reply = client.chat.completions.create(model="demo", max_tokens=64, messages=[{"role": "user", "content": [
+            {"type": "text", "text": question},
+            {"type": "image_url", "image_url": {"url": data_uri(image.read_bytes(), "image/png")}}]}])
+        answer = reply.choices[0].message.content
+        print(f"  openai client -> POST /v1/chat/completions\n  Q: {question}\n  A: {answer}\n"
+              f"  usage: {reply.usage.prompt_tokens} prompt positions (image rows included), "
+              f"{reply.usage.completion_tokens} new tokens")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            code = server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            code = server.wait()
+    if code != 0:
+        raise RuntimeError(f"the server exited with code {code} after SIGTERM")
+    print("  server stopped cleanly (SIGTERM, exit 0)")
+    return answer
+
+
+def show_server(out: Path) -> None:
+    print("\n== serve: the OpenAI-compatible server on the bundle, one request through the openai client")
+    sample = json.loads((out / "data" / "eval.json").read_text())[0]
+    question = sample["conversations"][0]["value"].replace("<image>", "").strip()
+    serve_once(out / "bundle", out / "data" / "images" / sample["image"], question)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "demo_out", help="where every step writes (default demo_out/)")
@@ -201,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\n== benchmark (tiny bundle, every backend available here)")
             subprocess.run([sys.executable, "-m", "benchmarks", "--bundle", str(out / "bundle"), "--runs", "2",
                             "--out", str(out / "bench")], check=True, cwd=ROOT)
+        show_server(out)
     except subprocess.CalledProcessError as exc:
         print(f"\nstep failed with exit code {exc.returncode}: {' '.join(display(list(exc.cmd)))}", file=sys.stderr)
         return exc.returncode or 1

@@ -83,3 +83,15 @@ def test_training_times_sum_the_stand_ins_and_the_two_stages(demo, tmp_path):
     (stamps / "stage2.json").write_text(json.dumps({"key": "k", "seconds": 370.0}))
     line = demo.training_times(stamps)
     assert "stand-ins 340 s" in line and "stages 1 + 2 420 s (7.0 min" in line and "760 s in all" in line
+
+
+def test_demo_ends_with_one_request_through_the_server(demo, tiny_bundle, tmp_path, capsys):
+    """`make demo`'s last step: the server on the bundle answers through the openai client and stops with exit 0."""
+    pytest.importorskip("openai", reason="the demo's client is the official openai package (pip install '.[dev]')")
+    from tests.serve_helpers import image
+
+    photo = tmp_path / "photo.png"
+    image(0).save(photo)
+    answer = demo.serve_once(tiny_bundle, photo, "What is in the picture?")
+    out = capsys.readouterr().out
+    assert answer and f"A: {answer}" in out and "exit 0" in out
