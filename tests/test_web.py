@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from tests.serve_helpers import ROOT, serving
+from tests.serve_helpers import ROOT, png_bytes, serving
 
 pytest.importorskip("fastapi", reason="the server needs the serve extra (pip install '.[serve]')")
 pytest.importorskip("selenium", reason="the browser test drives Chromium with Selenium (pip install '.[dev]')")
@@ -296,6 +296,31 @@ def test_ask_follow_up_and_self_questions(page, server, tmp_path):
     fit = page.execute_script(OVERFLOW)
     assert fit["vw"] == PHONE and fit["scrollWidth"] <= PHONE and fit["out"] == [], fit
     shoot(page, tmp_path / "web-phone.png")
+
+
+DISPATCH = """
+const [kind, b64, name] = arguments;
+const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+const data = new DataTransfer();
+data.items.add(new File([bytes], name, {type: 'image/png'}));
+const event = kind === 'drop' ? new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true})
+                              : new ClipboardEvent('paste', {clipboardData: data, bubbles: true, cancelable: true});
+(kind === 'drop' ? document.getElementById('drop') : document.getElementById('question')).dispatchEvent(event);
+"""
+
+
+def test_drop_and_paste_an_image(page, server):
+    """An image dropped on the page or pasted (Ctrl+V) is taken like a chosen one; the file input is keyboard-reachable."""
+    open_page(page, server.url)
+    wait_ready(page)
+    assert page.execute_script("const e = document.getElementById('fileInput'); e.focus(); return document.activeElement === e")
+    for kind, colour in (("drop", (200, 40, 40)), ("paste", (40, 160, 60))):
+        png = base64.b64encode(png_bytes(Image.new("RGB", (90, 70), colour))).decode()
+        page.execute_script(DISPATCH, kind, png, f"{kind}.png")
+        wait(page, lambda: by_id(page, "imageInfo").text.startswith("90×70 PNG") and by_id(page, "preview").get_attribute(
+            "alt").endswith(f"({kind}.png)"), f"the image by {kind}")
+        assert "sent as it is" in by_id(page, "imageInfo").text
+    assert by_id(page, "suggestBtn").is_enabled()
 
 
 def test_api_key_is_asked_once(page, allowed, guarded):
