@@ -86,17 +86,12 @@ def _validation_line(validation: dict) -> str:
 
 
 def _add_model_args(parser, task: str) -> None:
+    from sqllava_edge.options import add_backend_arguments
+
     parser.add_argument("model", help="bundle folder (python -m export) or training checkpoint folder")
     parser.add_argument("image", help="image file (PNG, JPEG, WebP, ...)")
     group = parser.add_argument_group("backends")
-    group.add_argument("--device", choices=("cpu", "cuda", "jetson"), help="device (default: detected)")
-    group.add_argument("--vision-backend", choices=("torch", "onnxruntime", "tensorrt"), help="default: automatic")
-    group.add_argument("--llm-backend", choices=("torch", "llama.cpp"), help="default: automatic")
-    group.add_argument("--vision-precision", help="vision ONNX precision: fp32, fp16, int8 (default: automatic)")
-    group.add_argument("--llm-precision", help="GGUF precision: f32, f16, q8_0, q4_k_m, ... (default: automatic)")
-    group.add_argument("--n-ctx", type=int, help="context length in positions (default: 2048)")
-    group.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
-    group.add_argument("--gpu-layers", type=int, help="llama.cpp layers offloaded to the GPU (-1 = all)")
+    add_backend_arguments(group)
     group.add_argument("--show-backends", action="store_true", help="print the chosen backends and why to stderr")
     sampling = parser.add_argument_group(f"sampling (defaults: the spec's {task} settings)")
     sampling.add_argument("--max-new-tokens", type=int, help="maximum tokens generated")
@@ -110,10 +105,9 @@ def _add_model_args(parser, task: str) -> None:
 def _open_assistant(args):
     from sqllava_edge.assistant import Assistant
 
-    assistant = Assistant.load(args.model, device=args.device, vision_backend=args.vision_backend,
-                               llm_backend=args.llm_backend, n_ctx=args.n_ctx, n_threads=args.threads,
-                               gpu_layers=args.gpu_layers, vision_precision=args.vision_precision,
-                               llm_precision=args.llm_precision)
+    from sqllava_edge.options import load_options
+
+    assistant = Assistant.load(args.model, **load_options(args))
     if args.show_backends:
         print(assistant.backends, file=sys.stderr)
     return assistant

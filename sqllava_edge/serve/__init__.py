@@ -21,6 +21,8 @@ SEQUENCES_PER_SLOT = 2  # a running request's sequence + one kept for its follow
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from sqllava_edge.options import add_backend_arguments
+
     parser.add_argument("model", help="bundle folder (python -m export) or training checkpoint folder")
     net = parser.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1",
@@ -36,15 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sched.add_argument("--queue", type=int, default=64, help="requests waiting beyond those; more get 503 (default 64)")
     sched.add_argument("--timeout", type=float, default=600.0, help="seconds per request before it is stopped (600)")
     sched.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: the folder name)")
-    group = parser.add_argument_group("backends (as for sqllava-edge ask)")
-    group.add_argument("--device", choices=("cpu", "cuda", "jetson"), help="device (default: detected)")
-    group.add_argument("--vision-backend", choices=("torch", "onnxruntime", "tensorrt"), help="default: automatic")
-    group.add_argument("--llm-backend", choices=("torch", "llama.cpp"), help="default: automatic")
-    group.add_argument("--vision-precision", help="vision ONNX precision: fp32, fp16, int8 (default: automatic)")
-    group.add_argument("--llm-precision", help="GGUF precision: f32, f16, q8_0, q4_k_m, ... (default: automatic)")
-    group.add_argument("--n-ctx", type=int, help="KV positions shared by all requests (default: 2048 per 2 slots)")
-    group.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
-    group.add_argument("--gpu-layers", type=int, help="llama.cpp layers offloaded to the GPU (-1 = all)")
+    add_backend_arguments(parser.add_argument_group("backends (as for sqllava-edge ask)"),
+                          n_ctx_help="KV positions shared by all requests (default: 2048, or 1024 per slot above 2)")
 
 
 def register_serve(subparsers) -> None:
@@ -59,6 +54,7 @@ def run(args) -> int:
     import uvicorn
 
     from sqllava_edge.assistant import Assistant
+    from sqllava_edge.options import load_options
     from sqllava_edge.serve.app import Settings, create_app
 
     if args.parallel < 1 or args.queue < 0 or args.max_image_mb <= 0 or args.timeout <= 0:
@@ -70,14 +66,11 @@ def run(args) -> int:
                         allow_local_files=args.allow_local_files, parallel=args.parallel, queue=args.queue,
                         timeout=args.timeout, model_id=args.model_name or os.path.basename(os.path.abspath(args.model)))
     sequences = max(4, args.parallel * SEQUENCES_PER_SLOT + 8)  # + room for n > 1 choices (protocol.MAX_N)
-    n_ctx = args.n_ctx
     server: uvicorn.Server | None = None
 
     def load():
-        return Assistant.load(args.model, device=args.device, vision_backend=args.vision_backend,
-                              llm_backend=args.llm_backend, n_ctx=n_ctx or _default_n_ctx(args), n_threads=args.threads,
-                              gpu_layers=args.gpu_layers, vision_precision=args.vision_precision,
-                              llm_precision=args.llm_precision, sequences=sequences)
+        options = {**load_options(args), "n_ctx": args.n_ctx or _default_n_ctx(args)}
+        return Assistant.load(args.model, sequences=sequences, **options)
 
     def loaded(assistant) -> None:
         print(f"model loaded: {assistant!r}\n{assistant.backends}", file=sys.stderr, flush=True)
