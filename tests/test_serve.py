@@ -450,3 +450,24 @@ def test_serving_benchmark_runs_side_by_side_and_writes_its_report(tiny_bundle, 
     assert all(p["failed"] == 0 and p["decode_tok_per_s"] > 0 for p in raw["phases"])
     assert all(s["tokens"] == 4 for p in raw["phases"] for s in p["samples"])
     assert "| --parallel |" in (out / "serve.md").read_text() and (out / "serve.png").stat().st_size > 0
+
+
+def test_stop_strings_cut_the_answer_like_the_python_api(client, assistant):
+    full = assistant.ask(image(2), QUESTIONS[0], max_new_tokens=N)
+    stop = full.split()[2]  # a word from the middle of the greedy answer
+    response = client.chat.completions.create(model="any", messages=_messages(2, QUESTIONS[0]), max_tokens=N,
+                                              stop=[stop])
+    expected = assistant.ask(image(2), QUESTIONS[0], max_new_tokens=N, stop=stop)
+    assert response.choices[0].message.content == expected and stop not in expected
+    assert response.choices[0].finish_reason == "stop" and response.usage.completion_tokens < N
+
+
+def test_a_request_over_the_timeout_is_stopped_with_504(tiny_bundle):
+    with serving(tiny_bundle, timeout=0.3) as server:
+        slow = _post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                      "max_tokens": 1500}, None)
+        assert slow.status_code == 504 and slow.json()["error"]["code"] == "timeout"
+        assert server.state.scheduler.stats["timeout"] == 1 and not server.state.assistant.engine.pool.busy
+        quick = _post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                       "max_tokens": 2}, None)
+        assert quick.status_code == 200
