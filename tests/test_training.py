@@ -326,30 +326,41 @@ def test_bf16_on_cpu_autocasts_and_keeps_trained_weights_fp32(stage1, data, tmp_
     assert {str(t.dtype) for f in saved for t in load_file(f).values()} == {"torch.float32"}
 
 
+def _torchrun(*args: str, timeout: float = 240) -> None:
+    """`python -m training ARGS` in 2 processes (gloo); a hang fails the test after `timeout` seconds."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    try:
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 "2", "-m", "training", *args], env=env, cwd=ROOT, capture_output=True, text=True,
+                                timeout=timeout)
+    except subprocess.TimeoutExpired as exc:  # subprocess.run has killed torchrun; its workers die with it
+        pytest.fail(f"torchrun still running after {timeout} s (ranks out of step?): {str(exc.stderr)[-3000:]}")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _stage2_args(data: Path, stage1: Path, steps: int) -> list[str]:
+    """Dropout off: its masks are per-process random streams."""
+    return ["--stage", "2", "--data", str(data / "stage2.json"), "--init", str(stage1), "--max-steps", str(steps),
+            "--lora-dropout", "0", "--vit-lora-dropout", "0", "--threads", "1", "--no-progress", "--seed", "5"]
+
+
 def test_torchrun_ddp_and_fsdp_match_one_process(stage1, data, tmp_path):
-    """Same global batch (4) as 1 x 4 and 2 x 2. Dropout off: its masks are per-process random streams.
+    """Same global batch (4) as 1 x 4 and 2 x 2.
     Tolerance 2e-4: the only difference is the order of float additions (gloo's all-reduce of gradients and
     token counts vs one batched sum), about 1e-6 per step, compounded by Adam over 4 steps."""
-    args = ["--stage", "2", "--data", str(data / "stage2.json"), "--init", str(stage1), "--max-steps", "4",
-            "--lora-dropout", "0", "--vit-lora-dropout", "0", "--threads", "1", "--no-progress", "--seed", "5"]
+    args = _stage2_args(data, stage1, 4)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, "-m", "training", *args, "--out", str(one), "--batch-size", "4"],
                    check=True, env=env, cwd=ROOT, capture_output=True)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "training", *args, "--out", str(two), "--batch-size", "2"],
-                            env=env, cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _torchrun(*args, "--out", str(two), "--batch-size", "2")
     a, b = _losses(one), _losses(two)
     assert len(a) == len(b) == 4
     assert max(abs(x - y) for x, y in zip(a, b)) < 2e-4, (a, b)  # observed: 0 at step 1, 5e-5 at step 4
     assert a[0] != a[-1]
     # FSDP (sharded parameters, gloo on CPU): same curve, and the gathered checkpoint loads as a whole model.
     sharded = tmp_path / "fsdp"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "training", *args, "--out", str(sharded), "--batch-size", "2", "--fsdp"],
-                            env=env, cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _torchrun(*args, "--out", str(sharded), "--batch-size", "2", "--fsdp")
     c = _losses(sharded)
     assert len(c) == 4 and max(abs(x - y) for x, y in zip(a, c)) < 2e-4, (a, c)
     from sqllava_edge.checkpoint import load_checkpoint
@@ -361,3 +372,36 @@ def test_torchrun_ddp_and_fsdp_match_one_process(stage1, data, tmp_path):
     whole, gathered = lora(one), lora(sharded)  # every LLM-LoRA and ViT-LoRA tensor, gathered from both shards
     assert whole and gathered.keys() == whole.keys()
     assert all(torch.allclose(gathered[n], whole[n], atol=1e-3) for n in whole)
+
+
+@pytest.mark.slow
+def test_fsdp_with_bf16_trains_and_saves_what_one_process_does(stage1, data, tmp_path):
+    """FSDP with the CUDA defaults (bf16 frozen base next to fp32 LoRA and projector, activation checkpointing) wraps,
+    trains, saves, resumes, and its checkpoint holds what one process trains on the same micro-batches (1 x 2 x 2
+    accumulated vs 2 x 2; both without the shared-prefix pass, which activation checkpointing turns off).
+    Tolerance 1e-3: both runs compute each row alike; gradient sums differ in order, and Adam's first steps turn
+    a near-zero gradient into +-lr (observed: losses equal for 2 steps then 4e-4 apart; weights at most 6e-4)."""
+    from safetensors.torch import load_file
+
+    from sqllava_edge.checkpoint import load_checkpoint
+    from training.train import train
+
+    common = dict(lora_dropout=0.0, vit_lora_dropout=0.0, bf16=True, grad_checkpointing=True, device="cpu")
+    one = tmp_path / "one"
+    train(_cfg(2, data, one, init=str(stage1), max_steps=3, batch_size=2, grad_accum=2, **common))
+    sharded = tmp_path / "fsdp"
+    args = [*_stage2_args(data, stage1, 3), "--out", str(sharded), "--batch-size", "2", "--fsdp", "--bf16",
+            "--grad-checkpointing"]
+    _torchrun(*args, "--stop-after", "2")
+    _torchrun(*args, "--resume")  # the gathered optimizer state goes back into the shards
+    a, b = _losses(one), _losses(sharded)
+    assert len(a) == len(b) == 3 and a[0] != a[-1]
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-3, (a, b)
+    whole, gathered = (dict(load_checkpoint(run / "checkpoint")[0].named_parameters()) for run in (one, sharded))
+    assert gathered.keys() == whole.keys()
+    trained = {n for n in whole if "lora_" in n or n.startswith("projector.")}
+    assert trained and all(torch.equal(gathered[n], whole[n]) for n in whole.keys() - trained)  # frozen base
+    assert all(torch.allclose(gathered[n], whole[n], atol=1e-3) for n in trained), \
+        max((gathered[n] - whole[n]).abs().max().item() for n in trained)
+    saved = load_file(sharded / "checkpoint/llm_lora/adapter_model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float32}

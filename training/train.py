@@ -237,8 +237,13 @@ def wrap_parallel(cfg: TrainConfig, dist: Dist, loss_module):
         return loss_module
     if cfg.fsdp:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.wrap import CustomPolicy
 
-        return FSDP(loss_module, use_orig_params=True, device_id=dist.device)  # CPU works with gloo when named
+        from training.modeling import fsdp_units
+
+        units = fsdp_units(loss_module.model)  # one dtype per unit: bf16 frozen layers, fp32 LoRA and projector
+        return FSDP(loss_module, auto_wrap_policy=CustomPolicy(lambda module: module in units), use_orig_params=True,
+                    device_id=dist.device)  # CPU works with gloo when named
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [dist.device.index] if dist.device.type == "cuda" else None
@@ -292,7 +297,8 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.grad_checkpointing:
         for part in (modeling.base_module(model.llm), modeling.base_module(model.vision.clip)):
             part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    engine = wrap_parallel(cfg, dist, modeling.LossModule(model, share_prefix=not cfg.grad_checkpointing))
+    loss_module = modeling.LossModule(model, share_prefix=not cfg.grad_checkpointing, lockstep=cfg.fsdp)
+    engine = wrap_parallel(cfg, dist, loss_module)
     groups = modeling.optimizer_groups(engine)
 
     # --- data, optimizer, and the saved state when resuming
@@ -305,7 +311,7 @@ def setup(cfg: TrainConfig) -> Run:
     start_step = 0
     if resumed is not None:
         _check_resume(cfg, resumed, dist)
-        optimizer.load_state_dict(_optimizer_state_to_load(cfg, engine, optimizer, resumed["optimizer"]))
+        _load_optimizer_state(cfg, engine, optimizer, resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
         start_step = resumed["step"]
         sampler.set_position(**resumed["data_position"])
@@ -329,21 +335,25 @@ def save(run: Run, step: int) -> Path:
     cfg, dist = run.cfg, run.dist
     rngs = _gather_objects(rng_state(), dist)
     ckpt = run.out / "checkpoint"
-    optimizer_state, gathered = run.optimizer.state_dict(), contextlib.nullcontext()
-    if cfg.fsdp:  # collective: full optimizer state keyed by parameter name, full weights on rank 0
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    model, optimizer_state = run.model, run.optimizer.state_dict()
+    if cfg.fsdp:  # collective: the full weights and optimizer state (keyed by parameter name), one unit at a time
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-        optimizer_state = FSDP.optim_state_dict(run.engine, run.optimizer)
-        gathered = FSDP.summon_full_params(run.engine, writeback=False)
-    with gathered:
-        if dist.main:
-            _write(run, ckpt, step, optimizer_state, rngs)
+        from training.modeling import model_holding
+
+        # cpu_offload: only rank 0 gets them, in CPU memory. On a CPU device FSDP's offload frees the very storage
+        # it hands out (its `.to("cpu")` is no copy there): every rank gathers instead.
+        full = StateDictOptions(full_state_dict=True, cpu_offload=dist.device.type != "cpu")
+        weights, optimizer_state = get_state_dict(run.engine, run.optimizer, options=full)
+        model = model_holding(run.model, {k.removeprefix("model."): v for k, v in weights.items()}) if dist.main else None
+    if dist.main:
+        _write(run, model, ckpt, step, optimizer_state, rngs)
     if dist.world > 1:
         torch.distributed.barrier()
     return ckpt
 
 
-def _write(run: Run, ckpt: Path, step: int, optimizer_state: dict, rngs: list) -> None:
+def _write(run: Run, model, ckpt: Path, step: int, optimizer_state: dict, rngs: list) -> None:
     from sqllava_edge.checkpoint import save_checkpoint
     from training.state import write_training_state
 
@@ -355,7 +365,7 @@ def _write(run: Run, ckpt: Path, step: int, optimizer_state: dict, rngs: list) -
                              optimizer_state=optimizer_state, scheduler_state=run.scheduler.state_dict(),
                              rng_states=rngs, world_size=run.dist.world)
 
-    save_checkpoint(ckpt, run.model, run.tokenizer, base_refs=run.base_refs, extra=extra,
+    save_checkpoint(ckpt, model, run.tokenizer, base_refs=run.base_refs, extra=extra,
                     provenance={"trainer": "python -m training", "stage": cfg.stage, "step": step,
                                 "recipe": cfg.recipe, "sq_r": cfg.sq_r, "freeze_vit_lora": cfg.freeze_vit_lora})
 
@@ -455,12 +465,14 @@ def _gather_objects(obj, dist: Dist) -> list:
     return gathered
 
 
-def _optimizer_state_to_load(cfg: TrainConfig, engine, optimizer, state: dict) -> dict:
+def _load_optimizer_state(cfg: TrainConfig, engine, optimizer, state: dict) -> None:
     if not cfg.fsdp:
-        return state
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    return FSDP.optim_state_dict_to_load(engine, optimizer, state)  # name-keyed full state -> this rank's shard
+    # The name-keyed full state (every rank read it) -> this rank's shard.
+    set_optimizer_state_dict(engine, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def _check_resume(cfg: TrainConfig, state: dict, dist: Dist) -> None:
