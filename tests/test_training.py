@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import warnings
@@ -329,18 +330,21 @@ def test_bf16_on_cpu_autocasts_and_keeps_trained_weights_fp32(stage1, data, tmp_
 def _torchrun(*args: str, timeout: float = 240) -> None:
     """`python -m training ARGS` in 2 processes (gloo); a hang fails the test after `timeout` seconds."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "training", *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                                 "2", "-m", "training", *args], env=env, cwd=ROOT, capture_output=True, text=True,
-                                timeout=timeout)
-    except subprocess.TimeoutExpired as exc:  # subprocess.run has killed torchrun; its workers die with it
-        pytest.fail(f"torchrun still running after {timeout} s (ranks out of step?): {str(exc.stderr)[-3000:]}")
-    assert result.returncode == 0, result.stderr[-3000:]
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers (its own session)
+        _, stderr = proc.communicate()
+        pytest.fail(f"torchrun still running after {timeout} s (ranks out of step?): {stderr[-3000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
 
 
-def _stage2_args(data: Path, stage1: Path, steps: int) -> list[str]:
+def _stage2_args(data_json: Path, stage1: Path, steps: int) -> list[str]:
     """Dropout off: its masks are per-process random streams."""
-    return ["--stage", "2", "--data", str(data / "stage2.json"), "--init", str(stage1), "--max-steps", str(steps),
+    return ["--stage", "2", "--data", str(data_json), "--init", str(stage1), "--max-steps", str(steps),
             "--lora-dropout", "0", "--vit-lora-dropout", "0", "--threads", "1", "--no-progress", "--seed", "5"]
 
 
@@ -348,7 +352,7 @@ def test_torchrun_ddp_and_fsdp_match_one_process(stage1, data, tmp_path):
     """Same global batch (4) as 1 x 4 and 2 x 2.
     Tolerance 2e-4: the only difference is the order of float additions (gloo's all-reduce of gradients and
     token counts vs one batched sum), about 1e-6 per step, compounded by Adam over 4 steps."""
-    args = _stage2_args(data, stage1, 4)
+    args = _stage2_args(data / "stage2.json", stage1, 4)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, "-m", "training", *args, "--out", str(one), "--batch-size", "4"],
@@ -390,7 +394,7 @@ def test_fsdp_with_bf16_trains_and_saves_what_one_process_does(stage1, data, tmp
     one = tmp_path / "one"
     train(_cfg(2, data, one, init=str(stage1), max_steps=3, batch_size=2, grad_accum=2, **common))
     sharded = tmp_path / "fsdp"
-    args = [*_stage2_args(data, stage1, 3), "--out", str(sharded), "--batch-size", "2", "--fsdp", "--bf16",
+    args = [*_stage2_args(data / "stage2.json", stage1, 3), "--out", str(sharded), "--batch-size", "2", "--fsdp", "--bf16",
             "--grad-checkpointing"]
     _torchrun(*args, "--stop-after", "2")
     _torchrun(*args, "--resume")  # the gathered optimizer state goes back into the shards
@@ -405,3 +409,32 @@ def test_fsdp_with_bf16_trains_and_saves_what_one_process_does(stage1, data, tmp
         max((gathered[n] - whole[n]).abs().max().item() for n in trained)
     saved = load_file(sharded / "checkpoint/llm_lora/adapter_model.safetensors")
     assert {t.dtype for t in saved.values()} == {torch.float32}
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_a_rank_whose_samples_are_all_skipped_stays_in_step(stage1, data, tmp_path, fsdp):
+    """Rank 1's first micro-batch holds only missing images. It must still join the gradient collectives (it used to
+    skip them and leave rank 0 waiting until killed): same losses as one process reading the same global batches."""
+    import dataclasses
+
+    from training.data import StepSampler
+    from training.train import train
+
+    rows = json.loads((data / "stage2.json").read_text())
+    rank1 = iter(StepSampler(len(rows), 2, 1, rank=1, world_size=2, seed=5))
+    for index, _ in (next(rank1), next(rank1)):
+        rows[index]["image"] = "missing.png"
+    skipping = tmp_path / "skipping.json"
+    skipping.write_text(json.dumps(rows))
+    one = tmp_path / "one"
+    cfg = _cfg(2, data, one, init=str(stage1), max_steps=2, batch_size=4, lora_dropout=0.0, vit_lora_dropout=0.0,
+               image_folder=str(data / "images"))
+    train(dataclasses.replace(cfg, data=str(skipping)))
+    two = tmp_path / "two"
+    _torchrun(*_stage2_args(skipping, stage1, 2), "--image-folder", str(data / "images"), "--out", str(two),
+              "--batch-size", "2", *(["--fsdp"] if fsdp else []), timeout=180)
+    a, b = _losses(one), _losses(two)
+    assert len(a) == len(b) == 2
+    assert max(abs(x - y) for x, y in zip(a, b)) < 2e-4, (a, b)
+    first = json.loads((one / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["skipped_missing_image"] == 2 and first["samples"] == 2  # the step really lost rank 1's samples

@@ -384,18 +384,31 @@ def forward_backward(run: Run, micro: list) -> tuple[float, int, int, Counter]:
     loss_sum, positions, stats = torch.zeros((), device=dist.device), 0, Counter()
     extra_rows = run.model.config.num_image_tokens - 1  # each image placeholder becomes T rows
     for k, batch in enumerate(micro):
-        last = k == len(micro) - 1
-        with (run.engine.no_sync() if not last and dist.world > 1 else contextlib.nullcontext()), autocast:
-            if len(batch):
-                ce, _ = run.engine(batch.input_ids, batch.labels, batch.pixel_values)
-                (ce / norm).backward()
-                loss_sum += ce.detach()
         images = 0 if batch.pixel_values is None else batch.pixel_values.shape[0]
         positions += sum(len(r) for r in batch.input_ids) + images * extra_rows
         stats.update(batch.stats)
+        if not len(batch):  # every sample skipped (missing images, nothing left to train, ...)
+            if dist.world == 1:
+                continue
+            batch = _stand_in(run)  # the other ranks wait for this one in DDP's / FSDP's collectives
+        last = k == len(micro) - 1
+        with (run.engine.no_sync() if not last and dist.world > 1 else contextlib.nullcontext()), autocast:
+            ce, _ = run.engine(batch.input_ids, batch.labels, batch.pixel_values)
+            (ce / norm).backward()
+            loss_sum += ce.detach()
     if dist.world > 1:
         torch.distributed.all_reduce(loss_sum)
     return loss_sum.item() / max(counts.item(), 1.0), int(counts.item()), positions * dist.world, stats
+
+
+def _stand_in(run: Run):
+    """A micro-batch for a rank whose samples were all skipped: one token, nothing to train. It runs the same layers
+    (and so the same collectives) as a real one and adds exactly 0 to the loss and to every gradient."""
+    from sqllava_edge.config import IGNORE_INDEX
+    from training.data import Batch
+
+    ids = torch.tensor([run.tokenizer.bos_id], device=run.dist.device)
+    return Batch([ids], [torch.full_like(ids, IGNORE_INDEX)], None)
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -446,7 +459,8 @@ def train(cfg: TrainConfig) -> Path:
 
 def _clip(engine, params, max_norm: float) -> float:
     if not max_norm:
-        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        norms = [p.grad.norm() for p in params if p.grad is not None]  # none when every sample was skipped
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
     if hasattr(engine, "clip_grad_norm_"):  # FSDP: the norm over all shards
         return float(engine.clip_grad_norm_(max_norm))
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
