@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -302,23 +302,30 @@ def test_resume_reproduces_the_uninterrupted_losses(stage1, data, tmp_path):
         train(_cfg(2, data, straight, init=str(stage1)))
 
 
-def test_bf16_on_cpu_autocasts_and_keeps_trained_weights_fp32(stage1, data, tmp_path, monkeypatch):
+def test_bf16_autocasts_the_forward_only_and_keeps_trained_weights_fp32(stage1, data, tmp_path, monkeypatch):
     from safetensors.torch import load_file
     from training import modeling
     from training.train import train
 
     seen, forward = [], modeling.LossModule.forward
+    in_backward, backward = [], torch.Tensor.backward
 
     def spy(self, *args):
         seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
         return forward(self, *args)
 
+    def backward_spy(self, *args, **kwargs):
+        in_backward.append(torch.is_autocast_enabled("cpu"))
+        return backward(self, *args, **kwargs)
+
     monkeypatch.setattr(modeling.LossModule, "forward", spy)
+    monkeypatch.setattr(torch.Tensor, "backward", backward_spy)
     runs = {}
     for name, bf16 in (("fp32", False), ("bf16", True)):
         runs[name] = tmp_path / name
         train(_cfg(2, data, runs[name], init=str(stage1), max_steps=3, bf16=bf16, device="cpu"))
     assert seen == [False] * 3 + [True] * 3, seen  # one micro-batch per step
+    assert in_backward == [False] * 6, in_backward  # backward outside autocast (PyTorch's AMP guidance)
     fp32, bf16 = _losses(runs["fp32"]), _losses(runs["bf16"])
     assert fp32 != bf16
     assert max(abs(a - b) / a for a, b in zip(fp32, bf16)) < 0.05, (fp32, bf16)
@@ -328,18 +335,21 @@ def test_bf16_on_cpu_autocasts_and_keeps_trained_weights_fp32(stage1, data, tmp_
 
 
 def _torchrun(*args: str, timeout: float = 240) -> None:
-    """`python -m training ARGS` in 2 processes (gloo); a hang fails the test after `timeout` seconds."""
+    """`python -m training ARGS` in 2 processes (gloo). A hang fails the test after `timeout` seconds: torchrun gets
+    SIGTERM, which it passes on to its workers (they run in sessions of their own), SIGKILL 30 s later."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "training", *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers (its own session)
-        _, stderr = proc.communicate()
-        pytest.fail(f"torchrun still running after {timeout} s (ranks out of step?): {stderr[-3000:]}")
-    assert proc.returncode == 0, stderr[-3000:]
+    with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: reading it never waits for a stuck worker
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 "2", "-m", "training", *args], env=env, cwd=ROOT, stdout=log, stderr=log, text=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            proc.wait(timeout=90)
+            log.seek(0)
+            pytest.fail(f"torchrun still running after {timeout} s (ranks out of step?): {log.read()[-3000:]}")
+        log.seek(0)
+        assert proc.returncode == 0, log.read()[-3000:]
 
 
 def _stage2_args(data_json: Path, stage1: Path, steps: int) -> list[str]:

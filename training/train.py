@@ -392,10 +392,11 @@ def forward_backward(run: Run, micro: list) -> tuple[float, int, int, Counter]:
                 continue
             batch = _stand_in(run)  # the other ranks wait for this one in DDP's / FSDP's collectives
         last = k == len(micro) - 1
-        with (run.engine.no_sync() if not last and dist.world > 1 else contextlib.nullcontext()), autocast:
-            ce, _ = run.engine(batch.input_ids, batch.labels, batch.pixel_values)
+        with run.engine.no_sync() if not last and dist.world > 1 else contextlib.nullcontext():
+            with autocast:  # the forward and the loss only: PyTorch's AMP guidance leaves autocast before backward
+                ce, _ = run.engine(batch.input_ids, batch.labels, batch.pixel_values)
             (ce / norm).backward()
-            loss_sum += ce.detach()
+        loss_sum += ce.detach()
     if dist.world > 1:
         torch.distributed.all_reduce(loss_sum)
     return loss_sum.item() / max(counts.item(), 1.0), int(counts.item()), positions * dist.world, stats
