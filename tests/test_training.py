@@ -286,18 +286,24 @@ def test_stage2_updates_exactly_lora_and_projector(stage1, data, tmp_path, freez
     assert base_module(after.llm).lm_head.weight.equal(base_module(before.llm).lm_head.weight)
 
 
-def test_resume_reproduces_the_uninterrupted_losses(stage1, data, tmp_path):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_resume_reproduces_the_uninterrupted_losses(stage1, data, tmp_path, bf16):
+    """Also with a bf16 base: the fp32 projector must come back unrounded (it was cast to bf16 and back)."""
+    from safetensors.torch import load_file
     from training.train import train
 
     straight = tmp_path / "straight"
-    train(_cfg(2, data, straight, init=str(stage1), max_steps=6))
+    train(_cfg(2, data, straight, init=str(stage1), max_steps=6, bf16=bf16, device="cpu"))
     split = tmp_path / "split"
-    train(_cfg(2, data, split, init=str(stage1), max_steps=6, stop_after=3))
+    train(_cfg(2, data, split, init=str(stage1), max_steps=6, stop_after=3, bf16=bf16, device="cpu"))
     assert len(_losses(split)) == 3
-    train(_cfg(2, data, split, resume=True))
+    train(_cfg(2, data, split, resume=True, bf16=bf16, device="cpu"))
     a, b = _losses(straight), _losses(split)
     assert len(a) == len(b) == 6
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
+    for name in ("projector.safetensors", "llm_lora/adapter_model.safetensors"):
+        whole, resumed = (load_file(run / "checkpoint" / name) for run in (straight, split))
+        assert all(torch.equal(resumed[k], whole[k]) for k in whole), name
     with pytest.raises(FileExistsError, match="--resume"):
         train(_cfg(2, data, straight, init=str(stage1)))
 

@@ -195,6 +195,7 @@ def build_model(cfg: TrainConfig, dist: Dist):
         ckpt = Path(cfg.out) / "checkpoint"
         state = read_training_state(ckpt, dist.rank)
         model, tok = load_checkpoint(ckpt, trainable_lora=True, dtype=base_dtype)
+        _restore_projector(model, ckpt)
         return model, tok, _external_bases(read_meta(ckpt)), state
     if cfg.stage == 1:
         if cfg.init:
@@ -206,10 +207,19 @@ def build_model(cfg: TrainConfig, dist: Dist):
         raise ValueError("stage 2 starts from a stage-1 checkpoint: pass --init RUN_OR_CHECKPOINT")
     ckpt = resolve_checkpoint(cfg.init)
     model, tok = load_checkpoint(ckpt, dtype=base_dtype)
+    _restore_projector(model, ckpt)
     torch.manual_seed(cfg.seed)  # LoRA A init: identical on every rank
     modeling.attach_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, vit_r=cfg.vit_lora_r,
                          vit_alpha=cfg.vit_lora_alpha, vit_dropout=cfg.vit_lora_dropout)
     return model, tok, _external_bases(read_meta(ckpt)), None
+
+
+def _restore_projector(model, ckpt: Path) -> None:
+    """load_checkpoint casts the projector to the base dtype (bf16 under --bf16), but it trains in fp32: put back the
+    saved weights as saved, or a resumed run would continue from rounded ones. (PEFT keeps the LoRA weights fp32.)"""
+    from safetensors.torch import load_file
+
+    model.projector.load_state_dict(load_file(ckpt / "projector.safetensors"), assign=True)
 
 
 def _external_bases(meta: dict[str, Any]) -> dict[str, str]:
