@@ -410,8 +410,8 @@ def test_fsdp_with_bf16_trains_and_saves_what_one_process_does(stage1, data, tmp
     one = tmp_path / "one"
     train(_cfg(2, data, one, init=str(stage1), max_steps=3, batch_size=2, grad_accum=2, **common))
     sharded = tmp_path / "fsdp"
-    args = [*_stage2_args(data / "stage2.json", stage1, 3), "--out", str(sharded), "--batch-size", "2", "--fsdp", "--bf16",
-            "--grad-checkpointing"]
+    args = [*_stage2_args(data / "stage2.json", stage1, 3), "--out", str(sharded), "--batch-size", "2", "--fsdp",
+            "--bf16", "--grad-checkpointing"]
     _torchrun(*args, "--stop-after", "2")
     _torchrun(*args, "--resume")  # the gathered optimizer state goes back into the shards
     a, b = _losses(one), _losses(sharded)

@@ -134,7 +134,7 @@ def fsdp_units(model) -> set[nn.Module]:
 
 
 class LossModule(nn.Module):
-    """One micro-batch -> (summed next-token CE, number of trained tokens). Wrapped by DDP/FSDP as a whole.
+    """One micro-batch -> (summed next-token CE, number of trained tokens). Wrapped by DDP, or sharded by FSDP.
 
     Same loss as SQLLaVA.forward (shifted CE over non-ignored labels, spec 1.6), but the vocabulary projection runs
     only at the labelled positions: for the tiny preset the 32000-way head over every position costs more than the

@@ -355,7 +355,8 @@ def save(run: Run, step: int) -> Path:
         # it hands out (its `.to("cpu")` is no copy there): every rank gathers instead.
         full = StateDictOptions(full_state_dict=True, cpu_offload=dist.device.type != "cpu")
         weights, optimizer_state = get_state_dict(run.engine, run.optimizer, options=full)
-        model = model_holding(run.model, {k.removeprefix("model."): v for k, v in weights.items()}) if dist.main else None
+        weights = {k.removeprefix("model."): v for k, v in weights.items()}  # LossModule.model's names
+        model = model_holding(run.model, weights) if dist.main else None
     if dist.main:
         _write(run, model, ckpt, step, optimizer_state, rngs)
     if dist.world > 1:
