@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -285,39 +286,52 @@ def test_stage2_updates_exactly_lora_and_projector(stage1, data, tmp_path, freez
     assert base_module(after.llm).lm_head.weight.equal(base_module(before.llm).lm_head.weight)
 
 
-def test_resume_reproduces_the_uninterrupted_losses(stage1, data, tmp_path):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_resume_reproduces_the_uninterrupted_losses(stage1, data, tmp_path, bf16):
+    """Also with a bf16 base: the fp32 projector must come back unrounded (it was cast to bf16 and back)."""
+    from safetensors.torch import load_file
     from training.train import train
 
     straight = tmp_path / "straight"
-    train(_cfg(2, data, straight, init=str(stage1), max_steps=6))
+    train(_cfg(2, data, straight, init=str(stage1), max_steps=6, bf16=bf16, device="cpu"))
     split = tmp_path / "split"
-    train(_cfg(2, data, split, init=str(stage1), max_steps=6, stop_after=3))
+    train(_cfg(2, data, split, init=str(stage1), max_steps=6, stop_after=3, bf16=bf16, device="cpu"))
     assert len(_losses(split)) == 3
-    train(_cfg(2, data, split, resume=True))
+    train(_cfg(2, data, split, resume=True, bf16=bf16, device="cpu"))
     a, b = _losses(straight), _losses(split)
     assert len(a) == len(b) == 6
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
+    for name in ("projector.safetensors", "llm_lora/adapter_model.safetensors"):
+        whole, resumed = (load_file(run / "checkpoint" / name) for run in (straight, split))
+        assert all(torch.equal(resumed[k], whole[k]) for k in whole), name
     with pytest.raises(FileExistsError, match="--resume"):
         train(_cfg(2, data, straight, init=str(stage1)))
 
 
-def test_bf16_on_cpu_autocasts_and_keeps_trained_weights_fp32(stage1, data, tmp_path, monkeypatch):
+def test_bf16_autocasts_the_forward_only_and_keeps_trained_weights_fp32(stage1, data, tmp_path, monkeypatch):
     from safetensors.torch import load_file
     from training import modeling
     from training.train import train
 
     seen, forward = [], modeling.LossModule.forward
+    in_backward, backward = [], torch.Tensor.backward
 
     def spy(self, *args):
         seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
         return forward(self, *args)
 
+    def backward_spy(self, *args, **kwargs):
+        in_backward.append(torch.is_autocast_enabled("cpu"))
+        return backward(self, *args, **kwargs)
+
     monkeypatch.setattr(modeling.LossModule, "forward", spy)
+    monkeypatch.setattr(torch.Tensor, "backward", backward_spy)
     runs = {}
     for name, bf16 in (("fp32", False), ("bf16", True)):
         runs[name] = tmp_path / name
         train(_cfg(2, data, runs[name], init=str(stage1), max_steps=3, bf16=bf16, device="cpu"))
     assert seen == [False] * 3 + [True] * 3, seen  # one micro-batch per step
+    assert in_backward == [False] * 6, in_backward  # backward outside autocast (PyTorch's AMP guidance)
     fp32, bf16 = _losses(runs["fp32"]), _losses(runs["bf16"])
     assert fp32 != bf16
     assert max(abs(a - b) / a for a, b in zip(fp32, bf16)) < 0.05, (fp32, bf16)
@@ -326,30 +340,47 @@ def test_bf16_on_cpu_autocasts_and_keeps_trained_weights_fp32(stage1, data, tmp_
     assert {str(t.dtype) for f in saved for t in load_file(f).values()} == {"torch.float32"}
 
 
+def _torchrun(*args: str, timeout: float = 240) -> None:
+    """`python -m training ARGS` in 2 processes (gloo). A hang fails the test after `timeout` seconds: torchrun gets
+    SIGTERM, which it passes on to its workers (they run in sessions of their own), SIGKILL 30 s later."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: reading it never waits for a stuck worker
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 "2", "-m", "training", *args], env=env, cwd=ROOT, stdout=log, stderr=log, text=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            proc.wait(timeout=90)
+            log.seek(0)
+            pytest.fail(f"torchrun still running after {timeout} s (ranks out of step?): {log.read()[-3000:]}")
+        log.seek(0)
+        assert proc.returncode == 0, log.read()[-3000:]
+
+
+def _stage2_args(data_json: Path, stage1: Path, steps: int) -> list[str]:
+    """Dropout off: its masks are per-process random streams."""
+    return ["--stage", "2", "--data", str(data_json), "--init", str(stage1), "--max-steps", str(steps),
+            "--lora-dropout", "0", "--vit-lora-dropout", "0", "--threads", "1", "--no-progress", "--seed", "5"]
+
+
 def test_torchrun_ddp_and_fsdp_match_one_process(stage1, data, tmp_path):
-    """Same global batch (4) as 1 x 4 and 2 x 2. Dropout off: its masks are per-process random streams.
+    """Same global batch (4) as 1 x 4 and 2 x 2.
     Tolerance 2e-4: the only difference is the order of float additions (gloo's all-reduce of gradients and
     token counts vs one batched sum), about 1e-6 per step, compounded by Adam over 4 steps."""
-    args = ["--stage", "2", "--data", str(data / "stage2.json"), "--init", str(stage1), "--max-steps", "4",
-            "--lora-dropout", "0", "--vit-lora-dropout", "0", "--threads", "1", "--no-progress", "--seed", "5"]
+    args = _stage2_args(data / "stage2.json", stage1, 4)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, "-m", "training", *args, "--out", str(one), "--batch-size", "4"],
                    check=True, env=env, cwd=ROOT, capture_output=True)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "training", *args, "--out", str(two), "--batch-size", "2"],
-                            env=env, cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _torchrun(*args, "--out", str(two), "--batch-size", "2")
     a, b = _losses(one), _losses(two)
     assert len(a) == len(b) == 4
     assert max(abs(x - y) for x, y in zip(a, b)) < 2e-4, (a, b)  # observed: 0 at step 1, 5e-5 at step 4
     assert a[0] != a[-1]
     # FSDP (sharded parameters, gloo on CPU): same curve, and the gathered checkpoint loads as a whole model.
     sharded = tmp_path / "fsdp"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "training", *args, "--out", str(sharded), "--batch-size", "2", "--fsdp"],
-                            env=env, cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _torchrun(*args, "--out", str(sharded), "--batch-size", "2", "--fsdp")
     c = _losses(sharded)
     assert len(c) == 4 and max(abs(x - y) for x, y in zip(a, c)) < 2e-4, (a, c)
     from sqllava_edge.checkpoint import load_checkpoint
@@ -361,3 +392,65 @@ def test_torchrun_ddp_and_fsdp_match_one_process(stage1, data, tmp_path):
     whole, gathered = lora(one), lora(sharded)  # every LLM-LoRA and ViT-LoRA tensor, gathered from both shards
     assert whole and gathered.keys() == whole.keys()
     assert all(torch.allclose(gathered[n], whole[n], atol=1e-3) for n in whole)
+
+
+@pytest.mark.slow
+def test_fsdp_with_bf16_trains_and_saves_what_one_process_does(stage1, data, tmp_path):
+    """FSDP with the CUDA defaults (bf16 frozen base next to fp32 LoRA and projector, activation checkpointing) wraps,
+    trains, saves, resumes, and its checkpoint holds what one process trains on the same micro-batches (1 x 2 x 2
+    accumulated vs 2 x 2; both without the shared-prefix pass, which activation checkpointing turns off).
+    Tolerance 1e-3: both runs compute each row alike; gradient sums differ in order, and Adam's first steps turn
+    a near-zero gradient into +-lr (observed: losses equal for 2 steps then 4e-4 apart; weights at most 6e-4)."""
+    from safetensors.torch import load_file
+
+    from sqllava_edge.checkpoint import load_checkpoint
+    from training.train import train
+
+    common = dict(lora_dropout=0.0, vit_lora_dropout=0.0, bf16=True, grad_checkpointing=True, device="cpu")
+    one = tmp_path / "one"
+    train(_cfg(2, data, one, init=str(stage1), max_steps=3, batch_size=2, grad_accum=2, **common))
+    sharded = tmp_path / "fsdp"
+    args = [*_stage2_args(data / "stage2.json", stage1, 3), "--out", str(sharded), "--batch-size", "2", "--fsdp",
+            "--bf16", "--grad-checkpointing"]
+    _torchrun(*args, "--stop-after", "2")
+    _torchrun(*args, "--resume")  # the gathered optimizer state goes back into the shards
+    a, b = _losses(one), _losses(sharded)
+    assert len(a) == len(b) == 3 and a[0] != a[-1]
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-3, (a, b)
+    whole, gathered = (dict(load_checkpoint(run / "checkpoint")[0].named_parameters()) for run in (one, sharded))
+    assert gathered.keys() == whole.keys()
+    trained = {n for n in whole if "lora_" in n or n.startswith("projector.")}
+    assert trained and all(torch.equal(gathered[n], whole[n]) for n in whole.keys() - trained)  # frozen base
+    assert all(torch.allclose(gathered[n], whole[n], atol=1e-3) for n in trained), \
+        max((gathered[n] - whole[n]).abs().max().item() for n in trained)
+    saved = load_file(sharded / "checkpoint/llm_lora/adapter_model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_a_rank_whose_samples_are_all_skipped_stays_in_step(stage1, data, tmp_path, fsdp):
+    """Rank 1's first micro-batch holds only missing images. It must still join the gradient collectives (it used to
+    skip them and leave rank 0 waiting until killed): same losses as one process reading the same global batches."""
+    import dataclasses
+
+    from training.data import StepSampler
+    from training.train import train
+
+    rows = json.loads((data / "stage2.json").read_text())
+    rank1 = iter(StepSampler(len(rows), 2, 1, rank=1, world_size=2, seed=5))
+    for index, _ in (next(rank1), next(rank1)):
+        rows[index]["image"] = "missing.png"
+    skipping = tmp_path / "skipping.json"
+    skipping.write_text(json.dumps(rows))
+    one = tmp_path / "one"
+    cfg = _cfg(2, data, one, init=str(stage1), max_steps=2, batch_size=4, lora_dropout=0.0, vit_lora_dropout=0.0,
+               image_folder=str(data / "images"))
+    train(dataclasses.replace(cfg, data=str(skipping)))
+    two = tmp_path / "two"
+    _torchrun(*_stage2_args(skipping, stage1, 2), "--image-folder", str(data / "images"), "--out", str(two),
+              "--batch-size", "2", *(["--fsdp"] if fsdp else []), timeout=180)
+    a, b = _losses(one), _losses(two)
+    assert len(a) == len(b) == 2
+    assert max(abs(x - y) for x, y in zip(a, b)) < 2e-4, (a, b)
+    first = json.loads((one / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["skipped_missing_image"] == 2 and first["samples"] == 2  # the step really lost rank 1's samples

@@ -61,6 +61,30 @@ def attach_lora(model, *, r: int, alpha: int, dropout: float, vit_r: int, vit_al
         model.vision.clip = get_peft_model(model.vision.clip, vit_cfg)
 
 
+def model_holding(like, weights: dict[str, torch.Tensor]):
+    """A model built like `like` (same config, same LoRA adapters) that holds `weights` (its full state dict, e.g.
+    gathered from FSDP shards), for the checkpoint writer. Built on the meta device and assigned: nothing is copied."""
+    import copy
+
+    from peft import get_peft_model
+
+    from sqllava_edge.model import SQLLaVA
+
+    with torch.device("meta"):
+        model = SQLLaVA.from_config(like.config)
+        for owner, like_owner, attr in ((model, like, "llm"), (model.vision, like.vision, "clip")):
+            like_part = getattr(like_owner, attr)
+            if hasattr(like_part, "peft_config"):
+                (name, adapter), = like_part.peft_config.items()  # one adapter per part (attach_lora, load_checkpoint)
+                config = copy.deepcopy(adapter)
+                config.base_model_name_or_path = None  # set back below; meta parts have no name (PEFT would warn)
+                wrapped = get_peft_model(getattr(owner, attr), config, adapter_name=name)
+                wrapped.peft_config[name].base_model_name_or_path = adapter.base_model_name_or_path
+                setattr(owner, attr, wrapped)
+    model.load_state_dict(weights, assign=True)
+    return model
+
+
 def set_trainable(model, stage: int, freeze_vit_lora: bool) -> None:
     """requires_grad per stage (spec 2.3): the projector; in stage 2 also LLM-LoRA and, unless frozen, ViT-LoRA.
     The optimizer groups are read back from the flags by `optimizer_groups`, after any DDP/FSDP wrapping."""
@@ -97,28 +121,46 @@ def vision_trains(model) -> bool:
     return any(p.requires_grad for p in model.vision.parameters())
 
 
+def fsdp_units(model) -> set[nn.Module]:
+    """The modules FSDP shards as units of their own. A unit is gathered as one flat tensor, so its weights share
+    one dtype: every LLM decoder layer and ViT encoder layer (frozen base, bf16 under --bf16), the projector, and
+    each LoRA A and B matrix (fp32). Embeddings, final norms and the LM head stay in the root unit. Each layer is
+    then gathered only while it runs, and frozen units carry no gradient (the PEFT + FSDP recipe)."""
+    units: set[nn.Module] = {model.projector}
+    units.update(base_module(model.llm).model.layers)
+    units.update(model.vision.clip.encoder.layers)
+    units.update(m for name, m in model.named_modules() if ".lora_" in name and isinstance(m, nn.Linear))
+    return units
+
+
 class LossModule(nn.Module):
-    """One micro-batch -> (summed next-token CE, number of trained tokens). Wrapped by DDP/FSDP as a whole.
+    """One micro-batch -> (summed next-token CE, number of trained tokens). Wrapped by DDP, or sharded by FSDP.
 
     Same loss as SQLLaVA.forward (shifted CE over non-ignored labels, spec 1.6), but the vocabulary projection runs
     only at the labelled positions: for the tiny preset the 32000-way head over every position costs more than the
     whole rest of the model. A token prefix shared by all rows (the system prompt, a third of a tiny-preset
     sample) runs once per micro-batch. The ViT runs with grad when ViT-LoRA trains (the paper's choice, spec 8.1), else
     without (the reference's @torch.no_grad()).
+
+    lockstep (FSDP with per-layer units): every call runs every unit exactly once, whatever the batch holds, because
+    each unit's all-gather is a collective that every rank must join in the same order. So no shared prefix (it
+    runs the decoder twice), and a batch without images runs the ViT and projector on a blank image that adds 0.
     """
 
-    def __init__(self, model, share_prefix: bool = True):
+    def __init__(self, model, share_prefix: bool = True, lockstep: bool = False):
         super().__init__()
         self.model = model
-        self.share_prefix = share_prefix  # off with activation checkpointing, which cannot carry a KV cache
+        self.share_prefix = share_prefix and not lockstep  # also off with activation checkpointing (no KV cache)
+        self.lockstep = lockstep
 
     def forward(self, input_ids, labels, pixel_values) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.model
-        image_embeds = None
+        image_embeds = blank_embeds = None
         if pixel_values is not None:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and vision_trains(model)):
-                feats = model.vision(pixel_values.to(model.device))  # (B, T, D)
-            image_embeds = model.projector(feats.to(next(model.projector.parameters()).dtype))  # (B, T, H)
+            image_embeds = self._encode(pixel_values)  # (B, T, H)
+        elif self.lockstep:
+            size = model.config.vision.image_size
+            blank_embeds = self._encode(torch.zeros(1, 3, size, size, device=model.device))  # (1, T, H)
         batch = model.prepare_inputs(input_ids, labels=labels, image_embeds=image_embeds)
         llm = base_module(model.llm)
         prefix = shared_prefix(input_ids) if self.share_prefix else 0
@@ -127,7 +169,16 @@ class LossModule(nn.Module):
         keep = targets != IGNORE_INDEX
         logits = llm.lm_head(hidden[:, :-1][keep])  # (N, V)
         loss_sum = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        if blank_embeds is not None:
+            loss_sum = loss_sum + 0.0 * blank_embeds.float().sum()  # in the graph, so the units' backward runs too
         return loss_sum, keep.sum()
+
+    def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, T, H) image embeddings."""
+        model = self.model
+        with torch.set_grad_enabled(torch.is_grad_enabled() and vision_trains(model)):
+            feats = model.vision(pixel_values.to(model.device))  # (B, T, D)
+        return model.projector(feats.to(next(model.projector.parameters()).dtype))  # (B, T, H)
 
 
 def decoder_hidden(decoder: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, prefix: int = 0):

@@ -195,6 +195,7 @@ def build_model(cfg: TrainConfig, dist: Dist):
         ckpt = Path(cfg.out) / "checkpoint"
         state = read_training_state(ckpt, dist.rank)
         model, tok = load_checkpoint(ckpt, trainable_lora=True, dtype=base_dtype)
+        _restore_projector(model, ckpt)
         return model, tok, _external_bases(read_meta(ckpt)), state
     if cfg.stage == 1:
         if cfg.init:
@@ -206,10 +207,19 @@ def build_model(cfg: TrainConfig, dist: Dist):
         raise ValueError("stage 2 starts from a stage-1 checkpoint: pass --init RUN_OR_CHECKPOINT")
     ckpt = resolve_checkpoint(cfg.init)
     model, tok = load_checkpoint(ckpt, dtype=base_dtype)
+    _restore_projector(model, ckpt)
     torch.manual_seed(cfg.seed)  # LoRA A init: identical on every rank
     modeling.attach_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, vit_r=cfg.vit_lora_r,
                          vit_alpha=cfg.vit_lora_alpha, vit_dropout=cfg.vit_lora_dropout)
     return model, tok, _external_bases(read_meta(ckpt)), None
+
+
+def _restore_projector(model, ckpt: Path) -> None:
+    """load_checkpoint casts the projector to the base dtype (bf16 under --bf16), but it trains in fp32: put back the
+    saved weights as saved, or a resumed run would continue from rounded ones. (PEFT keeps the LoRA weights fp32.)"""
+    from safetensors.torch import load_file
+
+    model.projector.load_state_dict(load_file(ckpt / "projector.safetensors"), assign=True)
 
 
 def _external_bases(meta: dict[str, Any]) -> dict[str, str]:
@@ -237,8 +247,13 @@ def wrap_parallel(cfg: TrainConfig, dist: Dist, loss_module):
         return loss_module
     if cfg.fsdp:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.wrap import CustomPolicy
 
-        return FSDP(loss_module, use_orig_params=True, device_id=dist.device)  # CPU works with gloo when named
+        from training.modeling import fsdp_units
+
+        units = fsdp_units(loss_module.model)  # one dtype per unit: bf16 frozen layers, fp32 LoRA and projector
+        return FSDP(loss_module, auto_wrap_policy=CustomPolicy(lambda module: module in units), use_orig_params=True,
+                    device_id=dist.device)  # CPU works with gloo when named
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [dist.device.index] if dist.device.type == "cuda" else None
@@ -292,7 +307,8 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.grad_checkpointing:
         for part in (modeling.base_module(model.llm), modeling.base_module(model.vision.clip)):
             part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    engine = wrap_parallel(cfg, dist, modeling.LossModule(model, share_prefix=not cfg.grad_checkpointing))
+    loss_module = modeling.LossModule(model, share_prefix=not cfg.grad_checkpointing, lockstep=cfg.fsdp)
+    engine = wrap_parallel(cfg, dist, loss_module)
     groups = modeling.optimizer_groups(engine)
 
     # --- data, optimizer, and the saved state when resuming
@@ -305,7 +321,7 @@ def setup(cfg: TrainConfig) -> Run:
     start_step = 0
     if resumed is not None:
         _check_resume(cfg, resumed, dist)
-        optimizer.load_state_dict(_optimizer_state_to_load(cfg, engine, optimizer, resumed["optimizer"]))
+        _load_optimizer_state(cfg, engine, optimizer, resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
         start_step = resumed["step"]
         sampler.set_position(**resumed["data_position"])
@@ -329,21 +345,26 @@ def save(run: Run, step: int) -> Path:
     cfg, dist = run.cfg, run.dist
     rngs = _gather_objects(rng_state(), dist)
     ckpt = run.out / "checkpoint"
-    optimizer_state, gathered = run.optimizer.state_dict(), contextlib.nullcontext()
-    if cfg.fsdp:  # collective: full optimizer state keyed by parameter name, full weights on rank 0
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    model, optimizer_state = run.model, run.optimizer.state_dict()
+    if cfg.fsdp:  # collective: the full weights and optimizer state (keyed by parameter name), one unit at a time
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-        optimizer_state = FSDP.optim_state_dict(run.engine, run.optimizer)
-        gathered = FSDP.summon_full_params(run.engine, writeback=False)
-    with gathered:
-        if dist.main:
-            _write(run, ckpt, step, optimizer_state, rngs)
+        from training.modeling import model_holding
+
+        # cpu_offload: only rank 0 gets them, in CPU memory. On a CPU device FSDP's offload frees the very storage
+        # it hands out (its `.to("cpu")` is no copy there): every rank gathers instead.
+        full = StateDictOptions(full_state_dict=True, cpu_offload=dist.device.type != "cpu")
+        weights, optimizer_state = get_state_dict(run.engine, run.optimizer, options=full)
+        weights = {k.removeprefix("model."): v for k, v in weights.items()}  # LossModule.model's names
+        model = model_holding(run.model, weights) if dist.main else None
+    if dist.main:
+        _write(run, model, ckpt, step, optimizer_state, rngs)
     if dist.world > 1:
         torch.distributed.barrier()
     return ckpt
 
 
-def _write(run: Run, ckpt: Path, step: int, optimizer_state: dict, rngs: list) -> None:
+def _write(run: Run, model, ckpt: Path, step: int, optimizer_state: dict, rngs: list) -> None:
     from sqllava_edge.checkpoint import save_checkpoint
     from training.state import write_training_state
 
@@ -355,7 +376,7 @@ def _write(run: Run, ckpt: Path, step: int, optimizer_state: dict, rngs: list) -
                              optimizer_state=optimizer_state, scheduler_state=run.scheduler.state_dict(),
                              rng_states=rngs, world_size=run.dist.world)
 
-    save_checkpoint(ckpt, run.model, run.tokenizer, base_refs=run.base_refs, extra=extra,
+    save_checkpoint(ckpt, model, run.tokenizer, base_refs=run.base_refs, extra=extra,
                     provenance={"trainer": "python -m training", "stage": cfg.stage, "step": step,
                                 "recipe": cfg.recipe, "sq_r": cfg.sq_r, "freeze_vit_lora": cfg.freeze_vit_lora})
 
@@ -374,18 +395,32 @@ def forward_backward(run: Run, micro: list) -> tuple[float, int, int, Counter]:
     loss_sum, positions, stats = torch.zeros((), device=dist.device), 0, Counter()
     extra_rows = run.model.config.num_image_tokens - 1  # each image placeholder becomes T rows
     for k, batch in enumerate(micro):
-        last = k == len(micro) - 1
-        with (run.engine.no_sync() if not last and dist.world > 1 else contextlib.nullcontext()), autocast:
-            if len(batch):
-                ce, _ = run.engine(batch.input_ids, batch.labels, batch.pixel_values)
-                (ce / norm).backward()
-                loss_sum += ce.detach()
         images = 0 if batch.pixel_values is None else batch.pixel_values.shape[0]
         positions += sum(len(r) for r in batch.input_ids) + images * extra_rows
         stats.update(batch.stats)
+        if not len(batch):  # every sample skipped (missing images, nothing left to train, ...)
+            if dist.world == 1:
+                continue
+            batch = _stand_in(run)  # the other ranks wait for this one in DDP's / FSDP's collectives
+        last = k == len(micro) - 1
+        with run.engine.no_sync() if not last and dist.world > 1 else contextlib.nullcontext():
+            with autocast:  # the forward and the loss only: PyTorch's AMP guidance leaves autocast before backward
+                ce, _ = run.engine(batch.input_ids, batch.labels, batch.pixel_values)
+            (ce / norm).backward()
+        loss_sum += ce.detach()
     if dist.world > 1:
         torch.distributed.all_reduce(loss_sum)
     return loss_sum.item() / max(counts.item(), 1.0), int(counts.item()), positions * dist.world, stats
+
+
+def _stand_in(run: Run):
+    """A micro-batch for a rank whose samples were all skipped: one token, nothing to train. It runs the same layers
+    (and so the same collectives) as a real one and adds exactly 0 to the loss and to every gradient."""
+    from sqllava_edge.config import IGNORE_INDEX
+    from training.data import Batch
+
+    ids = torch.tensor([run.tokenizer.bos_id], device=run.dist.device)
+    return Batch([ids], [torch.full_like(ids, IGNORE_INDEX)], None)
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -436,7 +471,8 @@ def train(cfg: TrainConfig) -> Path:
 
 def _clip(engine, params, max_norm: float) -> float:
     if not max_norm:
-        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        norms = [p.grad.norm() for p in params if p.grad is not None]  # none when every sample was skipped
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
     if hasattr(engine, "clip_grad_norm_"):  # FSDP: the norm over all shards
         return float(engine.clip_grad_norm_(max_norm))
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
@@ -455,12 +491,14 @@ def _gather_objects(obj, dist: Dist) -> list:
     return gathered
 
 
-def _optimizer_state_to_load(cfg: TrainConfig, engine, optimizer, state: dict) -> dict:
+def _load_optimizer_state(cfg: TrainConfig, engine, optimizer, state: dict) -> None:
     if not cfg.fsdp:
-        return state
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    return FSDP.optim_state_dict_to_load(engine, optimizer, state)  # name-keyed full state -> this rank's shard
+    # The name-keyed full state (every rank read it) -> this rank's shard.
+    set_optimizer_state_dict(engine, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def _check_resume(cfg: TrainConfig, state: dict, dist: Dist) -> None:
