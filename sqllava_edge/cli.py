@@ -236,6 +236,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SQLLaVAError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as exc:  # an optional dependency this command needs: name the extra, in one line
+        from sqllava_edge.deps import explain
+
+        if explain(exc) is None:
+            raise
+        print(f"error: {explain(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
