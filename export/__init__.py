@@ -29,7 +29,7 @@ from sqllava_edge.deps import explain_when_run_as_main
 EXPORT_CODE_VERSION = 1
 SKIP_IN_CHECKPOINT = ("training_state",)  # optimizer state does not change what is exported
 
-explain_when_run_as_main("export")  # `python -m export ...` without torch: one line naming the extra
+explain_when_run_as_main("export", __name__)  # `python -m export ...` without torch: one line naming the extra
 
 
 def checkpoint_digest(folder: str | os.PathLike) -> str:

@@ -19,4 +19,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'sqllava_edge' has no attribute {name!r}")
 
 
-explain_when_run_as_main("export")  # `python -m sqllava_edge.convert` without torch: one line naming the extra
+explain_when_run_as_main("export", __name__)  # `python -m sqllava_edge.convert` without torch: one line naming the extra

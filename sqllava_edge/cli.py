@@ -239,9 +239,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModuleNotFoundError as exc:  # an optional dependency this command needs: name the extra, in one line
         from sqllava_edge.deps import explain
 
-        if explain(exc) is None:
+        message = explain(exc, f"sqllava-edge {args.command}")
+        if message is None:
             raise
-        print(f"error: {explain(exc)}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         return 1
 
 

@@ -6,12 +6,13 @@ backends and the benchmarks' PyTorch baseline need the `train` / `export` extras
 
     require("torch", "train", "a training checkpoint")   # returns the module, or raises MissingExtraError
     explain(exc)                                         # one line for a ModuleNotFoundError of a known module
-    explain_when_run_as_main("export")                   # in a package __init__: `python -m pkg.x` says it in a line
+    explain_when_run_as_main("export", __name__)         # in a package __init__: `python -m pkg.x` says it in a line
 """
 from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 from types import ModuleType
 
 from sqllava_edge.errors import SQLLaVAError
@@ -45,32 +46,41 @@ def require(module: str, extra: str | None, what: str) -> ModuleType:
                                 f"{install_hint(module, extra)}") from None
 
 
-def explain(exc: BaseException, extra: str | None = None) -> str | None:
-    """The one-line message for a ModuleNotFoundError of a module some extra installs; None for anything else."""
+def explain(exc: BaseException, what: str = "this", extra: str | None = None) -> str | None:
+    """The one-line message for a ModuleNotFoundError of a module some extra installs; None for anything else.
+    `extra` overrides the table for the training/export dependencies (a package knows which of its extras it is)."""
     if isinstance(exc, MissingExtraError):
         return str(exc)
-    name = getattr(exc, "name", None) or ""
-    if not isinstance(exc, ModuleNotFoundError) or name.split(".")[0] not in EXTRA_OF:
+    top = (getattr(exc, "name", None) or "").split(".")[0]
+    if not isinstance(exc, ModuleNotFoundError) or top not in EXTRA_OF:
         return None
-    top = name.split(".")[0]
-    return f"this needs {top}, which is not installed; {install_hint(top, extra if top in _HEAVY else None)}"
+    extra = extra if extra and EXTRA_OF[top] in ("train", "export") else None
+    return f"{what} needs {top}, which is not installed; {install_hint(top, extra)}"
 
 
-_HEAVY = ("torch", "transformers", "peft", "accelerate", "safetensors", "onnx", "onnxscript", "gguf", "sentencepiece")
-
-
-def explain_when_run_as_main(extra: str) -> None:
-    """Called by a package's __init__: when the package is being run with `python -m package[.module]` (runpy sets
-    sys.argv[0] to "-m" while it imports the package), a missing dependency of the module that runs ends the process
-    with one line naming `extra` instead of a traceback. Imported as a library, nothing changes."""
+def explain_when_run_as_main(extra: str, package: str) -> None:
+    """Called by a package's __init__ (`package` is its __name__): when it is being run with `python -m
+    package[.module]` (runpy sets sys.argv[0] to "-m" while it imports the package), a missing dependency of the
+    module that runs ends the process with one line naming `extra` instead of a traceback. Imported as a library,
+    nothing changes."""
     if sys.argv[:1] != ["-m"]:
         return
     previous = sys.excepthook
 
     def hook(kind, exc, tb):
-        message = explain(exc, extra)
+        message = explain(exc, f"python -m {_running_module(package)}", extra)
         if message is None:
             return previous(kind, exc, tb)
         print(f"error: {message}", file=sys.stderr)
 
     sys.excepthook = hook
+
+
+def _running_module(package: str) -> str:
+    """The dotted name of the module runpy runs (sys.argv[0] is its file by now)."""
+    root = Path(sys.modules[package].__file__).parent
+    try:
+        parts = Path(sys.argv[0]).resolve().relative_to(root.resolve()).with_suffix("").parts
+    except ValueError:
+        return package
+    return ".".join([package, *(p for p in parts if p != "__main__")])
