@@ -235,7 +235,7 @@ class ModelOutput:
     logits: torch.Tensor  # (B, T, V)
     loss: torch.Tensor | None
     attention_mask: torch.Tensor  # (B, T)
-    past_key_values: object | None = None
+    cache: object | None = None  # the LLM's KV cache (transformers Cache) with use_cache
 
 
 class SQLLaVA(nn.Module):
@@ -288,7 +288,7 @@ class SQLLaVA(nn.Module):
             logits = out.logits[:, :-1].float()
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1),
                                    ignore_index=IGNORE_INDEX)
-        return ModelOutput(out.logits, loss, batch.attention_mask, out.past_key_values if use_cache else None)
+        return ModelOutput(out.logits, loss, batch.attention_mask, out.cache if use_cache else None)
 
 
 def _rows(x) -> list[torch.Tensor]:
