@@ -32,6 +32,7 @@ def hf_clip_config(vision: VisionConfig):
         layer_norm_eps=vision.layer_norm_eps,
         hidden_act="quick_gelu",  # OpenAI CLIP
         attn_implementation="sdpa",
+        architectures=["CLIPVisionModel"],  # config.json names the class: tools that read the folder need it
     )
 
 
@@ -165,6 +166,7 @@ def hf_llama_config(llm: LLMConfig):
         pad_token_id=llm.pad_token_id,
         tie_word_embeddings=False,
         attn_implementation="sdpa",
+        architectures=["LlamaForCausalLM"],  # llama.cpp's convert_hf_to_gguf.py refuses a config.json without it
     )
 
 
