@@ -1,1 +1,4 @@
-"""benchmarks."""
+"""benchmarks: runtimes side by side; the PyTorch baseline needs pip install 'sqllava-edge[train]'."""
+from sqllava_edge.deps import explain_when_run_as_main
+
+explain_when_run_as_main("train", __name__)

@@ -145,7 +145,7 @@ def _tokenizer(source: ModelSource, dev: DeviceInfo):
     artifact = source.manifest.find("tokenizer")
     if artifact is None:
         raise BundleError(f"{source.folder} has no tokenizer artifact; re-export the bundle")
-    tokenizer = load_tokenizer(source.artifact_path(artifact))
+    tokenizer = load_tokenizer(source.artifact_path(artifact), runtime=True)  # no transformers on a device
     special = source.manifest.special_tokens
     if (tokenizer.bos_id, tokenizer.eos_id) != (special.get("bos"), special.get("eos")):
         raise BundleError(f"{source.folder}: tokenizer bos/eos ({tokenizer.bos_id}, {tokenizer.eos_id}) differ from the "

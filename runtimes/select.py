@@ -315,9 +315,13 @@ class ModelSource:
             except (TypeError, ValueError) as exc:
                 raise BundleError(f"{folder}: the manifest's model config is invalid ({exc}); re-export the bundle") from None
             return cls(folder, config, manifest)
-        from sqllava_edge.checkpoint import is_checkpoint, read_meta  # imports torch: only for checkpoints
+        if (folder / "sqllava_edge.json").is_file():  # sqllava_edge.checkpoint.META_FILE (that module imports torch)
+            from sqllava_edge.deps import require
 
-        if is_checkpoint(folder):
+            require("torch", "train", f"{folder}, a training checkpoint (the torch backends; a device runs its "
+                    "exported bundle),")
+            from sqllava_edge.checkpoint import read_meta
+
             return cls(folder, ModelConfig.from_dict(read_meta(folder)["config"]))
         raise BundleError(f"{folder} is neither a bundle (no manifest.json) nor a training checkpoint "
                           "(no sqllava_edge.json); export one with: python -m export CHECKPOINT --out BUNDLE")

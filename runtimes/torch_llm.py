@@ -139,11 +139,11 @@ class TorchLLM:
             cache = DynamicCache(layers)
         else:
             cache = DynamicCache()
-        out = self.llm(**inputs, past_key_values=cache, use_cache=True)
+        out = self.llm(**inputs, cache=cache, use_cache=True)  # transformers 5: `cache` (past_key_values until 5.40)
         batched = len(seqs) > 1  # copy rows out of a batch so no sequence pins the others' memory
         for b, seq in enumerate(seqs):
             self._kv[seq] = [(_row(layer.keys, b, batched), _row(layer.values, b, batched))
-                             for layer in out.past_key_values.layers]
+                             for layer in out.cache.layers]
         return out.logits[:, -1].float().cpu().numpy()  # (B, V)
 
 

@@ -5,6 +5,8 @@ tensorrt) load lazily, so importing the package itself needs only the standard l
 """
 from __future__ import annotations
 
+from sqllava_edge.deps import explain_when_run_as_main
+
 __version__ = "0.1.0"
 __all__ = ["Assistant", "__version__"]
 
@@ -15,3 +17,6 @@ def __getattr__(name: str):
 
         return Assistant
     raise AttributeError(f"module 'sqllava_edge' has no attribute {name!r}")
+
+
+explain_when_run_as_main("export", __name__)  # `python -m sqllava_edge.convert` without torch: one line naming the extra

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from sqllava_edge.config import ModelConfig
-from sqllava_edge.generation import TASK_DEFAULTS, GenerationConfig
+from sqllava_edge.generation import TASK_DEFAULTS, GenerationConfig, check_seed
 
 OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
 SEQUENCES = 4  # KV sequences kept: self_question(n=3) = the shared prompt + 3 samples in one batch
@@ -183,7 +183,8 @@ class Assistant:
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
         config = _config("self_question", options)
-        seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else int(seed)
+        seed = check_seed(seed)
+        seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else seed
         with self._lock:
             ref = self.engine.image_ref(image)
             description = self._description(ref) if description is None else description

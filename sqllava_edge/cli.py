@@ -230,6 +230,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SQLLaVAError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as exc:  # an optional dependency this command needs: name the extra, in one line
+        from sqllava_edge.deps import explain
+
+        message = explain(exc, f"sqllava-edge {args.command}")
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

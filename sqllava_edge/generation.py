@@ -6,6 +6,7 @@ the same logits produce the same tokens, greedy or sampled with the same seed. S
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -22,14 +23,17 @@ class GenerationConfig:
     stop: tuple[str, ...] = field(default_factory=tuple)  # extra stop strings; EOS always stops
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if not _is_number(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        check_seed(self.seed)
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be non-empty strings (an empty one would never match), got {self.stop!r}")
 
     @property
     def greedy(self) -> bool:
@@ -37,6 +41,24 @@ class GenerationConfig:
 
     def replace(self, **changes) -> "GenerationConfig":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    """A real, finite number (NaN would sample garbage: every comparison with it is False)."""
+    return (_is_int(value) or isinstance(value, (float, np.floating))) and math.isfinite(value)
+
+
+def check_seed(seed, name: str = "seed") -> int | None:
+    """A sampling seed: None (fresh randomness) or an int >= 0 (numpy's generators take no other)."""
+    if seed is None:
+        return None
+    if not _is_int(seed) or seed < 0:
+        raise ValueError(f"{name} must be an int >= 0 or None, got {seed!r}")
+    return int(seed)
 
 
 # Spec 5.1 / 5.3: greedy answers and descriptions; self-questions sampled at T 1.2, top-k 300, top-p 0.95, 300 tokens.
@@ -104,7 +126,7 @@ def generate_tokens(model, prompt_ids: Sequence[int], config: GenerationConfig, 
     with torch.inference_mode():
         ids = torch.as_tensor(list(prompt_ids), dtype=torch.long)
         out = model(ids, pixel_values=pixel_values, image_embeds=image_embeds, use_cache=True)
-        cache, length = out.past_key_values, out.attention_mask.shape[1]
+        cache, length = out.cache, out.attention_mask.shape[1]
         logits = out.logits[0, -1]
         for _ in range(config.max_new_tokens):
             token = sampler(logits.float().cpu().numpy())
@@ -114,10 +136,10 @@ def generate_tokens(model, prompt_ids: Sequence[int], config: GenerationConfig, 
             step = model.llm(
                 input_ids=torch.tensor([[token]], device=model.device),
                 attention_mask=torch.ones(1, length + 1, dtype=torch.long, device=model.device),
-                past_key_values=cache,
+                cache=cache,  # transformers 5's name (past_key_values until 5.40)
                 use_cache=True,
             )
-            cache, length, logits = step.past_key_values, length + 1, step.logits[0, -1]
+            cache, length, logits = step.cache, length + 1, step.logits[0, -1]
 
 
 def generate(model, prompt_ids: Sequence[int], config: GenerationConfig, pixel_values=None, image_embeds=None,

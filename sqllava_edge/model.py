@@ -32,6 +32,7 @@ def hf_clip_config(vision: VisionConfig):
         layer_norm_eps=vision.layer_norm_eps,
         hidden_act="quick_gelu",  # OpenAI CLIP
         attn_implementation="sdpa",
+        architectures=["CLIPVisionModel"],  # config.json names the class: tools that read the folder need it
     )
 
 
@@ -165,6 +166,7 @@ def hf_llama_config(llm: LLMConfig):
         pad_token_id=llm.pad_token_id,
         tie_word_embeddings=False,
         attn_implementation="sdpa",
+        architectures=["LlamaForCausalLM"],  # llama.cpp's convert_hf_to_gguf.py refuses a config.json without it
     )
 
 
@@ -235,7 +237,7 @@ class ModelOutput:
     logits: torch.Tensor  # (B, T, V)
     loss: torch.Tensor | None
     attention_mask: torch.Tensor  # (B, T)
-    past_key_values: object | None = None
+    cache: object | None = None  # the LLM's KV cache (transformers Cache) with use_cache
 
 
 class SQLLaVA(nn.Module):
@@ -288,7 +290,7 @@ class SQLLaVA(nn.Module):
             logits = out.logits[:, :-1].float()
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1),
                                    ignore_index=IGNORE_INDEX)
-        return ModelOutput(out.logits, loss, batch.attention_mask, out.past_key_values if use_cache else None)
+        return ModelOutput(out.logits, loss, batch.attention_mask, out.cache if use_cache else None)
 
 
 def _rows(x) -> list[torch.Tensor]:

@@ -1,12 +1,18 @@
 """Session-wide fixtures shared by several test files."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory):
-    """A random-weight tiny bundle (fp32 vision ONNX, f32 GGUF), exported once per session (tests/serve_helpers.py)."""
+    """A random-weight tiny bundle (fp32 vision ONNX, f32 GGUF), exported once per session (tests/serve_helpers.py),
+    or the one $SQLLAVA_EDGE_TEST_BUNDLE names (.ci/runtime-venv: an environment without torch cannot export)."""
+    if os.environ.get("SQLLAVA_EDGE_TEST_BUNDLE"):
+        return Path(os.environ["SQLLAVA_EDGE_TEST_BUNDLE"])
     for module in ("onnxruntime", "llama_cpp"):
         try:
             __import__(module)

@@ -33,9 +33,17 @@ def test_sampling_distribution_respects_top_p():
     assert abs(counts[0] / 4000 - 0.5 / 0.8) < 0.03
 
 
-@pytest.mark.parametrize("bad", [dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-2)])
+BAD_CONFIGS = [dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-2),
+               # issue 22: each accepted before (NaN sampled garbage, "" never matched, "x" failed inside numpy)
+               dict(temperature=float("nan")), dict(temperature=float("inf")), dict(top_p=float("nan")),
+               dict(seed="x"), dict(seed=-1), dict(seed=1.5), dict(stop=("",)), dict(stop=("ok", 3)),
+               dict(max_new_tokens=2.5), dict(temperature="0.5"), dict(top_k=True)]
+
+
+@pytest.mark.parametrize("bad", BAD_CONFIGS, ids=[str(b) for b in BAD_CONFIGS])
 def test_bad_generation_config(bad):
-    with pytest.raises(ValueError):
+    """A clear ValueError naming the option, never a TypeError from inside numpy."""
+    with pytest.raises(ValueError, match=next(iter(bad))):
         GenerationConfig(**bad)
 
 
@@ -55,3 +63,32 @@ def test_kv_cache_generation_equals_full_recompute():
             expected.append(token)
             ids.append(token)
     assert got == expected and len(got) > 0
+
+
+def test_kv_cache_goes_through_the_cache_argument():
+    """Issue 22: transformers 5.40 removes `past_key_values`; generation, the torch runtime backend and training's
+    shared-prefix pass hand the cache over as `cache` (transformers 5's name), never the old keyword."""
+    from runtimes.torch_llm import TorchLLM
+    from training.modeling import decoder_hidden
+
+    model = SQLLaVA.from_config(get_preset("tiny"), seed=0).eval()
+    calls = []
+    for module in (model.llm, model.llm.model):
+        forward = module.forward
+
+        def spy(*args, _forward=forward, **kwargs):
+            calls.append(sorted(kwargs))
+            return _forward(*args, **kwargs)
+
+        module.forward = spy
+    generate(model, [1, 450, IMAGE_TOKEN_INDEX, 29871], GenerationConfig(max_new_tokens=3),
+             pixel_values=torch.randn(1, 3, 112, 112))
+    llm = TorchLLM(model.llm, 64)
+    llm.prefill(0, tokens=[1, 450, 338])
+    llm.decode({0: 29871})
+    x = torch.randn(2, 12, model.config.llm.hidden_size)
+    x[1, :4] = x[0, :4]
+    with torch.no_grad():
+        decoder_hidden(model.llm.model, x, torch.ones(2, 12, dtype=torch.long), prefix=4)
+    assert calls and not [kw for kw in calls if "past_key_values" in kw]
+    assert sum("cache" in kw for kw in calls) >= 3  # a decode step, the torch backend, the shared-prefix tail

@@ -206,3 +206,14 @@ def test_loss_is_token_mean_over_trained_positions():
     pos = [len(ids) - 1 + n_img - 2, len(ids) - 1 + n_img - 1]
     manual = F.cross_entropy(logits[[p - 1 for p in pos]], torch.tensor([1724, 2]))
     assert torch.allclose(out.loss, manual, atol=1e-5)
+
+
+def test_checkpoint_base_configs_name_their_architecture(tmp_path):
+    """Issue 22: llama.cpp's convert_hf_to_gguf.py (and other tools) read `architectures` from config.json and refuse
+    a folder without it ("Failed to detect model architecture")."""
+    from sqllava_edge.checkpoint import save_checkpoint
+
+    model = SQLLaVA.from_config(get_preset("tiny"), seed=0)
+    folder = save_checkpoint(tmp_path / "ckpt", model)
+    for part, architecture in (("llm", "LlamaForCausalLM"), ("vision", "CLIPVisionModel")):
+        assert json.loads((folder / part / "config.json").read_text())["architectures"] == [architecture]

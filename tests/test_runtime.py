@@ -403,6 +403,10 @@ BAD_CALLS = [
      "unknown sampling option"),
     ("negative temperature", lambda a, t: a.ask(_image(0), "What?", temperature=-1), ValueError, "temperature"),
     ("self_question n=0", lambda a, t: a.self_question(_image(0), n=0), ValueError, "positive int"),
+    ("NaN temperature", lambda a, t: a.ask(_image(0), "What?", temperature=float("nan")), ValueError, "temperature"),
+    ("seed not an int", lambda a, t: a.ask(_image(0), "What?", seed="x", temperature=1.0), ValueError, "seed"),
+    ("self_question seed not an int", lambda a, t: a.self_question(_image(0), seed="x"), ValueError, "seed"),
+    ("empty stop string", lambda a, t: a.ask(_image(0), "What?", stop=""), ValueError, "stop"),
     ("chat on a corrupt image", lambda a, t: a.chat(_corrupt_image(t)), ImageError, CORRUPT_IMAGE),
     ("empty chat question", lambda a, t: a.chat(_image(0)).ask(""), ValueError, "question is empty"),
 ]

@@ -113,7 +113,7 @@ def test_plain_text_matches_sentencepiece(tok, sp):
 def test_text_between_special_tokens_matches_transformers_4_31(tok, sp, legacy):
     """The reference tokenized whole prompts with special tokens parsed. Each piece of text between them, encoded on
     its own (after_special when it follows one), gives the reference's ids for either `legacy` setting."""
-    ours = Tokenizer(tok.hf, tok.spm_model, legacy=legacy)
+    ours = Tokenizer.from_hf(tok.hf, tok.spm_model, legacy=legacy)
     reference = slow_llama(sp, legacy)
     rng = random.Random(1)
     wrong = []
@@ -138,7 +138,7 @@ def test_text_between_special_tokens_matches_transformers_4_31(tok, sp, legacy):
     ("\nx", ["▁", "<0x0A>", "x"], ["<0x0A>", "x"]),  # a lone "▁" first token is dropped
 ])
 def test_text_after_eos_follows_legacy(tok, text, legacy_pieces, pieces):
-    new = Tokenizer(tok.hf, tok.spm_model, legacy=False)
+    new = Tokenizer.from_hf(tok.hf, tok.spm_model, legacy=False)
     assert tok.hf.convert_ids_to_tokens(tok.encode(text, after_special=True)) == legacy_pieces
     assert tok.hf.convert_ids_to_tokens(new.encode(text, after_special=True)) == pieces
     assert new.encode(text) == tok.encode(text)  # only text right after a control token differs
@@ -186,7 +186,7 @@ def test_legacy_setting_is_read_and_saved(tok, tmp_path, config, legacy):
     else:
         (folder / "tokenizer_config.json").write_text(json.dumps(config))
     assert read_legacy(folder) is legacy and load_tokenizer(folder).legacy is legacy
-    saved = Tokenizer(tok.hf, tok.spm_model, legacy=legacy).save(tmp_path / "saved")  # tokenizer.json folder
+    saved = Tokenizer.from_hf(tok.hf, tok.spm_model, legacy=legacy).save(tmp_path / "saved")  # tokenizer.json folder
     assert json.loads((saved / "tokenizer_config.json").read_text())["legacy"] is legacy
     assert load_tokenizer(saved).legacy is legacy
 
@@ -245,3 +245,136 @@ def test_vocab_dir_errors(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match=r"is it the llama-cpp-python"):
         vocab_dir(sdist=_fake_sdist(tmp_path / "partial.tar.gz", VOCAB_FILES[:1]))
     assert not (tmp_path / "cache" / "vocab").exists()  # nothing half-written
+
+
+# --- the runtime tokenizer (tokenizers alone, no transformers) gives the transformers tokenizer's ids and texts ------
+
+RUNTIME_ALPHABET = [*ALPHABET, "🦙🦙", "👩‍👩‍👧", "🇫🇷", "\u200b", "\u00a0", "ß", "Ω", "ｱ", "𝔘", "\r\n", "\t\t",
+                    "     ", "\n\n\n", "<im_patch>", "[INST]", "<<SYS>>", "ASSISTANT:", "VUSER:", "▁▁", "\x00", "\x7f",
+                    "\ufffd", "a" * 40, " the", "ing", "0123456789"]
+
+
+def _runtime_texts(seed: int, n: int) -> list[str]:
+    rng = random.Random(seed)
+    texts = ["".join(rng.choice(RUNTIME_ALPHABET) for _ in range(rng.randint(0, 30))) for _ in range(n)]
+    long = "".join(rng.choice(RUNTIME_ALPHABET) for _ in range(3000))  # about 10,000 characters
+    return [*texts, long, long[:4097], " " * 500, "\n" * 300, "".join(chr(c) for c in range(32, 1500))]
+
+
+def _hf_style_folder(tok: Tokenizer, folder):
+    """A transformers-4 Llama folder (as on the model hub): tokenizer.json with the Metaspace pre-tokenizer,
+    tokenizer_class LlamaTokenizerFast, AddedToken dicts, a special_tokens_map.json, legacy false, no pad token."""
+    folder.mkdir(parents=True)
+    tok.hf.backend_tokenizer.save(str(folder / "tokenizer.json"))
+    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    data["normalizer"] = None
+    data["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False}
+    (folder / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    added = {name: {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": False,
+                    "rstrip": False, "single_word": False}
+             for name, content in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>"))}
+    config = {"tokenizer_class": "LlamaTokenizerFast", "legacy": False, "add_bos_token": True, "add_eos_token": False,
+              "clean_up_tokenization_spaces": False, "pad_token": None, **added}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "special_tokens_map.json").write_text(json.dumps(added))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tokenizer_folders(tok, tmp_path_factory):
+    """Folders a bundle or checkpoint can hold: ours (legacy true / false, with a token added as special, as the
+    converter adds <im_patch>), a transformers-4 hub-style Llama folder, and a tokenizer.model-only Vicuna folder."""
+    root = tmp_path_factory.mktemp("runtime-tok")
+    patched = load_tokenizer(tok.save(root / "src"))
+    patched.hf.add_tokens(["<im_patch>"], special_tokens=True)
+    return {
+        "bundle-legacy": tok.save(root / "legacy"),
+        "bundle-new": Tokenizer.from_hf(load_tokenizer(tok.save(root / "src2")).hf, tok.spm_model,
+                                        legacy=False).save(root / "new"),
+        "bundle-added-special": patched.save(root / "added"),
+        "hub-llama": _hf_style_folder(tok, root / "hub"),
+        "spm-only": vicuna_folder(tok, root / "spm", legacy=False),
+    }
+
+
+@pytest.mark.parametrize("kind", ["bundle-legacy", "bundle-new", "bundle-added-special", "hub-llama", "spm-only"])
+def test_runtime_tokenizer_encodes_like_transformers(tokenizer_folders, kind):
+    """Issue 22: load_tokenizer(runtime=True) uses no transformers and gives, on 3000 strings (unicode, emoji,
+    whitespace runs, control-token names, long inputs), the ids and offsets of transformers' own call with
+    split_special_tokens=True, and the same ids after a control token (legacy)."""
+    folder = tokenizer_folders[kind]
+    ref, rt = load_tokenizer(folder), load_tokenizer(folder, runtime=True)
+    assert rt._hf is None and rt.legacy == ref.legacy and rt.is_sentencepiece and ref.is_sentencepiece
+    assert (rt.bos_id, rt.eos_id, rt.unk_id, rt.pad_id, rt.vocab_size) == (
+        ref.hf.bos_token_id, ref.hf.eos_token_id, ref.hf.unk_token_id, ref.hf.pad_token_id, len(ref.hf))
+    wrong = []
+    for text in _runtime_texts(2, 3000):
+        want = ref.hf(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+        got = rt.encode_with_offsets(text)
+        if got != (want["input_ids"], [tuple(span) for span in want["offset_mapping"]]):
+            wrong.append((text, "plain"))
+        if rt.encode(text, after_special=True) != ref.encode(text, after_special=True):
+            wrong.append((text, "after </s>"))
+    assert wrong == []
+
+
+@pytest.mark.parametrize("kind", ["bundle-legacy", "bundle-new", "bundle-added-special", "hub-llama", "spm-only"])
+def test_runtime_tokenizer_prompts_like_transformers(tokenizer_folders, kind):
+    """Whole prompts of the templates v1, v1_sq and plain (with the control tokens the templates place) are equal."""
+    from sqllava_edge.conversation import Turn, prompt_ids
+
+    folder = tokenizer_folders[kind]
+    ref, rt = load_tokenizer(folder), load_tokenizer(folder, runtime=True)
+    rng = random.Random(3)
+    texts = _runtime_texts(4, 200)
+    wrong = []
+    for template in ("v1", "v1_sq", "plain"):
+        for _ in range(60):
+            roles = ["user", "assistant"] * rng.randint(1, 3)
+            if template == "v1_sq" and rng.random() < 0.5:
+                roles[2 if len(roles) > 2 else 0] = "vuser" if len(roles) > 2 else "user"
+            if template == "plain":
+                roles = ["user", "assistant"]
+            turns = [Turn(role, rng.choice(texts)) for role in roles]
+            turns[-1] = Turn("assistant", None) if rng.random() < 0.5 else turns[-1]
+            has_image = template == "plain" or rng.random() < 0.7
+            if template == "plain":
+                turns = [Turn("user", ""), Turn("assistant", rng.choice(texts))]
+            if prompt_ids(ref, turns, template, has_image) != prompt_ids(rt, turns, template, has_image):
+                wrong.append((template, turns))
+    assert wrong == []
+
+
+@pytest.mark.parametrize("kind", ["bundle-legacy", "bundle-added-special", "hub-llama", "spm-only"])
+def test_runtime_tokenizer_decodes_like_transformers(tokenizer_folders, kind):
+    """Decoding (both skip_special_tokens settings, the image id) and the streamed pieces of runtimes.engine's
+    TextStream are equal, on random ids (byte tokens that form no character, controls, added tokens) and on texts."""
+    from runtimes.engine import TextStream
+
+    folder = tokenizer_folders[kind]
+    ref, rt = load_tokenizer(folder), load_tokenizer(folder, runtime=True)
+    rng = random.Random(5)
+    specials = [0, 1, 2, *range(3, 259), *range(rt.vocab_size - 1, rt.vocab_size - 3, -1)]  # controls, bytes, top
+    sequences = [[rng.choice(specials) if rng.random() < 0.3 else rng.randrange(rt.vocab_size)
+                  for _ in range(rng.randint(0, 40))] for _ in range(1500)]
+    sequences += [ref.encode(text) for text in _runtime_texts(6, 500)]
+    wrong = []
+    for ids in sequences:
+        for skip in (True, False):
+            if rt.decode(ids, skip_special_tokens=skip) != ref.hf.decode(ids, skip_special_tokens=skip):
+                wrong.append((ids, skip))
+        with_image = [1, *ids[:5], IMAGE_TOKEN_INDEX, *ids[5:]]
+        if rt.decode(with_image, skip_special_tokens=False) != ref.decode(with_image, skip_special_tokens=False):
+            wrong.append((with_image, "image"))
+    for ids in [*sequences[:200], *(ids for ids in sequences[1500:] if len(ids) < 80)]:  # streaming is quadratic
+        streams = [TextStream(t, stop=("\n\n", "###")) for t in (ref, rt)]
+        pieces = [[stream.push(i) for i in ids] + [stream.finish()] for stream in streams]
+        if pieces[0] != pieces[1]:
+            wrong.append((ids, "stream"))
+    assert wrong == []
+
+
+def test_runtime_tokenizer_has_no_hf(tokenizer_folders):
+    rt = load_tokenizer(tokenizer_folders["bundle-legacy"], runtime=True)
+    with pytest.raises(RuntimeError, match=r"sqllava-edge\[export\]"):
+        rt.save(tokenizer_folders["bundle-legacy"].parent / "copy")

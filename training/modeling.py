@@ -187,9 +187,9 @@ def decoder_hidden(decoder: nn.Module, inputs_embeds: torch.Tensor, attention_ma
     if not prefix:
         return decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
     head = decoder(inputs_embeds=inputs_embeds[:1, :prefix], use_cache=True)  # (1, P, H)
-    cache = head.past_key_values
+    cache = head.cache  # transformers 5's name (past_key_values until 5.40)
     cache.batch_repeat_interleave(len(inputs_embeds))
-    tail = decoder(inputs_embeds=inputs_embeds[:, prefix:], attention_mask=attention_mask, past_key_values=cache,
+    tail = decoder(inputs_embeds=inputs_embeds[:, prefix:], attention_mask=attention_mask, cache=cache,
                    use_cache=True).last_hidden_state  # (B, T-P, H)
     return torch.cat([head.last_hidden_state.expand(len(inputs_embeds), -1, -1), tail], dim=1)
 
