@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--llm-precision", help="GGUF precision the server loads (default: automatic)")
     parser.add_argument("--vision-precision", help="vision precision the server loads (default: automatic)")
     parser.add_argument("--port", type=int, default=8797, help="server port on 127.0.0.1 (default 8797)")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="give up on a phase after this many seconds")
+    parser.add_argument("--timeout", type=float, default=1800.0,
+                        help="seconds a request may wait and run (client and server side; default 1800)")
     parser.add_argument("--out", type=Path, help="output folder (default benchmark-results/serve-<name>)")
     return parser
 
@@ -157,7 +158,7 @@ class _Server:
     def __init__(self, bundle: Path, parallel: int, clients: int, args):
         self.url = f"http://127.0.0.1:{args.port}"
         self.cmd = [sys.executable, "-m", "sqllava_edge.serve", str(bundle), "--port", str(args.port),
-                    "--parallel", str(parallel), "--queue", str(max(64, clients * 2))]
+                    "--parallel", str(parallel), "--queue", str(max(64, clients * 2)), "--timeout", str(args.timeout)]
         for flag, value in (("--threads", args.threads), ("--llm-precision", args.llm_precision),
                             ("--vision-precision", args.vision_precision)):
             if value is not None:
@@ -190,7 +191,7 @@ class _Server:
             self.proc.kill()
 
 
-def _request(url: str, image_uri: str, new_tokens: int, client: int = 0) -> Sample:
+def _request(url: str, image_uri: str, new_tokens: int, client: int = 0, timeout: float = 1800.0) -> Sample:
     import httpx
 
     body = {"model": "bench", "max_tokens": new_tokens, "stream": True, "stream_options": {"include_usage": True},
@@ -198,7 +199,7 @@ def _request(url: str, image_uri: str, new_tokens: int, client: int = 0) -> Samp
                                                       {"type": "image_url", "image_url": {"url": image_uri}}]}]}
     start = time.perf_counter()
     ttft, tokens = float("nan"), 0
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as response:
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=timeout) as response:
         if response.status_code != 200:
             response.read()
             return Sample(client, ttft, time.perf_counter() - start, 0, response.status_code)
@@ -225,7 +226,7 @@ def _phase(url: str, parallel: int, clients: int, images: list[str], args) -> Ph
     before = _metrics(url)
 
     def client(k: int) -> list[Sample]:
-        return [_request(url, images[k], args.new_tokens, k) for _ in range(args.requests)]
+        return [_request(url, images[k], args.new_tokens, k, args.timeout) for _ in range(args.requests)]
 
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
