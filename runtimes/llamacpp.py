@@ -80,7 +80,8 @@ class _LlamaHandles:
     """Owns the native model, context and the two reusable batches; close() frees them exactly once."""
 
     def __init__(self, llama_cpp, path: Path, n_ctx: int, n_batch: int, n_seq_max: int, n_threads: int,
-                 n_gpu_layers: int, kv_type: str, extra_buffers: bool, flash_attn: bool | None):
+                 n_gpu_layers: int, kv_type: str, extra_buffers: bool, flash_attn: bool | None,
+                 n_threads_batch: int):
         self.lib = llama_cpp
         self.model = self.ctx = self.token_batch = self.embd_batch = None
         model_params = llama_cpp.llama_model_default_params()
@@ -92,7 +93,7 @@ class _LlamaHandles:
                              "(re-export it with python -m export.gguf, or run with verbose=True to see why)")
         params = llama_cpp.llama_context_default_params()
         params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = n_ctx, n_batch, n_batch, n_seq_max
-        params.n_threads = params.n_threads_batch = n_threads
+        params.n_threads, params.n_threads_batch = n_threads, n_threads_batch
         params.type_k = params.type_v = KV_TYPES[kv_type]
         if flash_attn is not None:
             params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
@@ -125,6 +126,8 @@ class LlamaCppLLM:
     extra_buffers: llama.cpp's CPU weight-repacking buffer types (AMX, AArch64 repack). Default: on, except on CPUs
     with Intel AMX, where llama.cpp 0.3.36's AMX matmul kernels were seen to kill the process with SIGILL
     (`tilezero` in ggml_backend_amx_mul_mat, on a VM whose kernel grants AMX); pass True to force them.
+    n_threads: threads for a single-token step (decode); n_threads_batch: threads for a batch of more tokens (prefill,
+    a batched decode of several sequences); None = n_threads. llama.cpp picks by the batch's token count.
     verbose: route llama.cpp's log lines to stderr (process-wide), else they are dropped.
     """
 
@@ -132,7 +135,8 @@ class LlamaCppLLM:
 
     def __init__(self, gguf_path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None,
                  n_gpu_layers: int = 0, n_batch: int = 512, n_seq_max: int = 4, *, kv_type: str = "f16",
-                 flash_attn: bool | None = None, extra_buffers: bool | None = None, verbose: bool = False):
+                 flash_attn: bool | None = None, extra_buffers: bool | None = None, verbose: bool = False,
+                 n_threads_batch: int | None = None):
         self._lock = threading.RLock()  # one llama.cpp context must not be driven by two threads at once
         path = Path(gguf_path)
         if not path.is_file():
@@ -149,17 +153,20 @@ class LlamaCppLLM:
         with _backend_ready:
             llama_cpp.llama_backend_init()
         self.n_threads = n_threads or max(1, os.cpu_count() or 1)
+        self.n_threads_batch = n_threads_batch or self.n_threads
         if extra_buffers is None:
             extra_buffers = not cpu_has_amx()
+        self.extra_buffers = extra_buffers
         self._h = _LlamaHandles(llama_cpp, path, n_ctx, n_batch, n_seq_max, self.n_threads, n_gpu_layers, kv_type,
-                                extra_buffers, flash_attn)
+                                extra_buffers, flash_attn, self.n_threads_batch)
         self.n_ctx, self.n_batch, self.n_seq_max = n_ctx, n_batch, n_seq_max
         self.n_embd = self._h.n_embd
         self.vocab_size = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._h.model))
         self.counters = Counters()
         self.description = (f"llama.cpp (llama-cpp-python {llama_cpp.__version__}) {path.name}, n_ctx {n_ctx}, "
-                            f"n_batch {n_batch}, {self.n_threads} threads, {n_gpu_layers} GPU layers, KV {kv_type}, "
-                            f"flash attention {'auto' if flash_attn is None else 'on' if flash_attn else 'off'}")
+                            f"n_batch {n_batch}, {self.n_threads} threads ({self.n_threads_batch} for batches), "
+                            f"weight repacking {'on' if extra_buffers else 'off'}, {n_gpu_layers} GPU layers, "
+                            f"KV {kv_type}, flash attention {'auto' if flash_attn is None else 'on' if flash_attn else 'off'}")
         self._lengths: dict[int, int] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
@@ -181,6 +188,16 @@ class LlamaCppLLM:
             self.close()
         except Exception:  # interpreter shutdown may have torn down llama_cpp already
             pass
+
+    def set_threads(self, n_threads: int, n_threads_batch: int) -> None:
+        """Threads for single-token steps and for batches, from the next llama_decode on."""
+        for label, value in (("n_threads", n_threads), ("n_threads_batch", n_threads_batch)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{label} must be a positive integer, got {value!r}")
+        with self._lock:
+            h = self._handles()
+            h.lib.llama_set_n_threads(h.ctx, n_threads, n_threads_batch)
+            self.n_threads, self.n_threads_batch = n_threads, n_threads_batch
 
     # -- sequences ---------------------------------------------------------------------------------------------
 

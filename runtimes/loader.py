@@ -7,13 +7,13 @@ fails at load with a BundleError instead of producing garbage later.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from runtimes.base import LLMKind, VisionKind
 from runtimes.memory import MemoryPlan, check_plan, plan_memory, torch_weight_bytes
-from runtimes.select import (DeviceInfo, LLMChoice, ModelSource, VisionChoice, choose_llm, choose_vision, load_llm,
-                             load_vision_checked, resolve_device)
+from runtimes.select import (LLM_ENV, VISION_ENV, DeviceInfo, LLMChoice, ModelSource, VisionChoice, choose_llm,
+                             choose_vision, load_llm, load_vision_checked, requested_kind, resolve_device)
 from sqllava_edge.config import ModelConfig
 from sqllava_edge.errors import BundleError
 
@@ -34,9 +34,12 @@ class LoadedParts:
 
 def load_parts(path: str | os.PathLike, device, vision_backend: str | None, llm_backend: str | None,
                n_ctx: int | None, n_threads: int | None, gpu_layers: int | None, vision_precision: str | None,
-               llm_precision: str | None, verify: bool, sequences: int) -> LoadedParts:
+               llm_precision: str | None, verify: bool, sequences: int, tune: bool | None = None,
+               prefer: str = "latency") -> LoadedParts:
+    from runtimes.tune import check_prefer
     from sqllava_edge.assistant import Backends
 
+    check_prefer(prefer)
     dev = resolve_device(device)
     source = ModelSource.open(path, verify=verify)
     config = source.config
@@ -45,7 +48,12 @@ def load_parts(path: str | os.PathLike, device, vision_backend: str | None, llm_
     n_ctx = _n_ctx(n_ctx, config, sequences)
     if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
         raise ValueError(f"n_threads must be a positive int, got {n_threads!r}")
+    explicit = {"vision_backend": requested_kind(VisionKind, vision_backend, VISION_ENV)[0],
+                "llm_backend": requested_kind(LLMKind, llm_backend, LLM_ENV)[0], "vision_precision": vision_precision,
+                "llm_precision": llm_precision, "n_threads": n_threads, "gpu_layers": gpu_layers}
+    measured = _measured(source, dev, tune, prefer, [name for name, value in explicit.items() if value is not None])
     vision_choice = choose_vision(source, dev, vision_backend, vision_precision)
+    vision_choice = _apply_vision(source, dev, vision_choice, *measured)
 
     def plan_for(llm_choice: LLMChoice) -> MemoryPlan:
         return _plan(config, dev, source, vision_choice, llm_choice, n_ctx)
@@ -54,6 +62,7 @@ def load_parts(path: str | os.PathLike, device, vision_backend: str | None, llm_
         return plan_for(LLMChoice(LLMKind.LLAMA_CPP, "", artifact, layers, artifact.precision == "f32")).fits
 
     llm_choice = choose_llm(source, dev, llm_backend, llm_precision, gpu_layers, fits)
+    llm_choice = _apply_llm(source, dev, llm_choice, fits, *measured)
     plan = plan_for(llm_choice)
     check_plan(plan, _smaller_ggufs(source, llm_choice))
     arena = plan.vision_bytes if dev.has_gpu else None  # caps onnxruntime's CUDA arena (also for a TensorRT fallback)
@@ -75,6 +84,50 @@ def load_parts(path: str | os.PathLike, device, vision_backend: str | None, llm_
     template = source.manifest.template if source.is_bundle else config.template
     mode = source.manifest.preprocessing["mode"] if source.is_bundle else config.image_aspect_ratio
     return LoadedParts(vision, llm, tokenizer, config, template, mode, backends)
+
+
+def _measured(source: ModelSource, dev: DeviceInfo, tune: bool | None, prefer: str, explicit: list[str]):
+    """-> (tuning table or None, how it was obtained / why there is none, prefer). runtimes.tune measures on demand."""
+    from runtimes.tune import tuned_table, tuning_enabled
+
+    if not source.is_bundle:
+        return None, "", prefer  # a training checkpoint runs on torch: nothing to measure
+    if not tuning_enabled(tune):
+        return None, "measured selection off (tune=False or $SQLLAVA_EDGE_TUNE=0): rule-based order", prefer
+    if explicit:
+        return None, f"measured selection skipped: {', '.join(explicit)} given explicitly", prefer
+    if dev.kind != "cpu":
+        return None, f"measured selection covers CPU runs only; {dev.kind}: rule-based order", prefer
+    table, how = tuned_table(source)
+    return table, how, prefer
+
+
+def _apply_vision(source: ModelSource, dev: DeviceInfo, rule: VisionChoice, table, how: str, prefer: str) -> VisionChoice:
+    from runtimes.tune import choose
+
+    if table is None:
+        return replace(rule, reason=f"{rule.reason} ({how})") if how else rule
+    pick = choose(table, prefer)
+    if pick.vision is None:
+        return replace(rule, reason=f"{rule.reason} ({pick.vision_reason}; rule-based order; {how})")
+    chosen = choose_vision(source, dev, None, pick.vision.precision)
+    return replace(chosen, n_threads=pick.vision.n_threads,
+                   reason=f"{pick.vision_reason}; onnxruntime CPU, {chosen.artifact.path} ({how})")
+
+
+def _apply_llm(source: ModelSource, dev: DeviceInfo, rule: LLMChoice, fits, table, how: str, prefer: str) -> LLMChoice:
+    from runtimes.tune import choose
+
+    if table is None:
+        return replace(rule, reason=f"{rule.reason} ({how})") if how else rule
+    manifest = source.manifest
+    pick = choose(table, prefer, allowed=lambda precision: fits(manifest.find("llm_gguf", precision), 0))
+    if pick.llm is None:
+        return replace(rule, reason=f"{rule.reason} ({pick.llm_reason}; rule-based order; {how})")
+    chosen = choose_llm(source, dev, None, pick.llm.precision, None, fits)
+    return replace(chosen, extra_buffers=pick.llm.extra_buffers, n_threads=pick.llm.n_threads,
+                   n_threads_batch=pick.llm.n_threads_batch,
+                   reason=f"{pick.llm_reason}; llama.cpp CPU, {chosen.artifact.path} ({how})")
 
 
 def _n_ctx(n_ctx: int | None, config: ModelConfig, sequences: int = 1) -> int:

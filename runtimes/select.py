@@ -355,6 +355,7 @@ class VisionChoice:
     providers: tuple[str, ...] = ()  # onnxruntime providers, short names
     requested: bool = False  # asked for explicitly (argument or environment): never swapped for another backend
     fallback: "VisionChoice | None" = None  # auto TensorRT only: what to load if the engine does not load
+    n_threads: int | None = None  # measured best (runtimes.tune); None = the caller's n_threads
 
 
 @dataclass(frozen=True)
@@ -364,6 +365,9 @@ class LLMChoice:
     artifact: object | None = None  # bundle Artifact (llm_gguf); None for torch
     gpu_layers: int = 0  # llama.cpp layers offloaded to the GPU (-1 = all)
     exact: bool = False  # llama.cpp: f32 KV cache and no flash attention (f16 math), for an f32 GGUF
+    extra_buffers: bool | None = None  # llama.cpp weight repacking, measured (runtimes.tune); None = LlamaCppLLM's rule
+    n_threads: int | None = None  # measured best for single tokens / for batches; None = the caller's n_threads
+    n_threads_batch: int | None = None
 
 
 def requested_kind(enum, argument: str | None, env: str):
@@ -605,7 +609,8 @@ def load_vision(choice: VisionChoice, source: ModelSource, device: DeviceInfo, n
     path = source.artifact_path(choice.artifact)
     if choice.kind is VisionKind.TENSORRT:
         return vision.TensorRTVision(path)
-    return vision.OnnxVision(path, providers=choice.providers, n_threads=n_threads, gpu_mem_limit=gpu_mem_limit,
+    return vision.OnnxVision(path, providers=choice.providers, n_threads=choice.n_threads or n_threads,
+                             gpu_mem_limit=gpu_mem_limit,
                              allow_cpu_fallback=not choice.requested)
 
 
@@ -638,9 +643,10 @@ def load_llm(choice: LLMChoice, source: ModelSource, device: DeviceInfo, n_ctx: 
         return TorchLLM(model.llm, n_ctx, n_threads)
     from runtimes.llamacpp import LlamaCppLLM
 
-    return LlamaCppLLM(str(source.artifact_path(choice.artifact)), n_ctx, n_threads=n_threads,
+    return LlamaCppLLM(str(source.artifact_path(choice.artifact)), n_ctx, n_threads=choice.n_threads or n_threads,
                        n_gpu_layers=choice.gpu_layers, n_seq_max=n_seq_max,
-                       kv_type="f32" if choice.exact else "f16", flash_attn=False if choice.exact else None)
+                       kv_type="f32" if choice.exact else "f16", flash_attn=False if choice.exact else None,
+                       extra_buffers=choice.extra_buffers, n_threads_batch=choice.n_threads_batch)
 
 
 def select_vision(source: ModelSource, device: DeviceInfo, requested: str | None = None, precision: str | None = None,

@@ -114,7 +114,8 @@ class Assistant:
     def load(cls, path: str | os.PathLike, device: str | None = None, vision_backend: str | None = None,
              llm_backend: str | None = None, n_ctx: int | None = None, n_threads: int | None = None,
              gpu_layers: int | None = None, *, vision_precision: str | None = None, llm_precision: str | None = None,
-             verify: bool = True, sequences: int = SEQUENCES) -> "Assistant":
+             verify: bool = True, sequences: int = SEQUENCES, prefer: str = "latency",
+             tune: bool | None = None) -> "Assistant":
         """Load a bundle (`python -m export`) or a training checkpoint folder (torch backends).
 
         device: None (detect), "cpu", "cuda", "jetson". vision_backend: torch | onnxruntime | tensorrt; llm_backend:
@@ -122,11 +123,16 @@ class Assistant:
         vision_precision: fp32 | fp16 | int8; llm_precision: a GGUF precision (f32, f16, q8_0, q4_k_m, ...).
         verify: check every artifact's sha256 against the manifest (a few seconds for a 7B bundle).
         sequences: KV sequences the LLM keeps (prefix cache + parallel samples; the server raises it for its slots).
+        prefer: what measured selection optimises on a CPU: "latency" (first answer for an image + short question),
+        "throughput" (decode tokens/s) or "memory" (smallest artifacts that work). On the first load of a bundle on a
+        machine every option it offers is timed in child processes and the table cached (runtimes.tune;
+        `sqllava-edge tune BUNDLE` does it ahead). tune: False (or $SQLLAVA_EDGE_TUNE=0) keeps the rule-based
+        order; an explicit backend, precision, n_threads or gpu_layers also skips it. `backends` shows the numbers.
         """
         from runtimes.loader import load_parts
 
         parts = load_parts(path, device, vision_backend, llm_backend, n_ctx, n_threads, gpu_layers,
-                           vision_precision, llm_precision, verify, sequences)
+                           vision_precision, llm_precision, verify, sequences, tune=tune, prefer=prefer)
         try:
             return cls(parts.vision, parts.llm, parts.tokenizer, parts.config, template=parts.template,
                        image_mode=parts.image_mode, backends=parts.backends, sequences=sequences)

@@ -6,6 +6,7 @@
     sqllava-edge chat MODEL IMAGE                        multi-turn chat; questions from stdin, one per line
     sqllava-edge interview MODEL IMAGE [--n 3]           the model's own questions, each with its answer
     sqllava-edge serve MODEL [--port 8080] ...           the OpenAI-compatible HTTP server (sqllava_edge.serve)
+    sqllava-edge tune BUNDLE [--prefer latency] [--force] time every backend option here, print the table + choice
 MODEL is a bundle folder or a training checkpoint folder.
 
 Each subcommand is a `register_<name>(subparsers)` function that adds its parser and sets `func`; `func(args)`
@@ -80,6 +81,40 @@ def _validation_line(validation: dict) -> str:
     keys = ("max_abs_diff", "cosine_min", "cosine_mean", "dispatch_mismatches", "top1_agreement", "argmax_agreement", "skipped")
     parts = [f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in validation.items() if k in keys]
     return ", ".join(parts)
+
+
+def register_tune(subparsers) -> None:
+    parser = subparsers.add_parser("tune", help="time every backend option of a bundle on this machine",
+                                   description="Time a short prefill and decode for every GGUF precision x llama.cpp "
+                                               "weight repacking x thread count, and an encode for every vision "
+                                               "precision, each in a child process; cache the table (what "
+                                               "Assistant.load uses on this machine) and print it with the choice.")
+    parser.add_argument("bundle", help="bundle folder (written by python -m export)")
+    parser.add_argument("--prefer", choices=("latency", "throughput", "memory"), default="latency",
+                        help="the objective the choice shown optimises (default: latency)")
+    parser.add_argument("--force", action="store_true", help="measure again even if a matching table is cached")
+    parser.add_argument("--json", action="store_true", help="print the table as JSON")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per probe (default 600)")
+    parser.set_defaults(func=run_tune)
+
+
+def run_tune(args) -> int:
+    from runtimes.select import ModelSource
+    from runtimes.tune import choose, format_table, tuned_table
+    from sqllava_edge.errors import BundleError
+
+    source = ModelSource.open(args.bundle)
+    if not source.is_bundle:
+        raise BundleError(f"{args.bundle} is a training checkpoint; tune measures a bundle: python -m export CHECKPOINT --out BUNDLE")
+    table, how = tuned_table(source, force=args.force, timeout=args.timeout)
+    if args.json:
+        print(json.dumps(table, indent=1))
+        return 0
+    pick = choose(table, args.prefer)
+    print(format_table(table))
+    print(f"({how})")
+    print(f"choice for prefer={args.prefer}:\n  vision: {pick.vision_reason}\n  llm: {pick.llm_reason}")
+    return 0 if pick.llm is not None and pick.vision is not None else 1
 
 
 # --- ask / self-question / chat (runtime) ------------------------------------------------------------------------
@@ -218,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_chat(subparsers)
     register_interview(subparsers)
     register_serve(subparsers)
+    register_tune(subparsers)
     return parser
 
 

@@ -21,3 +21,9 @@ def tiny_bundle(tmp_path_factory):
     from tests.serve_helpers import make_tiny_bundle
 
     return make_tiny_bundle(tmp_path_factory.mktemp("tiny"))
+
+
+# Measured backend selection (runtimes.tune) times every option on a bundle's first load; the suite uses the
+# rule-based order (tests/test_tune.py turns it back on where it is the subject). Set before any test runs, so
+# subprocesses (CLI, server) inherit it.
+os.environ["SQLLAVA_EDGE_TUNE"] = "0"

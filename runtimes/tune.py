@@ -1,0 +1,379 @@
+"""Measured backend selection (issue 24): time every option a bundle offers on this machine, cache the table, pick.
+
+    table, note = tuned_table(source, device)          # cached, or measured now (one child process per probe)
+    pick = choose(table, "latency")                    # -> Pick(vision row, llm settings, reason) or None
+
+What is measured, on the CPU (GPU devices keep the rule-based order in runtimes.select):
+- vision: each vision ONNX precision x thread counts: one encode of a (1, 3, S, S) image, after a warm-up.
+- LLM: each GGUF precision x llama.cpp weight repacking (`extra_buffers`) on/off, and per thread count a prefill of
+  PROBE_ROWS image rows + PROBE_QUESTION tokens and DECODE_STEPS single-token decodes. llama.cpp runs a batch of
+  more than one token on `n_threads_batch` threads and a single token on `n_threads`, so one probe per thread count
+  measures both, and the choice combines the best count for each.
+Every (precision, repacking) probe runs in a child process (`python -m runtimes.tune_probe`) with a timeout: a crash
+(SIGILL from AMX kernels on some VMs) or a hang marks that option unusable instead of killing the caller.
+
+The table is JSON in `$SQLLAVA_EDGE_CACHE/tune/`, keyed by the machine (CPU model, flags, core count), the bundle's
+artifacts (their sha256 from the manifest) and the software (sqllava-edge, llama-cpp-python, onnxruntime, numpy,
+Python); a table written under any other key, or with another schema, is measured again.
+
+Objectives: "latency" = lowest estimated first-answer time for an image + a short question (vision encode + prefill
+of the image rows and question + one decode step); "throughput" = highest decode tokens/s; "memory" = the smallest
+artifacts that worked (then the fastest of those). Nothing here is used when tuning is off ($SQLLAVA_EDGE_TUNE=0,
+`Assistant.load(tune=False)`) or when a backend, precision, thread count or GPU layers were given explicitly.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+TUNE_ENV = "SQLLAVA_EDGE_TUNE"  # "0" / "false" / "off" switches measured selection off
+SCHEMA = 1  # of the cached table; another value is measured again
+PREFERENCES = ("latency", "throughput", "memory")
+PROBE_ROWS = 128  # image rows prefilled per probe (at most the model's image tokens): a short prefill
+PROBE_QUESTION = 16  # question tokens after the image rows
+DECODE_STEPS = 4
+PROBE_TIMEOUT = 600.0  # seconds per child process
+
+
+def tuning_enabled(argument: bool | None = None) -> bool:
+    """The `tune` argument if given, else $SQLLAVA_EDGE_TUNE (default on)."""
+    if argument is not None:
+        return bool(argument)
+    return os.environ.get(TUNE_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def check_prefer(prefer: str) -> str:
+    if prefer not in PREFERENCES:
+        raise ValueError(f"unknown prefer={prefer!r}; valid: {', '.join(PREFERENCES)}")
+    return prefer
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Keys: what a cached table must match
+
+
+def thread_counts(cores: int | None = None) -> list[int]:
+    """1, half the cores and all of them (distinct, ascending)."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return sorted({1, max(1, cores // 2), cores})
+
+
+def machine_key(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> dict:
+    """CPU model, a hash of its full flag list, and the cores this process may use."""
+    model, flags = platform.processor() or platform.machine(), ""
+    try:
+        for line in Path(cpuinfo).read_text(errors="replace").splitlines():
+            if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith(("flags", "Features")) and not flags:
+                flags = " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return {"cpu": model, "flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16], "cores": thread_counts()[-1]}
+
+
+def software_key() -> dict:
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for dist in ("sqllava-edge", "llama-cpp-python", "onnxruntime", "numpy"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    import sqllava_edge
+
+    versions["sqllava-edge"] = versions["sqllava-edge"] or sqllava_edge.__version__
+    return versions
+
+
+def bundle_key(manifest) -> str:
+    """sha256 over the manifest's digests of the artifacts that are measured."""
+    digest = hashlib.sha256()
+    for artifact in sorted(manifest.find_all("vision_onnx") + manifest.find_all("llm_gguf"), key=lambda a: a.path):
+        digest.update(json.dumps([artifact.path, artifact.precision, artifact.sha256], sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def table_keys(source) -> dict:
+    return {"machine": machine_key(), "software": software_key(), "bundle": bundle_key(source.manifest)}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The table and its cache file
+
+VISION_FIELDS = {"precision": str, "bytes": int, "ok": bool, "error": (str, type(None)), "runs": list}
+LLM_FIELDS = {"precision": str, "bytes": int, "extra_buffers": bool, "ok": bool, "error": (str, type(None)),
+              "runs": list}
+VISION_RUN = {"n_threads": int, "encode_s": float}
+LLM_RUN = {"n_threads": int, "prefill_tok_s": float, "decode_tok_s": float}
+
+
+def check_table(data) -> dict:
+    """Raise ValueError naming the first field that does not follow the schema; return the table."""
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise ValueError(f"not a schema-{SCHEMA} tuning table")
+    for key, kind in (("machine", dict), ("software", dict), ("bundle", str), ("created", str), ("probe", dict),
+                      ("vision", list), ("llm", list)):
+        if not isinstance(data.get(key), kind):
+            raise ValueError(f"tuning table: {key!r} must be a {kind.__name__}")
+    for part, fields, run_fields in (("vision", VISION_FIELDS, VISION_RUN), ("llm", LLM_FIELDS, LLM_RUN)):
+        for row in data[part]:
+            for name, kind in fields.items():
+                if not isinstance(row.get(name), kind):
+                    raise ValueError(f"tuning table: {part} row {row!r} has a bad {name!r}")
+            for run in row["runs"]:
+                for name, kind in run_fields.items():
+                    if not isinstance(run.get(name), (kind, int) if kind is float else kind):
+                        raise ValueError(f"tuning table: {part} run {run!r} has a bad {name!r}")
+    return data
+
+
+def cache_path(keys: dict) -> Path:
+    from sqllava_edge.vocab import cache_root
+
+    return cache_root() / "tune" / f"{keys['bundle'][:24]}.json"
+
+
+def read_cached(keys: dict) -> tuple[dict | None, str]:
+    """(table, "") if the cache file holds a valid table with exactly these keys, else (None, why it is not used)."""
+    path = cache_path(keys)
+    if not path.is_file():
+        return None, "no tuning table for this bundle yet"
+    try:
+        table = check_table(json.loads(path.read_text()))
+    except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+        return None, f"the cached tuning table {path} is unreadable ({exc})"
+    for name in ("machine", "software", "bundle"):
+        if table[name] != keys[name]:
+            return None, f"the cached tuning table {path} was measured with another {name}"
+    return table, ""
+
+
+def write_table(table: dict) -> Path:
+    from sqllava_edge.fileutil import atomic_write
+
+    check_table(table)
+    path = cache_path(table)
+    with atomic_write(path, "w") as handle:
+        json.dump(table, handle, indent=1)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Measuring (each probe in a child process)
+
+
+def run_probe(spec: dict, timeout: float = PROBE_TIMEOUT) -> dict:
+    """Run one probe in a child process -> {"ok": True, "runs": [...]} or {"ok": False, "error": why}."""
+    return run_child([sys.executable, "-m", "runtimes.tune_probe", json.dumps(spec)], timeout)
+
+
+def run_child(command: list[str], timeout: float) -> dict:
+    """Run a probe command; its last stdout line is a JSON object. A signal, exit code or timeout -> ok False."""
+    env = {**os.environ, TUNE_ENV: "0"}
+    root = str(Path(__file__).resolve().parent.parent)  # this checkout first, as in the parent
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"timed out after {timeout:g} s"}
+    if done.returncode < 0:
+        try:
+            name = signal.Signals(-done.returncode).name
+        except ValueError:
+            name = f"signal {-done.returncode}"
+        return {"ok": False, "error": f"the probe crashed with {name}"}
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"ok": False, "error": f"the probe failed (exit code {done.returncode}): {tail}"}
+    return {"ok": True, **json.loads(lines[-1])}
+
+
+def measure(source, threads: list[int] | None = None, timeout: float = PROBE_TIMEOUT, probe=run_probe) -> dict:
+    """Probe every vision ONNX precision and every GGUF precision x repacking; -> a table (not yet cached)."""
+    config = source.config
+    threads = threads or thread_counts()
+    rows = min(PROBE_ROWS, config.num_image_tokens)
+    vision, llm = [], []
+    for artifact in source.manifest.find_all("vision_onnx"):
+        spec = {"kind": "vision", "path": str(source.artifact_path(artifact)), "threads": threads,
+                "image_size": config.vision.image_size}
+        vision.append(_row(artifact, probe(spec, timeout)))
+    for artifact in source.manifest.find_all("llm_gguf"):
+        for extra in (True, False):
+            spec = {"kind": "llm", "path": str(source.artifact_path(artifact)), "threads": threads, "rows": rows,
+                    "question": PROBE_QUESTION, "decode": DECODE_STEPS, "extra_buffers": extra,
+                    "exact": artifact.precision == "f32"}
+            llm.append({**_row(artifact, probe(spec, timeout)), "extra_buffers": extra})
+    return {"schema": SCHEMA, **table_keys(source), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "probe": {"image_tokens": config.num_image_tokens, "rows": rows, "question": PROBE_QUESTION,
+                      "decode": DECODE_STEPS, "threads": threads},
+            "vision": vision, "llm": llm}
+
+
+def _row(artifact, result: dict) -> dict:
+    return {"precision": artifact.precision, "bytes": artifact.size, "ok": bool(result["ok"]),
+            "error": result.get("error"), "runs": result.get("runs", [])}
+
+
+def tuned_table(source, force: bool = False, timeout: float = PROBE_TIMEOUT) -> tuple[dict, str]:
+    """(table, how it was obtained): the cached one when its keys match, else measured now and cached."""
+    keys = table_keys(source)
+    table, why = (None, "re-measure requested") if force else read_cached(keys)
+    if table is not None:
+        return table, f"tuning table measured {table['created']} ({cache_path(keys)})"
+    table = measure(source, timeout=timeout)
+    try:
+        where = f"table in {write_table(table)}"
+    except OSError as exc:
+        where = f"not cached: {exc}"
+    return table, f"measured now ({why}); {where}"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Choosing (pure: tests feed it fake tables)
+
+
+@dataclass(frozen=True)
+class VisionPick:
+    precision: str
+    n_threads: int
+    encode_s: float
+
+
+@dataclass(frozen=True)
+class LLMPick:
+    precision: str
+    extra_buffers: bool
+    n_threads: int  # single-token decode
+    n_threads_batch: int  # prefill
+    prefill_tok_s: float
+    decode_tok_s: float
+
+
+@dataclass(frozen=True)
+class Pick:
+    vision: VisionPick | None  # None: no vision option worked (the rule-based choice stays)
+    llm: LLMPick | None
+    vision_reason: str
+    llm_reason: str
+
+
+def vision_options(table: dict) -> list[VisionPick]:
+    """The fastest thread count of every vision precision that worked."""
+    out = []
+    for row in table["vision"]:
+        if row["ok"] and row["runs"]:
+            best = min(row["runs"], key=lambda r: r["encode_s"])
+            out.append(VisionPick(row["precision"], best["n_threads"], best["encode_s"]))
+    return out
+
+
+def llm_options(table: dict) -> list[LLMPick]:
+    """Every (precision, repacking) that worked, with its best thread count for prefill and for decode."""
+    out = []
+    for row in table["llm"]:
+        if row["ok"] and row["runs"]:
+            batch = max(row["runs"], key=lambda r: r["prefill_tok_s"])
+            single = max(row["runs"], key=lambda r: r["decode_tok_s"])
+            out.append(LLMPick(row["precision"], row["extra_buffers"], single["n_threads"], batch["n_threads"],
+                               batch["prefill_tok_s"], single["decode_tok_s"]))
+    return out
+
+
+def first_answer_s(table: dict, vision: VisionPick | None, llm: LLMPick) -> float:
+    """Estimated time to the first answer token: encode + prefill of all image rows and the question + one decode."""
+    probe = table["probe"]
+    prefill = (probe["image_tokens"] + probe["question"]) / llm.prefill_tok_s
+    return (vision.encode_s if vision else 0.0) + prefill + 1.0 / llm.decode_tok_s
+
+
+def choose(table: dict, prefer: str = "latency", allowed=None) -> Pick:
+    """The best measured option for `prefer`. allowed(precision) -> bool drops GGUFs (e.g. that would not fit)."""
+    check_prefer(prefer)
+    sizes = {("vision", r["precision"]): r["bytes"] for r in table["vision"]}
+    sizes.update({("llm", r["precision"]): r["bytes"] for r in table["llm"]})
+    visions = vision_options(table)
+    llms = [o for o in llm_options(table) if allowed is None or allowed(o.precision)]
+    failed = _failures(table)
+    vision = llm = None
+    vision_reason = llm_reason = ""
+    if visions:
+        if prefer == "memory":
+            vision = min(visions, key=lambda v: (sizes["vision", v.precision], v.encode_s))
+        else:
+            vision = min(visions, key=lambda v: v.encode_s)
+        others = ", ".join(f"{v.precision} {v.encode_s * 1e3:.1f} ms" for v in visions if v is not vision)
+        vision_reason = (f"measured ({prefer}): {vision.precision} encodes in {vision.encode_s * 1e3:.1f} ms on "
+                         f"{vision.n_threads} threads" + (f"; others: {others}" if others else "") + failed["vision"])
+    else:
+        vision_reason = "no vision option was measured to work" + failed["vision"]
+    if llms:
+        def latency(o: LLMPick) -> float:
+            return first_answer_s(table, vision, o)
+
+        if prefer == "latency":
+            llm = min(llms, key=latency)
+        elif prefer == "throughput":
+            llm = max(llms, key=lambda o: o.decode_tok_s)
+        else:
+            llm = min(llms, key=lambda o: (sizes["llm", o.precision], latency(o)))
+        others = "; ".join(f"{_llm_name(o)} {_llm_numbers(table, vision, o)}" for o in llms if o is not llm)
+        llm_reason = (f"measured ({prefer}): {_llm_name(llm)}, n_threads {llm.n_threads} / n_threads_batch "
+                      f"{llm.n_threads_batch}: {_llm_numbers(table, vision, llm)}"
+                      + (f"; others: {others}" if others else "") + failed["llm"])
+    else:
+        llm_reason = "no GGUF option was measured to work" + (" within memory" if allowed else "") + failed["llm"]
+    return Pick(vision, llm, vision_reason, llm_reason)
+
+
+def _llm_name(o: LLMPick) -> str:
+    return f"{o.precision} repacking {'on' if o.extra_buffers else 'off'}"
+
+
+def _llm_numbers(table: dict, vision: VisionPick | None, o: LLMPick) -> str:
+    return (f"prefill {o.prefill_tok_s:.0f} tok/s, decode {o.decode_tok_s:.1f} tok/s, first answer ~"
+            f"{first_answer_s(table, vision, o):.2f} s")
+
+
+def _failures(table: dict) -> dict[str, str]:
+    out = {}
+    for part in ("vision", "llm"):
+        bad = [f"{r['precision']}{'' if part == 'vision' else ' repacking ' + ('on' if r['extra_buffers'] else 'off')}"
+               f": {r['error']}" for r in table[part] if not r["ok"]]
+        out[part] = f"; unusable here: {'; '.join(bad)}" if bad else ""
+    return out
+
+
+def format_table(table: dict) -> str:
+    """The table as text (sqllava-edge tune)."""
+    probe = table["probe"]
+    lines = [f"machine: {table['machine']['cpu']} ({table['machine']['cores']} cores); measured {table['created']}",
+             f"probe: vision = one encode; llm = prefill of {probe['rows']} image rows + {probe['question']} question "
+             f"tokens, {probe['decode']} decode steps; per thread count",
+             "vision      threads  encode ms"]
+    for row in table["vision"]:
+        if not row["ok"]:
+            lines.append(f"  {row['precision']:<9} unusable: {row['error']}")
+        for run in row["runs"]:
+            lines.append(f"  {row['precision']:<9} {run['n_threads']:>7}  {run['encode_s'] * 1e3:9.1f}")
+    lines.append("llm         repack  threads  prefill tok/s  decode tok/s")
+    for row in table["llm"]:
+        repack = "on" if row["extra_buffers"] else "off"
+        if not row["ok"]:
+            lines.append(f"  {row['precision']:<9} {repack:<6}  unusable: {row['error']}")
+        for run in row["runs"]:
+            lines.append(f"  {row['precision']:<9} {repack:<6} {run['n_threads']:>8}  {run['prefill_tok_s']:13.1f}  "
+                         f"{run['decode_tok_s']:12.1f}")
+    return "\n".join(lines)

@@ -1,0 +1,74 @@
+"""One tuning probe, run in a child process by runtimes.tune.run_probe: `python -m runtimes.tune_probe SPEC_JSON`.
+
+Prints one JSON line {"runs": [...]} on success. A crash (SIGILL in a repacked kernel) or a hang ends only this
+process; the parent records the option as unusable. Inputs are random: only the time matters here.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+
+
+def probe_vision(spec: dict) -> list[dict]:
+    from runtimes.vision import OnnxVision
+
+    size = spec["image_size"]
+    pixels = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+    runs = []
+    for threads in spec["threads"]:
+        vision = OnnxVision(spec["path"], ("cpu",), n_threads=threads)
+        try:
+            vision.encode(pixels)  # warm-up
+            start = time.perf_counter()
+            vision.encode(pixels)
+            runs.append({"n_threads": threads, "encode_s": time.perf_counter() - start})
+        finally:
+            vision.close()
+    return runs
+
+
+def probe_llm(spec: dict) -> list[dict]:
+    from runtimes.llamacpp import LlamaCppLLM
+
+    rows, question, steps = spec["rows"], spec["question"], spec["decode"]
+    exact = spec["exact"]
+    llm = LlamaCppLLM(spec["path"], n_ctx=rows + question + steps + 16, n_seq_max=1,
+                      n_threads=max(spec["threads"]), extra_buffers=spec["extra_buffers"],
+                      kv_type="f32" if exact else "f16", flash_attn=False if exact else None)
+    rng = np.random.default_rng(0)
+    image = (rng.standard_normal((rows, llm.n_embd)) * 0.02).astype(np.float32)
+    tokens = [int(t) for t in rng.integers(3, llm.vocab_size, size=question)]
+    runs = []
+    try:
+        llm.prefill(0, tokens=tokens[:4])  # warm-up: first use of the (repacked) weights
+        llm.release(0)
+        for threads in spec["threads"]:
+            llm.set_threads(threads, threads)  # prefill runs on n_threads_batch, single tokens on n_threads
+            start = time.perf_counter()
+            llm.prefill(0, embeds=image)
+            logits = llm.prefill(0, tokens=tokens)
+            prefill_s = time.perf_counter() - start
+            start = time.perf_counter()
+            for _ in range(steps):
+                logits = llm.decode({0: int(np.argmax(logits))})[0]
+            decode_s = time.perf_counter() - start
+            llm.release(0)
+            runs.append({"n_threads": threads, "prefill_tok_s": (rows + question) / prefill_s,
+                         "decode_tok_s": steps / decode_s})
+    finally:
+        llm.close()
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    spec = json.loads((argv if argv is not None else sys.argv[1:])[0])
+    runs = probe_vision(spec) if spec["kind"] == "vision" else probe_llm(spec)
+    print(json.dumps({"runs": runs}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,218 @@
+"""Measured backend selection (runtimes.tune, issue 24): choice on fake timing tables, the cache and its schema, a
+crashing probe, and one real tune of the tiny bundle. Nothing timed is asserted."""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import pytest
+
+from runtimes import tune
+
+
+def _table(**changes) -> dict:
+    """A fake table: vision fp32 / int8; q8_0 (repacking on crashes), q4_k_m (both), f16 (both)."""
+    def llm(precision, size, extra, runs=(), error=None):
+        return {"precision": precision, "bytes": size, "extra_buffers": extra, "ok": error is None, "error": error,
+                "runs": [{"n_threads": t, "prefill_tok_s": p, "decode_tok_s": d} for t, p, d in runs]}
+
+    table = {
+        "schema": tune.SCHEMA, "machine": {"cpu": "Fake CPU", "flags_sha256": "0" * 16, "cores": 2},
+        "software": {"python": "3", "sqllava-edge": "0.1.0"}, "bundle": "b" * 64, "created": "2026-12-03T00:00:00Z",
+        "probe": {"image_tokens": 576, "rows": 128, "question": 16, "decode": 4, "threads": [1, 2]},
+        "vision": [
+            {"precision": "fp32", "bytes": 1200, "ok": True, "error": None,
+             "runs": [{"n_threads": 1, "encode_s": 0.9}, {"n_threads": 2, "encode_s": 0.5}]},
+            {"precision": "int8", "bytes": 300, "ok": True, "error": None,
+             "runs": [{"n_threads": 1, "encode_s": 0.6}, {"n_threads": 2, "encode_s": 0.3}]},
+        ],
+        "llm": [
+            llm("q8_0", 800, True, error="the probe crashed with SIGILL"),
+            llm("q8_0", 800, False, [(1, 30.0, 20.0), (2, 45.0, 30.0)]),
+            # q4_k_m repacking off: prefill best on 2 threads, decode best on 1 (memory-bound, less contention)
+            llm("q4_k_m", 500, False, [(1, 70.0, 25.0), (2, 120.0, 22.0)]),
+            llm("q4_k_m", 500, True, [(1, 60.0, 26.0), (2, 80.0, 24.0)]),
+            llm("f16", 1500, False, [(1, 40.0, 12.0), (2, 56.0, 40.0)]),
+        ],
+    }
+    table.update(changes)
+    return table
+
+
+def test_latency_picks_lowest_first_answer_and_combines_thread_counts():
+    pick = tune.choose(_table(), "latency")
+    assert (pick.vision.precision, pick.vision.n_threads) == ("int8", 2)
+    llm = pick.llm
+    assert (llm.precision, llm.extra_buffers) == ("q4_k_m", False)
+    assert (llm.n_threads_batch, llm.n_threads) == (2, 1)  # best prefill on 2 threads, best decode on 1
+    assert "measured (latency)" in pick.llm_reason and "prefill 120 tok/s" in pick.llm_reason
+    assert "q8_0 repacking on: the probe crashed with SIGILL" in pick.llm_reason
+
+
+def test_throughput_and_memory_objectives():
+    assert tune.choose(_table(), "throughput").llm.precision == "f16"  # 40 decode tok/s
+    memory = tune.choose(_table(), "memory")
+    assert memory.llm.precision == "q4_k_m" and memory.vision.precision == "int8"
+    with pytest.raises(ValueError, match="latency, throughput, memory"):
+        tune.choose(_table(), "speed")
+
+
+def test_allowed_drops_ggufs_that_would_not_fit():
+    pick = tune.choose(_table(), "latency", allowed=lambda precision: precision not in ("q4_k_m", "f16"))
+    assert pick.llm.precision == "q8_0" and not pick.llm.extra_buffers  # the crashing repacked q8_0 is never picked
+
+
+def test_every_probe_failed_gives_no_pick_with_the_errors():
+    table = _table()
+    for row in table["llm"]:
+        row.update(ok=False, error="timed out after 5 s", runs=[])
+    pick = tune.choose(table)
+    assert pick.llm is None and "no GGUF option was measured to work" in pick.llm_reason
+    assert "timed out after 5 s" in pick.llm_reason
+    assert pick.vision is not None
+
+
+def test_child_crash_and_hang_become_unusable_options():
+    crash = tune.run_child([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGILL)"], 60)
+    assert crash == {"ok": False, "error": "the probe crashed with SIGILL"}
+    hang = tune.run_child([sys.executable, "-c", "import time; time.sleep(60)"], 1)
+    assert hang == {"ok": False, "error": "timed out after 1 s"}
+    failed = tune.run_child([sys.executable, "-c", "raise SystemExit('no GGUF here')"], 60)
+    assert not failed["ok"] and "no GGUF here" in failed["error"]
+    ok = tune.run_child([sys.executable, "-c", "print('noise'); print('{\"runs\": []}')"], 60)
+    assert ok == {"ok": True, "runs": []}
+
+
+class _Artifact:
+    def __init__(self, kind, precision, size):
+        self.kind, self.precision, self.size, self.path = kind, precision, size, f"{kind}.{precision}"
+        self.sha256 = {self.path: precision * 8}
+
+
+class _Source:
+    """Enough of runtimes.select.ModelSource for tune.measure."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        self.artifacts = [_Artifact("vision_onnx", "fp32", 1000), _Artifact("llm_gguf", "q4_0", 400),
+                          _Artifact("llm_gguf", "q8_0", 700)]
+        self.manifest = SimpleNamespace(find_all=lambda kind: [a for a in self.artifacts if a.kind == kind])
+        self.config = SimpleNamespace(num_image_tokens=576, vision=SimpleNamespace(image_size=336))
+
+    def artifact_path(self, artifact):
+        return f"/nowhere/{artifact.path}"
+
+
+def _fake_probe(spec, timeout):
+    if spec["kind"] == "vision":
+        return {"ok": True, "runs": [{"n_threads": t, "encode_s": 0.1 * t} for t in spec["threads"]]}
+    if spec["extra_buffers"] and spec["path"].endswith("q4_0"):
+        return {"ok": False, "error": "the probe crashed with SIGILL"}
+    return {"ok": True, "runs": [{"n_threads": t, "prefill_tok_s": 50.0 * t, "decode_tok_s": 10.0}
+                                 for t in spec["threads"]]}
+
+
+def test_measure_covers_every_option_and_its_table_follows_the_schema():
+    table = tune.measure(_Source(), threads=[1, 2], probe=_fake_probe)
+    assert tune.check_table(json.loads(json.dumps(table))) == table
+    assert [(r["precision"], r["extra_buffers"], r["ok"]) for r in table["llm"]] == [
+        ("q4_0", True, False), ("q4_0", False, True), ("q8_0", True, True), ("q8_0", False, True)]
+    assert table["probe"]["rows"] == tune.PROBE_ROWS
+    pick = tune.choose(table)
+    assert pick.llm.precision == "q4_0" and not pick.llm.extra_buffers  # smaller, same speed in the fake
+
+
+@pytest.mark.parametrize("breakage", [
+    lambda t: t.pop("machine"),
+    lambda t: t.update(schema=0),
+    lambda t: t["llm"][1].pop("extra_buffers"),
+    lambda t: t["vision"][0]["runs"][0].update(encode_s="fast"),
+])
+def test_check_table_rejects_a_broken_table(breakage):
+    table = _table()
+    breakage(table)
+    with pytest.raises(ValueError):
+        tune.check_table(table)
+
+
+def test_cache_round_trip_and_stale_tables(tmp_path, monkeypatch):
+    monkeypatch.setenv("SQLLAVA_EDGE_CACHE", str(tmp_path))
+    table = _table()
+    keys = {name: table[name] for name in ("machine", "software", "bundle")}
+    assert tune.read_cached(keys)[0] is None
+    path = tune.write_table(table)
+    assert path.parent == tmp_path / "tune" and json.loads(path.read_text()) == table
+    assert tune.read_cached(keys) == (table, "")
+    for name, other in (("software", {**keys["software"], "llama-cpp-python": "9.9"}),
+                        ("machine", {**keys["machine"], "flags_sha256": "1" * 16})):
+        stale, why = tune.read_cached({**copy.deepcopy(keys), name: other})
+        assert stale is None and f"another {name}" in why
+    path.write_text("{not json")
+    assert tune.read_cached(keys)[0] is None
+
+
+def test_tuning_switch(monkeypatch):
+    monkeypatch.delenv(tune.TUNE_ENV, raising=False)
+    assert tune.tuning_enabled() is True  # the default: measure on first load
+    monkeypatch.setenv(tune.TUNE_ENV, "0")
+    assert tune.tuning_enabled() is False and tune.tuning_enabled(True) is True
+    monkeypatch.setenv(tune.TUNE_ENV, "1")
+    assert tune.tuning_enabled(False) is False
+
+
+# --- real: the tiny bundle ------------------------------------------------------------------------------------------
+
+
+def test_tiny_bundle_load_tunes_once_then_uses_the_cache(tiny_bundle, tmp_path, monkeypatch):
+    from sqllava_edge import Assistant
+
+    monkeypatch.setenv("SQLLAVA_EDGE_CACHE", str(tmp_path))
+    monkeypatch.setenv(tune.TUNE_ENV, "1")
+    monkeypatch.setattr(tune, "thread_counts", lambda cores=None: [1])  # one count keeps the test cheap
+    assistant = Assistant.load(tiny_bundle, device="cpu")
+    try:
+        backends = assistant.backends
+        assert "measured (latency)" in backends.vision_reason and "measured (latency)" in backends.llm_reason
+        assert "measured now" in backends.llm_reason and "n_threads_batch 1" in backends.llm_reason
+        assert "weight repacking" in backends.llm_detail
+    finally:
+        assistant.close()
+    files = list((tmp_path / "tune").glob("*.json"))
+    assert len(files) == 1
+    table = tune.check_table(json.loads(files[0].read_text()))
+    assert {(r["precision"], r["extra_buffers"]) for r in table["llm"]} == {("f32", True), ("f32", False)}
+    assert all(r["ok"] for r in table["llm"] + table["vision"]), table
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("a matching cached table must not be measured again")
+
+    monkeypatch.setattr(tune, "measure", no_measuring)
+    again = Assistant.load(tiny_bundle, device="cpu", prefer="memory")
+    try:
+        assert "measured (memory)" in again.backends.llm_reason and "tuning table measured" in again.backends.llm_reason
+    finally:
+        again.close()
+    explicit = Assistant.load(tiny_bundle, device="cpu", llm_precision="f32")
+    try:
+        assert "measured selection skipped: llm_precision given explicitly" in explicit.backends.llm_reason
+    finally:
+        explicit.close()
+    off = Assistant.load(tiny_bundle, device="cpu", tune=False)
+    try:
+        assert "measured selection off" in off.backends.llm_reason
+    finally:
+        off.close()
+
+
+def test_tune_command_prints_the_table_and_the_choice(tiny_bundle, tmp_path, monkeypatch, capsys):
+    from sqllava_edge.cli import main
+
+    monkeypatch.setenv("SQLLAVA_EDGE_CACHE", str(tmp_path))
+    monkeypatch.setattr(tune, "thread_counts", lambda cores=None: [1])
+    assert main(["tune", str(tiny_bundle)]) == 0
+    out = capsys.readouterr().out
+    assert "llm         repack  threads" in out and "choice for prefer=latency" in out
+    assert main(["tune", str(tiny_bundle), "--json"]) == 0
+    assert tune.check_table(json.loads(capsys.readouterr().out))["llm"]
