@@ -8,7 +8,7 @@ What is measured, on the CPU (GPU devices keep the rule-based order in runtimes.
 - LLM: each GGUF precision x llama.cpp weight repacking (`extra_buffers`) on/off, and per thread count a prefill of
   PROBE_ROWS image rows + PROBE_QUESTION tokens and DECODE_STEPS single-token decodes. llama.cpp runs a batch of
   more than one token on `n_threads_batch` threads and a single token on `n_threads`, so one probe per thread count
-  measures both, and the choice combines the best count for each.
+  measures both, and the choice combines the best count for each. Each timing is the best of REPEATS runs.
 Every (precision, repacking) probe runs in a child process (`python -m runtimes.tune_probe`) with a timeout: a crash
 (SIGILL from AMX kernels on some VMs) or a hang marks that option unusable instead of killing the caller.
 
@@ -35,11 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TUNE_ENV = "SQLLAVA_EDGE_TUNE"  # "0" / "false" / "off" switches measured selection off
-SCHEMA = 1  # of the cached table; another value is measured again
+SCHEMA = 1  # of the cached table and of what a probe measures; another value is measured again (bump on change)
 PREFERENCES = ("latency", "throughput", "memory")
 PROBE_ROWS = 128  # image rows prefilled per probe (at most the model's image tokens): a short prefill
 PROBE_QUESTION = 16  # question tokens after the image rows
 DECODE_STEPS = 4
+REPEATS = 2  # runs per thread count; the fastest is kept (the one other processes disturbed least)
 PROBE_TIMEOUT = 600.0  # seconds per child process
 
 
@@ -141,7 +142,8 @@ def check_table(data) -> dict:
 def cache_path(keys: dict) -> Path:
     from sqllava_edge.vocab import cache_root
 
-    return cache_root() / "tune" / f"{keys['bundle'][:24]}.json"
+    machine = hashlib.sha256(json.dumps(keys["machine"], sort_keys=True).encode()).hexdigest()[:8]
+    return cache_root() / "tune" / f"{keys['bundle'][:24]}-{machine}.json"  # machines sharing a home keep their own
 
 
 def read_cached(keys: dict) -> tuple[dict | None, str]:
@@ -208,17 +210,17 @@ def measure(source, threads: list[int] | None = None, timeout: float = PROBE_TIM
     vision, llm = [], []
     for artifact in source.manifest.find_all("vision_onnx"):
         spec = {"kind": "vision", "path": str(source.artifact_path(artifact)), "threads": threads,
-                "image_size": config.vision.image_size}
+                "repeats": REPEATS, "image_size": config.vision.image_size}
         vision.append(_row(artifact, probe(spec, timeout)))
     for artifact in source.manifest.find_all("llm_gguf"):
         for extra in (True, False):
             spec = {"kind": "llm", "path": str(source.artifact_path(artifact)), "threads": threads, "rows": rows,
-                    "question": PROBE_QUESTION, "decode": DECODE_STEPS, "extra_buffers": extra,
+                    "question": PROBE_QUESTION, "decode": DECODE_STEPS, "repeats": REPEATS, "extra_buffers": extra,
                     "exact": artifact.precision == "f32"}
             llm.append({**_row(artifact, probe(spec, timeout)), "extra_buffers": extra})
     return {"schema": SCHEMA, **table_keys(source), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "probe": {"image_tokens": config.num_image_tokens, "rows": rows, "question": PROBE_QUESTION,
-                      "decode": DECODE_STEPS, "threads": threads},
+                      "decode": DECODE_STEPS, "repeats": REPEATS, "threads": threads},
             "vision": vision, "llm": llm}
 
 
@@ -316,7 +318,7 @@ def choose(table: dict, prefer: str = "latency", allowed=None) -> Pick:
             vision = min(visions, key=lambda v: v.encode_s)
         others = ", ".join(f"{v.precision} {v.encode_s * 1e3:.1f} ms" for v in visions if v is not vision)
         vision_reason = (f"measured ({prefer}): {vision.precision} encodes in {vision.encode_s * 1e3:.1f} ms on "
-                         f"{vision.n_threads} threads" + (f"; others: {others}" if others else "") + failed["vision"])
+                         f"{_threads(vision.n_threads)}" + (f"; others: {others}" if others else "") + failed["vision"])
     else:
         vision_reason = "no vision option was measured to work" + failed["vision"]
     if llms:
@@ -336,6 +338,10 @@ def choose(table: dict, prefer: str = "latency", allowed=None) -> Pick:
     else:
         llm_reason = "no GGUF option was measured to work" + (" within memory" if allowed else "") + failed["llm"]
     return Pick(vision, llm, vision_reason, llm_reason)
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread{'' if n == 1 else 's'}"
 
 
 def _llm_name(o: LLMPick) -> str:
@@ -361,7 +367,7 @@ def format_table(table: dict) -> str:
     probe = table["probe"]
     lines = [f"machine: {table['machine']['cpu']} ({table['machine']['cores']} cores); measured {table['created']}",
              f"probe: vision = one encode; llm = prefill of {probe['rows']} image rows + {probe['question']} question "
-             f"tokens, {probe['decode']} decode steps; per thread count",
+             f"tokens, {probe['decode']} decode steps; best of {probe.get('repeats', 1)} per thread count",
              "vision      threads  encode ms"]
     for row in table["vision"]:
         if not row["ok"]:

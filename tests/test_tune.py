@@ -145,10 +145,13 @@ def test_cache_round_trip_and_stale_tables(tmp_path, monkeypatch):
     path = tune.write_table(table)
     assert path.parent == tmp_path / "tune" and json.loads(path.read_text()) == table
     assert tune.read_cached(keys) == (table, "")
-    for name, other in (("software", {**keys["software"], "llama-cpp-python": "9.9"}),
-                        ("machine", {**keys["machine"], "flags_sha256": "1" * 16})):
-        stale, why = tune.read_cached({**copy.deepcopy(keys), name: other})
-        assert stale is None and f"another {name}" in why
+    newer = {**keys["software"], "llama-cpp-python": "9.9"}
+    stale, why = tune.read_cached({**keys, "software": newer})
+    assert stale is None and "another software" in why
+    other_cpu = {**copy.deepcopy(keys), "machine": {**keys["machine"], "flags_sha256": "1" * 16}}
+    assert tune.read_cached(other_cpu)[0] is None  # another machine: another file (a shared home keeps both)
+    path.write_text(json.dumps({**table, "software": newer}))  # written by other software under the same name
+    assert "another software" in tune.read_cached(keys)[1]
     path.write_text("{not json")
     assert tune.read_cached(keys)[0] is None
 
