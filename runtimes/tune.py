@@ -202,8 +202,10 @@ def run_child(command: list[str], timeout: float) -> dict:
     return {"ok": True, **json.loads(lines[-1])}
 
 
-def measure(source, threads: list[int] | None = None, timeout: float = PROBE_TIMEOUT, probe=run_probe) -> dict:
-    """Probe every vision ONNX precision and every GGUF precision x repacking; -> a table (not yet cached)."""
+def measure(source, threads: list[int] | None = None, timeout: float = PROBE_TIMEOUT, probe=None) -> dict:
+    """Probe every vision ONNX precision and every GGUF precision x repacking; -> a table (not yet cached).
+    probe(spec, timeout) -> result: run_probe (a child process) unless given."""
+    probe = probe or run_probe
     config = source.config
     threads = threads or thread_counts()
     rows = min(PROBE_ROWS, config.num_image_tokens)

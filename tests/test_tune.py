@@ -6,6 +6,7 @@ import copy
 import json
 import sys
 
+import numpy as np
 import pytest
 
 from runtimes import tune
@@ -219,3 +220,24 @@ def test_tune_command_prints_the_table_and_the_choice(tiny_bundle, tmp_path, mon
     assert "llm         repack  threads" in out and "choice for prefer=latency" in out
     assert main(["tune", str(tiny_bundle), "--json"]) == 0
     assert tune.check_table(json.loads(capsys.readouterr().out))["llm"]
+
+
+def test_every_llm_probe_crashing_falls_back_to_the_rule_based_choice(tiny_bundle, tmp_path, monkeypatch):
+    from sqllava_edge import Assistant
+
+    def crashing_llm(spec, timeout):
+        if spec["kind"] == "llm":
+            return {"ok": False, "error": "the probe crashed with SIGILL"}
+        return {"ok": True, "runs": [{"n_threads": 1, "encode_s": 0.01}]}
+
+    monkeypatch.setenv("SQLLAVA_EDGE_CACHE", str(tmp_path))
+    monkeypatch.setattr(tune, "run_probe", crashing_llm)
+    assistant = Assistant.load(tiny_bundle, device="cpu", tune=True)
+    try:
+        reason = assistant.backends.llm_reason
+        assert "no GGUF option was measured to work" in reason and "rule-based order" in reason
+        assert "f32 repacking on: the probe crashed with SIGILL" in reason
+        assert "measured (latency): fp32" in assistant.backends.vision_reason
+        assert assistant.ask(np.zeros((32, 32, 3), np.uint8), "What is it?", max_new_tokens=2) is not None
+    finally:
+        assistant.close()
