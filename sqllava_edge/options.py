@@ -14,10 +14,15 @@ def add_backend_arguments(group, n_ctx_help: str = DEFAULT_N_CTX_HELP) -> None:
     group.add_argument("--n-ctx", type=int, help=n_ctx_help)
     group.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     group.add_argument("--gpu-layers", type=int, help="llama.cpp layers offloaded to the GPU (-1 = all)")
+    group.add_argument("--prefer", choices=("latency", "throughput", "memory"), default="latency",
+                       help="what measured selection optimises on a CPU (default latency; see sqllava-edge tune)")
+    group.add_argument("--no-tune", action="store_true",
+                       help="skip measured selection: the rule-based choice (also $SQLLAVA_EDGE_TUNE=0)")
 
 
 def load_options(args) -> dict:
     """Assistant.load keyword arguments from the parsed backend options."""
     return dict(device=args.device, vision_backend=args.vision_backend, llm_backend=args.llm_backend,
                 n_ctx=args.n_ctx, n_threads=args.threads, gpu_layers=args.gpu_layers,
-                vision_precision=args.vision_precision, llm_precision=args.llm_precision)
+                vision_precision=args.vision_precision, llm_precision=args.llm_precision, prefer=args.prefer,
+                tune=False if args.no_tune else None)
