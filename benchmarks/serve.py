@@ -118,11 +118,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     out = args.out or ROOT / "benchmark-results" / f"serve-{args.preset or bundle.name}"
     out.mkdir(parents=True, exist_ok=True)
-    images = _images(max(args.clients))
+    images = _images(max(args.clients) + 1)  # the last one only warms up: no client finds its image cached
     phases: list[Phase] = []
     for parallel in args.parallel:
         with _Server(bundle, parallel, max(args.clients), args) as server:
-            _request(server.url, images[0], args.new_tokens)  # warm-up: first-call costs out of the numbers
+            _request(server.url, images[-1], args.new_tokens)  # warm-up: first-call costs out of the numbers
             for clients in args.clients:
                 print(f"[serve-bench] --parallel {parallel}: {clients} client(s) x {args.requests} request(s)",
                       file=sys.stderr, flush=True)
