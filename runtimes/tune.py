@@ -210,17 +210,28 @@ def measure(source, threads: list[int] | None = None, timeout: float = PROBE_TIM
     config = source.config
     threads = threads or thread_counts()
     rows = min(PROBE_ROWS, config.num_image_tokens)
+    visions, ggufs = source.manifest.find_all("vision_onnx"), source.manifest.find_all("llm_gguf")
+    total, done = len(visions) + 2 * len(ggufs), 0
+
+    def say(what: str) -> None:  # first loads can take minutes on big GGUFs: show where it is
+        print(f"[tune] {done + 1}/{total} {what} ({', '.join(map(str, threads))} threads; once per machine and "
+              "bundle, SQLLAVA_EDGE_TUNE=0 skips)", file=sys.stderr, flush=True)
+
     vision, llm = [], []
-    for artifact in source.manifest.find_all("vision_onnx"):
+    for artifact in visions:
+        say(f"vision {artifact.precision}")
         spec = {"kind": "vision", "path": str(source.artifact_path(artifact)), "threads": threads,
                 "repeats": REPEATS, "image_size": config.vision.image_size}
         vision.append(_row(artifact, probe(spec, timeout)))
-    for artifact in source.manifest.find_all("llm_gguf"):
+        done += 1
+    for artifact in ggufs:
         for extra in (True, False):
+            say(f"LLM {artifact.precision}, weight repacking {'on' if extra else 'off'}")
             spec = {"kind": "llm", "path": str(source.artifact_path(artifact)), "threads": threads, "rows": rows,
                     "question": PROBE_QUESTION, "decode": DECODE_STEPS, "repeats": REPEATS, "extra_buffers": extra,
                     "exact": artifact.precision == "f32"}
             llm.append({**_row(artifact, probe(spec, timeout)), "extra_buffers": extra})
+            done += 1
     return {"schema": SCHEMA, **table_keys(source), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "probe": {"image_tokens": config.num_image_tokens, "rows": rows, "question": PROBE_QUESTION,
                       "decode": DECODE_STEPS, "repeats": REPEATS, "threads": threads},

@@ -241,3 +241,14 @@ def test_every_llm_probe_crashing_falls_back_to_the_rule_based_choice(tiny_bundl
         assert assistant.ask(np.zeros((32, 32, 3), np.uint8), "What is it?", max_new_tokens=2) is not None
     finally:
         assistant.close()
+
+
+def test_measuring_says_where_it_is_on_stderr(tiny_bundle, capsys):
+    """A first load on a big bundle measures for minutes: every probe announces itself (n/total, what, how to skip)."""
+    from runtimes.select import ModelSource
+
+    source = ModelSource.open(tiny_bundle, verify=False)
+    tune.measure(source, threads=[1], probe=lambda spec, timeout: {"ok": False, "error": "fake"})
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[tune]")]
+    n = len(source.manifest.find_all("vision_onnx")) + 2 * len(source.manifest.find_all("llm_gguf"))
+    assert len(lines) == n and lines[0].startswith(f"[tune] 1/{n} vision") and "SQLLAVA_EDGE_TUNE=0" in lines[-1]
