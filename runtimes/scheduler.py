@@ -72,7 +72,8 @@ class Request:
 
 
 class Handle:
-    """What `submit` returns: `cancel()` it when the client goes away."""
+    """What `submit` returns: `cancel()` it when the client goes away; `finished` is set after its last event, and
+    `first_token` holds the monotonic time of its first token (for callers that measure time to first token)."""
 
     def __init__(self, request: Request, scheduler: "Scheduler"):
         self.request = request

@@ -39,7 +39,7 @@ if not (CHROMIUM and CHROMEDRIVER):
                 "chromium-driver (.ci/run installs them)", allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402
-from selenium.common.exceptions import TimeoutException  # noqa: E402
+from selenium.common.exceptions import ElementClickInterceptedException, TimeoutException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
@@ -164,6 +164,22 @@ def wait(driver, condition, what: str, timeout: float = WAIT):
 
 def by_id(driver, name: str):
     return driver.find_element(By.ID, name)
+
+
+def click_id(driver, name: str, timeout: float = 5.0) -> None:
+    """A real click on a control that a streaming answer may be pushing down the page: Chromium refuses a click whose
+    point another element reached in the meantime, so try again (bounded) as a person would on a moving button."""
+    deadline = time.monotonic() + timeout
+    while True:
+        element = by_id(driver, name)
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
+        try:
+            element.click()
+            return
+        except ElementClickInterceptedException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def open_page(driver, url: str, key: str | None = None) -> None:
@@ -363,11 +379,11 @@ def test_errors_are_shown_and_stop_cancels(page, allowed, guarded, tmp_path):
     set_max_tokens(page, 2000)  # long enough to still run while the page asks for more
     by_id(page, "question").send_keys("Describe the image." + Keys.ENTER)
     wait(page, lambda: answers(page) and answers(page)[-1].find_element(By.CLASS_NAME, "text").text, "streaming")
-    by_id(page, "suggestBtn").click()  # --parallel 1 --queue 0: no room for a second request
+    click_id(page, "suggestBtn")  # --parallel 1 --queue 0: no room for a second request
     wait(page, lambda: by_id(page, "sqError").is_displayed(), "the queue-full message")
     assert "server is busy" in by_id(page, "sqError").text and "queue_full" in by_id(page, "sqError").text
 
-    by_id(page, "stopBtn").click()
+    click_id(page, "stopBtn")
     wait(page, lambda: "Stopped" in answers(page)[-1].find_element(By.CLASS_NAME, "stats").text, "the stopped answer")
     deadline = time.monotonic() + 5
     while guarded.state.scheduler.running and time.monotonic() < deadline:
@@ -383,7 +399,7 @@ def test_errors_are_shown_and_stop_cancels(page, allowed, guarded, tmp_path):
     by_id(page, "question").send_keys("Describe it again." + Keys.ENTER)
     wait(page, lambda: len(answers(page)) == 3 and answers(page)[-1].find_element(By.CLASS_NAME, "text").text,
          "the third answer to stream")
-    by_id(page, "newBtn").click()
+    click_id(page, "newBtn")
     wait(page, lambda: by_id(page, "sendBtn").is_displayed() and guarded.state.scheduler.running == 0,
          "the cancelled answer to end")
     set_max_tokens(page, 6)

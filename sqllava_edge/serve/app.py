@@ -355,7 +355,6 @@ class _Call:
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.handle = None
         self.first_token = False
-        self.usage: dict[str, int] = {}
 
     def submit(self, scheduler: Scheduler, engine_request: EngineRequest) -> None:
         loop = asyncio.get_running_loop()
@@ -383,7 +382,6 @@ class _Call:
                 self.first_token = True
                 self.state.metrics.ttft.observe(time.monotonic() - self.arrived)
             if event.kind == "done":
-                self.usage = event.usage
                 self.state.metrics.prompt_tokens.inc(event.usage.get("prompt_tokens", 0))
                 self.state.metrics.completion_tokens.inc(event.usage.get("completion_tokens", 0))
             return event
