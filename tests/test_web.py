@@ -379,12 +379,15 @@ def test_errors_are_shown_and_stop_cancels(page, allowed, guarded, tmp_path):
     set_max_tokens(page, 2000)  # long enough to still run while the page asks for more
     by_id(page, "question").send_keys("Describe the image." + Keys.ENTER)
     wait(page, lambda: answers(page) and answers(page)[-1].find_element(By.CLASS_NAME, "text").text, "streaming")
-    click_id(page, "suggestBtn")  # --parallel 1 --queue 0: no room for a second request
-    wait(page, lambda: by_id(page, "sqError").is_displayed(), "the queue-full message")
-    assert "server is busy" in by_id(page, "sqError").text and "queue_full" in by_id(page, "sqError").text
-
-    click_id(page, "stopBtn")
-    wait(page, lambda: "Stopped" in answers(page)[-1].find_element(By.CLASS_NAME, "stats").text, "the stopped answer")
+    # Pause the server's decoding (its engine lock) while the page acts, so the answer is still running when the
+    # queue fills and when Stop lands, however fast this machine decodes the 2000 tokens.
+    with guarded.state.assistant.engine.lock:
+        click_id(page, "suggestBtn")  # --parallel 1 --queue 0: no room for a second request
+        wait(page, lambda: by_id(page, "sqError").is_displayed(), "the queue-full message")
+        assert "server is busy" in by_id(page, "sqError").text and "queue_full" in by_id(page, "sqError").text
+        click_id(page, "stopBtn")
+        wait(page, lambda: "Stopped" in answers(page)[-1].find_element(By.CLASS_NAME, "stats").text,
+             "the stopped answer")
     deadline = time.monotonic() + 5
     while guarded.state.scheduler.running and time.monotonic() < deadline:
         time.sleep(0.05)
