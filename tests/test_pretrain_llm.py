@@ -375,3 +375,45 @@ def test_count_sink_targets_weigh_every_counted_object_alike():
     assert masks[1].sum() + sinks[1] == pytest.approx(1.0)
     _, _, plain, no_sink = BindAttention.sample_targets(ids, refs, n_image=8)
     assert plain[1].tolist() == [1, 1, 1, 1, 0, 1, 0, 0] and not no_sink.any()
+
+
+def test_compact_vocab_trains_the_same_model_as_the_full_tables(tmp_path, synthetic_data):
+    """--compact-vocab (the default) against --no-compact-vocab: the demo's stage-0 options (scenes, facts, bound
+    heads), same seed, 3 steps: same losses and the same saved weights, to float summation order."""
+    from safetensors.torch import load_file
+
+    from training.pretrain_llm import main
+
+    common = ["--data", str(synthetic_data / "stage2.json"), "--caption-data", str(synthetic_data / "stage1.json"),
+              "--scenes", "--scene-facts", "--bind-attention", "1:0", "--max-steps", "3", "--batch-size", "2",
+              "--no-progress", "--threads", "1"]
+    runs = {}
+    for flag in ("--compact-vocab", "--no-compact-vocab"):
+        out = tmp_path / flag
+        folder = main([*common, flag, "--out", str(out)])
+        losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[flag] = losses, load_file(folder / "model.safetensors")
+    (fast, fast_w), (full, full_w) = runs["--compact-vocab"], runs["--no-compact-vocab"]
+    assert fast == pytest.approx(full, rel=1e-4) and fast[0] != fast[-1]
+    assert fast_w.keys() == full_w.keys()
+    for name in full_w:
+        assert torch.allclose(fast_w[name], full_w[name], atol=1e-5), name
+
+
+def test_compact_vocab_refuses_a_token_it_does_not_hold():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from training.pretrain_llm import CompactVocab
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    compact = CompactVocab(model, [0, 3, 7], [3, 7])
+    assert torch.equal(compact(torch.tensor([7, 3])), model.get_input_embeddings().weight[[7, 3]])
+    assert not model.get_input_embeddings().weight.requires_grad
+    assert {id(p) for p in compact.parameters()} >= {id(compact.embed), id(compact.head)}
+    with pytest.raises(ValueError, match=r"\[5\] are not in the compact vocabulary"):
+        compact(torch.tensor([3, 5]))
+    with torch.no_grad():
+        compact.embed += 1.0
+    compact.write_back()
+    assert torch.equal(model.get_input_embeddings().weight[[0, 3, 7]], compact.embed)

@@ -454,3 +454,64 @@ def test_a_rank_whose_samples_are_all_skipped_stays_in_step(stage1, data, tmp_pa
     assert max(abs(x - y) for x, y in zip(a, b)) < 2e-4, (a, b)
     first = json.loads((one / "metrics.jsonl").read_text().splitlines()[0])
     assert first["skipped_missing_image"] == 2 and first["samples"] == 2  # the step really lost rank 1's samples
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Speed-ups (issue 23): each computes what the plain path does, to float rounding
+
+
+def test_skipping_the_frozen_heads_zero_rows_gives_the_full_loss_and_gradients(stage1, data, tok):
+    from sqllava_edge.checkpoint import load_checkpoint
+    from training.data import collate
+    from training.modeling import LossModule, RestrictedHead, base_module
+
+    model, _ = load_checkpoint(stage1 / "checkpoint")
+    head = base_module(model.llm).lm_head
+    assert RestrictedHead.of(head) is None  # a random head has no zero rows: the plain path runs
+    batch = collate([_dataset(data, tok)[(i, 0)] for i in range(3)])
+    targets = {t for row in batch.labels for t in row.tolist() if t != IGNORE_INDEX}
+    keep = sorted(targets)[1:]  # one target token's row becomes zero too: its logit is 0, not dropped
+    with torch.no_grad():
+        zero = torch.ones(len(head.weight), dtype=torch.bool)
+        zero[keep + list(range(0, 400, 7))] = False
+        head.weight[zero] = 0.0
+    model.requires_grad_(False)
+    model.projector.requires_grad_(True)
+    results = []
+    for skip in (True, False):
+        module = LossModule(model, skip_zero_rows=skip)
+        assert (module.head is not None) == skip
+        model.projector.zero_grad()
+        ce, count = module(batch.input_ids, batch.labels, batch.pixel_values)
+        ce.backward()
+        grads = [p.grad.clone() for p in model.projector.parameters() if p.grad is not None]
+        results.append((ce.detach(), count, grads))
+    (fast, n_fast, g_fast), (full, n_full, g_full) = results
+    assert n_fast == n_full and torch.allclose(fast, full, rtol=1e-5), (fast, full)
+    assert len(g_fast) == len(g_full) > 0
+    assert all(float((a - b).norm()) <= 1e-4 * float(b.norm()) for a, b in zip(g_fast, g_full))
+    head.weight.requires_grad_(True)
+    assert RestrictedHead.of(head) is None  # a head that trains may leave zero: never restricted
+
+
+def test_fused_adamw_trains_what_the_default_adamw_does(stage1, data, tmp_path):
+    from safetensors.torch import load_file
+    from training.train import train
+
+    for fused in (True, False):
+        train(_cfg(2, data, tmp_path / str(fused), init=str(stage1), max_steps=4, fused_adamw=fused, device="cpu"))
+    fast, plain = _losses(tmp_path / "True"), _losses(tmp_path / "False")
+    assert len(fast) == 4 and fast == pytest.approx(plain, rel=1e-5)
+    a, b = (load_file(tmp_path / run / "checkpoint" / "llm_lora" / "adapter_model.safetensors")
+            for run in ("True", "False"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_B" in k)  # it trained
+
+
+def test_fused_adamw_is_refused_where_torch_has_no_kernel():
+    from training.speed import adamw_kwargs
+
+    assert adamw_kwargs(None, "cpu") == {"fused": True} and adamw_kwargs(None, "cpu", fsdp=True) == {"foreach": None}
+    assert adamw_kwargs(False, "cpu") == {"foreach": None}
+    with pytest.raises(ValueError, match="--no-fused-adamw"):
+        adamw_kwargs(True, "meta")

@@ -111,6 +111,7 @@ def pretrain(args) -> Path:
     from sqllava_edge.config import get_preset
     from sqllava_edge.fileutil import atomic_dir
     from sqllava_edge.model import VisionTower
+    from training.speed import adamw_kwargs
     from training.state import MetricsLog, plot_loss, stage0_start, warmup_cosine
 
     out = stage0_start(args.out, "vision", args.threads)
@@ -122,7 +123,7 @@ def pretrain(args) -> Path:
     vision = VisionTower(config.vision)
     heads = PatchHeads(config.vision.hidden_size)
     params = list(vision.parameters()) + list(heads.parameters())  # layers past the selected one get no gradient
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, **adamw_kwargs(args.fused_adamw))
     scheduler = warmup_cosine(optimizer, args.max_steps)
     out.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(out / "metrics.jsonl", None)
@@ -146,7 +147,7 @@ def pretrain(args) -> Path:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         log.write({"step": step, "loss": loss.item(), **{f"loss_{n}": p.item() for n, p in zip(HEADS, parts)},
-                   "lr": {"vision": lr}, "grad_norm": grad_norm, "elapsed": time.time() - start})
+                   "lr": {"vision": lr}, "grad_norm": grad_norm, "images": len(idx), "elapsed": time.time() - start})
         bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.update(1)
     bar.close()
@@ -182,6 +183,8 @@ def main(argv: list[str] | None = None) -> Path:
                         help="share of training images shown in grey (their objects' colour is not a target): shape "
                              "features that do not depend on the colour, for unseen colour/shape pairs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the init and the sampling")
+    parser.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=None,
+                        help="PyTorch's fused AdamW kernel (default: on where this torch has it; training/speed.py)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     args = parser.parse_args(argv)

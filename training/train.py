@@ -75,6 +75,8 @@ class TrainConfig:
     bf16: bool | None = None
     grad_checkpointing: bool | None = None
     fsdp: bool = False
+    skip_zero_rows: bool = True
+    fused_adamw: bool | None = None
     progress: bool = True
 
 
@@ -119,6 +121,9 @@ HELP: dict[str, str] = {
             "(default: on for CUDA)",
     "grad_checkpointing": "activation checkpointing in the LLM and ViT (default: on for CUDA)",
     "fsdp": "shard with FSDP instead of DDP (for models that do not fit one GPU)",
+    "skip_zero_rows": "compute the loss through the frozen LM head's non-zero rows only, the all-zero rows as one "
+                      "term (exact; pays when a head has many, as the tiny stand-in LLM's; no effect otherwise)",
+    "fused_adamw": "PyTorch's fused AdamW kernel (same update, one pass; default: on where this torch has it)",
     "progress": "show the tqdm progress bar",
 }
 
@@ -227,10 +232,13 @@ def _external_bases(meta: dict[str, Any]) -> dict[str, str]:
     return {part: ref for part, ref in meta["base"].items() if Path(ref).is_absolute()}
 
 
-def build_optimizer(cfg: TrainConfig, groups: dict[str, list], total_steps: int):
+def build_optimizer(cfg: TrainConfig, groups: dict[str, list], total_steps: int, device=None):
+    from training.speed import adamw_kwargs
+
     lrs = {"projector": cfg.lr if cfg.stage == 1 else cfg.projector_lr, "llm_lora": cfg.lr, "vit_lora": cfg.vit_lr}
     param_groups = [{"name": name, "params": [p for _, p in params], "lr": lrs[name]} for name, params in groups.items()]
-    optimizer = torch.optim.AdamW(param_groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
+                                  **adamw_kwargs(cfg.fused_adamw, device, fsdp=cfg.fsdp))
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
 
     def schedule(step: int) -> float:  # spec 4.2: linear warm-up, then cosine to 0 (HF get_cosine_schedule_with_warmup)
@@ -307,7 +315,8 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.grad_checkpointing:
         for part in (modeling.base_module(model.llm), modeling.base_module(model.vision.clip)):
             part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    loss_module = modeling.LossModule(model, share_prefix=not cfg.grad_checkpointing, lockstep=cfg.fsdp)
+    loss_module = modeling.LossModule(model, share_prefix=not cfg.grad_checkpointing, lockstep=cfg.fsdp,
+                                      skip_zero_rows=cfg.skip_zero_rows)
     engine = wrap_parallel(cfg, dist, loss_module)
     groups = modeling.optimizer_groups(engine)
 
@@ -317,7 +326,7 @@ def setup(cfg: TrainConfig) -> Run:
                                   image_mode=cfg.image_mode, sq_r=cfg.sq_r, max_length=cfg.max_length, seed=cfg.seed)
     sampler = StepSampler(len(dataset), cfg.batch_size, cfg.grad_accum, dist.rank, dist.world, cfg.seed)
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * sampler.steps_per_epoch))
-    optimizer, scheduler = build_optimizer(cfg, groups, total_steps)
+    optimizer, scheduler = build_optimizer(cfg, groups, total_steps, dist.device)
     start_step = 0
     if resumed is not None:
         _check_resume(cfg, resumed, dist)
