@@ -6,8 +6,9 @@ stage 1 and stage 2, with each speed-up on and off.
 Every variant of a stage is the demo's own command (scripts/demo.py's flags) run as a child process for
 --warmup + --steps optimizer steps; the time of a step is read from the run's metrics.jsonl (the trainer's own
 `elapsed`), so start-up and data preparation are not counted. The variants of all stages are interleaved, round after
-round, so a load that comes and goes hits them alike; the table gives the median seconds per step over every measured
-step of every round, tokens/s (trained tokens for stage 0's LLM, LLM positions for stages 1 and 2, images for the
+round, so a load that comes and goes hits them alike; the table gives the median wall and CPU seconds per step over
+every measured step of every round (CPU time, the trainer's own, is what other processes on the machine disturb
+least; with spare cores the two agree), tokens/s (trained tokens for stage 0's LLM, LLM positions for stages 1 and 2, images for the
 vision stand-in), and the ratio to the stage's baseline (every speed-up off) and to the default (every speed-up on).
 The ratios are what carry from host to host (training/RESULTS.md); "demo" multiplies the seconds per step by the
 demo's step counts.
@@ -130,8 +131,9 @@ def run(argv: list[str], out: Path) -> list[dict]:
     return [r for r in map(json.loads, lines) if "loss" in r]
 
 
-def step_times(records: list[dict], warmup: int) -> list[tuple[float, float]]:
-    """(seconds, tokens) of each step after the first `warmup`, from the trainer's cumulative `elapsed`."""
+def step_times(records: list[dict], warmup: int) -> list[tuple[float, float, float]]:
+    """(wall seconds, CPU seconds, tokens) of each step after the first `warmup`, from the trainer's cumulative
+    `elapsed` and `cpu_s` (the process's CPU time: what other processes on the machine change least)."""
     out = []
     for before, this in zip(records, records[1:]):
         if this["step"] <= warmup:
@@ -141,7 +143,7 @@ def step_times(records: list[dict], warmup: int) -> list[tuple[float, float]]:
             tokens = this["tok_per_s"] * seconds
         else:
             tokens = this.get("trained_tokens", this.get("images", 0))
-        out.append((seconds, tokens))
+        out.append((seconds, this["cpu_s"] - before["cpu_s"], tokens))
     return out
 
 
@@ -170,15 +172,19 @@ class Result:
     stage: str
     variant: str
     flags: list[str]
-    steps: list[tuple[float, float]] = field(default_factory=list)
+    steps: list[tuple[float, float, float]] = field(default_factory=list)  # (wall s, CPU s, tokens) per step
 
     @property
     def seconds(self) -> float:
-        return statistics.median(s for s, _ in self.steps)
+        return statistics.median(s for s, _, _ in self.steps)
+
+    @property
+    def cpu_seconds(self) -> float:
+        return statistics.median(c for _, c, _ in self.steps)
 
     @property
     def tokens_per_s(self) -> float:
-        return sum(t for _, t in self.steps) / sum(s for s, _ in self.steps)
+        return sum(t for _, _, t in self.steps) / sum(s for s, _, _ in self.steps)
 
 
 def measure(stages: list[str], paths: Paths, steps: int, warmup: int, rounds: int, threads: int | None,
@@ -200,16 +206,18 @@ def measure(stages: list[str], paths: Paths, steps: int, warmup: int, rounds: in
 
 
 def table(results: list[Result], demo: dict[str, int]) -> str:
-    lines = ["| stage | variant | s/step (median) | tokens/s | vs baseline | vs default | demo stage (est.) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| stage | variant | wall s/step | CPU s/step | tokens/s | vs baseline (wall / CPU) | vs default (wall / CPU) "
+             "| demo stage (est., wall) |", "|---|---|---|---|---|---|---|---|"]
     for stage in dict.fromkeys(r.stage for r in results):
         rows = [r for r in results if r.stage == stage]
-        base = next(r for r in rows if r.variant.startswith("baseline")).seconds
-        default = next(r for r in rows if r.variant.startswith("default (")).seconds
+        base = next(r for r in rows if r.variant.startswith("baseline"))
+        default = next(r for r in rows if r.variant.startswith("default ("))
         unit = "images/s" if stage == "0-vision" else ""
         for r in rows:
-            lines.append(f"| {STAGE_TITLES[stage]} | {r.variant} | {r.seconds:.3f} | {r.tokens_per_s:,.0f} {unit} | "
-                         f"{base / r.seconds:.2f}x | {default / r.seconds:.2f}x | "
+            lines.append(f"| {STAGE_TITLES[stage]} | {r.variant} | {r.seconds:.3f} | {r.cpu_seconds:.3f} | "
+                         f"{r.tokens_per_s:,.0f} {unit} | {base.seconds / r.seconds:.2f}x / "
+                         f"{base.cpu_seconds / r.cpu_seconds:.2f}x | {default.seconds / r.seconds:.2f}x / "
+                         f"{default.cpu_seconds / r.cpu_seconds:.2f}x | "
                          f"{r.seconds * demo[stage] / 60:.1f} min ({demo[stage]} steps) |")
     return "\n".join(lines)
 
@@ -286,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write(args.out / "train-bench.json", json.dumps(
         {"argv": args.argv, "load_at_start": load, "results": [
             {"stage": r.stage, "variant": r.variant, "flags": r.flags, "steps": r.steps, "median_s": r.seconds,
+             "median_cpu_s": r.cpu_seconds,
              "tokens_per_s": r.tokens_per_s} for r in results]}, indent=1))
     plot(results, args.out / "train-bench.png")
     print(text)

@@ -213,3 +213,27 @@ def test_preset_cache_is_trusted_only_when_key_and_hashes_match(smoke, tmp_path)
     tokenizer = next(p for p in (copy / "bundle" / "tokenizer").iterdir() if p.is_file())
     tokenizer.write_bytes(tokenizer.read_bytes() + b" ")
     assert not _cached(copy, key)  # a modified artifact is rebuilt, never trusted
+
+
+def test_training_benchmark_reads_step_times_and_compares_variants_side_by_side(tmp_path):
+    from benchmarks import train as bench
+
+    records = [{"step": 1, "loss": 2.0, "elapsed": 5.0, "cpu_s": 9.0, "trained_tokens": 100},
+               {"step": 2, "loss": 1.9, "elapsed": 6.0, "cpu_s": 11.0, "trained_tokens": 120},
+               {"step": 3, "loss": 1.8, "elapsed": 7.5, "cpu_s": 14.0, "trained_tokens": 90}]
+    assert bench.step_times(records, warmup=1) == [(1.0, 2.0, 120), (1.5, 3.0, 90)]  # step 1 holds start-up
+    assert bench.step_times([{**r, "tok_per_s": 200.0} for r in records], warmup=2) == [(1.5, 3.0, 300.0)]
+    two = bench.variants("1")
+    assert two["default (all on)"] == [] and two["baseline (all off)"] == ["--no-skip-zero-rows", "--no-fused-adamw"]
+    assert two["without fused AdamW"] == ["--no-fused-adamw"] and two["default + bf16 autocast"] == ["--bf16"]
+    assert list(bench.variants("0-vision", with_candidates=False)) == ["default (all on)", "baseline (all off)"]
+    results = [bench.Result("1", name, flags, [(t, 2 * t, 10.0)] * 3)
+               for name, flags, t in (("default (all on)", [], 0.5), ("baseline (all off)", ["x"], 1.0))]
+    text = bench.table(results, {"1": 300})
+    assert "| stage 1 | default (all on) | 0.500 | 1.000 | 20  | 2.00x / 2.00x | 1.00x / 1.00x | 2.5 min (300 steps) |" in text
+    with pytest.raises(SystemExit):
+        bench.main(["--stages", "3"])
+    with pytest.raises(SystemExit):
+        bench.main(["--data", str(tmp_path), "--out", str(tmp_path / "o")])  # no stage2.json there
+    cmd = bench.command("2", bench.Paths(tmp_path, tmp_path, stage1=tmp_path / "s1"), tmp_path / "o", 5, 1)
+    assert cmd[1:5] == ["-m", "training", "--stage", "2"] and cmd[-2:] == ["--threads", "1"] and "5" in cmd

@@ -486,7 +486,7 @@ def pretrain(args) -> Path:
         optimizer.zero_grad(set_to_none=True)
         loss = loss_sum.item() / n
         log.write({"step": step, "loss": loss, "lr": {"llm": lr}, "grad_norm": grad_norm, "trained_tokens": n,
-                   "elapsed": time.time() - start, **extra})
+                   "elapsed": time.time() - start, "cpu_s": time.process_time(), **extra})
         bar.set_postfix(loss=f"{loss:.3f}", **({"bind": f"{extra['bind_mass'][0]:.2f}"} if extra else {}))
         bar.update(1)
         if held_out is not None and args.eval_every and step % args.eval_every == 0 and step < args.max_steps:

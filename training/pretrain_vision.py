@@ -147,7 +147,8 @@ def pretrain(args) -> Path:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         log.write({"step": step, "loss": loss.item(), **{f"loss_{n}": p.item() for n, p in zip(HEADS, parts)},
-                   "lr": {"vision": lr}, "grad_norm": grad_norm, "images": len(idx), "elapsed": time.time() - start})
+                   "lr": {"vision": lr}, "grad_norm": grad_norm, "images": len(idx),
+                   "elapsed": time.time() - start, "cpu_s": time.process_time()})
         bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.update(1)
     bar.close()

@@ -459,7 +459,8 @@ def train(cfg: TrainConfig) -> Path:
         tok_s = positions / max(time.time() - t0, 1e-9)
         if dist.main:
             log.write({"step": step, "loss": loss, "lr": lrs, "grad_norm": grad_norm, "trained_tokens": tokens,
-                       "tok_per_s": tok_s, "elapsed": time.time() - t_start, **_stats(totals)})
+                       "tok_per_s": tok_s, "elapsed": time.time() - t_start, "cpu_s": time.process_time(),
+                       **_stats(totals)})
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{next(iter(lrs.values())):.2e}", tok_s=f"{tok_s:.0f}")
             bar.update(1)
         if cfg.save_every and step % cfg.save_every == 0 and step < stop_at:
