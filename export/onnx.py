@@ -141,29 +141,133 @@ def export_graph(graph: VisionGraph, path: Path, image_size: int) -> None:
                           external_data=True, verbose=False)
 
 
-def quantize_int8(fp32_path: Path, out_path: Path) -> None:
+def quantize_int8(fp32_path: Path, out_path: Path, attention: Sequence[str] = ()) -> None:
     """Dynamic int8 quantization (weights int8, activations per batch) keeping the prototype clustering in fp32.
 
     Weights use 7 bits (reduce_range): onnxruntime's u8s8 kernels on x86 CPUs without VNNI (AVX2, plain AVX-512)
     multiply with VPMADDUBSW, whose 16-bit sums saturate with full-range weights. The bundle is built once and run on
     whatever CPU the user has, so it must not depend on the exporting host's flags: measured on an AVX2-only host, the
-    tiny preset's int8 graph gave a min per-token cosine of 0.969 with 8-bit weights."""
+    tiny preset's int8 graph gave a min per-token cosine of 0.969 with 8-bit weights.
+    attention: which of the tower's activation-activation matmuls to quantize as well: "scores" (Q K^T), "values"
+    (softmax @ V); by default neither (weights only)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     graph = onnx.load(str(fp32_path), load_external_data=False).graph
-    keep = [node.name for node in graph.node if _in_scope(node, _KEEP_FP32_IN_INT8) and not _in_scope(node, _QUANTIZE_IN_INT8)]
+    weights = {init.name for init in graph.initializer}
+    softmax = {out for node in graph.node if node.op_type == "Softmax" for out in node.output}
+    nodes = []
+    for node in graph.node:
+        if _in_scope(node, _KEEP_FP32_IN_INT8) and not _in_scope(node, _QUANTIZE_IN_INT8):
+            continue
+        if (node.op_type == "Conv" or (node.op_type == "MatMul" and node.input[1] in weights)
+                or (node.op_type == "Gather" and node.input[0] in weights)):  # the ops quantize_dynamic takes by default
+            nodes.append(node.name)
+        elif node.op_type == "MatMul" and any(s.startswith("scaled_dot_product_attention") for s in _scopes(node)):
+            if ("values" if node.input[0] in softmax else "scores") in attention:
+                nodes.append(node.name)
     big = sum(p.stat().st_size for p in _onnx_files(fp32_path)) > (1 << 31) - (64 << 20)  # protobuf's 2 GiB limit
     quantize_dynamic(fp32_path, out_path, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
-                     nodes_to_exclude=keep, use_external_data_format=big, extra_options={"MatMulConstBOnly": True})
+                     nodes_to_quantize=nodes, use_external_data_format=big, extra_options={"MatMulConstBOnly": False})
+
+
+def fuse_graph(fp32_path: Path, out_path: Path) -> dict[str, int]:
+    """onnxruntime's own transformer fusions (onnxruntime.transformers.optimizer, model_type "clip", Python fusions
+    only: opt_level 0 keeps the graph free of CPU- or GPU-specific ops) -> {fused op: count} of what fired."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model = optimize_model(str(fp32_path), model_type="clip", opt_level=0)
+    model.save_model_to_file(str(out_path), use_external_data_format=True)  # weights in <out_path>.data
+    return {op: n for op, n in model.get_fused_operator_statistics().items() if n}
+
+
+def quantize_static_int8(fp32_path: Path, out_path: Path, images: np.ndarray) -> None:
+    """Static (calibrated) int8 in QDQ format: per-channel 7-bit int8 weights (see quantize_int8 for the 7 bits), uint8
+    activations with ranges from min/max over `images` (N, 3, S, S) run one by one. The same nodes as quantize_int8:
+    weight matmuls and the patch convolution; attention's activation-activation matmuls and the prototype
+    clustering stay fp32."""
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    graph = onnx.load(str(fp32_path), load_external_data=False).graph
+    weights = {init.name for init in graph.initializer}
+    nodes = [node.name for node in graph.node if (node.op_type == "Conv" or (node.op_type == "MatMul" and node.input[1] in weights))
+             and not (_in_scope(node, _KEEP_FP32_IN_INT8) and not _in_scope(node, _QUANTIZE_IN_INT8))]
+
+    class Reader(CalibrationDataReader):  # one image per range: CalibStridedMinMax then keeps one image's tensors
+        def __len__(self):
+            return len(images)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self.batches = iter(images[start_index:end_index])
+
+        def get_next(self):
+            image = next(self.batches, None)
+            return None if image is None else {INPUT_NAME: image[None].astype(np.float32)}
+
+    big = sum(p.stat().st_size for p in _onnx_files(fp32_path)) > (1 << 31) - (64 << 20)
+    quantize_static(fp32_path, out_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
+                    op_types_to_quantize=["MatMul", "Conv"], use_external_data_format=big,
+                    calibrate_method=CalibrationMethod.MinMax, extra_options={"CalibStridedMinMax": 1})
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+CALIBRATION_SYNTHETIC = 8  # images made up when no calibration folder is given
+CALIBRATION_MAX = 32  # images used from a calibration folder (sorted by name): min/max ranges settle within a few
+
+
+def calibration_images(config, folder: str | os.PathLike | None = None) -> np.ndarray:
+    """Preprocessed calibration images (N, 3, S, S) float32 for the model `config`: the image files of `folder`, or
+    seeded synthetic scenes (graded backgrounds, coloured shapes, sensor noise) when folder is None."""
+    from sqllava_edge.image import preprocess
+
+    if folder is None:
+        sources = synthetic_images(CALIBRATION_SYNTHETIC, config.vision.image_size)
+    else:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"calibration folder {folder} does not exist; pass a folder of images like the ones "
+                                    "the model will see, or leave the option out to calibrate on synthetic images")
+        sources = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)[:CALIBRATION_MAX]
+        if not sources:
+            raise ValueError(f"calibration folder {folder} holds no images ({' '.join(IMAGE_SUFFIXES)}); put a few "
+                             "representative images there, or leave the option out to calibrate on synthetic images")
+    return np.stack([preprocess(src, config.vision, config.image_aspect_ratio) for src in sources])
+
+
+def synthetic_images(count: int, size: int, seed: int = 0) -> list:
+    """`count` seeded RGB scenes of `size` px: a two-colour gradient, 2-6 filled shapes, Gaussian pixel noise."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(count):
+        a, b = rng.uniform(0, 255, (2, 3))
+        ramp = np.linspace(0.0, 1.0, size)[:, None, None] if rng.random() < 0.5 else np.linspace(0.0, 1.0, size)[None, :, None]
+        img = Image.fromarray(np.broadcast_to(a + (b - a) * ramp, (size, size, 3)).astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+        for _ in range(int(rng.integers(2, 7))):
+            x0, y0 = rng.uniform(0, size * 0.8, 2)
+            w, h = rng.uniform(size * 0.08, size * 0.5, 2)
+            box, fill = [x0, y0, min(x0 + w, size - 1), min(y0 + h, size - 1)], tuple(int(c) for c in rng.integers(0, 256, 3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
+        noisy = np.asarray(img, dtype=np.float64) + rng.normal(0.0, 8.0, (size, size, 3))
+        images.append(Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)))
+    return images
 
 
 def _in_scope(node, scope: str) -> bool:
     """Whether an exported node came from module `scope` (the dynamo exporter's name_scopes metadata)."""
+    return scope in _scopes(node)
+
+
+def _scopes(node) -> list[str]:
     for prop in node.metadata_props:
         if prop.key == "pkg.torch.onnx.name_scopes":
-            return scope in ast.literal_eval(prop.value)
-    return False
+            return ast.literal_eval(prop.value)
+    return []
 
 
 def _validation_inputs(image_size: int) -> list[np.ndarray]:
