@@ -3,15 +3,16 @@
     python -m benchmarks.vision_quant [--preset bench-1b] [--runs 5] [--threads 2] [--calibration DIR] [--profile]
 
 Candidates (built once next to the preset's bundle, in vision-candidates/):
-  ort fp32            the bundle's vision.fp32.onnx
-  ort int8 dynamic    the bundle's vision.int8.onnx (export.onnx.quantize_int8)
-  ort fp32 fused      onnxruntime.transformers.optimizer fusions (model_type clip) of the fp32 graph
-  ort int8 dyn fused  quantize_int8 of the fused graph
-  ort int8 static     quantize_static_int8 (QDQ, per-channel weights) of the fp32 graph, calibrated on synthetic
-                      scenes (or --calibration DIR)
-  ort int8 static fused  the same on the fused graph
-  ort int8 dyn + QK^T       quantize_int8 also quantizing the attention scores' matmul (Q K^T, both sides dynamic)
-  ort int8 dyn + attention  ... and softmax @ V
+  ort fp32                   the bundle's vision.fp32.onnx
+  ort int8 weights only      export.onnx.quantize_int8 without attention: the int8 export before issue 24
+  ort fp32 fused             onnxruntime.transformers.optimizer fusions (model_type clip) of the fp32 graph
+  ort int8 dyn fused         int8 weights only, of the fused graph
+  ort int8 static            quantize_static_int8 (QDQ, per-channel weights) of the fp32 graph, calibrated on
+                             synthetic scenes (or --calibration DIR)
+  ort int8 static fused      the same on the fused graph
+  ort int8 + QK^T (export's int8)  also the attention scores' matmul, both sides quantized on the fly
+  ort int8 + QK^T + softmax V      ... and the attention-weighted sum
+The fusion and static builders live here, not in export: measured, they do not pay (benchmarks/RESULTS.md).
 Every session: graph optimization level ORT_ENABLE_ALL, --threads intra-op threads, sequential execution. Latency is
 per image (batch 1): warm-up, then --runs rounds, each timing every candidate once (order rotated per round), so
 a load change on a shared machine hits all candidates alike; the table gives medians and ratios to eager.
@@ -21,6 +22,7 @@ one N(0, 1) image (the export check's input) and two synthetic scenes of another
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -28,23 +30,119 @@ from pathlib import Path
 
 import numpy as np
 
+from export.onnx import INPUT_NAME, int8_nodes
 
-def _candidates(fp32: Path, int8: Path, work: Path, calibration) -> dict[str, Path]:
-    from export.onnx import fuse_graph, quantize_int8, quantize_static_int8
 
-    work.mkdir(parents=True, exist_ok=True)
+def fuse_graph(fp32_path: Path, out_path: Path) -> dict[str, int]:
+    """onnxruntime's own transformer fusions (onnxruntime.transformers.optimizer, model_type "clip", Python fusions
+    only: opt_level 0 keeps the graph free of CPU- or GPU-specific ops) -> {fused op: count} of what fired."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model = optimize_model(str(fp32_path), model_type="clip", opt_level=0)
+    model.save_model_to_file(str(out_path), use_external_data_format=True)  # weights in <out_path>.data
+    return {op: n for op, n in model.get_fused_operator_statistics().items() if n}
+
+
+def quantize_static_int8(fp32_path: Path, out_path: Path, images: np.ndarray) -> None:
+    """Static (calibrated) int8 in QDQ format: per-channel 7-bit int8 weights (see quantize_int8 for the 7 bits), uint8
+    activations with ranges from min/max over `images` (N, 3, S, S) run one by one. The same nodes as quantize_int8:
+    weight matmuls and the patch convolution; attention's activation-activation matmuls and the prototype
+    clustering stay fp32."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    nodes = int8_nodes(fp32_path)
+
+    class Reader(CalibrationDataReader):  # one image per range: CalibStridedMinMax then keeps one image's tensors
+        def __len__(self):
+            return len(images)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self.batches = iter(images[start_index:end_index])
+
+        def get_next(self):
+            image = next(self.batches, None)
+            return None if image is None else {INPUT_NAME: image[None].astype(np.float32)}
+
+    quantize_static(fp32_path, out_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
+                    op_types_to_quantize=["MatMul", "Conv"], use_external_data_format=True,
+                    calibrate_method=CalibrationMethod.MinMax, extra_options={"CalibStridedMinMax": 1})
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+CALIBRATION_SYNTHETIC = 8  # images made up when no calibration folder is given
+CALIBRATION_MAX = 32  # images used from a calibration folder (sorted by name): min/max ranges settle within a few
+
+
+def calibration_files(folder: str | os.PathLike) -> list[Path]:
+    """The image files of a calibration folder (sorted by name, at most CALIBRATION_MAX); a clear error if none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"calibration folder {folder} does not exist; pass a folder of images like the ones "
+                                "the model will see, or leave the option out to calibrate on synthetic images")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)[:CALIBRATION_MAX]
+    if not files:
+        raise ValueError(f"calibration folder {folder} holds no images ({' '.join(IMAGE_SUFFIXES)}); put a few "
+                         "representative images there, or leave the option out to calibrate on synthetic images")
+    return files
+
+
+def calibration_images(config, folder: str | os.PathLike | None = None) -> np.ndarray:
+    """Preprocessed calibration images (N, 3, S, S) float32 for the model `config`: the image files of `folder`, or
+    seeded synthetic scenes (graded backgrounds, coloured shapes, sensor noise) when folder is None."""
+    from sqllava_edge.image import preprocess
+
+    sources = synthetic_images(CALIBRATION_SYNTHETIC, config.vision.image_size) if folder is None else calibration_files(folder)
+    return np.stack([preprocess(src, config.vision, config.image_aspect_ratio) for src in sources])
+
+
+def synthetic_images(count: int, size: int, seed: int = 0) -> list:
+    """`count` seeded RGB scenes of `size` px: a two-colour gradient, 2-6 filled shapes, Gaussian pixel noise."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(count):
+        a, b = rng.uniform(0, 255, (2, 3))
+        ramp = np.linspace(0.0, 1.0, size)[:, None, None] if rng.random() < 0.5 else np.linspace(0.0, 1.0, size)[None, :, None]
+        img = Image.fromarray(np.broadcast_to(a + (b - a) * ramp, (size, size, 3)).astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+        for _ in range(int(rng.integers(2, 7))):
+            x0, y0 = rng.uniform(0, size * 0.8, 2)
+            w, h = rng.uniform(size * 0.08, size * 0.5, 2)
+            box, fill = [x0, y0, min(x0 + w, size - 1), min(y0 + h, size - 1)], tuple(int(c) for c in rng.integers(0, 256, 3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
+        noisy = np.asarray(img, dtype=np.float64) + rng.normal(0.0, 8.0, (size, size, 3))
+        images.append(Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)))
+    return images
+
+
+def _candidates(fp32: Path, work: Path, calibration, calibration_tag: str) -> dict[str, Path]:
+    """{table name: graph}, building the missing ones into `work` (each is written whole, then moved into place)."""
+    from export.onnx import INT8_ATTENTION, quantize_int8
+
     fused = work / "vision.fp32-fused.onnx"
-    steps = [(fused, lambda out: print(f"[vision] fusions: {fuse_graph(fp32, out)}", flush=True)),
-             (work / "vision.int8-fused.onnx", lambda out: quantize_int8(fused, out)),
-             (work / "vision.int8-static.onnx", lambda out: quantize_static_int8(fp32, out, calibration())),
-             (work / "vision.int8-static-fused.onnx", lambda out: quantize_static_int8(fused, out, calibration())),
-             (work / "vision.int8-scores.onnx", lambda out: quantize_int8(fp32, out, ("scores",))),
-             (work / "vision.int8-attention.onnx", lambda out: quantize_int8(fp32, out, ("scores", "values")))]
-    for path, build in steps:
-        if not path.exists():
+    static = work / f"static-{calibration_tag}"  # static graphs depend on the calibration images
+    static.mkdir(parents=True, exist_ok=True)
+    candidates = {
+        "ort fp32": (fp32, None),
+        "ort int8 weights only": (work / "vision.int8-weights.onnx", lambda out: quantize_int8(fp32, out)),
+        "ort fp32 fused": (fused, lambda out: print(f"[vision] fusions: {fuse_graph(fp32, out)}", flush=True)),
+        "ort int8 dyn fused": (work / "vision.int8-fused.onnx", lambda out: quantize_int8(fused, out)),
+        "ort int8 static": (static / "vision.int8-static.onnx", lambda out: quantize_static_int8(fp32, out, calibration())),
+        "ort int8 static fused": (static / "vision.int8-static-fused.onnx",
+                                  lambda out: quantize_static_int8(fused, out, calibration())),
+        "ort int8 + QK^T (export's int8)": (work / "vision.int8-scores.onnx",
+                                            lambda out: quantize_int8(fp32, out, INT8_ATTENTION)),
+        "ort int8 + QK^T + softmax V": (work / "vision.int8-attention.onnx",
+                                        lambda out: quantize_int8(fp32, out, ("scores", "values"))),
+    }
+    for path, build in candidates.values():
+        if build is not None and not path.exists():
             print(f"[vision] building {path.name}", flush=True)
             started = time.perf_counter()
-            tmp = work / ".tmp"  # built under its final name (external data is found by name), then moved
+            tmp = path.parent / ".tmp"  # built under its final name (external data is found by name), then moved
             tmp.mkdir(exist_ok=True)
             build(tmp / path.name)
             data = tmp / (path.name + ".data")
@@ -52,9 +150,7 @@ def _candidates(fp32: Path, int8: Path, work: Path, calibration) -> dict[str, Pa
                 os.replace(data, path.with_name(data.name))
             os.replace(tmp / path.name, path)  # the graph last: its presence marks a finished build
             print(f"[vision] {path.name} in {time.perf_counter() - started:.0f} s", flush=True)
-    return {"ort fp32": fp32, "ort int8 dynamic": int8, "ort fp32 fused": fused,
-            "ort int8 dyn fused": steps[1][0], "ort int8 static": steps[2][0], "ort int8 static fused": steps[3][0],
-            "ort int8 dyn + QK^T": steps[4][0], "ort int8 dyn + attention": steps[5][0]}
+    return {name: path for name, (path, _) in candidates.items()}
 
 
 def _session(path: Path, threads: int, profile: bool = False):
@@ -103,19 +199,27 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from benchmarks.presets import ensure_preset
-    from export.onnx import calibration_images, synthetic_images, vision_graph
+    from export.onnx import vision_graph
     from export.onnx_validate import Reference, validate_vision_onnx
     from sqllava_edge.checkpoint import load_checkpoint
     from sqllava_edge.image import preprocess
 
+    calibration_tag = "synthetic"
+    if args.calibration:
+        try:
+            files = calibration_files(args.calibration)
+        except (FileNotFoundError, ValueError) as exc:
+            parser.error(str(exc))
+        listing = json.dumps([[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files])
+        calibration_tag = hashlib.sha256(listing.encode()).hexdigest()[:12]
     torch.set_num_threads(args.threads)
     checkpoint, bundle = ensure_preset(args.preset)
     model, _ = load_checkpoint(checkpoint)
     model.llm = None  # only the vision tower and the projector are measured
     config = model.config
     graph = vision_graph(model, "fp32")
-    paths = _candidates(bundle / "vision" / "vision.fp32.onnx", bundle / "vision" / "vision.int8.onnx",
-                        bundle.parent / "vision-candidates", lambda: calibration_images(config, args.calibration))
+    paths = _candidates(bundle / "vision" / "vision.fp32.onnx", bundle.parent / "vision-candidates", lambda: calibration_images(config, args.calibration),
+                        calibration_tag)
     if args.only:
         paths = {name: p for name, p in paths.items() if name in args.only}
 

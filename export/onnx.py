@@ -12,8 +12,10 @@ Graph: input `pixel_values` (B, 3, S, S) float32 -> output `image_embeds` (B, T,
     the graph and the tower's output back to fp32, so the prototype extractor (token-axis L2 norms that overflow fp16,
     hard argmax dispatch) runs in fp32. Inputs and outputs stay float32 for every variant.
   * int8 (for CPUs): onnxruntime dynamic quantization of the fp32 graph: int8 weights, activations quantized on the
-    fly. The prototype extractor's clustering/dispatch nodes stay fp32 (a flipped argmax moves a whole token); its
-    output MLP and the tower are quantized.
+    fly, and the attention scores' matmul (Q K^T) with both sides quantized on the fly; if that misses the tolerance on
+    a model, weights only (the report's "quantized" says which). The prototype extractor's clustering/dispatch nodes
+    stay fp32 (a flipped argmax moves a whole token); its output MLP and the tower are quantized. Measured against
+    static QDQ and onnxruntime's transformer fusions in benchmarks/RESULTS.md (python -m benchmarks.vision_quant).
 Validation right after export, at batch 1 and 3, vs the PyTorch fp32 module on seeded inputs (export.onnx_validate:
 the prototype extractor's argmax dispatch is compared separately, values with the graph's own dispatch):
   fp32 max |diff| <= 1e-4 and dispatch differences only at float32 ties; int8 per-image-token cosine >= 0.99;
@@ -36,12 +38,16 @@ from torch import nn
 
 from export.onnx_validate import INPUT_NAME, OUTPUT_NAME, Reference, validate_vision_onnx
 from sqllava_edge.bundle import Artifact
+from sqllava_edge.errors import ExportValidationError
 
 PRECISIONS = ("fp32", "fp16", "int8")
 OPSET = 20  # TensorRT 10.0-10.3 parse opsets 9..20 (onnx-tensorrt docs/operators.md)
 VALIDATION_BATCHES = (1, 3)
 _KEEP_FP32_IN_INT8 = "projector"  # name scope kept in fp32 by the int8 quantizer ...
 _QUANTIZE_IN_INT8 = "projector.mlp"  # ... except this sub-scope (the output MLP, continuous in its input)
+# Attention matmuls the int8 graph quantizes too (quantize_int8): Q K^T measured ~10% faster per image on bench-1b at
+# the same cosine (benchmarks/RESULTS.md, python -m benchmarks.vision_quant); softmax @ V gained nothing more.
+INT8_ATTENTION = ("scores",)
 
 
 class VisionGraph(nn.Module):
@@ -101,14 +107,14 @@ def export_vision_onnx(
             export_graph(reference_graph, fp32_path, size)
         for precision in [p for p in PRECISIONS if p in precisions]:
             path = _onnx_path(bundle_dir, precision)
-            if precision == "fp16":
-                log("[onnx] exporting fp16 graph")
-                export_graph(vision_graph(model, "fp16"), path, size)
-            elif precision == "int8":
-                log("[onnx] quantizing int8 (onnxruntime dynamic quantization)")
-                quantize_int8(fp32_path, path)
-            log(f"[onnx] validating {precision} at batch {', '.join(map(str, VALIDATION_BATCHES))}")
-            report = validate_vision_onnx(path, precision, inputs, reference)
+            if precision == "int8":
+                report = _quantized_int8(fp32_path, path, inputs, reference, log)
+            else:
+                if precision == "fp16":
+                    log("[onnx] exporting fp16 graph")
+                    export_graph(vision_graph(model, "fp16"), path, size)
+                log(f"[onnx] validating {precision} at batch {', '.join(map(str, VALIDATION_BATCHES))}")
+                report = validate_vision_onnx(path, precision, inputs, reference)
             report["exporter"] = f"torch.onnx dynamo, opset {OPSET}"
             files = [p.relative_to(bundle_dir).as_posix() for p in _onnx_files(path)]
             artifacts.append(Artifact.from_files(bundle_dir, "vision_onnx", files[0], files, precision, report,
@@ -150,8 +156,39 @@ def quantize_int8(fp32_path: Path, out_path: Path, attention: Sequence[str] = ()
     tiny preset's int8 graph gave a min per-token cosine of 0.969 with 8-bit weights.
     attention: which of the tower's activation-activation matmuls to quantize as well: "scores" (Q K^T), "values"
     (softmax @ V); by default neither (weights only)."""
-    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    big = sum(p.stat().st_size for p in _onnx_files(fp32_path)) > (1 << 31) - (64 << 20)  # protobuf's 2 GiB limit
+    quantize_dynamic(fp32_path, out_path, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
+                     nodes_to_quantize=int8_nodes(fp32_path, attention), use_external_data_format=big,
+                     extra_options={"MatMulConstBOnly": False})  # the attention matmuls chosen have no constant side
+
+
+def _quantized_int8(fp32_path: Path, path: Path, inputs, reference: Reference, log) -> dict:
+    """quantize_int8 with INT8_ATTENTION, validated; if that misses the int8 tolerance on this model, weights only."""
+    try:
+        return _validated_int8(fp32_path, path, INT8_ATTENTION, inputs, reference, log)
+    except ExportValidationError as exc:
+        log(f"[onnx] int8 with quantized attention {' '.join(INT8_ATTENTION)} is off on this model ({exc}); "
+            "falling back to int8 weights only")
+    return _validated_int8(fp32_path, path, (), inputs, reference, log)
+
+
+def _validated_int8(fp32_path: Path, path: Path, attention: Sequence[str], inputs, reference: Reference, log) -> dict:
+    what = "weights" + "".join(f" + attention {a}" for a in attention)
+    log(f"[onnx] quantizing int8 ({what}; onnxruntime dynamic quantization), validating at batch "
+        f"{', '.join(map(str, VALIDATION_BATCHES))}")
+    quantize_int8(fp32_path, path, attention)
+    report = validate_vision_onnx(path, "int8", inputs, reference)
+    report["quantized"] = what
+    return report
+
+
+def int8_nodes(fp32_path: Path, attention: Sequence[str] = ()) -> list[str]:
+    """Names of the nodes an int8 graph quantizes: the ops quantize_dynamic takes by default when they read a weight
+    (MatMul, the patch Conv, the position-embedding Gather), the attention matmuls named in `attention`, none of the
+    prototype clustering (only its output MLP)."""
+    import onnx
 
     graph = onnx.load(str(fp32_path), load_external_data=False).graph
     weights = {init.name for init in graph.initializer}
@@ -161,101 +198,12 @@ def quantize_int8(fp32_path: Path, out_path: Path, attention: Sequence[str] = ()
         if _in_scope(node, _KEEP_FP32_IN_INT8) and not _in_scope(node, _QUANTIZE_IN_INT8):
             continue
         if (node.op_type == "Conv" or (node.op_type == "MatMul" and node.input[1] in weights)
-                or (node.op_type == "Gather" and node.input[0] in weights)):  # the ops quantize_dynamic takes by default
+                or (node.op_type == "Gather" and node.input[0] in weights)):
             nodes.append(node.name)
         elif node.op_type == "MatMul" and any(s.startswith("scaled_dot_product_attention") for s in _scopes(node)):
             if ("values" if node.input[0] in softmax else "scores") in attention:
                 nodes.append(node.name)
-    big = sum(p.stat().st_size for p in _onnx_files(fp32_path)) > (1 << 31) - (64 << 20)  # protobuf's 2 GiB limit
-    quantize_dynamic(fp32_path, out_path, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
-                     nodes_to_quantize=nodes, use_external_data_format=big, extra_options={"MatMulConstBOnly": False})
-
-
-def fuse_graph(fp32_path: Path, out_path: Path) -> dict[str, int]:
-    """onnxruntime's own transformer fusions (onnxruntime.transformers.optimizer, model_type "clip", Python fusions
-    only: opt_level 0 keeps the graph free of CPU- or GPU-specific ops) -> {fused op: count} of what fired."""
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    model = optimize_model(str(fp32_path), model_type="clip", opt_level=0)
-    model.save_model_to_file(str(out_path), use_external_data_format=True)  # weights in <out_path>.data
-    return {op: n for op, n in model.get_fused_operator_statistics().items() if n}
-
-
-def quantize_static_int8(fp32_path: Path, out_path: Path, images: np.ndarray) -> None:
-    """Static (calibrated) int8 in QDQ format: per-channel 7-bit int8 weights (see quantize_int8 for the 7 bits), uint8
-    activations with ranges from min/max over `images` (N, 3, S, S) run one by one. The same nodes as quantize_int8:
-    weight matmuls and the patch convolution; attention's activation-activation matmuls and the prototype
-    clustering stay fp32."""
-    import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
-
-    graph = onnx.load(str(fp32_path), load_external_data=False).graph
-    weights = {init.name for init in graph.initializer}
-    nodes = [node.name for node in graph.node if (node.op_type == "Conv" or (node.op_type == "MatMul" and node.input[1] in weights))
-             and not (_in_scope(node, _KEEP_FP32_IN_INT8) and not _in_scope(node, _QUANTIZE_IN_INT8))]
-
-    class Reader(CalibrationDataReader):  # one image per range: CalibStridedMinMax then keeps one image's tensors
-        def __len__(self):
-            return len(images)
-
-        def set_range(self, start_index: int, end_index: int) -> None:
-            self.batches = iter(images[start_index:end_index])
-
-        def get_next(self):
-            image = next(self.batches, None)
-            return None if image is None else {INPUT_NAME: image[None].astype(np.float32)}
-
-    big = sum(p.stat().st_size for p in _onnx_files(fp32_path)) > (1 << 31) - (64 << 20)
-    quantize_static(fp32_path, out_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
-                    op_types_to_quantize=["MatMul", "Conv"], use_external_data_format=big,
-                    calibrate_method=CalibrationMethod.MinMax, extra_options={"CalibStridedMinMax": 1})
-
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-CALIBRATION_SYNTHETIC = 8  # images made up when no calibration folder is given
-CALIBRATION_MAX = 32  # images used from a calibration folder (sorted by name): min/max ranges settle within a few
-
-
-def calibration_images(config, folder: str | os.PathLike | None = None) -> np.ndarray:
-    """Preprocessed calibration images (N, 3, S, S) float32 for the model `config`: the image files of `folder`, or
-    seeded synthetic scenes (graded backgrounds, coloured shapes, sensor noise) when folder is None."""
-    from sqllava_edge.image import preprocess
-
-    if folder is None:
-        sources = synthetic_images(CALIBRATION_SYNTHETIC, config.vision.image_size)
-    else:
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"calibration folder {folder} does not exist; pass a folder of images like the ones "
-                                    "the model will see, or leave the option out to calibrate on synthetic images")
-        sources = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)[:CALIBRATION_MAX]
-        if not sources:
-            raise ValueError(f"calibration folder {folder} holds no images ({' '.join(IMAGE_SUFFIXES)}); put a few "
-                             "representative images there, or leave the option out to calibrate on synthetic images")
-    return np.stack([preprocess(src, config.vision, config.image_aspect_ratio) for src in sources])
-
-
-def synthetic_images(count: int, size: int, seed: int = 0) -> list:
-    """`count` seeded RGB scenes of `size` px: a two-colour gradient, 2-6 filled shapes, Gaussian pixel noise."""
-    from PIL import Image, ImageDraw
-
-    rng = np.random.default_rng(seed)
-    images = []
-    for _ in range(count):
-        a, b = rng.uniform(0, 255, (2, 3))
-        ramp = np.linspace(0.0, 1.0, size)[:, None, None] if rng.random() < 0.5 else np.linspace(0.0, 1.0, size)[None, :, None]
-        img = Image.fromarray(np.broadcast_to(a + (b - a) * ramp, (size, size, 3)).astype(np.uint8))
-        draw = ImageDraw.Draw(img)
-        for _ in range(int(rng.integers(2, 7))):
-            x0, y0 = rng.uniform(0, size * 0.8, 2)
-            w, h = rng.uniform(size * 0.08, size * 0.5, 2)
-            box, fill = [x0, y0, min(x0 + w, size - 1), min(y0 + h, size - 1)], tuple(int(c) for c in rng.integers(0, 256, 3))
-            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
-        noisy = np.asarray(img, dtype=np.float64) + rng.normal(0.0, 8.0, (size, size, 3))
-        images.append(Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)))
-    return images
+    return nodes
 
 
 def _in_scope(node, scope: str) -> bool:
