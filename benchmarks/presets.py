@@ -22,7 +22,7 @@ from sqllava_edge.errors import BundleError
 from sqllava_edge.fileutil import atomic_dir, atomic_write
 
 CACHE_ENV = "SQLLAVA_EDGE_CACHE"
-BUILD_VERSION = 2  # bump when what a preset build produces changes for the same key (2: int8 vision quantizes Q K^T)
+BUILD_VERSION = 1  # bump when what a preset build produces changes for the same key
 WEIGHT_SEED = 0
 RECORD = "build.json"
 # What each preset exports: the acceptance setting for bench-1b is q4_k_m; fp32 vision is the parity

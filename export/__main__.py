@@ -100,10 +100,7 @@ def _previous_bundle(out: Path) -> Manifest | None:
 def _plan(source: str, meta: dict, precisions, quants, include_tokenizer: bool, dtype: str) -> list[tuple[str, str, str]]:
     """(kind, precision, inputs_key) of every artifact to produce."""
     common = {"source_sha256": source, "config": meta["config"], "dtype": dtype}
-    from export.onnx import INT8_ATTENTION  # what the int8 graph quantizes besides weights: its output depends on it
-
-    wanted = [("vision_onnx", p, inputs_key(step="vision_onnx", precision=p, tools=tool_versions(*_VISION_TOOLS), **common,
-                                            **({"int8_attention": list(INT8_ATTENTION)} if p == "int8" else {})))
+    wanted = [("vision_onnx", p, inputs_key(step="vision_onnx", precision=p, tools=tool_versions(*_VISION_TOOLS), **common))
               for p in VISION_PRECISIONS if p in precisions]
     wanted += [("llm_gguf", q, inputs_key(step="llm_gguf", precision=q, tools=tool_versions(*_GGUF_TOOLS), **common))
                for q in dict.fromkeys(quants)]

@@ -12,10 +12,9 @@ Graph: input `pixel_values` (B, 3, S, S) float32 -> output `image_embeds` (B, T,
     the graph and the tower's output back to fp32, so the prototype extractor (token-axis L2 norms that overflow fp16,
     hard argmax dispatch) runs in fp32. Inputs and outputs stay float32 for every variant.
   * int8 (for CPUs): onnxruntime dynamic quantization of the fp32 graph: int8 weights, activations quantized on the
-    fly, and the attention scores' matmul (Q K^T) with both sides quantized on the fly; if that misses the tolerance on
-    a model, weights only (the report's "quantized" says which). The prototype extractor's clustering/dispatch nodes
-    stay fp32 (a flipped argmax moves a whole token); its output MLP and the tower are quantized. Measured against
-    static QDQ and onnxruntime's transformer fusions in benchmarks/RESULTS.md (python -m benchmarks.vision_quant).
+    fly. The prototype extractor's clustering/dispatch nodes stay fp32 (a flipped argmax moves a whole token); its
+    output MLP and the tower are quantized. Static QDQ, onnxruntime's transformer fusions and int8 attention matmuls
+    were measured against it and did not pay (benchmarks/RESULTS.md, python -m benchmarks.vision_quant).
 Validation right after export, at batch 1 and 3, vs the PyTorch fp32 module on seeded inputs (export.onnx_validate:
 the prototype extractor's argmax dispatch is compared separately, values with the graph's own dispatch):
   fp32 max |diff| <= 1e-4 and dispatch differences only at float32 ties; int8 per-image-token cosine >= 0.99;
@@ -38,16 +37,12 @@ from torch import nn
 
 from export.onnx_validate import INPUT_NAME, OUTPUT_NAME, Reference, validate_vision_onnx
 from sqllava_edge.bundle import Artifact
-from sqllava_edge.errors import ExportValidationError
 
 PRECISIONS = ("fp32", "fp16", "int8")
 OPSET = 20  # TensorRT 10.0-10.3 parse opsets 9..20 (onnx-tensorrt docs/operators.md)
 VALIDATION_BATCHES = (1, 3)
 _KEEP_FP32_IN_INT8 = "projector"  # name scope kept in fp32 by the int8 quantizer ...
 _QUANTIZE_IN_INT8 = "projector.mlp"  # ... except this sub-scope (the output MLP, continuous in its input)
-# Attention matmuls the int8 graph quantizes too (quantize_int8): Q K^T measured ~10% faster per image on bench-1b at
-# the same cosine (benchmarks/RESULTS.md, python -m benchmarks.vision_quant); softmax @ V gained nothing more.
-INT8_ATTENTION = ("scores",)
 
 
 class VisionGraph(nn.Module):
@@ -107,14 +102,14 @@ def export_vision_onnx(
             export_graph(reference_graph, fp32_path, size)
         for precision in [p for p in PRECISIONS if p in precisions]:
             path = _onnx_path(bundle_dir, precision)
-            if precision == "int8":
-                report = _quantized_int8(fp32_path, path, inputs, reference, log)
-            else:
-                if precision == "fp16":
-                    log("[onnx] exporting fp16 graph")
-                    export_graph(vision_graph(model, "fp16"), path, size)
-                log(f"[onnx] validating {precision} at batch {', '.join(map(str, VALIDATION_BATCHES))}")
-                report = validate_vision_onnx(path, precision, inputs, reference)
+            if precision == "fp16":
+                log("[onnx] exporting fp16 graph")
+                export_graph(vision_graph(model, "fp16"), path, size)
+            elif precision == "int8":
+                log("[onnx] quantizing int8 (onnxruntime dynamic quantization)")
+                quantize_int8(fp32_path, path)
+            log(f"[onnx] validating {precision} at batch {', '.join(map(str, VALIDATION_BATCHES))}")
+            report = validate_vision_onnx(path, precision, inputs, reference)
             report["exporter"] = f"torch.onnx dynamo, opset {OPSET}"
             files = [p.relative_to(bundle_dir).as_posix() for p in _onnx_files(path)]
             artifacts.append(Artifact.from_files(bundle_dir, "vision_onnx", files[0], files, precision, report,
@@ -154,34 +149,14 @@ def quantize_int8(fp32_path: Path, out_path: Path, attention: Sequence[str] = ()
     multiply with VPMADDUBSW, whose 16-bit sums saturate with full-range weights. The bundle is built once and run on
     whatever CPU the user has, so it must not depend on the exporting host's flags: measured on an AVX2-only host, the
     tiny preset's int8 graph gave a min per-token cosine of 0.969 with 8-bit weights.
-    attention: which of the tower's activation-activation matmuls to quantize as well: "scores" (Q K^T), "values"
-    (softmax @ V); by default neither (weights only)."""
+    attention: which of the tower's activation-activation matmuls to quantize as well, "scores" (Q K^T) and/or
+    "values" (softmax @ V); the export quantizes neither (measured: no gain, benchmarks/RESULTS.md)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     big = sum(p.stat().st_size for p in _onnx_files(fp32_path)) > (1 << 31) - (64 << 20)  # protobuf's 2 GiB limit
     quantize_dynamic(fp32_path, out_path, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
                      nodes_to_quantize=int8_nodes(fp32_path, attention), use_external_data_format=big,
                      extra_options={"MatMulConstBOnly": False})  # the attention matmuls chosen have no constant side
-
-
-def _quantized_int8(fp32_path: Path, path: Path, inputs, reference: Reference, log) -> dict:
-    """quantize_int8 with INT8_ATTENTION, validated; if that misses the int8 tolerance on this model, weights only."""
-    try:
-        return _validated_int8(fp32_path, path, INT8_ATTENTION, inputs, reference, log)
-    except ExportValidationError as exc:
-        log(f"[onnx] int8 with quantized attention {' '.join(INT8_ATTENTION)} is off on this model ({exc}); "
-            "falling back to int8 weights only")
-    return _validated_int8(fp32_path, path, (), inputs, reference, log)
-
-
-def _validated_int8(fp32_path: Path, path: Path, attention: Sequence[str], inputs, reference: Reference, log) -> dict:
-    what = "weights" + "".join(f" + attention {a}" for a in attention)
-    log(f"[onnx] quantizing int8 ({what}; onnxruntime dynamic quantization), validating at batch "
-        f"{', '.join(map(str, VALIDATION_BATCHES))}")
-    quantize_int8(fp32_path, path, attention)
-    report = validate_vision_onnx(path, "int8", inputs, reference)
-    report["quantized"] = what
-    return report
 
 
 def int8_nodes(fp32_path: Path, attention: Sequence[str] = ()) -> list[str]:

@@ -177,46 +177,6 @@ def test_onnx_int8_cosine_and_fp16_reported(bundle, merged_model):
     assert cos.min() >= 0.99
 
 
-def _op_count(path: Path, op: str) -> int:
-    import onnx
-
-    return sum(1 for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type == op)
-
-
-def _tower_layers_run(config) -> int:
-    return config.vision.num_layers + config.vision.select_layer + 1  # the tower stops at the selected layer
-
-
-def test_int8_quantizes_the_attention_scores_and_says_so(bundle, merged_model):
-    """int8 = int8 weights + Q K^T with both sides quantized on the fly (benchmarks.vision_quant measured it faster)."""
-    manifest = read_manifest(bundle)
-    fp32, int8 = bundle / manifest.find("vision_onnx", "fp32").path, manifest.find("vision_onnx", "int8")
-    weights_only, shipped = export_onnx.int8_nodes(fp32), export_onnx.int8_nodes(fp32, export_onnx.INT8_ATTENTION)
-    assert len(shipped) - len(weights_only) == _tower_layers_run(merged_model.config)  # one Q K^T per layer
-    assert _op_count(bundle / int8.path, "MatMulInteger") == len(shipped) - 2  # all quantized nodes but Conv, Gather
-    assert int8.validation["quantized"] == "weights + attention scores" and int8.validation["cosine_min"] >= 0.99
-
-
-def test_int8_falls_back_to_weights_only_when_attention_misses_the_tolerance(bundle, merged_model, tmp_path, monkeypatch):
-    real, calls = export_onnx.validate_vision_onnx, []
-
-    def strict_on_attention(path, precision, inputs, reference):
-        calls.append(precision)
-        if len(calls) == 1:  # the first int8 attempt: quantized attention scores
-            raise export_onnx.ExportValidationError("min per-token cosine 0.98 is below the int8 tolerance 0.99")
-        return real(path, precision, inputs, reference)
-
-    monkeypatch.setattr(export_onnx, "validate_vision_onnx", strict_on_attention)
-    lines = []
-    (artifact,) = export_onnx.export_vision_onnx(merged_model, tmp_path, ["int8"], log=lines.append)
-    assert calls == ["int8", "int8"] and artifact.validation["quantized"] == "weights"
-    assert artifact.validation["cosine_min"] >= 0.99
-    assert any("falling back to int8 weights only" in line and "0.98" in line for line in lines)
-    shipped = bundle / read_manifest(bundle).find("vision_onnx", "int8").path
-    assert _op_count(tmp_path / artifact.path, "MatMulInteger") == (_op_count(shipped, "MatMulInteger")
-                                                                   - _tower_layers_run(merged_model.config))
-
-
 def test_onnx_graphs_have_the_contracted_shape_and_precision(bundle):
     import onnx
 
