@@ -13,7 +13,8 @@ Graph: input `pixel_values` (B, 3, S, S) float32 -> output `image_embeds` (B, T,
     hard argmax dispatch) runs in fp32. Inputs and outputs stay float32 for every variant.
   * int8 (for CPUs): onnxruntime dynamic quantization of the fp32 graph: int8 weights, activations quantized on the
     fly. The prototype extractor's clustering/dispatch nodes stay fp32 (a flipped argmax moves a whole token); its
-    output MLP and the tower are quantized.
+    output MLP and the tower are quantized. Static QDQ, onnxruntime's transformer fusions and int8 attention matmuls
+    were measured against it and did not pay (benchmarks/RESULTS.md, python -m benchmarks.vision_quant).
 Validation right after export, at batch 1 and 3, vs the PyTorch fp32 module on seeded inputs (export.onnx_validate:
 the prototype extractor's argmax dispatch is compared separately, values with the graph's own dispatch):
   fp32 max |diff| <= 1e-4 and dispatch differences only at float32 ties; int8 per-image-token cosine >= 0.99;
@@ -141,29 +142,55 @@ def export_graph(graph: VisionGraph, path: Path, image_size: int) -> None:
                           external_data=True, verbose=False)
 
 
-def quantize_int8(fp32_path: Path, out_path: Path) -> None:
+def quantize_int8(fp32_path: Path, out_path: Path, attention: Sequence[str] = ()) -> None:
     """Dynamic int8 quantization (weights int8, activations per batch) keeping the prototype clustering in fp32.
 
     Weights use 7 bits (reduce_range): onnxruntime's u8s8 kernels on x86 CPUs without VNNI (AVX2, plain AVX-512)
     multiply with VPMADDUBSW, whose 16-bit sums saturate with full-range weights. The bundle is built once and run on
     whatever CPU the user has, so it must not depend on the exporting host's flags: measured on an AVX2-only host, the
-    tiny preset's int8 graph gave a min per-token cosine of 0.969 with 8-bit weights."""
-    import onnx
+    tiny preset's int8 graph gave a min per-token cosine of 0.969 with 8-bit weights.
+    attention: which of the tower's activation-activation matmuls to quantize as well, "scores" (Q K^T) and/or
+    "values" (softmax @ V); the export quantizes neither (measured: no gain, benchmarks/RESULTS.md)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    graph = onnx.load(str(fp32_path), load_external_data=False).graph
-    keep = [node.name for node in graph.node if _in_scope(node, _KEEP_FP32_IN_INT8) and not _in_scope(node, _QUANTIZE_IN_INT8)]
     big = sum(p.stat().st_size for p in _onnx_files(fp32_path)) > (1 << 31) - (64 << 20)  # protobuf's 2 GiB limit
     quantize_dynamic(fp32_path, out_path, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
-                     nodes_to_exclude=keep, use_external_data_format=big, extra_options={"MatMulConstBOnly": True})
+                     nodes_to_quantize=int8_nodes(fp32_path, attention), use_external_data_format=big,
+                     extra_options={"MatMulConstBOnly": False})  # the attention matmuls chosen have no constant side
+
+
+def int8_nodes(fp32_path: Path, attention: Sequence[str] = ()) -> list[str]:
+    """Names of the nodes an int8 graph quantizes: the ops quantize_dynamic takes by default when they read a weight
+    (MatMul, the patch Conv, the position-embedding Gather), the attention matmuls named in `attention`, none of the
+    prototype clustering (only its output MLP)."""
+    import onnx
+
+    graph = onnx.load(str(fp32_path), load_external_data=False).graph
+    weights = {init.name for init in graph.initializer}
+    softmax = {out for node in graph.node if node.op_type == "Softmax" for out in node.output}
+    nodes = []
+    for node in graph.node:
+        if _in_scope(node, _KEEP_FP32_IN_INT8) and not _in_scope(node, _QUANTIZE_IN_INT8):
+            continue
+        if (node.op_type == "Conv" or (node.op_type == "MatMul" and node.input[1] in weights)
+                or (node.op_type == "Gather" and node.input[0] in weights)):
+            nodes.append(node.name)
+        elif node.op_type == "MatMul" and any(s.startswith("scaled_dot_product_attention") for s in _scopes(node)):
+            if ("values" if node.input[0] in softmax else "scores") in attention:
+                nodes.append(node.name)
+    return nodes
 
 
 def _in_scope(node, scope: str) -> bool:
     """Whether an exported node came from module `scope` (the dynamo exporter's name_scopes metadata)."""
+    return scope in _scopes(node)
+
+
+def _scopes(node) -> list[str]:
     for prop in node.metadata_props:
         if prop.key == "pkg.torch.onnx.name_scopes":
-            return scope in ast.literal_eval(prop.value)
-    return False
+            return ast.literal_eval(prop.value)
+    return []
 
 
 def _validation_inputs(image_size: int) -> list[np.ndarray]:
