@@ -261,6 +261,14 @@ def report(results: list[Result], args, started: float, load: tuple[float, float
             f"Speed-ups (on by default):\n{switches}\n\nCandidates:\n{candidates}\n")
 
 
+def write(out: Path, text: str, raw: dict) -> None:
+    """OUT/train-bench.md and OUT/train-bench.json (every step's times), each written whole or not at all."""
+    with atomic_write(out / "train-bench.md", "w") as handle:
+        handle.write(text)
+    with atomic_write(out / "train-bench.json", "w") as handle:
+        json.dump(raw, handle, indent=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=None,
@@ -290,12 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         prepare(paths, stages, args.threads, lambda m: print(f"[train-bench] {m}", file=sys.stderr, flush=True))
         results = measure(stages, paths, args.steps, args.warmup, args.rounds, args.threads, args.candidates)
     text = report(results, args, started, load)
-    atomic_write(args.out / "train-bench.md", text)
-    atomic_write(args.out / "train-bench.json", json.dumps(
-        {"argv": args.argv, "load_at_start": load, "results": [
-            {"stage": r.stage, "variant": r.variant, "flags": r.flags, "steps": r.steps, "median_s": r.seconds,
-             "median_cpu_s": r.cpu_seconds,
-             "tokens_per_s": r.tokens_per_s} for r in results]}, indent=1))
+    write(args.out, text, {"argv": args.argv, "load_at_start": load, "results": [
+        {"stage": r.stage, "variant": r.variant, "flags": r.flags, "steps": r.steps, "median_s": r.seconds,
+         "median_cpu_s": r.cpu_seconds, "tokens_per_s": r.tokens_per_s} for r in results]})
     plot(results, args.out / "train-bench.png")
     print(text)
     return 0

@@ -231,6 +231,9 @@ def test_training_benchmark_reads_step_times_and_compares_variants_side_by_side(
                for name, flags, t in (("default (all on)", [], 0.5), ("baseline (all off)", ["x"], 1.0))]
     text = bench.table(results, {"1": 300})
     assert "| stage 1 | default (all on) | 0.500 | 1.000 | 20  | 2.00x / 2.00x | 1.00x / 1.00x | 2.5 min (300 steps) |" in text
+    bench.write(tmp_path / "out", text, {"results": [{"steps": results[0].steps}]})
+    assert (tmp_path / "out" / "train-bench.md").read_text() == text
+    assert json.loads((tmp_path / "out" / "train-bench.json").read_text())["results"][0]["steps"] == [[0.5, 1.0, 10.0]] * 3
     with pytest.raises(SystemExit):
         bench.main(["--stages", "3"])
     with pytest.raises(SystemExit):
