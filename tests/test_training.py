@@ -45,7 +45,7 @@ def _cfg(stage: int, data: Path, out: Path, **kw):
     from training.train import TrainConfig
 
     base = dict(stage=stage, data=str(data / ("stage1.json" if stage == 1 else "stage2.json")), out=str(out),
-                batch_size=2, max_steps=4, threads=1, progress=False, seed=5, bf16=False)  # fp32 unless a test asks
+                batch_size=2, max_steps=4, threads=1, progress=False, seed=5)
     return TrainConfig(**{**base, **kw})
 
 
@@ -361,7 +361,7 @@ def _torchrun(*args: str, timeout: float = 240) -> None:
 def _stage2_args(data_json: Path, stage1: Path, steps: int) -> list[str]:
     """Dropout off: its masks are per-process random streams."""
     return ["--stage", "2", "--data", str(data_json), "--init", str(stage1), "--max-steps", str(steps),
-            "--lora-dropout", "0", "--vit-lora-dropout", "0", "--threads", "1", "--no-progress", "--seed", "5", "--no-bf16"]
+            "--lora-dropout", "0", "--vit-lora-dropout", "0", "--threads", "1", "--no-progress", "--seed", "5"]
 
 
 def test_torchrun_ddp_and_fsdp_match_one_process(stage1, data, tmp_path):
@@ -515,36 +515,3 @@ def test_fused_adamw_is_refused_where_torch_has_no_kernel():
     assert adamw_kwargs(False, "cpu") == {"foreach": None}
     with pytest.raises(ValueError, match="--no-fused-adamw"):
         adamw_kwargs(True, "meta")
-
-
-def test_bf16_is_chosen_on_cuda_and_on_cpus_that_multiply_bf16_natively(tmp_path, monkeypatch):
-    from training import recipes, speed
-    from training.train import TrainConfig
-
-    for flags, native in (("fpu avx2 avx512f avx512_bf16", True), ("fpu avx2 amx_bf16 amx_tile", True),
-                          ("fp asimd bf16 i8mm", True), ("fpu avx2 avx512f avx512_vnni", False)):
-        info = tmp_path / "cpuinfo"
-        info.write_text(f"processor\t: 0\nmodel name\t: x\n{'Features' if 'asimd' in flags else 'flags'}\t: {flags}\n")
-        assert speed.native_bf16_cpu(str(info)) is native, flags
-    assert speed.native_bf16_cpu(str(tmp_path / "missing")) is False
-    cfg = TrainConfig(stage=1, data="d.json", out=str(tmp_path / "o"), device="cpu")
-    for native in (True, False):
-        monkeypatch.setattr(recipes, "native_bf16_cpu", lambda native=native: native)
-        assert recipes.resolve_recipe(cfg).bf16 is native
-        assert recipes.resolve_recipe(dataclasses_replace(cfg, bf16=False)).bf16 is False  # a flag wins
-
-
-def dataclasses_replace(cfg, **kw):
-    import dataclasses
-
-    return dataclasses.replace(cfg, **kw)
-
-
-def test_bf16_losses_stay_within_two_percent_of_fp32(stage1, data, tmp_path):
-    """The stated tolerance of bf16 autocast (the default on CPUs with native bf16): the same 4 stage-2 steps."""
-    from training.train import train
-
-    for bf16 in (True, False):
-        train(_cfg(2, data, tmp_path / str(bf16), init=str(stage1), bf16=bf16, device="cpu"))
-    fast, plain = _losses(tmp_path / "True"), _losses(tmp_path / "False")
-    assert len(fast) == 4 and fast == pytest.approx(plain, rel=0.02) and fast != plain

@@ -12,8 +12,6 @@ from typing import Any
 
 import torch
 
-from training.speed import native_bf16_cpu
-
 RECIPE_FIELDS = ("epochs", "batch_size", "grad_accum", "lr", "projector_lr", "vit_lr", "warmup_ratio", "weight_decay",
                  "max_grad_norm", "lora_r", "lora_alpha", "lora_dropout", "vit_lora_r", "vit_lora_alpha",
                  "vit_lora_dropout", "sq_r", "template", "image_mode", "max_length")
@@ -77,10 +75,7 @@ def resolve_recipe(cfg):
         raise ValueError(f"unknown recipe {cfg.recipe!r}; choose auto, {', '.join(RECIPES)}")
     values = {k: v for k, v in RECIPES[name][cfg.stage].items() if getattr(cfg, k) is None}
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    # bf16 autocast (frozen base in bf16) on CUDA as released (spec 4.2), and on CPUs that multiply bf16 natively,
-    # where it is faster than fp32 (benchmarks.train, training/RESULTS.md); elsewhere bf16 is emulated and slower.
-    bf16 = cuda or native_bf16_cpu()
-    runtime = {"bf16": bf16, "grad_checkpointing": cuda, "num_workers": 4 if cuda else 0}
+    runtime = {"bf16": cuda, "grad_checkpointing": cuda, "num_workers": 4 if cuda else 0}
     values.update({k: v for k, v in runtime.items() if getattr(cfg, k) is None})
     out = dataclasses.replace(cfg, recipe=name, **values)
     if out.stage == 1 and out.sq_r:

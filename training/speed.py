@@ -27,17 +27,3 @@ def adamw_kwargs(fused: bool | None, device=None, fsdp: bool = False) -> dict:
         raise ValueError(f"fused AdamW needs torch >= 2.4 on one of {', '.join(FUSED_ADAMW_DEVICES)}; this is "
                          f"torch {torch.__version__} on {torch.device(device or 'cpu').type}: pass --no-fused-adamw")
     return {"fused": True} if fused else {"foreach": None}
-
-
-def native_bf16_cpu(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether this CPU multiplies bf16 natively: x86 AVX512-BF16 or AMX-BF16, ARM's BF16 extension. Elsewhere bf16
-    matmuls are emulated and slower than fp32, so CPU training stays fp32 there."""
-    try:
-        with open(cpuinfo, errors="replace") as handle:
-            for line in handle:
-                if line.startswith(("flags", "Features")):  # x86 "flags", ARM "Features": the first CPU's
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-    except OSError:
-        pass
-    return False

@@ -118,7 +118,7 @@ HELP: dict[str, str] = {
     "threads": "torch CPU threads (default: torch's choice)",
     "device": "auto | cpu | cuda",
     "bf16": "bf16 autocast with the frozen base stored in bf16, on CUDA or CPU; trained weights stay fp32 "
-            "(default: on for CUDA and for CPUs with native bf16, AVX512-BF16 / AMX / ARM BF16)",
+            "(default: on for CUDA)",
     "grad_checkpointing": "activation checkpointing in the LLM and ViT (default: on for CUDA)",
     "fsdp": "shard with FSDP instead of DDP (for models that do not fit one GPU)",
     "skip_zero_rows": "compute the loss through the frozen LM head's non-zero rows only, the all-zero rows as one "
@@ -530,7 +530,7 @@ def _summary(cfg, model, groups, n_samples, sampler, total_steps) -> str:
     counts = {name: sum(p.numel() for _, p in params) for name, params in groups.items()}
     return (f"stage {cfg.stage} | model {model.config.name} | recipe {cfg.recipe} | {n_samples} samples | global batch "
             f"{sampler.global_batch} | {total_steps} steps | trainable {counts} | lr {cfg.lr} | template "
-            f"{cfg.template} | sq_r {cfg.sq_r} | image {cfg.image_mode} | {'bf16 autocast' if cfg.bf16 else 'fp32'}")
+            f"{cfg.template} | sq_r {cfg.sq_r} | image {cfg.image_mode}")
 
 
 def main(argv: list[str] | None = None) -> None:
