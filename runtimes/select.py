@@ -28,9 +28,9 @@ LLM_ENV = "SQLLAVA_EDGE_LLM_BACKEND"
 INT8_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # CPU features that make int8 matmuls fast
 # GGUF precision preference per device kind, best quality that usually fits first (memory.py may skip to smaller).
 GGUF_PREFERENCE = {
-    "cuda": ("f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_k_s", "q4_0", "f32"),
-    "jetson": ("q4_k_m", "q5_k_m", "q4_k_s", "q4_0", "q6_k", "q8_0", "f16", "bf16", "f32"),
-    "cpu": ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_k_s", "q4_0", "f16", "bf16", "f32"),
+    "cuda": ("f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_k_s", "q4_0", "iq4_nl", "f32"),
+    "jetson": ("q4_k_m", "q5_k_m", "q4_k_s", "q4_0", "iq4_nl", "q6_k", "q8_0", "f16", "bf16", "f32"),
+    "cpu": ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_k_s", "q4_0", "iq4_nl", "f16", "bf16", "f32"),
 }
 
 
