@@ -249,9 +249,12 @@ def _load_combo(job: dict):
         return None, vision, llm, vision_info, llm_info, config
     folder = job["checkpoint"] if vision_spec["kind"] == "torch" else job["bundle"]
     t0 = now()
-    assistant = Assistant.load(folder, device=job.get("device"), vision_backend=vision_spec["kind"],
-                               llm_backend=llm_spec["kind"], n_ctx=job["n_ctx"], n_threads=job["threads"],
-                               vision_precision=vision_spec.get("precision"), llm_precision=llm_spec.get("precision"))
+    if job.get("tuned"):  # what a user gets: nothing given, the measured choice (its threads and llama.cpp settings)
+        assistant = Assistant.load(folder, device=job.get("device"), n_ctx=job["n_ctx"], tune=True, prefer="latency")
+    else:
+        assistant = Assistant.load(folder, device=job.get("device"), vision_backend=vision_spec["kind"],
+                                   llm_backend=llm_spec["kind"], n_ctx=job["n_ctx"], n_threads=job["threads"],
+                                   vision_precision=vision_spec.get("precision"), llm_precision=llm_spec.get("precision"))
     load_ms = ms(now() - t0)
     b = assistant.backends
     precision = lambda spec: spec.get("precision") or "fp32"  # noqa: E731  torch parts run the checkpoint in fp32
