@@ -54,6 +54,7 @@ def test_latency_picks_lowest_first_answer_and_combines_thread_counts():
 
 def _with_ubatches(table: dict, rates: dict) -> dict:
     """rates: (precision, repacking) -> {n_ubatch: full-length prefill tok/s} (measured on 2 threads)."""
+    table["probe"].update(ubatches=sorted({u for r in rates.values() for u in r}), ubatch_rows=576)
     for row in table["llm"]:
         for n_ubatch, tok_s in rates.get((row["precision"], row["extra_buffers"]), {}).items():
             row["ubatch_runs"].append({"n_ubatch": n_ubatch, "n_threads": 2, "prefill_tok_s": tok_s})
