@@ -154,6 +154,7 @@ def render(result: dict) -> str:
     if torch_s:
         lines += [f"PyTorch eager fp32 prefill: median {torch_s:.2f} s = {positions / torch_s:.0f} tok/s "
                   f"(runs {', '.join(f'{s:.2f}' for s in result['samples']['torch'])} s)", ""]
+    lines += pivot(result, positions, torch_s)
     lines += ["| GGUF | repacking | n_batch = n_ubatch | median s | tok/s (median) | best tok/s | vs PyTorch fp32 |",
               "|---|---|---|---|---|---|---|"]
     for name, runs in result["samples"].items():
@@ -173,6 +174,25 @@ def render(result: dict) -> str:
         lines.append(f"| {quant} | {v.get('top1_agreement', '-')} | {v.get('max_abs_diff', 0):.3g} "
                      f"| {v.get('positions', '-')} |")
     return "\n".join(lines) + "\n"
+
+
+def pivot(result: dict, positions: int, torch_s: float | None) -> list[str]:
+    """Median tok/s per GGUF type x repacking (rows) and micro-batch size (columns), with the ratio to PyTorch."""
+    cells: dict[tuple[str, str], dict[int, str]] = {}
+    for name, runs in result["samples"].items():
+        if name == "torch":
+            continue
+        quant, _, repack, _, ub = name.split()
+        med = statistics.median(runs) if runs else None
+        text = "failed" if med is None else f"{positions / med:.0f}" + (f" ({torch_s / med:.2f}x)" if torch_s else "")
+        cells.setdefault((quant, repack), {})[int(ub)] = text
+    sizes = sorted({ub for row in cells.values() for ub in row})
+    lines = ["Median prefill tok/s (ratio to PyTorch eager fp32 in the same rounds) by micro-batch size:", "",
+             "| GGUF | repacking | " + " | ".join(f"n_ubatch {ub}" for ub in sizes) + " |",
+             "|---|---|" + "---|" * len(sizes)]
+    for (quant, repack), row in cells.items():
+        lines.append(f"| {quant} | {repack} | " + " | ".join(row.get(ub, "-") for ub in sizes) + " |")
+    return lines + [""]
 
 
 def main(argv: list[str] | None = None) -> int:

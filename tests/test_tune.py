@@ -148,7 +148,7 @@ def _fake_probe(spec, timeout):
         return {"ok": False, "error": "the probe crashed with SIGILL"}
     return {"ok": True, "runs": [{"n_threads": t, "prefill_tok_s": 50.0 * t, "decode_tok_s": 10.0}
                                  for t in spec["threads"]],
-            "ubatch_runs": [{"n_ubatch": u, "n_threads": max(spec["threads"]), "prefill_tok_s": 100.0 + (u == 128)}
+            "ubatch_runs": [{"n_ubatch": u, "n_threads": max(spec["threads"]), "prefill_tok_s": 100.0 + (u == 256)}
                             for u in spec["ubatches"]]}
 
 
@@ -159,10 +159,11 @@ def test_measure_covers_every_option_and_its_table_follows_the_schema():
         ("q4_0", True, False), ("q4_0", False, True), ("q8_0", True, True), ("q8_0", False, True)]
     assert table["probe"]["rows"] == tune.PROBE_ROWS
     assert table["probe"]["ubatch_rows"] == 576 and table["probe"]["ubatches"] == list(tune.UBATCHES)
-    assert [len(r["ubatch_runs"]) for r in table["llm"]] == [0, 4, 4, 4]  # the crashed option has none
+    n = len(tune.UBATCHES)
+    assert [len(r["ubatch_runs"]) for r in table["llm"]] == [0, n, n, n]  # the crashed option has none
     pick = tune.choose(table)
     assert pick.llm.precision == "q4_0" and not pick.llm.extra_buffers  # smaller, same speed in the fake
-    assert pick.llm.n_ubatch == 128
+    assert pick.llm.n_ubatch == 256
 
 
 @pytest.mark.parametrize("breakage", [
