@@ -305,7 +305,7 @@ def combo_job(job: dict) -> dict:
     vis = _vision_measurements(vision, config, workload, mode, job.get("reference_path"), progress)
     api = _assistant_measurements(assistant, workload, progress) if assistant is not None else None
     progress.close()
-    result = {"kind": "combo", "label": job["label"], "vision": vision_info, "llm": llm_info,
+    result = {"kind": "combo", "label": job["label"], "tuned": bool(job.get("tuned")), "vision": vision_info, "llm": llm_info,
               "loaded_by": "Assistant.load" if assistant is not None else "runtimes.select (parts from two folders)",
               "pipeline": {"warmup": warm, "timed": timed}, "self_question": sq, **vis, "assistant": api,
               "counters_after_pipeline": counters_after_pipeline,
