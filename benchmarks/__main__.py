@@ -4,6 +4,9 @@
                          [--prompt-tokens P] [--new-tokens G] [--out DIR]
     python -m benchmarks --preset bench-1b|tiny [...]      # random-weight artifacts, built once and cached
 
+Unless --no-tune, the bundle's tuning table (runtimes.tune) is obtained first and the automatic measured choice
+(`Assistant.load` with nothing given) is measured as one more row, so the report shows whether it is the fastest.
+
 Writes DIR/report.md (also printed), DIR/results.json (every raw sample, machine facts) and DIR/chart.png.
 """
 from __future__ import annotations
@@ -43,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quant", nargs="+", help="with --preset: GGUF types to build (default q4_k_m)")
     parser.add_argument("--vision-precision", nargs="+", help="with --preset: vision ONNX variants (default fp32 int8)")
     parser.add_argument("--no-baselines", action="store_true", help="skip the eager and llama-cpp-python baselines")
+    parser.add_argument("--no-tune", action="store_true", help="skip the tuning table (runtimes.tune) and the row of "
+                        "the automatic measured choice (also off with SQLLAVA_EDGE_TUNE=0)")
+    parser.add_argument("--retune", action="store_true", help="measure the tuning table again even if a matching one "
+                        "is cached")
     parser.add_argument("--in-process", action="store_true", help="run jobs in this process (faster start, but memory "
                         "figures then accumulate across jobs)")
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
@@ -77,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args, argv: list[str]) -> int:
     from benchmarks.presets import ensure_preset
     from benchmarks.run import RunOptions, run_benchmark
+    from runtimes.tune import tuning_enabled
 
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731  stdout carries the report
     if args.from_json is not None:
@@ -99,6 +107,7 @@ def _main(args, argv: list[str]) -> int:
                          threads=args.threads, device=args.device, isolate=not args.in_process,
                          bandwidth_bytes=args.bandwidth_mib * 2**20 if args.bandwidth_mib else None,
                          baselines=not args.no_baselines, preset=args.preset, wait_idle=args.wait_idle,
+                         tune=tuning_enabled(False if args.no_tune else None), retune=args.retune,
                          command="python -m benchmarks " + shlex.join(argv))
     if checkpoint is None and options.baselines:
         log("[bench] no checkpoint found: the PyTorch eager baseline is skipped (pass --checkpoint)")

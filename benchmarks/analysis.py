@@ -11,11 +11,16 @@ from benchmarks.roofline import roofline
 from benchmarks.timing import percentile, summarize
 
 # (id, what, comparison, target). A target not met is reported as measured.
+# ttft_ratio, e2e_speedup and auto_is_fastest concern the automatic measured choice when it was measured (issue 24's
+# acceptance: what a user gets by default), else the fastest end-to-end combination.
 TARGETS = (
-    ("vision_speedup", "best CPU vision backend vs PyTorch eager fp32 (batch 1, cosine >= 0.99)", ">=", 2.0),
+    ("vision_speedup", "best CPU vision backend vs PyTorch eager fp32 (batch 1, cosine >= 0.99)", ">=", 2.5),
     ("llamacpp_vs_high_level", "our llama.cpp decode vs llama-cpp-python high-level API, same GGUF", ">=", 0.95),
     ("roofline_share", "decode tokens/s as a share of the bandwidth roofline", ">=", 0.60),
-    ("e2e_speedup", "end-to-end vs the PyTorch eager fp32 pipeline", ">=", 4.0),
+    ("ttft_ratio", "time to first token (image + question) / the PyTorch eager fp32 pipeline's", "<=", 0.5),
+    ("e2e_speedup", "end-to-end vs the PyTorch eager fp32 pipeline", ">=", 2.5),
+    ("auto_is_fastest", "automatic measured choice's TTFT / the fastest measured combination's TTFT (5% = run "
+                        "noise)", "<=", 1.05),
     ("followup_ttft_ratio", "cached follow-up question TTFT / first question TTFT", "<=", 0.10),
     ("self_question_speedup", "self_question(n) sequential / shared-prefix time", ">=", 1.8),
 )
@@ -128,6 +133,17 @@ def _vision_target(rows: list[dict], eager: dict | None) -> dict:
                    f"per image, per-token cosine min {best['cosine']['min']:.4f} / mean {best['cosine']['mean']:.4f}")
 
 
+def _auto_target(auto: dict | None, combos: list[dict]) -> dict:
+    if auto is None:
+        return _target("auto_is_fastest", None, "the automatic measured choice was not measured (--no-tune, "
+                                                "$SQLLAVA_EDGE_TUNE=0, a GPU run, or the tuning failed: see Notes)")
+    fastest = min(combos, key=lambda c: _median(c["figures"]["ttft_ms"]))
+    ttft = {c["label"]: _median(c["figures"]["ttft_ms"]) for c in combos}
+    others = ", ".join(f"{label} {value:.0f} ms" for label, value in ttft.items() if label != auto["label"])
+    return _target("auto_is_fastest", ttft[auto["label"]] / ttft[fastest["label"]],
+                   f"{auto['label']}: TTFT {ttft[auto['label']]:.0f} ms; fastest {fastest['label']}; others: {others}")
+
+
 def targets(results: dict, combos: list[dict], rows: list[dict], eager: dict | None, overhead: dict | None) -> list[dict]:
     out = [_vision_target(rows, eager)]
     if overhead is not None:
@@ -140,15 +156,22 @@ def targets(results: dict, combos: list[dict], rows: list[dict], eager: dict | N
     if head is None:
         return out + [_target(t[0], None, "no combination measured") for t in TARGETS[2:]]
     f, name = head["figures"], head["label"]
+    auto = next((c for c in combos if c.get("tuned")), None)
+    user = auto or head  # what the issue-24 targets judge
     roof = f["roofline"]
     out.append(_target("roofline_share", roof and roof.get("share"),
                        f"{name}: {_median(f['decode_tok_s']):.2f} tok/s vs roofline {roof['tok_s']:.2f} tok/s "
                        f"({bandwidth_gbps(results):.1f} GB/s / {roof['bytes_per_token'] / 1e6:.0f} MB per token)" if roof else "no roofline"))
+    uf, uname = user["figures"], user["label"]
     if eager is not None:
-        out.append(_target("e2e_speedup", _median(eager["figures"]["e2e_ms"]) / _median(f["e2e_ms"]),
-                           f"{name}: {_median(f['e2e_ms']):.0f} ms vs eager {_median(eager['figures']['e2e_ms']):.0f} ms"))
+        ef = eager["figures"]
+        out.append(_target("ttft_ratio", _median(uf["ttft_ms"]) / _median(ef["ttft_ms"]),
+                           f"{uname}: {_median(uf['ttft_ms']):.0f} ms vs eager {_median(ef['ttft_ms']):.0f} ms"))
+        out.append(_target("e2e_speedup", _median(ef["e2e_ms"]) / _median(uf["e2e_ms"]),
+                           f"{uname}: {_median(uf['e2e_ms']):.0f} ms vs eager {_median(ef['e2e_ms']):.0f} ms"))
     else:
-        out.append(_target("e2e_speedup", None, "needs the eager baseline (--checkpoint)"))
+        out += [_target(tid, None, "needs the eager baseline (--checkpoint)") for tid in ("ttft_ratio", "e2e_speedup")]
+    out.append(_auto_target(auto, combos))
     backend = (f"backend level (fixed tokens): {_median(f['followup_ttft_ms']):.0f} ms vs {_median(f['ttft_ms']):.0f} ms "
                f"= {_median(f['followup_ttft_ms']) / _median(f['ttft_ms']):.3f}")
     api = f.get("assistant")
@@ -183,7 +206,7 @@ def analyze(results: dict) -> dict[str, Any]:
             overhead["descriptions"] = {"ours": job["ours_description"], "high_level": job["high_level_description"]}
     for job in results["jobs"]:
         if job["kind"] == "combo" and not job.get("error"):
-            combos.append({"label": job["label"], "vision": job["vision"], "llm": job["llm"],
+            combos.append({"label": job["label"], "vision": job["vision"], "llm": job["llm"], "tuned": job.get("tuned", False),
                            "figures": combo_figures(job, results, eager)})
     rows = vision_rows(results, eager)
     profiles = {("PyTorch eager fp32" if j["kind"] == "eager" else f"{j['vision']['kind']}:{j['vision']['precision']}"):

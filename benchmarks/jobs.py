@@ -249,9 +249,12 @@ def _load_combo(job: dict):
         return None, vision, llm, vision_info, llm_info, config
     folder = job["checkpoint"] if vision_spec["kind"] == "torch" else job["bundle"]
     t0 = now()
-    assistant = Assistant.load(folder, device=job.get("device"), vision_backend=vision_spec["kind"],
-                               llm_backend=llm_spec["kind"], n_ctx=job["n_ctx"], n_threads=job["threads"],
-                               vision_precision=vision_spec.get("precision"), llm_precision=llm_spec.get("precision"))
+    if job.get("tuned"):  # what a user gets: nothing given, the measured choice (its threads and llama.cpp settings)
+        assistant = Assistant.load(folder, device=job.get("device"), n_ctx=job["n_ctx"], tune=True, prefer="latency")
+    else:
+        assistant = Assistant.load(folder, device=job.get("device"), vision_backend=vision_spec["kind"],
+                                   llm_backend=llm_spec["kind"], n_ctx=job["n_ctx"], n_threads=job["threads"],
+                                   vision_precision=vision_spec.get("precision"), llm_precision=llm_spec.get("precision"))
     load_ms = ms(now() - t0)
     b = assistant.backends
     precision = lambda spec: spec.get("precision") or "fp32"  # noqa: E731  torch parts run the checkpoint in fp32
@@ -302,7 +305,7 @@ def combo_job(job: dict) -> dict:
     vis = _vision_measurements(vision, config, workload, mode, job.get("reference_path"), progress)
     api = _assistant_measurements(assistant, workload, progress) if assistant is not None else None
     progress.close()
-    result = {"kind": "combo", "label": job["label"], "vision": vision_info, "llm": llm_info,
+    result = {"kind": "combo", "label": job["label"], "tuned": bool(job.get("tuned")), "vision": vision_info, "llm": llm_info,
               "loaded_by": "Assistant.load" if assistant is not None else "runtimes.select (parts from two folders)",
               "pipeline": {"warmup": warm, "timed": timed}, "self_question": sq, **vis, "assistant": api,
               "counters_after_pipeline": counters_after_pipeline,

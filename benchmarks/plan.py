@@ -39,10 +39,12 @@ class Spec:
 class Combo:
     vision: Spec
     llm: Spec
+    tuned: bool = False  # loaded as a user gets it: Assistant.load with nothing given, measured selection on
 
     @property
     def label(self) -> str:
-        return f"{self.vision.label}+{self.llm.label}"
+        pair = f"{self.vision.label}+{self.llm.label}"
+        return f"automatic ({pair}, measured settings)" if self.tuned else pair
 
 
 def parse_backends(text: str) -> str | list[Combo]:

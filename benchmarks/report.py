@@ -97,6 +97,33 @@ def targets_section(analysis: dict) -> list[str]:
     return lines + [""]
 
 
+def tuning_section(results: dict, analysis: dict) -> list[str]:
+    """The tuning table the automatic choice came from, the choice, and how its first answer compares in this run."""
+    tuning = results.get("tuning")
+    if tuning is None:  # a results.json from before the benchmark went through tuning
+        return []
+    lines = ["## Automatic choice (measured selection, `runtimes.tune`)", ""]
+    if not tuning.get("table"):
+        why = tuning.get("skipped") or f"the tuning failed: {tuning.get('error')}"
+        return lines + [f"Not measured: {why}.", ""]
+    lines += [f"Tuning table: {tuning['how']}. Choice for prefer={tuning['prefer']}:", "",
+              f"- vision: {tuning['vision_reason']}", f"- LLM: {tuning['llm_reason']}", "", "```text",
+              tuning["text"], "```", ""]
+    auto = next((c for c in analysis["combos"] if c.get("tuned")), None)
+    if auto is None:
+        return lines + ["The automatic choice was not measured end to end (see Notes).", ""]
+    base = auto["figures"]["ttft_ms"]["median"]
+    rows = [(c["label"], c["figures"]) for c in analysis["combos"]]
+    if analysis["eager"]:
+        rows.append(("PyTorch eager fp32 (baseline)", analysis["eager"]["figures"]))
+    lines += [f"Loaded by `Assistant.load` with nothing given: LLM {auto['llm']['description']}; vision "
+              f"{auto['vision']['description']}.", "",
+              "| backends | TTFT ms | TTFT / automatic choice's | end-to-end ms |", "|---|---|---|---|"]
+    for label, f in sorted(rows, key=lambda row: row[1]["ttft_ms"]["median"]):
+        lines.append(f"| {label} | {_m(f['ttft_ms'], 0)} | {f['ttft_ms']['median'] / base:.2f} | {_m(f['e2e_ms'], 0)} |")
+    return lines + [""]
+
+
 def combos_section(results: dict, analysis: dict) -> list[str]:
     wl = results["workload"]
     lines = ["## Backend combinations", "",
@@ -217,7 +244,8 @@ def render_markdown(results: dict, analysis: dict) -> str:
              f"{results['model']['llm_layers']} layers x {results['model']['llm_hidden']}); preprocessing "
              f"{results['preprocessing_mode']}; n_ctx {results['n_ctx']}, n_batch {results['n_batch']}; seed "
              f"{results['workload']['seed']}.", ""]
-    lines += contention_note(results) + targets_section(analysis) + machine_section(results, analysis)
+    lines += contention_note(results) + targets_section(analysis) + tuning_section(results, analysis)
+    lines += machine_section(results, analysis)
     lines += combos_section(results, analysis)
     lines += breakdown_section(analysis) + vision_section(analysis) + profile_section(analysis) + overhead_section(analysis)
     notes = results["plan"]["notes"]

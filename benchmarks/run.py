@@ -39,6 +39,8 @@ class RunOptions:
     wait_idle: float = 0.0  # seconds each job may wait for a quiet machine (0 = start at once)
     command: str = ""
     preset: str | None = None
+    tune: bool = True  # run the tuning table (runtimes.tune) and measure the automatic choice beside the other rows
+    retune: bool = False  # measure the tuning table again even if a matching one is cached
 
 
 def default_threads() -> int:
@@ -130,8 +132,8 @@ def _jobs(options: RunOptions, combos, vision_only, manifest, mode: str, n_ctx: 
                      "label": f"llama-cpp-python high-level API with its defaults ({llama.llm.label})"})
         jobs.append({**common, "kind": "llamacpp_overhead", "label": f"llama-cpp-python high-level vs ours ({llama.llm.label})",
                      **overhead, "prompt_positions": manifest.num_image_tokens + options.workload.prompt_tokens})
-    jobs += [{**common, "kind": "combo", "label": c.label, "vision": c.vision.to_dict(), "llm": c.llm.to_dict()}
-             for c in combos]
+    jobs += [{**common, "kind": "combo", "label": c.label, "vision": c.vision.to_dict(), "llm": c.llm.to_dict(),
+              "tuned": c.tuned} for c in combos]
     return jobs
 
 
@@ -145,8 +147,31 @@ def _roofline_bytes(options: RunOptions, combos, manifest) -> dict[str, Any]:
     return out
 
 
+def tuning_record(options: RunOptions, device, log: Callable[[str], None]) -> dict[str, Any]:
+    """The bundle's tuning table (cached, or measured now: each probe in a child process) and the automatic choice
+    for first-answer latency -> {"how", "prefer", "table", "text", "pick", "vision_reason", "llm_reason"}, or
+    {"skipped" | "error": why}. Never raises: a failed tune is reported, and the rule-based rows are still measured."""
+    from dataclasses import asdict
+
+    from runtimes.select import ModelSource
+    from runtimes.tune import choose, format_table, tuned_table
+
+    if device.kind != "cpu":
+        return {"skipped": f"measured selection covers CPU runs only ({device.kind} uses the rule-based order)"}
+    log("[bench] tuning table for the bundle (runtimes.tune: cached per machine, bundle and software)")
+    try:
+        table, how = tuned_table(ModelSource.open(options.bundle, verify=False), force=options.retune)
+        pick = choose(table, "latency")
+    except Exception as exc:  # noqa: BLE001  the benchmark goes on with the rule-based rows
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    complete = pick.vision is not None and pick.llm is not None
+    return {"how": how, "prefer": "latency", "table": table, "text": format_table(table),
+            "pick": asdict(pick) if complete else None, "vision_reason": pick.vision_reason,
+            "llm_reason": pick.llm_reason}
+
+
 def run_benchmark(options: RunOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
-    from benchmarks.plan import plan
+    from benchmarks.plan import Combo, Spec, plan
     from runtimes.select import resolve_device
     from sqllava_edge.bundle import read_manifest
 
@@ -156,6 +181,11 @@ def run_benchmark(options: RunOptions, log: Callable[[str], None] = print) -> di
     n_ctx = _n_ctx(config, options.workload)
     device = resolve_device(options.device)
     combos, vision_only, notes = plan(options.backends, options.bundle, options.checkpoint, device)
+    tuning = tuning_record(options, device, log) if options.tune else {"skipped": "--no-tune or $SQLLAVA_EDGE_TUNE=0"}
+    if tuning.get("pick"):
+        pick = tuning["pick"]
+        combos.append(Combo(Spec("onnxruntime", pick["vision"]["precision"]), Spec("llama.cpp", pick["llm"]["precision"]),
+                            tuned=True))
     log(f"[bench] {len(combos)} combination(s): {', '.join(c.label for c in combos)}; vision alone: "
         f"{', '.join(v.label for v in vision_only) or 'none'}")
     facts = machine_facts(threads)
@@ -175,4 +205,5 @@ def run_benchmark(options: RunOptions, log: Callable[[str], None] = print) -> di
             "preprocessing_mode": mode, "model": {"name": config.name, "image_tokens": config.num_image_tokens,
                                                    "llm_hidden": config.llm.hidden_size, "llm_layers": config.llm.num_layers},
             "plan": {"combos": [c.label for c in combos], "vision_only": [v.label for v in vision_only], "notes": notes},
+            "tuning": tuning,
             "roofline_bytes": _roofline_bytes(options, combos, manifest), "jobs": results}

@@ -36,7 +36,8 @@ from sqllava_edge.fileutil import atomic_path
 DIRECT = ("f32", "f16")  # written by gguf-py
 # llama.cpp llama_ftype per type made by llama_model_quantize (edge-deployment.md section 2; gguf.LlamaFileType names)
 QUANTIZED = {"bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "q6_k": "MOSTLY_Q6_K", "q5_k_m": "MOSTLY_Q5_K_M",
-             "q4_k_m": "MOSTLY_Q4_K_M", "q4_k_s": "MOSTLY_Q4_K_S", "q4_0": "MOSTLY_Q4_0"}
+             "q4_k_m": "MOSTLY_Q4_K_M", "q4_k_s": "MOSTLY_Q4_K_S", "q4_0": "MOSTLY_Q4_0",
+             "iq4_nl": "MOSTLY_IQ4_NL"}  # iq4_nl: 4-bit non-linear, blocks of 32, needs no importance matrix
 QUANTS = DIRECT + tuple(QUANTIZED)
 VALIDATION_TOKENS = 64
 MIN_AGREEMENT = {"f32": 1.0, "f16": 0.95, "bf16": 0.95, "q8_0": 0.95}  # top-1 agreement with PyTorch; others: recorded

@@ -81,7 +81,7 @@ class _LlamaHandles:
 
     def __init__(self, llama_cpp, path: Path, n_ctx: int, n_batch: int, n_seq_max: int, n_threads: int,
                  n_gpu_layers: int, kv_type: str, extra_buffers: bool, flash_attn: bool | None,
-                 n_threads_batch: int):
+                 n_threads_batch: int, n_ubatch: int):
         self.lib = llama_cpp
         self.model = self.ctx = self.token_batch = self.embd_batch = None
         model_params = llama_cpp.llama_model_default_params()
@@ -92,7 +92,7 @@ class _LlamaHandles:
             raise ValueError(f"llama.cpp could not load {path}: not a valid GGUF for this llama.cpp build "
                              "(re-export it with python -m export.gguf, or run with verbose=True to see why)")
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = n_ctx, n_batch, n_batch, n_seq_max
+        params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = n_ctx, n_batch, n_ubatch, n_seq_max
         params.n_threads, params.n_threads_batch = n_threads, n_threads_batch
         params.type_k = params.type_v = KV_TYPES[kv_type]
         if flash_attn is not None:
@@ -128,6 +128,8 @@ class LlamaCppLLM:
     (`tilezero` in ggml_backend_amx_mul_mat, on a VM whose kernel grants AMX); pass True to force them.
     n_threads: threads for a single-token step (decode); n_threads_batch: threads for a batch of more tokens (prefill,
     a batched decode of several sequences); None = n_threads. llama.cpp picks by the batch's token count.
+    n_ubatch: rows llama.cpp computes per graph run inside one call of up to n_batch rows (its micro-batch); None =
+    n_batch. On a CPU a smaller micro-batch can prefill faster (its activations stay in cache); runtimes.tune measures.
     verbose: route llama.cpp's log lines to stderr (process-wide), else they are dropped.
     """
 
@@ -136,14 +138,17 @@ class LlamaCppLLM:
     def __init__(self, gguf_path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None,
                  n_gpu_layers: int = 0, n_batch: int = 512, n_seq_max: int = 4, *, kv_type: str = "f16",
                  flash_attn: bool | None = None, extra_buffers: bool | None = None, verbose: bool = False,
-                 n_threads_batch: int | None = None):
+                 n_threads_batch: int | None = None, n_ubatch: int | None = None):
         self._lock = threading.RLock()  # one llama.cpp context must not be driven by two threads at once
         path = Path(gguf_path)
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} does not exist; export one with: python -m export.gguf CHECKPOINT --out DIR")
-        for label, value in (("n_ctx", n_ctx), ("n_batch", n_batch), ("n_seq_max", n_seq_max)):
+        n_ubatch = n_batch if n_ubatch is None else n_ubatch
+        for label, value in (("n_ctx", n_ctx), ("n_batch", n_batch), ("n_ubatch", n_ubatch), ("n_seq_max", n_seq_max)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{label} must be a positive integer, got {value!r}")
+        if n_ubatch > n_batch:
+            raise ValueError(f"n_ubatch ({n_ubatch}) must not exceed n_batch ({n_batch}): it splits one call's batch")
         if n_seq_max > n_batch:
             raise ValueError(f"n_seq_max ({n_seq_max}) must not exceed n_batch ({n_batch}): decode batches one row per sequence")
         if kv_type not in KV_TYPES:
@@ -158,13 +163,13 @@ class LlamaCppLLM:
             extra_buffers = not cpu_has_amx()
         self.extra_buffers = extra_buffers
         self._h = _LlamaHandles(llama_cpp, path, n_ctx, n_batch, n_seq_max, self.n_threads, n_gpu_layers, kv_type,
-                                extra_buffers, flash_attn, self.n_threads_batch)
-        self.n_ctx, self.n_batch, self.n_seq_max = n_ctx, n_batch, n_seq_max
+                                extra_buffers, flash_attn, self.n_threads_batch, n_ubatch)
+        self.n_ctx, self.n_batch, self.n_ubatch, self.n_seq_max = n_ctx, n_batch, n_ubatch, n_seq_max
         self.n_embd = self._h.n_embd
         self.vocab_size = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._h.model))
         self.counters = Counters()
         self.description = (f"llama.cpp (llama-cpp-python {llama_cpp.__version__}) {path.name}, n_ctx {n_ctx}, "
-                            f"n_batch {n_batch}, {self.n_threads} threads ({self.n_threads_batch} for batches), "
+                            f"n_batch {n_batch} (micro-batch {n_ubatch}), {self.n_threads} threads ({self.n_threads_batch} for batches), "
                             f"weight repacking {'on' if extra_buffers else 'off'}, {n_gpu_layers} GPU layers, "
                             f"KV {kv_type}, flash attention {'auto' if flash_attn is None else 'on' if flash_attn else 'off'}")
         self._lengths: dict[int, int] = {}

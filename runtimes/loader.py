@@ -126,7 +126,7 @@ def _apply_llm(source: ModelSource, dev: DeviceInfo, rule: LLMChoice, fits, tabl
         return replace(rule, reason=f"{rule.reason} ({pick.llm_reason}; rule-based order; {how})")
     chosen = choose_llm(source, dev, None, pick.llm.precision, None, fits)
     return replace(chosen, extra_buffers=pick.llm.extra_buffers, n_threads=pick.llm.n_threads,
-                   n_threads_batch=pick.llm.n_threads_batch,
+                   n_threads_batch=pick.llm.n_threads_batch, n_ubatch=pick.llm.n_ubatch,
                    reason=f"{pick.llm_reason}; llama.cpp CPU, {chosen.artifact.path} ({how})")
 
 

@@ -28,9 +28,9 @@ LLM_ENV = "SQLLAVA_EDGE_LLM_BACKEND"
 INT8_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # CPU features that make int8 matmuls fast
 # GGUF precision preference per device kind, best quality that usually fits first (memory.py may skip to smaller).
 GGUF_PREFERENCE = {
-    "cuda": ("f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_k_s", "q4_0", "f32"),
-    "jetson": ("q4_k_m", "q5_k_m", "q4_k_s", "q4_0", "q6_k", "q8_0", "f16", "bf16", "f32"),
-    "cpu": ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_k_s", "q4_0", "f16", "bf16", "f32"),
+    "cuda": ("f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_k_s", "q4_0", "iq4_nl", "f32"),
+    "jetson": ("q4_k_m", "q5_k_m", "q4_k_s", "q4_0", "iq4_nl", "q6_k", "q8_0", "f16", "bf16", "f32"),
+    "cpu": ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_k_s", "q4_0", "iq4_nl", "f16", "bf16", "f32"),
 }
 
 
@@ -368,6 +368,7 @@ class LLMChoice:
     extra_buffers: bool | None = None  # llama.cpp weight repacking, measured (runtimes.tune); None = LlamaCppLLM's rule
     n_threads: int | None = None  # measured best for single tokens / for batches; None = the caller's n_threads
     n_threads_batch: int | None = None
+    n_ubatch: int | None = None  # llama.cpp micro-batch, measured (runtimes.tune); None = n_batch
 
 
 def requested_kind(enum, argument: str | None, env: str):
@@ -646,7 +647,8 @@ def load_llm(choice: LLMChoice, source: ModelSource, device: DeviceInfo, n_ctx: 
     return LlamaCppLLM(str(source.artifact_path(choice.artifact)), n_ctx, n_threads=choice.n_threads or n_threads,
                        n_gpu_layers=choice.gpu_layers, n_seq_max=n_seq_max,
                        kv_type="f32" if choice.exact else "f16", flash_attn=False if choice.exact else None,
-                       extra_buffers=choice.extra_buffers, n_threads_batch=choice.n_threads_batch)
+                       extra_buffers=choice.extra_buffers, n_threads_batch=choice.n_threads_batch,
+                       n_ubatch=choice.n_ubatch)
 
 
 def select_vision(source: ModelSource, device: DeviceInfo, requested: str | None = None, precision: str | None = None,

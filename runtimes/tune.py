@@ -8,7 +8,10 @@ What is measured, on the CPU (GPU devices keep the rule-based order in runtimes.
 - LLM: each GGUF precision x llama.cpp weight repacking (`extra_buffers`) on/off, and per thread count a prefill of
   PROBE_ROWS image rows + PROBE_QUESTION tokens and DECODE_STEPS single-token decodes. llama.cpp runs a batch of
   more than one token on `n_threads_batch` threads and a single token on `n_threads`, so one probe per thread count
-  measures both, and the choice combines the best count for each. Each timing is the best of REPEATS runs.
+  measures both, and the choice combines the best count for each. Then, on the best prefill thread count, the
+  prefill of all the model's image rows + the question for each llama.cpp micro-batch size (`n_ubatch`, UBATCHES):
+  on a CPU a smaller micro-batch can prefill faster (benchmarks.prefill measures it); the fastest is chosen, and its
+  full-length prefill rate is what the first-answer estimate uses. Each timing is the best of REPEATS runs.
 Every (precision, repacking) probe runs in a child process (`python -m runtimes.tune_probe`) with a timeout: a crash
 (SIGILL from AMX kernels on some VMs) or a hang marks that option unusable instead of killing the caller.
 
@@ -35,11 +38,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TUNE_ENV = "SQLLAVA_EDGE_TUNE"  # "0" / "false" / "off" switches measured selection off
-SCHEMA = 1  # of the cached table and of what a probe measures; another value is measured again (bump on change)
+SCHEMA = 2  # of the cached table and of what a probe measures; another value is measured again (bump on change)
 PREFERENCES = ("latency", "throughput", "memory")
 PROBE_ROWS = 128  # image rows prefilled per probe (at most the model's image tokens): a short prefill
 PROBE_QUESTION = 16  # question tokens after the image rows
 DECODE_STEPS = 4
+# llama.cpp micro-batch sizes probed (n_batch stays the runtime's 512). benchmarks.prefill on bench-1b (2-core AVX-512,
+# 4 GGUF types x repacking): 64 and 128 were slower than 256 / 512 for every option, and 256 vs 512 flipped by option.
+UBATCHES = (256, 512)
 REPEATS = 2  # runs per thread count; the fastest is kept (the one other processes disturbed least)
 PROBE_TIMEOUT = 600.0  # seconds per child process
 
@@ -115,9 +121,10 @@ def table_keys(source) -> dict:
 
 VISION_FIELDS = {"precision": str, "bytes": int, "ok": bool, "error": (str, type(None)), "runs": list}
 LLM_FIELDS = {"precision": str, "bytes": int, "extra_buffers": bool, "ok": bool, "error": (str, type(None)),
-              "runs": list}
+              "runs": list, "ubatch_runs": list}
 VISION_RUN = {"n_threads": int, "encode_s": float}
 LLM_RUN = {"n_threads": int, "prefill_tok_s": float, "decode_tok_s": float}
+UBATCH_RUN = {"n_ubatch": int, "n_threads": int, "prefill_tok_s": float}
 
 
 def check_table(data) -> dict:
@@ -133,10 +140,11 @@ def check_table(data) -> dict:
             for name, kind in fields.items():
                 if not isinstance(row.get(name), kind):
                     raise ValueError(f"tuning table: {part} row {row!r} has a bad {name!r}")
-            for run in row["runs"]:
-                for name, kind in run_fields.items():
-                    if not isinstance(run.get(name), (kind, int) if kind is float else kind):
-                        raise ValueError(f"tuning table: {part} run {run!r} has a bad {name!r}")
+            for runs, schema in ((row["runs"], run_fields), (row.get("ubatch_runs", []), UBATCH_RUN)):
+                for run in runs:
+                    for name, kind in schema.items():
+                        if not isinstance(run.get(name), (kind, int) if kind is float else kind):
+                            raise ValueError(f"tuning table: {part} run {run!r} has a bad {name!r}")
     return data
 
 
@@ -229,12 +237,15 @@ def measure(source, threads: list[int] | None = None, timeout: float = PROBE_TIM
             say(f"LLM {artifact.precision}, weight repacking {'on' if extra else 'off'}")
             spec = {"kind": "llm", "path": str(source.artifact_path(artifact)), "threads": threads, "rows": rows,
                     "question": PROBE_QUESTION, "decode": DECODE_STEPS, "repeats": REPEATS, "extra_buffers": extra,
-                    "exact": artifact.precision == "f32"}
-            llm.append({**_row(artifact, probe(spec, timeout)), "extra_buffers": extra})
+                    "exact": artifact.precision == "f32", "ubatches": list(UBATCHES),
+                    "ubatch_rows": config.num_image_tokens}
+            result = probe(spec, timeout)
+            llm.append({**_row(artifact, result), "extra_buffers": extra, "ubatch_runs": result.get("ubatch_runs", [])})
             done += 1
     return {"schema": SCHEMA, **table_keys(source), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "probe": {"image_tokens": config.num_image_tokens, "rows": rows, "question": PROBE_QUESTION,
-                      "decode": DECODE_STEPS, "repeats": REPEATS, "threads": threads},
+                      "decode": DECODE_STEPS, "repeats": REPEATS, "threads": threads, "ubatches": list(UBATCHES),
+                      "ubatch_rows": config.num_image_tokens},
             "vision": vision, "llm": llm}
 
 
@@ -276,6 +287,7 @@ class LLMPick:
     n_threads_batch: int  # prefill
     prefill_tok_s: float
     decode_tok_s: float
+    n_ubatch: int | None = None  # llama.cpp micro-batch with the fastest prefill; None: not measured (n_batch)
 
 
 @dataclass(frozen=True)
@@ -297,14 +309,18 @@ def vision_options(table: dict) -> list[VisionPick]:
 
 
 def llm_options(table: dict) -> list[LLMPick]:
-    """Every (precision, repacking) that worked, with its best thread count for prefill and for decode."""
+    """Every (precision, repacking) that worked, with its best thread count for prefill and for decode, and its
+    fastest micro-batch size; the prefill rate is the full-length one of that micro-batch when it was measured."""
     out = []
     for row in table["llm"]:
         if row["ok"] and row["runs"]:
             batch = max(row["runs"], key=lambda r: r["prefill_tok_s"])
             single = max(row["runs"], key=lambda r: r["decode_tok_s"])
-            out.append(LLMPick(row["precision"], row["extra_buffers"], single["n_threads"], batch["n_threads"],
-                               batch["prefill_tok_s"], single["decode_tok_s"]))
+            ubatch = max(row.get("ubatch_runs") or [{}], key=lambda r: r.get("prefill_tok_s", 0.0))
+            out.append(LLMPick(row["precision"], row["extra_buffers"], single["n_threads"],
+                               ubatch.get("n_threads", batch["n_threads"]),
+                               ubatch.get("prefill_tok_s", batch["prefill_tok_s"]), single["decode_tok_s"],
+                               ubatch.get("n_ubatch")))
     return out
 
 
@@ -347,7 +363,7 @@ def choose(table: dict, prefer: str = "latency", allowed=None) -> Pick:
             llm = min(llms, key=lambda o: (sizes["llm", o.precision], latency(o)))
         others = "; ".join(f"{_llm_name(o)} {_llm_numbers(table, vision, o)}" for o in llms if o is not llm)
         llm_reason = (f"measured ({prefer}): {_llm_name(llm)}, n_threads {llm.n_threads} / n_threads_batch "
-                      f"{llm.n_threads_batch}: {_llm_numbers(table, vision, llm)}"
+                      f"{llm.n_threads_batch}{_ubatch(llm)}: {_llm_numbers(table, vision, llm)}"
                       + (f"; others: {others}" if others else "") + failed["llm"])
     else:
         llm_reason = "no GGUF option was measured to work" + (" within memory" if allowed else "") + failed["llm"]
@@ -356,6 +372,10 @@ def choose(table: dict, prefer: str = "latency", allowed=None) -> Pick:
 
 def _threads(n: int) -> str:
     return f"{n} thread{'' if n == 1 else 's'}"
+
+
+def _ubatch(o: LLMPick) -> str:
+    return "" if o.n_ubatch is None else f" / n_ubatch {o.n_ubatch}"
 
 
 def _llm_name(o: LLMPick) -> str:
@@ -396,4 +416,13 @@ def format_table(table: dict) -> str:
         for run in row["runs"]:
             lines.append(f"  {row['precision']:<9} {repack:<6} {run['n_threads']:>8}  {run['prefill_tok_s']:13.1f}  "
                          f"{run['decode_tok_s']:12.1f}")
+    ubatch_rows = [row for row in table["llm"] if row.get("ubatch_runs")]
+    if ubatch_rows:
+        lines.append(f"llm micro-batch (prefill of {probe.get('ubatch_rows')} image rows + {probe['question']} tokens)")
+        lines.append("            repack  threads  n_ubatch  prefill tok/s")
+        for row in ubatch_rows:
+            repack = "on" if row["extra_buffers"] else "off"
+            for run in row["ubatch_runs"]:
+                lines.append(f"  {row['precision']:<9} {repack:<6} {run['n_threads']:>8}  {run['n_ubatch']:>8}  "
+                             f"{run['prefill_tok_s']:13.1f}")
     return "\n".join(lines)

@@ -25,7 +25,7 @@ MANIFEST_FILE = "manifest.json"
 # Artifact kinds and the precisions each may carry (DESIGN.md). Unknown values are a schema error.
 KINDS: dict[str, tuple[str, ...]] = {
     "vision_onnx": ("fp32", "fp16", "int8"),
-    "llm_gguf": ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_k_s", "q4_0"),
+    "llm_gguf": ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_k_s", "q4_0", "iq4_nl"),
     "tensorrt_engine": ("fp32", "fp16", "int8"),
     "tokenizer": ("",),
 }

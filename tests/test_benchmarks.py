@@ -18,11 +18,15 @@ pytest.importorskip("onnxruntime", reason="the benchmark's vision side needs onn
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """One `python -m benchmarks --preset tiny --runs 2` run (artifacts come from the preset cache, built if absent)."""
+    """One `python -m benchmarks --preset tiny --runs 2` run (artifacts come from the preset cache, built if absent),
+    through tuning as users run it (the suite switches tuning off elsewhere)."""
+    import os
+
     out = tmp_path_factory.mktemp("bench") / "tiny"
     cmd = [sys.executable, "-m", "benchmarks", "--preset", "tiny", "--runs", "2", "--prompt-tokens", "8",
            "--new-tokens", "8", "--bandwidth-mib", "32", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "SQLLAVA_EDGE_TUNE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc.stdout, json.loads((out / "results.json").read_text())
 
@@ -37,7 +41,7 @@ def test_smoke_writes_report_json_and_chart(smoke):
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "report.md").read_text()
     assert stdout.strip() == report.strip()  # the report is also printed
-    for heading in ("## Targets", "## Machine", "## Backend combinations", "## Vision backends",
+    for heading in ("## Targets", "## Automatic choice", "## Machine", "## Backend combinations", "## Vision backends",
                     "## llama.cpp: our runtime vs llama-cpp-python"):
         assert heading in report
     assert not list(out.parent.glob("*.raw.json")), "the raw fallback file is removed once the report is written"
@@ -240,3 +244,72 @@ def test_training_benchmark_reads_step_times_and_compares_variants_side_by_side(
         bench.main(["--data", str(tmp_path), "--out", str(tmp_path / "o")])  # no stage2.json there
     cmd = bench.command("2", bench.Paths(tmp_path, tmp_path, stage1=tmp_path / "s1"), tmp_path / "o", 5, 1)
     assert cmd[1:5] == ["-m", "training", "--stage", "2"] and cmd[-2:] == ["--threads", "1"] and "5" in cmd
+
+# --- the report through tuning (issue 24): a recorded bench-1b run plus a fake tuning record, no measuring -----------
+
+
+def _results_with_tuning(auto_ttft_factor: float | None) -> dict:
+    """benchmarks/results-bench-1b.json with a fake tuning record and, unless None, the combo again as the automatic
+    measured choice with its TTFTs scaled by auto_ttft_factor."""
+    import copy
+
+    from runtimes.tune import choose, format_table
+    from tests.test_tune import _table, _with_ubatches
+
+    results = json.loads((ROOT / "benchmarks" / "results-bench-1b.json").read_text())
+    results.pop("analysis", None)
+    results["jobs"] = [j for j in results["jobs"] if not j.get("tuned")]  # the recorded run's own automatic row
+    table = _with_ubatches(_table(), {("q4_k_m", False): {128: 130.0, 512: 110.0}})
+    pick = choose(table)
+    results["tuning"] = {"how": "measured now (fake)", "prefer": "latency", "table": table, "text": format_table(table),
+                         "pick": {"vision": {"precision": "int8"}, "llm": {"precision": "q4_k_m"}},
+                         "vision_reason": pick.vision_reason, "llm_reason": pick.llm_reason}
+    if auto_ttft_factor is not None:
+        auto = copy.deepcopy(next(j for j in results["jobs"] if j["kind"] == "combo"))
+        auto.update(label="automatic (onnxruntime:int8+llama.cpp:q4_k_m, measured settings)", tuned=True)
+        for run in auto["pipeline"]["timed"]:
+            run["ttft_ms"] *= auto_ttft_factor
+        results["jobs"].append(auto)
+    return results
+
+
+def _target(analysis: dict, tid: str) -> dict:
+    return next(t for t in analysis["targets"] if t["id"] == tid)
+
+
+def test_report_shows_the_tuning_table_the_choice_and_the_automatic_row():
+    from benchmarks.analysis import analyze
+    from benchmarks.report import render_markdown
+
+    results = _results_with_tuning(0.5)
+    analysis = analyze(results)
+    report = render_markdown(results, analysis)
+    section = report.split("## Automatic choice (measured selection, `runtimes.tune`)")[1].split("\n## ")[0]
+    assert "Tuning table: measured now (fake)" in section
+    assert results["tuning"]["llm_reason"] in section and "n_ubatch 128" in section
+    assert "llm micro-batch (prefill of 576 image rows" in section  # the table itself, as `sqllava-edge tune` prints it
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "TTFT" not in line]
+    assert rows[0].startswith("| automatic (onnxruntime:int8+llama.cpp:q4_k_m, measured settings) |")
+    rule = next(c["label"] for c in analysis["combos"] if not c["tuned"])
+    rule_row = next(line for line in rows if line.startswith(f"| {rule} |"))
+    assert rows[0].split("|")[3].strip() == "1.00" and float(rule_row.split("|")[3]) == pytest.approx(2.0, abs=0.01)
+    fastest = _target(analysis, "auto_is_fastest")
+    assert fastest["met"] is True and fastest["measured"] == pytest.approx(1.0)
+    ttft = _target(analysis, "ttft_ratio")  # judged on the automatic choice, not on the fastest end-to-end row
+    assert ttft["detail"].startswith("automatic (") and ttft["target"] == "<= 0.5"
+    assert _target(analysis, "e2e_speedup")["target"] == ">= 2.5"
+    assert _target(analysis, "vision_speedup")["target"] == ">= 2.5"
+
+
+def test_report_says_when_the_automatic_choice_is_not_the_fastest_or_not_measured():
+    from benchmarks.analysis import analyze
+    from benchmarks.report import render_markdown
+
+    slower = analyze(_results_with_tuning(2.0))
+    assert _target(slower, "auto_is_fastest")["met"] is False
+    assert _target(slower, "auto_is_fastest")["measured"] == pytest.approx(2.0, rel=0.01)
+    results = _results_with_tuning(None)
+    results["tuning"] = {"skipped": "--no-tune or $SQLLAVA_EDGE_TUNE=0"}
+    analysis = analyze(results)
+    assert _target(analysis, "auto_is_fastest")["met"] is None
+    assert "Not measured: --no-tune or $SQLLAVA_EDGE_TUNE=0." in render_markdown(results, analysis)

@@ -168,6 +168,23 @@ def test_quantized_ggufs_agree_with_pytorch(tmp_path):
 
 
 @needs_llama_cpp
+def test_prefill_candidates_q4_0_and_iq4_nl_export_with_their_agreement(tmp_path):
+    """The 4-bit types issue 24 measures for prefill speed: written by llama.cpp, agreement recorded (not enforced)."""
+    import gguf
+
+    artifacts = G.export_gguf(tiny_model(), tokenizer(), tmp_path, quants=["q4_0", "iq4_nl"], log=lambda _: None)
+    by = {a["precision"]: a for a in artifacts}
+    assert sorted(by) == ["iq4_nl", "q4_0"]
+    for a in by.values():
+        v = a["validation"]
+        assert 0.0 <= v["top1_agreement"] <= 1.0 and v["positions"] == G.VALIDATION_TOKENS and "passed" not in v
+    Q = gguf.GGMLQuantizationType
+    for quant, kind in (("q4_0", Q.Q4_0), ("iq4_nl", Q.IQ4_NL)):
+        types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(tmp_path / by[quant]["path"])).tensors}
+        assert types["blk.0.ffn_up.weight"] == kind, (quant, types["blk.0.ffn_up.weight"])
+
+
+@needs_llama_cpp
 def test_failed_validation_raises_names_tolerance_and_leaves_no_file(tmp_path, monkeypatch):
     real = G.torch_logits
     monkeypatch.setattr(G, "torch_logits", lambda llm, ids: np.roll(real(llm, ids), 1, axis=-1))  # wrong reference

@@ -118,6 +118,15 @@ def test_600_embedding_rows_with_n_batch_512_are_chunked():
     assert np.allclose(by_embed, by_token, rtol=0, atol=1e-5) and np.abs(by_embed - reference).max() < 1e-3
 
 
+def test_a_smaller_micro_batch_gives_the_same_logits():
+    ids = (tokenizer().encode(" ".join(CORPUS), add_bos=True) * 8)[:300]
+    rows = token_rows(ids)
+    with backend(n_ctx=400, n_batch=512, **EXACT) as whole, backend(n_ctx=400, n_batch=512, n_ubatch=64, **EXACT) as micro:
+        assert "n_batch 512 (micro-batch 64)" in micro.description and micro.n_ubatch == 64 and whole.n_ubatch == 512
+        a, b = whole.prefill(0, embeds=rows), micro.prefill(0, embeds=rows)  # one graph run vs five of <= 64 rows
+    assert np.abs(a - b).max() < 1e-4 and a.argmax() == b.argmax()
+
+
 def test_fork_and_batched_decode_equal_sequential_runs():
     config = GenerationConfig(max_new_tokens=10, temperature=1.0, top_k=50)
     prompt, steps = text_prompts()[2], 10
@@ -217,6 +226,8 @@ def test_closed_backend_and_missing_files_and_missing_llama_cpp(tmp_path, monkey
         LlamaCppLLM(tmp_path / "bad.gguf", n_ctx=64)
     with pytest.raises(ValueError, match="n_batch must be a positive integer"):
         LlamaCppLLM(f32_gguf(), n_ctx=64, n_batch=0)
+    with pytest.raises(ValueError, match=r"n_ubatch \(1024\) must not exceed n_batch \(512\)"):
+        LlamaCppLLM(f32_gguf(), n_ctx=64, n_ubatch=1024)
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were not installed
     with pytest.raises(BackendUnavailableError, match="pip install llama-cpp-python"):
         import_llama_cpp()

@@ -16,7 +16,8 @@ def _table(**changes) -> dict:
     """A fake table: vision fp32 / int8; q8_0 (repacking on crashes), q4_k_m (both), f16 (both)."""
     def llm(precision, size, extra, runs=(), error=None):
         return {"precision": precision, "bytes": size, "extra_buffers": extra, "ok": error is None, "error": error,
-                "runs": [{"n_threads": t, "prefill_tok_s": p, "decode_tok_s": d} for t, p, d in runs]}
+                "runs": [{"n_threads": t, "prefill_tok_s": p, "decode_tok_s": d} for t, p, d in runs],
+                "ubatch_runs": []}
 
     table = {
         "schema": tune.SCHEMA, "machine": {"cpu": "Fake CPU", "flags_sha256": "0" * 16, "cores": 2},
@@ -49,6 +50,40 @@ def test_latency_picks_lowest_first_answer_and_combines_thread_counts():
     assert (llm.n_threads_batch, llm.n_threads) == (2, 1)  # best prefill on 2 threads, best decode on 1
     assert "measured (latency)" in pick.llm_reason and "prefill 120 tok/s" in pick.llm_reason
     assert "q8_0 repacking on: the probe crashed with SIGILL" in pick.llm_reason
+
+
+def _with_ubatches(table: dict, rates: dict) -> dict:
+    """rates: (precision, repacking) -> {n_ubatch: full-length prefill tok/s} (measured on 2 threads)."""
+    table["probe"].update(ubatches=sorted({u for r in rates.values() for u in r}), ubatch_rows=576)
+    for row in table["llm"]:
+        for n_ubatch, tok_s in rates.get((row["precision"], row["extra_buffers"]), {}).items():
+            row["ubatch_runs"].append({"n_ubatch": n_ubatch, "n_threads": 2, "prefill_tok_s": tok_s})
+    return table
+
+
+def test_latency_picks_the_fastest_micro_batch_and_uses_its_full_length_rate():
+    table = _with_ubatches(_table(), {("q4_k_m", False): {64: 100.0, 128: 130.0, 256: 125.0, 512: 110.0},
+                                      ("q4_k_m", True): {64: 90.0, 128: 95.0, 256: 94.0, 512: 80.0}})
+    pick = tune.choose(table, "latency")
+    assert (pick.llm.precision, pick.llm.extra_buffers, pick.llm.n_ubatch) == ("q4_k_m", False, 128)
+    assert pick.llm.prefill_tok_s == 130.0  # the full-length rate of that micro-batch, not the short probe's 120
+    assert "n_ubatch 128" in pick.llm_reason
+    expected = 0.3 + (576 + 16) / 130.0 + 1 / 25.0  # vision int8 + prefill + one decode step
+    assert tune.first_answer_s(table, pick.vision, pick.llm) == pytest.approx(expected)
+
+
+def test_a_micro_batch_can_change_which_option_wins():
+    # repacking on prefills slower at the default micro-batch but fastest of all at 64 rows per graph run
+    table = _with_ubatches(_table(), {("q4_k_m", False): {128: 130.0, 512: 110.0},
+                                      ("q4_k_m", True): {64: 200.0, 512: 80.0}})
+    pick = tune.choose(table, "latency")
+    assert (pick.llm.extra_buffers, pick.llm.n_ubatch, pick.llm.n_threads_batch) == (True, 64, 2)
+    assert pick.llm.n_threads == 1  # decode is still best on 1 thread (26 tok/s)
+
+
+def test_without_micro_batch_runs_the_pick_keeps_n_batch():
+    pick = tune.choose(_table(), "latency")
+    assert pick.llm.n_ubatch is None and pick.llm.prefill_tok_s == 120.0
 
 
 def test_throughput_and_memory_objectives():
@@ -112,7 +147,9 @@ def _fake_probe(spec, timeout):
     if spec["extra_buffers"] and spec["path"].endswith("q4_0"):
         return {"ok": False, "error": "the probe crashed with SIGILL"}
     return {"ok": True, "runs": [{"n_threads": t, "prefill_tok_s": 50.0 * t, "decode_tok_s": 10.0}
-                                 for t in spec["threads"]]}
+                                 for t in spec["threads"]],
+            "ubatch_runs": [{"n_ubatch": u, "n_threads": max(spec["threads"]), "prefill_tok_s": 100.0 + (u == 256)}
+                            for u in spec["ubatches"]]}
 
 
 def test_measure_covers_every_option_and_its_table_follows_the_schema():
@@ -121,8 +158,12 @@ def test_measure_covers_every_option_and_its_table_follows_the_schema():
     assert [(r["precision"], r["extra_buffers"], r["ok"]) for r in table["llm"]] == [
         ("q4_0", True, False), ("q4_0", False, True), ("q8_0", True, True), ("q8_0", False, True)]
     assert table["probe"]["rows"] == tune.PROBE_ROWS
+    assert table["probe"]["ubatch_rows"] == 576 and table["probe"]["ubatches"] == list(tune.UBATCHES)
+    n = len(tune.UBATCHES)
+    assert [len(r["ubatch_runs"]) for r in table["llm"]] == [0, n, n, n]  # the crashed option has none
     pick = tune.choose(table)
     assert pick.llm.precision == "q4_0" and not pick.llm.extra_buffers  # smaller, same speed in the fake
+    assert pick.llm.n_ubatch == 256
 
 
 @pytest.mark.parametrize("breakage", [
@@ -130,6 +171,8 @@ def test_measure_covers_every_option_and_its_table_follows_the_schema():
     lambda t: t.update(schema=0),
     lambda t: t["llm"][1].pop("extra_buffers"),
     lambda t: t["vision"][0]["runs"][0].update(encode_s="fast"),
+    lambda t: t["llm"][1].pop("ubatch_runs"),  # a schema-1 row
+    lambda t: t["llm"][1]["ubatch_runs"].append({"n_ubatch": "64", "n_threads": 2, "prefill_tok_s": 1.0}),
 ])
 def test_check_table_rejects_a_broken_table(breakage):
     table = _table()
@@ -188,6 +231,9 @@ def test_tiny_bundle_load_tunes_once_then_uses_the_cache(tiny_bundle, tmp_path, 
     table = tune.check_table(json.loads(files[0].read_text()))
     assert {(r["precision"], r["extra_buffers"]) for r in table["llm"]} == {("f32", True), ("f32", False)}
     assert all(r["ok"] for r in table["llm"] + table["vision"]), table
+    assert all([u["n_ubatch"] for u in r["ubatch_runs"]] == list(tune.UBATCHES) for r in table["llm"]), table
+    n_ubatch = tune.choose(table).llm.n_ubatch
+    assert f"n_ubatch {n_ubatch}" in backends.llm_reason and f"(micro-batch {n_ubatch})" in backends.llm_detail
 
     def no_measuring(*args, **kwargs):
         raise AssertionError("a matching cached table must not be measured again")
