@@ -64,8 +64,8 @@ SWITCHES: dict[str, tuple[Switch, ...]] = {
     "2": (Switch("skip zero head rows", "--no-skip-zero-rows",
                  "loss through the frozen head's non-zero rows, the zero rows as one term (exact)"), FUSED),
 }
-BF16 = Candidate("bf16 autocast", ("--bf16",), "changes the numbers (bf16 matmuls, bf16 frozen base): not validated "
-                                               "on the demo's QA")
+BF16 = Candidate("bf16 autocast", ("--bf16",), "rounds the frozen base and the matmuls to bf16, and on the 2-core "
+                                               "AVX512-BF16 host it was measured on it was no faster (training/RESULTS.md)")
 CANDIDATES: dict[str, tuple[Candidate, ...]] = {"1": (BF16,), "2": (BF16,)}
 STAGE_TITLES = {"0-llm": "stage 0, LLM stand-in", "0-vision": "stage 0, vision stand-in", "1": "stage 1",
                 "2": "stage 2"}
