@@ -139,7 +139,7 @@ class RestrictedHead:
     Such a row's logit is exactly 0, so the rows outside `vocab` enter every softmax as one extra logit
     log(n_unseen): the exact full-vocabulary cross-entropy at the cost of the rows in `vocab` (a tiny model's
     32000-way head is most of its FLOPs). A target outside `vocab` has logit 0. Used by stage 0 (whose trained head
-    keeps its unseen rows at zero) and by stages 1 and 2 when their frozen head has zero rows (`zero_rows`)."""
+    keeps its unseen rows at zero) and by stages 1 and 2 when their frozen head has zero rows (`RestrictedHead.of`)."""
 
     def __init__(self, vocab: list[int], vocab_size: int, device):
         self.vocab = torch.tensor(sorted(set(vocab)), dtype=torch.long, device=device)
@@ -158,10 +158,6 @@ class RestrictedHead:
         if len(weight) - len(nonzero) < min_share * len(weight):
             return None
         return cls(nonzero.tolist(), len(weight), weight.device)
-
-    def to(self, device) -> "RestrictedHead":
-        self.vocab, self.index = self.vocab.to(device), self.index.to(device)
-        return self
 
     def loss_sum(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """hidden (N, H), targets (N,); weight: the full head (vocab_size, H), or its rows `vocab` (V', H) in order."""
@@ -195,7 +191,8 @@ class LossModule(nn.Module):
         self.model = model
         self.share_prefix = share_prefix and not lockstep  # also off with activation checkpointing (no KV cache)
         self.lockstep = lockstep
-        # The head is frozen in both stages (spec 2.3): rows that are zero now stay zero (RestrictedHead, exact).
+        # The head is frozen in both stages (spec 2.3): rows that are zero now stay zero (RestrictedHead, exact). Built
+        # on the head's device: setup() moves the model before it makes the loss module.
         self.head = RestrictedHead.of(base_module(model.llm).lm_head) if skip_zero_rows else None
 
     def forward(self, input_ids, labels, pixel_values) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,7 +210,7 @@ class LossModule(nn.Module):
         targets = batch.labels[:, 1:]  # (B, T-1): position t predicts token t+1
         keep = targets != IGNORE_INDEX
         if self.head is not None:
-            loss_sum = self.head.to(hidden.device).loss_sum(hidden[:, :-1][keep], llm.lm_head.weight, targets[keep])
+            loss_sum = self.head.loss_sum(hidden[:, :-1][keep], llm.lm_head.weight, targets[keep])
         else:
             logits = llm.lm_head(hidden[:, :-1][keep])  # (N, V)
             loss_sum = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
