@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqllava_edge.fileutil import atomic_write
+from training import demo_budget
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,11 +73,8 @@ STAGE_TITLES = {"0-llm": "stage 0, LLM stand-in", "0-vision": "stage 0, vision s
 
 
 def demo_steps() -> dict[str, int]:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import demo  # scripts/demo.py: the step counts of `make demo`
-
-    return {"0-llm": demo.STAGE0_STEPS, "0-vision": demo.STAGE0_VISION_STEPS, "1": demo.STAGE1_STEPS,
-            "2": demo.STAGE2_STEPS}
+    """The step counts of `make demo` (training/demo_budget.py)."""
+    return dict(demo_budget.STEPS)
 
 
 @dataclass
@@ -98,7 +96,8 @@ def command(stage: str, paths: Paths, out: Path, steps: int, threads: int | None
                 "tiny", "--out", str(out), "--max-steps", str(steps), "--no-progress", *thread_flag]
     if stage == "0-vision":
         return [py, "-m", "training.pretrain_vision", "--data", str(data / "stage2.json"), "--preset", "tiny",
-                "--out", str(out), "--max-steps", str(steps), "--gray-share", "0.5", "--no-progress", *thread_flag]
+                "--out", str(out), "--max-steps", str(steps), "--gray-share", str(demo_budget.VISION_GRAY_SHARE),
+                "--no-progress", *thread_flag]
     if stage == "1":
         return [py, "-m", "training", "--stage", "1", "--preset", "tiny", "--llm-base", str(paths.llm),
                 "--vision-base", str(paths.vision), "--data", str(data / "stage1.json"), "--image-folder",

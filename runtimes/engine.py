@@ -134,15 +134,12 @@ class Engine:
             forks: list[int] = []
             try:
                 forks = [pool.fork(root) for _ in seeds]
-                samplers = {seq: Sampler(config, s) for seq, s in zip(forks, seeds)}
-                streams = {seq: TextStream(self.tokenizer, config.stop) for seq in forks}
-                for seq, token in sample(pool, {seq: logits for seq in forks}, samplers, config.max_new_tokens,
-                                         self.eos_id, lambda seq: streams[seq].stopped):
-                    streams[seq].push(token)
+                texts = self._texts({seq: logits for seq in forks},
+                                    {seq: Sampler(config, s) for seq, s in zip(forks, seeds)}, config)
             finally:
                 pool.done(*forks, drop=True)  # sampled continuations are not worth keeping
                 pool.done(root)
-        return [streams[seq].text.strip() for seq in forks]
+        return [texts[seq] for seq in forks]
 
     def answer_batch(self, prompts: Sequence[list], config: GenerationConfig) -> list[str]:
         """Several prompts (pool items) answered together: each prefilled (reusing shared prefixes), then all decoded
@@ -155,14 +152,18 @@ class Engine:
                 for items in prompts:
                     seq, logits[seq] = pool.prefill(items)
                     seqs.append(seq)
-                samplers = {seq: Sampler(config) for seq in seqs}
-                streams = {seq: TextStream(self.tokenizer, config.stop) for seq in seqs}
-                for seq, token in sample(pool, logits, samplers, config.max_new_tokens, self.eos_id,
-                                         lambda seq: streams[seq].stopped):
-                    streams[seq].push(token)
+                texts = self._texts(logits, {seq: Sampler(config) for seq in seqs}, config)
             finally:
                 pool.done(*seqs)
-        return [streams[seq].text.strip() for seq in seqs]
+        return [texts[seq] for seq in seqs]
+
+    def _texts(self, logits: dict, samplers: dict, config: GenerationConfig) -> dict[int, str]:
+        """Decode every sequence in `logits` together until each stops (caller holds the lock) -> {seq: text}."""
+        streams = {seq: TextStream(self.tokenizer, config.stop) for seq in logits}
+        for seq, token in sample(self.pool, logits, samplers, config.max_new_tokens, self.eos_id,
+                                 lambda seq: streams[seq].stopped):
+            streams[seq].push(token)
+        return {seq: stream.text.strip() for seq, stream in streams.items()}
 
     def reset(self) -> None:
         with self.lock:

@@ -1,10 +1,15 @@
 """Continuous batching on one Engine: many requests, one model, one batched decode call per step.
 
-Up to `parallel` requests run at once. One scheduler thread loops: it admits a waiting request (encodes its image
-unless cached, prefills its prompt reusing any cached prefix, forks it for n > 1 choices), then advances every running
-choice of every request by one token in a single `pool.decode` call (the LLM backend's batched decode), as
-llama.cpp's `llama-server` does with its slots. A finished or cancelled request frees its sequences at once, so the
-next waiting request is admitted on the next loop.
+Up to `parallel` requests run at once. One scheduler thread loops: it moves the admission of the next waiting request
+forward (encodes its image unless cached, prefills its prompt reusing any cached prefix, forks it for n > 1 choices),
+then advances every running choice of every request by one token in a single `pool.decode` call (the LLM backend's
+batched decode), as llama.cpp's `llama-server` does with its slots. A finished or cancelled request frees its
+sequences at once, so the next waiting request is admitted on the next loop.
+
+Chunked prefill: while other requests are decoding, a new request's prompt is prefilled `prefill_chunk` positions
+(and its image encode) per loop, between their decode steps, so a 600-row image prompt arriving does not freeze the
+streams already running for the whole prefill; they wait for one piece at a time. With nothing else running, the
+prompt is prefilled in one go. `prefill_chunk=0` turns this off (the whole prompt between two decode steps).
 
 Token choice follows `runtimes.sequences.sample` step for step (same Sampler, same EOS / stop-string / length rules),
 so a request decoded here gives the tokens `Assistant.ask` gives for the same prompt, as long as the backend's batched
@@ -25,7 +30,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from runtimes.engine import Engine, TextStream
-from runtimes.sequences import positions
+from runtimes.sequences import Prefill, positions
 from sqllava_edge.errors import PromptTooLongError
 from sqllava_edge.generation import GenerationConfig, Sampler
 
@@ -95,6 +100,44 @@ class _Choice:
         self.done = False
 
 
+class _Admission:
+    """A request being admitted: its prompt(s) prefilled one backend call per `step` (SequencePool.begin)."""
+
+    def __init__(self, handle: Handle):
+        self.handle, self.request = handle, handle.request
+        self.task: Prefill | None = None
+        self.seqs: list[int] = []  # prompts already in
+        self.logits: list[np.ndarray] = []
+        self.need = self.cached = 0
+        self.current = 0  # positions of the prompt in progress
+
+    def step(self, engine: Engine, chunk: int | None) -> bool:
+        """One piece of work (caller holds engine.lock); True when every prompt is in."""
+        if self.task is None:
+            encodes = engine.counters.vision_encodes
+            items = engine.items(self.request.image, self.request.prompts[len(self.seqs)])
+            self.current = positions(items)
+            self.task = engine.pool.begin(items, chunk)
+            self.need += self.task.positions
+            self.cached += self.task.reused
+            if engine.counters.vision_encodes != encodes and chunk:
+                return False  # the encode was this step's work
+        if not self.task.step():
+            return False
+        self.seqs.append(self.task.seq)
+        self.logits.append(self.task.logits)
+        self.task = None
+        return len(self.seqs) == len(self.request.prompts)
+
+    def abort(self, engine: Engine) -> None:
+        """Roll back the prompt in progress and free the ones already in (caller holds engine.lock)."""
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+        engine.pool.done(*self.seqs)
+        self.seqs, self.logits = [], []
+
+
 class _Job:
     def __init__(self, handle: Handle, choices: list[_Choice], prompt: int):
         self.handle, self.choices, self.prompt = handle, choices, prompt
@@ -104,15 +147,26 @@ class _Job:
         return [c for c in self.choices if not c.done]
 
 
+# Positions prefilled per piece while other requests decode. llama.cpp prefills 256-row micro-batches about as fast as
+# 512-row ones on a CPU (benchmarks/RESULTS.md, prefill table) and smaller ones slower, so 256 costs little prefill
+# speed; a running stream then waits about one piece (~1 s on bench-1b, 2 cores) instead of the whole prompt.
+PREFILL_CHUNK = 256
+
+
 class Scheduler:
-    def __init__(self, engine: Engine, parallel: int = 4, queue: int = 64):
+    def __init__(self, engine: Engine, parallel: int = 4, queue: int = 64, prefill_chunk: int = PREFILL_CHUNK):
         if not isinstance(parallel, int) or parallel < 1:
             raise ValueError(f"parallel must be a positive int, got {parallel!r}")
         if not isinstance(queue, int) or queue < 0:
             raise ValueError(f"queue must be an int >= 0, got {queue!r}")
+        if not isinstance(prefill_chunk, int) or prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk must be an int >= 0 (0: no chunking), got {prefill_chunk!r}")
         self.engine, self.parallel, self.queue_limit = engine, parallel, queue
+        self.prefill_chunk = prefill_chunk
         self._waiting: collections.deque[Handle] = collections.deque()
         self._running: list[_Job] = []
+        self._admitting: _Admission | None = None
+        self._room_wait = False  # the next request did not fit beside the running ones: wait for one to finish
         self._cv = threading.Condition()
         self._accepting = True
         self._stop = False
@@ -133,8 +187,8 @@ class Scheduler:
         with self._cv:
             if not self._accepting:
                 raise ShuttingDownError("the server is shutting down")
-            if len(self._waiting) >= self.queue_limit + max(0, self.parallel - len(self._running)):
-                raise QueueFullError(f"{len(self._waiting)} requests are waiting and {len(self._running)} running "
+            if len(self._waiting) >= self.queue_limit + max(0, self.parallel - self.running):
+                raise QueueFullError(f"{len(self._waiting)} requests are waiting and {self.running} running "
                                      f"(--parallel {self.parallel}, --queue {self.queue_limit}); retry later")
             self._waiting.append(handle)
             self._cv.notify_all()
@@ -146,7 +200,8 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        """Requests decoding, and the one being prefilled."""
+        return len(self._running) + (self._admitting is not None)
 
     @property
     def busy_slots(self) -> int:
@@ -159,11 +214,12 @@ class Scheduler:
             self._accepting = False
             self._cv.notify_all()
         deadline = time.monotonic() + timeout
-        while (self._waiting or self._running) and time.monotonic() < deadline:
+        while (self._waiting or self.running) and time.monotonic() < deadline:
             time.sleep(0.02)
-        clean = not (self._waiting or self._running)
+        clean = not (self._waiting or self.running)
         with self._cv:
-            for handle in list(self._waiting) + [job.handle for job in self._running]:
+            admitting = [self._admitting.handle] if self._admitting else []
+            for handle in list(self._waiting) + [job.handle for job in self._running] + admitting:
                 handle.cancelled = True
             self._stop = True
             self._cv.notify_all()
@@ -180,9 +236,9 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._waiting or self._running or self._stop):
+                while not (self._waiting or self.running or self._stop):
                     self._cv.wait(timeout=1.0)
-                if self._stop and not self._running:
+                if self._stop and not self.running:
                     for handle in self._waiting:
                         self._emit(handle, Event("error", error=ShuttingDownError("the server is shutting down")))
                         handle.finished.set()
@@ -190,15 +246,17 @@ class Scheduler:
                     return
             try:
                 self._reap()
-                admitted = self._admit()
+                worked = self._admit()
                 if self._running:
                     self._step()
-                elif not admitted:
+                elif not worked:
                     time.sleep(0.005)  # a request waits for KV room that nothing running will free: rare
             except Exception as exc:  # a backend failure: fail what is running, keep serving
                 for job in self._running:
                     self._end_job(job, Event("error", error=exc))
                 self._running.clear()
+                if self._admitting is not None:
+                    self._fail_admission(exc)
 
     def _reap(self) -> None:
         """Cancelled and timed-out requests leave the queue and free their sequences."""
@@ -212,6 +270,17 @@ class Scheduler:
                     self._emit(handle, Event("finish", reason=reason))
                     self._emit(handle, Event("done", usage={"prompt_tokens": 0, "completion_tokens": 0}))
                     handle.finished.set()
+        admission = self._admitting
+        if admission is not None:
+            reason = _ended(admission.handle, now)
+            if reason:
+                with self.engine.lock:
+                    admission.abort(self.engine)
+                self._admitting = None
+                self.stats[reason] += 1
+                self._emit(admission.handle, Event("finish", reason=reason))
+                self._emit(admission.handle, Event("done", usage={"prompt_tokens": 0, "completion_tokens": 0}))
+                admission.handle.finished.set()
         for job in list(self._running):
             reason = _ended(job.handle, now)
             if reason:
@@ -221,75 +290,84 @@ class Scheduler:
                 self._retire(job)
 
     def _admit(self) -> bool:
-        """Admit the next waiting request if a slot and enough sequences are free. True if one was admitted."""
-        with self._cv:
-            if not self._waiting or len(self._running) >= self.parallel:
-                return False
-            handle = self._waiting[0]
-        request, engine = handle.request, self.engine
-        pool = engine.pool
-        n = len(request.seeds)
-        with engine.lock:
-            if pool.capacity - len(pool.busy) < n + 1:
-                return False  # wait for running requests to free sequences
-            try:
-                started = time.perf_counter()
-                seqs, logits, need, cached = self._prefill(request)
-                self.stats["prefill_seconds"] += time.perf_counter() - started
-                if seqs is None:
-                    return False  # room frees up as running requests finish
-            except Exception as exc:
+        """Move the next request's admission forward: take it from the queue when a slot and enough sequences are
+        free, then run one piece of its prefill, or all of it when nothing else is running or chunking is off.
+        When it is in, it joins the running requests. True if any work was done."""
+        engine, pool = self.engine, self.engine.pool
+        if self._admitting is None:
+            with self._cv:
+                if not self._waiting or len(self._running) >= self.parallel or (
+                        self._room_wait and self._running):
+                    return False
+                handle = self._waiting[0]
+            with engine.lock:
+                if pool.capacity - len(pool.busy) < len(handle.request.seeds) + 1:
+                    return False  # wait for running requests to free sequences
+            with self._cv:
+                self._waiting.popleft()
+            self._admitting = _Admission(handle)
+        admission = self._admitting
+        chunk = self.prefill_chunk or None
+        try:
+            while True:
+                with engine.lock:
+                    started = time.perf_counter()
+                    try:
+                        finished = admission.step(engine, chunk)
+                    finally:
+                        self.stats["prefill_seconds"] += time.perf_counter() - started
+                if finished or (self._running and chunk):
+                    break
+        except PromptTooLongError as exc:
+            if admission.current <= pool.max_positions and self._running:
+                # the room is held by running requests: start over when one of them finishes
+                with engine.lock:
+                    admission.abort(engine)
+                self._admitting = None
+                self._room_wait = True
                 with self._cv:
-                    self._waiting.popleft()
-                self.stats["errors"] += 1
-                self._emit(handle, Event("error", error=exc))
-                handle.finished.set()
+                    self._waiting.appendleft(admission.handle)
                 return True
-        with self._cv:
-            self._waiting.popleft()
+            self._fail_admission(exc)
+            return True
+        except Exception as exc:  # this request's fault (a bad image, a prompt too long): fail it, keep serving
+            self._fail_admission(exc)
+            return True
+        if finished:
+            self._start_job(admission)
+        return True
+
+    def _start_job(self, admission: _Admission) -> None:
+        engine, request = self.engine, admission.request
+        seqs, logits = admission.seqs, admission.logits
+        if len(request.prompts) == 1 and len(request.seeds) > 1:
+            with engine.lock:
+                root = seqs[0]
+                seqs = [engine.pool.fork(root) for _ in request.seeds]
+                logits = logits * len(seqs)
+                engine.pool.done(root)
+        self._admitting = None
         config = request.config
         choices = [_Choice(i, seq, seq_logits, Sampler(config, seed), TextStream(engine.tokenizer, config.stop))
                    for i, (seq, seq_logits, seed) in enumerate(zip(seqs, logits, request.seeds))]
-        job = _Job(handle, choices, need)
+        job = _Job(admission.handle, choices, admission.need)
         self._running.append(job)
         self.stats["admitted"] += 1
-        self.stats["cached_positions"] += cached
-        self.stats["prompt_positions"] += need
-        self._emit(handle, Event("start", usage={"prompt_tokens": need, "cached_tokens": cached}))
-        return True
+        self.stats["cached_positions"] += admission.cached
+        self.stats["prompt_positions"] += admission.need
+        self._emit(admission.handle, Event("start", usage={"prompt_tokens": admission.need,
+                                                            "cached_tokens": admission.cached}))
 
-    def _prefill(self, request: Request):
-        """Prefill the request's prompt(s) (caller holds engine.lock) -> (seqs, logits per seq, positions, positions
-        reused from the cache), or Nones when the shared context has no room until running requests finish."""
-        engine, pool = self.engine, self.engine.pool
-        counters = engine.counters
-        seqs: list[int] = []
-        logits: list[np.ndarray] = []
-        need = cached = 0
+    def _fail_admission(self, exc: BaseException) -> None:
+        admission, self._admitting = self._admitting, None
         try:
-            for prompt in request.prompts:
-                items = engine.items(request.image, prompt)
-                before = counters.prefill_tokens + counters.prefill_embeds
-                try:
-                    seq, seq_logits = pool.prefill(items)
-                except PromptTooLongError:
-                    if positions(items) <= engine.llm.n_ctx and self._running:
-                        pool.done(*seqs)
-                        return None, None, 0, 0
-                    raise
-                seqs.append(seq)
-                logits.append(seq_logits)
-                need += positions(items)
-                cached += positions(items) - (counters.prefill_tokens + counters.prefill_embeds - before)
-        except BaseException:
-            pool.done(*seqs)
-            raise
-        if len(request.prompts) == 1 and len(request.seeds) > 1:
-            root = seqs[0]
-            seqs = [pool.fork(root) for _ in request.seeds]
-            logits = logits * len(seqs)
-            pool.done(root)
-        return seqs, logits, need, cached
+            with self.engine.lock:
+                admission.abort(self.engine)
+        except Exception:  # the backend already failed; the pool is reset by the next reset()
+            pass
+        self.stats["errors"] += 1
+        self._emit(admission.handle, Event("error", error=exc))
+        admission.handle.finished.set()
 
     def _step(self) -> None:
         """Sample one token for every running choice, then decode all that continue in one batched call."""
@@ -344,6 +422,7 @@ class Scheduler:
     def _retire(self, job: _Job) -> None:
         if job in self._running:
             self._running.remove(job)
+        self._room_wait = False
         self.stats["finished"] += 1
         completion = sum(c.count for c in job.choices)
         self._emit(job.handle, Event("done", usage={"prompt_tokens": job.prompt, "completion_tokens": completion}))

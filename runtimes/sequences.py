@@ -77,12 +77,25 @@ class SequencePool:
         self._blocks: dict[int, list[list[int]]] = {seq: [] for seq in range(capacity)}
         self._refs: Counter[int] = Counter()
         self._block_ids = itertools.count()
+        self._pending: dict[int, int] = {}  # seq -> positions of a partly prefilled item (a Prefill between steps)
 
     # ------------------------------------------------------------------------------------------------------------
     # Prefill with prefix reuse
 
     def prefill(self, items: Sequence[Item]) -> tuple[int, np.ndarray]:
         """Put `items` into a sequence, reusing the longest cached prefix; mark it busy. -> (seq, last logits)."""
+        task = self.begin(items)
+        while not task.step():
+            pass
+        return task.seq, task.logits
+
+    def begin(self, items: Sequence[Item], chunk: int | None = None) -> "Prefill":
+        """A prefill of `items` that runs one backend call per `step()`, so a caller can interleave other work
+        (a scheduler's decode steps) between the pieces of a long prompt: each run of text tokens and each image is
+        one call, cut into pieces of at most `chunk` positions when `chunk` is given. The sequence is chosen (and its
+        reusable prefix kept) now and is busy from now on; `cancel()` (or an error) rolls back what was written."""
+        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"chunk must be a positive number of positions or None, got {chunk!r}")
         items = list(items)
         if not items:
             raise ValueError("empty prompt")
@@ -91,28 +104,52 @@ class SequencePool:
             raise PromptTooLongError(_too_long(items, need, self.max_positions))
         seq, keep = self._place(items)
         self.busy.add(seq)
-        if keep == len(items):
-            return seq, self._logits[seq]
+        return Prefill(self, seq, items, keep, chunk)
+
+    def _pieces(self, task: "Prefill") -> Iterator[None]:
+        """The body of a Prefill: yields between backend calls; sets task.logits at the end."""
+        seq, items, keep = task.seq, task.items, task.keep
+        need = positions(items)
         try:
             self._truncate(seq, keep)
             if not self._make_room(need - positions(items[:keep]), {seq}):
                 raise PromptTooLongError(_too_long(items, need, self.llm.n_ctx) + " (other calls in progress hold "
                                          f"{self.cells_used() - positions(items[:keep])} positions of it)")
+            first = True
             for start, stop in _runs(items, keep):
-                chunk = items[start:stop]
-                if isinstance(chunk[0], ImageRef):
-                    logits = self.llm.prefill(seq, embeds=chunk[0].embeds)
-                else:
-                    logits = self.llm.prefill(seq, tokens=chunk)
-                self.content[seq].extend(chunk)
-                self._add_cells(seq, positions(chunk))
-        except BaseException:
-            self.busy.discard(seq)
-            self._logits.pop(seq, None)
-            self.llm.truncate(seq, positions(self.content[seq]))  # drop a half-written chunk
+                run = items[start:stop]
+                image = run[0] if isinstance(run[0], ImageRef) else None
+                rows = positions(run)
+                step = min(task.chunk or rows, rows)
+                for lo in range(0, rows, step):
+                    n = min(step, rows - lo)
+                    if not first:
+                        yield  # the caller may run other sequences here; they may have used the room we made
+                        if not self._make_room(n, {seq}):
+                            raise PromptTooLongError(
+                                _too_long(items, need, self.llm.n_ctx) + " (other calls in progress took the room "
+                                f"this prompt needed after {self._pending.get(seq, 0)} positions of a piece)")
+                    first = False
+                    if image is not None:
+                        logits = self.llm.prefill(seq, embeds=image.embeds[lo:lo + n])
+                    else:
+                        logits = self.llm.prefill(seq, tokens=run[lo:lo + n])
+                    self._pending[seq] = lo + n
+                del self._pending[seq]
+                self.content[seq].extend(run)
+                self._add_cells(seq, rows)
+        except BaseException:  # an error, or the task was cancelled (GeneratorExit)
+            self._rollback(seq)
             raise
         self._logits[seq] = logits
-        return seq, logits
+        task.logits = logits
+
+    def _rollback(self, seq: int) -> None:
+        """Drop a half-written prefill: the backend keeps what `content` says, the sequence is free again."""
+        self._pending.pop(seq, None)
+        self.busy.discard(seq)
+        self._logits.pop(seq, None)
+        self.llm.truncate(seq, positions(self.content[seq]))
 
     def _place(self, items: list[Item]) -> tuple[int, int]:
         """Choose the sequence for `items` -> (seq, items already in it)."""
@@ -150,6 +187,8 @@ class SequencePool:
     def _copy(self, src: int, dst: int) -> None:
         self._truncate(dst, 0)
         self.llm.fork(src, dst)
+        if self._pending.get(src):  # src is between the pieces of an item: dst keeps only its whole items
+            self.llm.truncate(dst, positions(self.content[src]))
         self.content[dst] = list(self.content[src])
         self._blocks[dst] = [list(entry) for entry in self._blocks[src]]
         self._refs.update(block for block, _ in self._blocks[dst])
@@ -195,7 +234,7 @@ class SequencePool:
         for blocks in self._blocks.values():
             for block, used in blocks:
                 widest[block] = max(widest.get(block, 0), used)
-        return sum(widest.values())
+        return sum(widest.values()) + sum(self._pending.values())
 
     def _make_room(self, need: int, protect: set[int]) -> bool:
         """Evict idle sequences (least recently used first) until `need` more cells fit in n_ctx."""
@@ -240,8 +279,42 @@ class SequencePool:
 
     def reset(self) -> None:
         self.busy.clear()
+        self._pending.clear()
         for seq in self.content:
             self._truncate(seq, 0)
+
+
+class Prefill:
+    """One prompt being prefilled into `seq` (SequencePool.begin): `step()` runs the next backend call and returns
+    True once the prompt is in (then `logits` holds the last row's logits); `cancel()` rolls back what was written.
+    `reused` is the number of positions taken from the cache instead of computed."""
+
+    def __init__(self, pool: SequencePool, seq: int, items: list[Item], keep: int, chunk: int | None):
+        self.pool, self.seq, self.items, self.keep, self.chunk = pool, seq, items, keep, chunk
+        self.positions = positions(items)
+        self.reused = positions(items[:keep])
+        self.logits: np.ndarray | None = pool._logits[seq] if keep == len(items) else None
+        self.done = keep == len(items)
+        self._body = None if self.done else pool._pieces(self)
+
+    def step(self) -> bool:
+        if self.done:
+            return True
+        try:
+            next(self._body)
+        except StopIteration:
+            self.done = True
+        return self.done
+
+    def cancel(self) -> None:
+        """Stop here and roll back (a no-op once done: the sequence then holds the prompt and stays busy)."""
+        if self.done:
+            return
+        if self._body is not None:
+            self._body.close()  # GeneratorExit inside _pieces rolls back, if it started
+            if self.pool._pending.get(self.seq) is None and self.seq in self.pool.busy:
+                self.pool._rollback(self.seq)  # it never started
+        self.done, self._body = True, None
 
 
 def _too_long(items: Sequence[Item], need: int, n_ctx: int) -> str:

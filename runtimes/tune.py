@@ -17,7 +17,9 @@ Every (precision, repacking) probe runs in a child process (`python -m runtimes.
 
 The table is JSON in `$SQLLAVA_EDGE_CACHE/tune/`, keyed by the machine (CPU model, flags, core count), the bundle's
 artifacts (their sha256 from the manifest) and the software (sqllava-edge, llama-cpp-python, onnxruntime, numpy,
-Python); a table written under any other key, or with another schema, is measured again.
+Python); a table written under any other key, or with another schema, is measured again. So is a table measured while
+other programs kept more than BUSY_SHARE of the CPUs busy (sampled from /proc/stat before and after measuring), on
+the first load that finds the machine quiet: timings taken under load describe the load, not the machine.
 
 Objectives: "latency" = lowest estimated first-answer time for an image + a short question (vision encode + prefill
 of the image rows and question + one decode step); "throughput" = highest decode tokens/s; "memory" = the smallest
@@ -48,6 +50,42 @@ DECODE_STEPS = 4
 UBATCHES = (256, 512)
 REPEATS = 2  # runs per thread count; the fastest is kept (the one other processes disturbed least)
 PROBE_TIMEOUT = 600.0  # seconds per child process
+# A table measured while other programs kept more than this share of the CPUs busy describes that load, not the
+# machine (on 2 busy cores llama.cpp's spinning threads lose most of their time, so 1 thread "wins"): it is kept
+# while the machine stays that busy and measured again on the first load that finds the machine quiet.
+BUSY_SHARE = 0.25
+BUSY_SAMPLE_S = 0.5  # how long the CPU's busy share is sampled (before and after measuring; on a busy-table load)
+
+
+def _cpu_ticks(stat: str | os.PathLike) -> tuple[int, int]:
+    """(idle, total) jiffies of all CPUs from the first line of /proc/stat (iowait counts as idle, steal as busy)."""
+    with open(stat) as handle:
+        fields = handle.readline().split()
+    if not fields or fields[0] != "cpu":
+        raise ValueError(f"{stat} does not start with the cpu line")
+    values = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal (guest is inside user)
+    return values[3] + values[4], sum(values)
+
+
+def cpu_busy_share(seconds: float = BUSY_SAMPLE_S, stat: str | os.PathLike = "/proc/stat", sleep=time.sleep
+                   ) -> float | None:
+    """Share of all CPUs that other programs kept busy over `seconds` (this process sleeps meanwhile), from
+    /proc/stat; None where that file does not exist (not Linux) or cannot be read."""
+    try:
+        idle0, total0 = _cpu_ticks(stat)
+        sleep(seconds)
+        idle1, total1 = _cpu_ticks(stat)
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return max(0.0, min(1.0, 1.0 - (idle1 - idle0) / (total1 - total0)))
+
+
+def measured_busy(table: dict) -> float | None:
+    """The busy share of other programs while `table` was measured, if it was above BUSY_SHARE (else None)."""
+    share = table.get("busy_share")
+    return share if isinstance(share, (int, float)) and share > BUSY_SHARE else None
 
 
 def tuning_enabled(argument: bool | None = None) -> bool:
@@ -135,6 +173,9 @@ def check_table(data) -> dict:
                       ("vision", list), ("llm", list)):
         if not isinstance(data.get(key), kind):
             raise ValueError(f"tuning table: {key!r} must be a {kind.__name__}")
+    share = data.get("busy_share")  # optional: None or absent = not known
+    if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1):
+        raise ValueError(f"tuning table: 'busy_share' must be a number in [0, 1] or null, got {share!r}")
     for part, fields, run_fields in (("vision", VISION_FIELDS, VISION_RUN), ("llm", LLM_FIELDS, LLM_RUN)):
         for row in data[part]:
             for name, kind in fields.items():
@@ -211,10 +252,14 @@ def run_child(command: list[str], timeout: float) -> dict:
     return {"ok": True, **json.loads(lines[-1])}
 
 
-def measure(source, threads: list[int] | None = None, timeout: float = PROBE_TIMEOUT, probe=None) -> dict:
+def measure(source, threads: list[int] | None = None, timeout: float = PROBE_TIMEOUT, probe=None,
+            busy_share=None) -> dict:
     """Probe every vision ONNX precision and every GGUF precision x repacking; -> a table (not yet cached).
-    probe(spec, timeout) -> result: run_probe (a child process) unless given."""
+    probe(spec, timeout) -> result: run_probe (a child process) unless given. The CPUs' busy share from other
+    programs is sampled before and after (busy_share() -> float | None: cpu_busy_share unless given); the table
+    keeps the larger."""
     probe = probe or run_probe
+    busy_share = busy_share or cpu_busy_share
     config = source.config
     threads = threads or thread_counts()
     rows = min(PROBE_ROWS, config.num_image_tokens)
@@ -225,6 +270,11 @@ def measure(source, threads: list[int] | None = None, timeout: float = PROBE_TIM
         print(f"[tune] {done + 1}/{total} {what} ({', '.join(map(str, threads))} threads; once per machine and "
               "bundle, SQLLAVA_EDGE_TUNE=0 skips)", file=sys.stderr, flush=True)
 
+    before = busy_share()
+    if before is not None and before > BUSY_SHARE:
+        print(f"[tune] other programs keep {before:.0%} of the CPUs busy: the timings will show that load (fewer "
+              "threads may win); the table is measured again on a later load that finds the machine quiet, or run "
+              "`sqllava-edge tune BUNDLE --force` then", file=sys.stderr, flush=True)
     vision, llm = [], []
     for artifact in visions:
         say(f"vision {artifact.precision}")
@@ -242,7 +292,10 @@ def measure(source, threads: list[int] | None = None, timeout: float = PROBE_TIM
             result = probe(spec, timeout)
             llm.append({**_row(artifact, result), "extra_buffers": extra, "ubatch_runs": result.get("ubatch_runs", [])})
             done += 1
+    after = busy_share()
+    shares = [x for x in (before, after) if x is not None]
     return {"schema": SCHEMA, **table_keys(source), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "busy_share": round(max(shares), 3) if shares else None,
             "probe": {"image_tokens": config.num_image_tokens, "rows": rows, "question": PROBE_QUESTION,
                       "decode": DECODE_STEPS, "repeats": REPEATS, "threads": threads, "ubatches": list(UBATCHES),
                       "ubatch_rows": config.num_image_tokens},
@@ -258,6 +311,11 @@ def tuned_table(source, force: bool = False, timeout: float = PROBE_TIMEOUT) -> 
     """(table, how it was obtained): the cached one when its keys match, else measured now and cached."""
     keys = table_keys(source)
     table, why = (None, "re-measure requested") if force else read_cached(keys)
+    if table is not None and measured_busy(table) is not None:
+        now = cpu_busy_share()
+        if now is not None and now <= BUSY_SHARE:
+            table, why = None, (f"the cached table was measured while other programs kept "
+                                f"{measured_busy(table):.0%} of the CPUs busy; the machine is quiet now ({now:.0%})")
     if table is not None:
         return table, f"tuning table measured {table['created']} ({cache_path(keys)})"
     table = measure(source, timeout=timeout)
@@ -399,7 +457,10 @@ def _failures(table: dict) -> dict[str, str]:
 def format_table(table: dict) -> str:
     """The table as text (sqllava-edge tune)."""
     probe = table["probe"]
-    lines = [f"machine: {table['machine']['cpu']} ({table['machine']['cores']} cores); measured {table['created']}",
+    busy = measured_busy(table)
+    lines = [f"machine: {table['machine']['cpu']} ({table['machine']['cores']} cores); measured {table['created']}"
+             + (f" while other programs kept {busy:.0%} of the CPUs busy (measured again when the machine is quiet)"
+                if busy is not None else ""),
              f"probe: vision = one encode; llm = prefill of {probe['rows']} image rows + {probe['question']} question "
              f"tokens, {probe['decode']} decode steps; best of {probe.get('repeats', 1)} per thread count",
              "vision      threads  encode ms"]

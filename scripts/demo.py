@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# The demo's training budget on a 2-core CPU (training/RESULTS.md): optimizer steps per stage with the tiny-demo
-# recipe (training/recipes.py). Stage 0 makes the stand-ins for CLIP and Vicuna that the tiny preset lacks offline.
-STAGE0_VISION_STEPS = 800
-STAGE0_VISION_GRAY_SHARE = 0.5  # half the vision images grey: shape read from the outline, not tied to colour
-STAGE0_STEPS = 1000
-STAGE1_STEPS = 300
-STAGE2_STEPS = 400
+sys.path.insert(0, str(ROOT))
+from training import demo_budget  # noqa: E402  (the training budget, shared with benchmarks/train.py)
+
+STAGE0_VISION_STEPS = demo_budget.STEPS["0-vision"]
+STAGE0_VISION_GRAY_SHARE = demo_budget.VISION_GRAY_SHARE
+STAGE0_STEPS = demo_budget.STEPS["0-llm"]
+STAGE1_STEPS = demo_budget.STEPS["1"]
+STAGE2_STEPS = demo_budget.STEPS["2"]
 
 
 @dataclass

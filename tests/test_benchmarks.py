@@ -315,3 +315,36 @@ def test_report_says_when_the_automatic_choice_is_not_the_fastest_or_not_measure
     analysis = analyze(results)
     assert _target(analysis, "auto_is_fastest")["met"] is None
     assert "Not measured: --no-tune or $SQLLAVA_EDGE_TUNE=0." in render_markdown(results, analysis)
+
+
+def test_chunked_prefill_benchmark_runs_every_setting_and_reports_ratios_to_off(tiny_bundle, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "chunked"
+    cmd = [sys.executable, "-m", "benchmarks.chunked", "--bundle", str(tiny_bundle), "--chunks", "0,16", "--rounds",
+           "2", "--new-tokens", "12", "--threads", "1", "--out", str(out)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads((out / "chunked.json").read_text())
+    assert sorted((s["round"], s["chunk"]) for s in data["samples"]) == [(0, 0), (0, 16), (1, 0), (1, 16)]
+    for s in data["samples"]:
+        assert s["a_tokens"] >= 6 and 0 < s["b_prefill_s"] <= s["b_ttft_s"] and s["a_gap_median_s"] > 0
+    text = (out / "chunked.md").read_text()
+    assert "| 0 (off) | 2 |" in text and "| 16 | 2 |" in text and (out / "chunked.png").stat().st_size > 1000
+
+
+def test_chunked_prefill_report_compares_to_the_unchunked_runs():
+    from benchmarks.chunked import render, summary
+
+    def sample(chunk, stall, ttft, r):
+        return {"chunk": chunk, "round": r, "a_tokens": 64, "a_stall_s": stall, "a_gap_median_s": 0.04,
+                "b_ttft_s": ttft, "b_prefill_s": ttft - 0.1, "a_done_before_b": False}
+
+    result = {"bundle": "b", "threads": 2, "rounds": 2, "new_tokens": 64, "chunks": [0, 256], "backends": "x",
+              "samples": [sample(0, 3.0, 3.0, 0), sample(0, 4.0, 4.0, 1), sample(256, 1.0, 3.5, 0),
+                          sample(256, 1.4, 3.5, 1)]}
+    rows = {r["chunk"]: r for r in summary(result)}
+    assert rows[0]["a_stall_s"] == 3.5 and rows[256]["a_stall_s"] == 1.2
+    text = render(result)
+    assert "| 256 | 2 | 1.20 s (0.34x) | 40 ms | 3.50 s (1.00x) |" in text

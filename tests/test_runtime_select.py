@@ -9,7 +9,7 @@ import pytest
 
 import runtimes.select as select
 import runtimes.vision as vision
-from runtimes.base import Counters, LLMKind, VisionKind
+from runtimes.base import LLMKind, VisionKind
 from runtimes.memory import CUDA_CONTEXT_BYTES, check_plan, kv_cache_bytes, plan_memory
 from runtimes.select import (DeviceInfo, ModelSource, choose_llm, choose_vision, detect_device, detect_jetson,
                              read_cpu_flags, requested_kind, select_vision)
@@ -17,6 +17,7 @@ from runtimes.sequences import ImageRef, SequencePool, prompt_items, sample
 from sqllava_edge.bundle import Artifact, Manifest, preprocessing_for
 from sqllava_edge.config import IMAGE_TOKEN_INDEX, LLMConfig, get_preset
 from sqllava_edge.errors import BackendUnavailableError, BundleError, MemoryPlanError, PromptTooLongError
+from tests.fake_llm import FakeLLM
 
 GIB = 2**30
 CPU_FLAGS = "flags\t\t: fpu sse2 avx2 avx512f avx512_vnni amx_int8\n"
@@ -599,53 +600,7 @@ def test_partly_offloaded_llm_counts_only_its_share_on_the_gpu():
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Sequence pool (a recording fake backend)
-
-
-class FakeLLM:
-    """Counts what is prefilled; logits are a function of (sequence content) so sampling is deterministic."""
-
-    name, description, vocab_size = "fake", "fake", 50
-
-    def __init__(self, n_ctx: int):
-        self.n_ctx, self.counters, self.seqs = n_ctx, Counters(), {}
-
-    def _logits(self, seq):
-        rng = np.random.default_rng(len(self.seqs[seq]) * 7919 + sum(self.seqs[seq]) % 1000)
-        return rng.normal(size=self.vocab_size).astype(np.float32)
-
-    def prefill(self, seq, tokens=None, embeds=None):
-        if tokens is not None:
-            self.counters.prefill_tokens += len(tokens)
-            self.seqs.setdefault(seq, []).extend(tokens)
-        else:
-            self.counters.prefill_embeds += len(embeds)
-            self.seqs.setdefault(seq, []).extend([-1] * len(embeds))
-        assert len(self.seqs[seq]) <= self.n_ctx
-        return self._logits(seq)
-
-    def decode(self, tokens):
-        self.counters.decode_steps += 1
-        out = {}
-        for seq, token in tokens.items():
-            self.seqs[seq].append(token)
-            out[seq] = self._logits(seq)
-        return out
-
-    def fork(self, src, dst):
-        self.seqs[dst] = list(self.seqs.get(src, []))
-
-    def length(self, seq):
-        return len(self.seqs.get(seq, []))
-
-    def truncate(self, seq, length):
-        self.seqs[seq] = self.seqs.get(seq, [])[:length]
-
-    def release(self, seq):
-        self.seqs.pop(seq, None)
-
-    def close(self):
-        self.seqs.clear()
+# Sequence pool (a recording fake backend: tests/fake_llm.py)
 
 
 IMG = ImageRef("img-a", np.zeros((8, 4), np.float32))

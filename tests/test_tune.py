@@ -200,6 +200,66 @@ def test_cache_round_trip_and_stale_tables(tmp_path, monkeypatch):
     assert tune.read_cached(keys)[0] is None
 
 
+def test_cpu_busy_share_reads_proc_stat_deltas(tmp_path):
+    stat = tmp_path / "stat"
+    snapshots = iter(["cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3\n",
+                      "cpu  160 0 70 900 60 0 0 20 0 0\ncpu0 1 2 3\n"])  # +100 busy (20 of it steal), +110 idle
+    stat.write_text(next(snapshots))
+    share = tune.cpu_busy_share(1.0, stat, sleep=lambda s: stat.write_text(next(snapshots)))
+    assert share == pytest.approx(100 / 210)
+    assert tune.cpu_busy_share(0.0, tmp_path / "missing") is None  # not Linux: unknown, never "busy"
+    stat.write_text("intr 1 2 3\n")
+    assert tune.cpu_busy_share(0.0, stat) is None
+
+
+def test_measure_records_how_busy_the_machine_was_and_warns(capsys):
+    shares = iter([0.6, 0.1])  # before, after
+    table = tune.measure(_Source(), threads=[1], probe=_fake_probe, busy_share=lambda: next(shares))
+    assert table["busy_share"] == 0.6 and tune.measured_busy(table) == 0.6
+    assert "other programs keep 60% of the CPUs busy" in capsys.readouterr().err
+    assert "while other programs kept 60% of the CPUs busy" in tune.format_table(table)
+    quiet = tune.measure(_Source(), threads=[1], probe=_fake_probe, busy_share=lambda: None)
+    assert quiet["busy_share"] is None and tune.measured_busy(quiet) is None
+    assert "other programs" not in capsys.readouterr().err
+    assert tune.check_table(json.loads(json.dumps(table))) == table
+
+
+@pytest.mark.parametrize("share", [1.5, -0.1, "busy", True])
+def test_check_table_rejects_a_bad_busy_share(share):
+    with pytest.raises(ValueError, match="busy_share"):
+        tune.check_table(_table(busy_share=share))
+
+
+@pytest.mark.parametrize("cached_share, now, measured_again", [
+    (0.7, 0.05, True),  # measured under load, quiet now: measured again
+    (0.7, 0.8, False),  # still as busy: the table describes the machine as it is
+    (0.7, None, False),  # cannot tell: keep it
+    (0.1, 0.0, False),  # measured quiet: kept (and the machine is not even sampled)
+    (None, 0.0, False),  # an older table without the field: kept
+])
+def test_a_table_measured_under_load_is_measured_again_when_the_machine_is_quiet(tmp_path, monkeypatch, cached_share,
+                                                                                  now, measured_again):
+    monkeypatch.setenv("SQLLAVA_EDGE_CACHE", str(tmp_path))
+    source = _Source()
+    cached = {**_table(), **tune.table_keys(source), "busy_share": cached_share}
+    tune.write_table(cached)
+    sampled = []
+
+    def busy_now(*args, **kwargs):
+        sampled.append(1)
+        return now
+
+    fresh = {**cached, "busy_share": 0.0, "created": "2026-12-04T00:00:00Z"}
+    monkeypatch.setattr(tune, "cpu_busy_share", busy_now)
+    monkeypatch.setattr(tune, "measure", lambda *a, **k: fresh)
+    table, how = tune.tuned_table(source)
+    assert (table == fresh) is measured_again and (table == cached) is (not measured_again)
+    if measured_again:
+        assert "measured while other programs kept 70% of the CPUs busy; the machine is quiet now (5%)" in how
+        assert json.loads(tune.cache_path(tune.table_keys(source)).read_text()) == fresh
+    assert bool(sampled) is (cached_share == 0.7)
+
+
 def test_tuning_switch(monkeypatch):
     monkeypatch.delenv(tune.TUNE_ENV, raising=False)
     assert tune.tuning_enabled() is True  # the default: measure on first load
@@ -218,6 +278,7 @@ def test_tiny_bundle_load_tunes_once_then_uses_the_cache(tiny_bundle, tmp_path, 
     monkeypatch.setenv("SQLLAVA_EDGE_CACHE", str(tmp_path))
     monkeypatch.setenv(tune.TUNE_ENV, "1")
     monkeypatch.setattr(tune, "thread_counts", lambda cores=None: [1])  # one count keeps the test cheap
+    monkeypatch.setattr(tune, "cpu_busy_share", lambda *a, **k: 0.0)  # a busy CI host must not trigger a re-measure
     assistant = Assistant.load(tiny_bundle, device="cpu")
     try:
         backends = assistant.backends

@@ -21,6 +21,7 @@ SEQUENCES_PER_SLOT = 2  # a running request's sequence + one kept for its follow
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from runtimes.scheduler import PREFILL_CHUNK
     from sqllava_edge.options import add_backend_arguments
 
     parser.add_argument("model", help="bundle folder (python -m export) or training checkpoint folder")
@@ -36,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sched = parser.add_argument_group("scheduling")
     sched.add_argument("--parallel", type=int, default=4, help="requests decoded at once in one batch (default 4)")
     sched.add_argument("--queue", type=int, default=64, help="requests waiting beyond those; more get 503 (default 64)")
+    sched.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
+                       help="prompt positions prefilled between two decode steps of the requests already running, so "
+                            f"a new image prompt does not stall their streams (default {PREFILL_CHUNK}; 0: the "
+                            "whole prompt at once)")
     sched.add_argument("--timeout", type=float, default=600.0, help="seconds per request before it is stopped (600)")
     sched.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: the folder name)")
     add_backend_arguments(parser.add_argument_group("backends (as for sqllava-edge ask)"),
@@ -57,13 +62,14 @@ def run(args) -> int:
     from sqllava_edge.options import load_options
     from sqllava_edge.serve.app import Settings, create_app
 
-    if args.parallel < 1 or args.queue < 0 or args.max_image_mb <= 0 or args.timeout <= 0:
-        raise ValueError("--parallel must be >= 1, --queue >= 0, --max-image-mb and --timeout > 0")
+    if args.parallel < 1 or args.queue < 0 or args.prefill_chunk < 0 or args.max_image_mb <= 0 or args.timeout <= 0:
+        raise ValueError("--parallel must be >= 1, --queue >= 0, --prefill-chunk >= 0, --max-image-mb and --timeout > 0")
     if not os.path.exists(args.model):
         raise FileNotFoundError(f"{args.model} does not exist; pass a bundle folder (python -m export) or a checkpoint")
     api_key = args.api_key or os.environ.get("SQLLAVA_EDGE_API_KEY") or None
     settings = Settings(api_key=api_key, max_image_bytes=int(args.max_image_mb * 2**20),
                         allow_local_files=args.allow_local_files, parallel=args.parallel, queue=args.queue,
+                        prefill_chunk=args.prefill_chunk,
                         timeout=args.timeout, model_id=args.model_name or os.path.basename(os.path.abspath(args.model)))
     sequences = max(4, args.parallel * SEQUENCES_PER_SLOT + 8)  # + room for n > 1 choices (protocol.MAX_N)
     server: uvicorn.Server | None = None

@@ -25,7 +25,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from runtimes.scheduler import Event, QueueFullError, Request as EngineRequest, Scheduler, ShuttingDownError
+from runtimes.scheduler import (PREFILL_CHUNK, Event, QueueFullError, Request as EngineRequest, Scheduler,
+                                ShuttingDownError)
 from sqllava_edge.errors import ImageError, ImageTooLargeError, PromptTooLongError
 from sqllava_edge.generation import TASK_DEFAULTS
 from sqllava_edge.serve.metrics import CONTENT_TYPE, Metrics
@@ -43,6 +44,7 @@ class Settings:
     allow_local_files: bool = False
     parallel: int = 4
     queue: int = 64
+    prefill_chunk: int = PREFILL_CHUNK  # positions prefilled between decode steps of running requests (0: all)
     timeout: float = 600.0  # seconds per request
     model_id: str = "sqllava-edge"
 
@@ -88,7 +90,8 @@ def create_app(load: Callable[[], Any], settings: Settings = Settings(),
     def loader() -> None:
         try:
             assistant = load()
-            state.scheduler = Scheduler(assistant.engine, settings.parallel, settings.queue)
+            state.scheduler = Scheduler(assistant.engine, settings.parallel, settings.queue,
+                                        settings.prefill_chunk)
             state.assistant, state.loaded_at = assistant, int(time.time())
             state.ready.set()
             if on_loaded:
