@@ -15,7 +15,6 @@ OUT/chunked.json (every sample) and OUT/chunked.png.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import threading
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sqllava_edge.fileutil import atomic_write
+from benchmarks.report import write_text_and_json
 
 WARM_TOKENS = 4  # A's tokens before B is submitted
 
@@ -202,11 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     result = measure(args, log)
     text = render(result)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(args.out / "chunked.json", "w") as handle:
-        json.dump(result, handle, indent=1)
-    with atomic_write(args.out / "chunked.md", "w") as handle:
-        handle.write(text)
+    write_text_and_json(args.out, "chunked", text, result)
     plot(result, args.out / "chunked.png")
     print(text)
     return 0

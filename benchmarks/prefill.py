@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.presets import cache_root, ensure_preset
-from sqllava_edge.fileutil import atomic_dir, atomic_write
+from benchmarks.report import write_text_and_json
+from sqllava_edge.fileutil import atomic_dir
 
 QUANTS = ["q4_k_m", "q4_0", "q4_k_s", "iq4_nl"]
 UBATCHES = [64, 128, 256, 512]
@@ -208,11 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     result = measure(args, log)
     text = render(result)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(args.out / "prefill.json", "w") as handle:
-        json.dump(result, handle, indent=1)
-    with atomic_write(args.out / "prefill.md", "w") as handle:
-        handle.write(text)
+    write_text_and_json(args.out, "prefill", text, result)
     print(text)
     return 0
 

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sqllava_edge.fileutil import atomic_dir
+from sqllava_edge.fileutil import atomic_dir, atomic_write
 
 
 def _f(value: float | None, digits: int = 1) -> str:
@@ -288,6 +288,18 @@ def render_chart(results: dict, analysis: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_text_and_json(out_dir: str | os.PathLike, stem: str, text: str, data: Any) -> tuple[Path, Path]:
+    """out_dir/STEM.md (the report) and out_dir/STEM.json (the raw samples), each written whole or not at all; the
+    side benchmarks (prefill, chunked, train, serve) all write this pair."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out_dir / f"{stem}.json", "w") as handle:
+        json.dump(data, handle, indent=1)
+    with atomic_write(out_dir / f"{stem}.md", "w") as handle:
+        handle.write(text)
+    return out_dir / f"{stem}.md", out_dir / f"{stem}.json"
 
 
 def write_outputs(out_dir: str | os.PathLike, results: dict, analysis: dict) -> dict[str, Path]:

@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sqllava_edge.fileutil import atomic_write
+from benchmarks.report import write_text_and_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,12 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                 phases.append(_phase(server.url, parallel, clients, images, args))
     report = _report(phases, bundle, args)
     print(report)
-    with atomic_write(out / "serve.md") as f:
-        f.write(report.encode())
     raw = {"bundle": str(bundle), "args": {k: str(v) for k, v in vars(args).items()},
            "phases": [{**p.row(), "samples": [asdict(s) for s in p.samples]} for p in phases]}
-    with atomic_write(out / "serve.json") as f:
-        f.write(json.dumps(raw, indent=1).encode())
+    write_text_and_json(out, "serve", report, raw)
     _plot(phases, out / "serve.png")
     print(f"[serve-bench] wrote {out}/serve.md, serve.json, serve.png", file=sys.stderr)
     return 0

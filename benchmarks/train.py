@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqllava_edge.fileutil import atomic_write
+from benchmarks.report import write_text_and_json
 from training import demo_budget
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,10 +262,7 @@ def report(results: list[Result], args, started: float, load: tuple[float, float
 
 def write(out: Path, text: str, raw: dict) -> None:
     """OUT/train-bench.md and OUT/train-bench.json (every step's times), each written whole or not at all."""
-    with atomic_write(out / "train-bench.md", "w") as handle:
-        handle.write(text)
-    with atomic_write(out / "train-bench.json", "w") as handle:
-        json.dump(raw, handle, indent=1)
+    write_text_and_json(out, "train-bench", text, raw)
 
 
 def main(argv: list[str] | None = None) -> int:
