@@ -78,6 +78,7 @@ class SequencePool:
         self._refs: Counter[int] = Counter()
         self._block_ids = itertools.count()
         self._pending: dict[int, int] = {}  # seq -> positions of a partly prefilled item (a Prefill between steps)
+        self._epoch = 0  # counts resets: a Prefill begun before a reset must not write into the emptied pool
 
     # ------------------------------------------------------------------------------------------------------------
     # Prefill with prefix reuse
@@ -278,7 +279,10 @@ class SequencePool:
                 self._truncate(seq, 0)
 
     def reset(self) -> None:
+        self._epoch += 1
         self.busy.clear()
+        for seq in list(self._pending):  # rows of a half-written item: not in `content`, so drop them here
+            self.llm.truncate(seq, positions(self.content[seq]))
         self._pending.clear()
         for seq in self.content:
             self._truncate(seq, 0)
@@ -296,10 +300,14 @@ class Prefill:
         self.logits: np.ndarray | None = pool._logits[seq] if keep == len(items) else None
         self.done = keep == len(items)
         self._body = None if self.done else pool._pieces(self)
+        self._epoch = pool._epoch
 
     def step(self) -> bool:
         if self.done:
             return True
+        if self.pool._epoch != self._epoch:
+            self.done, self._body = True, None  # the reset emptied everything this prefill wrote
+            raise RuntimeError("the sequence pool was reset while this prompt was being prefilled; send it again")
         try:
             next(self._body)
         except StopIteration:

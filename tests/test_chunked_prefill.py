@@ -251,3 +251,27 @@ def test_cancelling_a_request_mid_prefill_frees_its_sequence(assistant):
     assert events["B"][-2:] == ["finish", "done"] and "start" not in events["B"], events["B"]
     assert scheduler.stats["cancelled"] == 1 and not assistant.engine.pool.busy
     assert assistant.engine.pool._pending == {}
+
+
+def test_a_reset_between_steps_stops_the_prefill_with_a_clear_error():
+    llm = RowLLM(100)
+    pool = SequencePool(llm, 4)
+    task = pool.begin(PROMPT, chunk=3)
+    task.step()
+    task.step()
+    pool.reset()
+    with pytest.raises(RuntimeError, match="reset while this prompt was being prefilled"):
+        task.step()
+    assert not pool.busy and pool.cells_used() == 0 and all(not rows for rows in llm.seqs.values())
+    task.cancel()  # what a caller's cleanup does next: nothing left to undo
+    assert not pool.busy and pool.cells_used() == 0
+
+
+def test_a_reset_drops_the_rows_of_a_half_written_first_item():
+    llm = RowLLM(100)
+    pool = SequencePool(llm, 4)
+    task = pool.begin([ImageRef("img-b", IMG.embeds), 3], chunk=3)  # the image is the first item
+    task.step()
+    assert llm.length(task.seq) == 3 and pool.content[task.seq] == []
+    pool.reset()
+    assert llm.length(task.seq) == 0 and pool.cells_used() == 0
