@@ -13,6 +13,7 @@ the n_ctx the memory plan budgeted, for torch as for llama.cpp.
 """
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections import Counter
 from dataclasses import dataclass, field
@@ -126,6 +127,9 @@ class SequencePool:
                     n = min(step, rows - lo)
                     if not first:
                         yield  # the caller may run other sequences here; they may have used the room we made
+                        if self._epoch != task.epoch:
+                            raise RuntimeError("the sequence pool was reset while this prompt was being prefilled; "
+                                               "send it again")
                         if not self._make_room(n, {seq}):
                             raise PromptTooLongError(
                                 _too_long(items, need, self.llm.n_ctx) + " (other calls in progress took the room "
@@ -140,7 +144,8 @@ class SequencePool:
                 self.content[seq].extend(run)
                 self._add_cells(seq, rows)
         except BaseException:  # an error, or the task was cancelled (GeneratorExit)
-            self._rollback(seq)
+            if self._epoch == task.epoch:  # after a reset nothing of ours is left, and seq may be someone else's
+                self._rollback(seq)
             raise
         self._logits[seq] = logits
         task.logits = logits
@@ -299,15 +304,12 @@ class Prefill:
         self.reused = positions(items[:keep])
         self.logits: np.ndarray | None = pool._logits[seq] if keep == len(items) else None
         self.done = keep == len(items)
+        self.epoch = pool._epoch  # the pool's reset count when this began
         self._body = None if self.done else pool._pieces(self)
-        self._epoch = pool._epoch
 
     def step(self) -> bool:
         if self.done:
             return True
-        if self.pool._epoch != self._epoch:
-            self.done, self._body = True, None  # the reset emptied everything this prefill wrote
-            raise RuntimeError("the sequence pool was reset while this prompt was being prefilled; send it again")
         try:
             next(self._body)
         except StopIteration:
@@ -318,10 +320,10 @@ class Prefill:
         """Stop here and roll back (a no-op once done: the sequence then holds the prompt and stays busy)."""
         if self.done:
             return
-        if self._body is not None:
-            self._body.close()  # GeneratorExit inside _pieces rolls back, if it started
-            if self.pool._pending.get(self.seq) is None and self.seq in self.pool.busy:
-                self.pool._rollback(self.seq)  # it never started
+        if inspect.getgeneratorstate(self._body) == inspect.GEN_CREATED:
+            if self.pool._epoch == self.epoch:  # placed and busy, nothing written yet
+                self.pool._rollback(self.seq)
+        self._body.close()  # if suspended between pieces: GeneratorExit inside _pieces rolls back
         self.done, self._body = True, None
 
 

@@ -275,3 +275,18 @@ def test_a_reset_drops_the_rows_of_a_half_written_first_item():
     assert llm.length(task.seq) == 3 and pool.content[task.seq] == []
     pool.reset()
     assert llm.length(task.seq) == 0 and pool.cells_used() == 0
+
+
+def test_a_prefill_dropped_after_a_reset_never_touches_the_sequence_again():
+    import gc
+
+    llm = RowLLM(100)
+    pool = SequencePool(llm, 4)
+    task = pool.begin(PROMPT, chunk=3)
+    task.step()
+    task.step()  # suspended between two pieces of the image
+    pool.reset()
+    other, _ = pool.prefill([40, 41, 42])  # the reset freed task.seq; this prompt may take it
+    del task
+    gc.collect()  # closing the abandoned generator must not roll back (free, truncate) the new owner's sequence
+    assert other in pool.busy and llm.seqs[other] == [40.0, 41.0, 42.0] and pool.cells_used() == 3
