@@ -11,8 +11,8 @@ from benchmarks.roofline import roofline
 from benchmarks.timing import percentile, summarize
 
 # (id, what, comparison, target). A target not met is reported as measured.
-# ttft_ratio, e2e_speedup and auto_is_fastest concern the automatic measured choice when it was measured (issue 24's
-# acceptance: what a user gets by default), else the fastest end-to-end combination.
+# ttft_ratio, e2e_speedup and auto_is_fastest concern the automatic measured choice when it was measured (what a
+# user gets by default), else the fastest end-to-end combination.
 TARGETS = (
     ("vision_speedup", "best CPU vision backend vs PyTorch eager fp32 (batch 1, cosine >= 0.99)", ">=", 2.5),
     ("llamacpp_vs_high_level", "our llama.cpp decode vs llama-cpp-python high-level API, same GGUF", ">=", 0.95),

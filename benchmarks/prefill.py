@@ -1,4 +1,4 @@
-"""Prefill speed of the image rows on a CPU, llama.cpp settings side by side (issue 24): one script, one run.
+"""Prefill speed of the image rows on a CPU, llama.cpp settings side by side: one script, one run.
 
     python -m benchmarks.prefill [--preset bench-1b] [--quant q4_k_m q4_0 q4_k_s iq4_nl] [--ubatch 64 128 256 512]
                                  [--threads 2] [--repeats 3] [--out DIR]

@@ -4,7 +4,7 @@
 
 Candidates (built once next to the preset's bundle, in vision-candidates/):
   ort fp32                   the bundle's vision.fp32.onnx
-  ort int8 weights only      export.onnx.quantize_int8 without attention: the int8 export before issue 24
+  ort int8 weights only      export.onnx.quantize_int8 without attention: the earlier int8 export
   ort fp32 fused             onnxruntime.transformers.optimizer fusions (model_type clip) of the fp32 graph
   ort int8 dyn fused         int8 weights only, of the fused graph
   ort int8 static            quantize_static_int8 (QDQ, per-channel weights) of the fp32 graph, calibrated on

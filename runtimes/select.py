@@ -4,7 +4,7 @@
     vision, reason = select_vision(source, device)            # auto, an argument, or SQLLAVA_EDGE_VISION_BACKEND
     llm, reason = select_llm(source, device, n_ctx=2048)      # auto, an argument, or SQLLAVA_EDGE_LLM_BACKEND
 
-Auto choice (issue "Runtime"): desktop GPU -> TensorRT engine built for this GPU, else onnxruntime CUDA, and llama.cpp
+Auto choice: desktop GPU -> TensorRT engine built for this GPU, else onnxruntime CUDA, and llama.cpp
 with every layer offloaded; Jetson -> TensorRT + llama.cpp CUDA; CPU -> onnxruntime (int8 vision where the CPU has
 VNNI/AMX and the bundle has it) + llama.cpp. A training checkpoint runs on the torch backends. An explicitly
 requested backend that cannot run raises BackendUnavailableError naming what is missing; it is never swapped.

@@ -1,4 +1,4 @@
-"""Measured backend selection (issue 24): time every option a bundle offers on this machine, cache the table, pick.
+"""Measured backend selection: time every option a bundle offers on this machine, cache the table, pick.
 
     table, note = tuned_table(source, device)          # cached, or measured now (one child process per probe)
     pick = choose(table, "latency")                    # -> Pick(vision row, llm settings, reason) or None

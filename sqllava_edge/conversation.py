@@ -5,7 +5,7 @@ A conversation is a list of `Turn(role, text, image=False)` with roles "user", "
 renders as "ROLE:". `image=True` puts the image at the start of that turn (rendered "<image>\n" before the text).
 Rendering follows the reference templates byte for byte (spec 3.2-3.3).
 
-Where control tokens come from (issue 25): only the template inserts them. Ids are built segment by segment: BOS,
+Where control tokens come from: only the template inserts them. Ids are built segment by segment: BOS,
 then runs of text (template words and turn texts together, encoded as plain text), with the template's own "</s>"
 after each finished turn inserted as the EOS id and the image position inserted as IMAGE_TOKEN_INDEX. Turn texts and
 system prompts are never parsed: "</s>", "<s>", "<unk>" or "<image>" in them stay ordinary characters. For text a

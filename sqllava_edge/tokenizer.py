@@ -7,7 +7,7 @@ conversation templates (sqllava_edge.conversation), never parsed out of a string
 SQ-LLaVA trained with transformers 4.31's slow `LlamaTokenizer` (spec 1.5 and 3.4). It split the rendered prompt on
 special tokens and ran SentencePiece on each piece of text in between, so each piece gets the dummy prefix "▁"
 (" ASSISTANT" right after "</s>" becomes ["▁", "▁A", ...]). One setting changes that: `legacy` in the checkpoint's
-tokenizer_config.json (issue 27; spec 3.4). With `"legacy": false` (Vicuna-v1.5 configs carry it), a piece of text
+tokenizer_config.json (spec 3.4). With `"legacy": false` (Vicuna-v1.5 configs carry it), a piece of text
 right after a special token that does not start with a space loses the "▁" of its first SentencePiece token
 ("</s>USER:" -> "US", "ER", ...; "</s>VUSER:" -> "V", "USER", ...). `encode(text, after_special=True)` reproduces
 that for the text a template puts after "</s>". Missing, the key means legacy=True, as in transformers.
@@ -25,7 +25,7 @@ itself, merges ranked by score as SentencePiece applies them; the default tokeni
 Encoding and decoding run on the `tokenizers` library alone (`Tokenizer.backend`), exactly as transformers runs
 them (`split_special_tokens=True` is the backend's `encode_special_tokens`; decode is the backend's, transformers
 skipping its clean-up for BPE models). `load_tokenizer(folder, runtime=True)` builds a tokenizer without
-transformers (what a deployed device uses, issue 22); `Tokenizer.hf`, the transformers object that training, export
+transformers (what a deployed device uses); `Tokenizer.hf`, the transformers object that training, export
 and conversion use, exists only on tokenizers loaded with transformers.
 """
 from __future__ import annotations

@@ -247,7 +247,7 @@ def test_training_benchmark_reads_step_times_and_compares_variants_side_by_side(
     cmd = bench.command("2", bench.Paths(tmp_path, tmp_path, stage1=tmp_path / "s1"), tmp_path / "o", 5, 1)
     assert cmd[1:5] == ["-m", "training", "--stage", "2"] and cmd[-2:] == ["--threads", "1"] and "5" in cmd
 
-# --- the report through tuning (issue 24): a recorded bench-1b run plus a fake tuning record, no measuring -----------
+# --- the report through tuning: a recorded bench-1b run plus a fake tuning record, no measuring -----------
 
 
 def _results_with_tuning(auto_ttft_factor: float | None) -> dict:

@@ -627,7 +627,7 @@ def test_mm_use_im_patch_token_adds_the_token_and_a_row(tmp_path, setting):
     added = setting is not False
     assert loaded.config.llm.vocab_size == tokenizer.vocab_size == 32000 + added
     assert (tokenizer.hf.convert_tokens_to_ids("<im_patch>") == 32000) is added  # in the vocabulary...
-    assert 32000 not in tokenizer.encode("<im_patch>")  # ...but typed text never becomes it (issue 25)
+    assert 32000 not in tokenizer.encode("<im_patch>")  # ...but typed text never becomes it
     assert default_tokenizer().vocab_size == 32000  # the shared default tokenizer is not changed
     got, want = logits(loaded), logits(model)
     assert (got[..., :32000] - want).abs().max().item() <= 1e-5

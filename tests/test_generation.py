@@ -34,7 +34,7 @@ def test_sampling_distribution_respects_top_p():
 
 
 BAD_CONFIGS = [dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-2),
-               # issue 22: each accepted before (NaN sampled garbage, "" never matched, "x" failed inside numpy)
+               # each accepted before (NaN sampled garbage, "" never matched, "x" failed inside numpy)
                dict(temperature=float("nan")), dict(temperature=float("inf")), dict(top_p=float("nan")),
                dict(seed="x"), dict(seed=-1), dict(seed=1.5), dict(stop=("",)), dict(stop=("ok", 3)),
                dict(max_new_tokens=2.5), dict(temperature="0.5"), dict(top_k=True)]
@@ -66,7 +66,7 @@ def test_kv_cache_generation_equals_full_recompute():
 
 
 def test_kv_cache_goes_through_the_cache_argument():
-    """Issue 22: transformers 5.40 removes `past_key_values`; generation, the torch runtime backend and training's
+    """transformers 5.40 removes `past_key_values`; generation, the torch runtime backend and training's
     shared-prefix pass hand the cache over as `cache` (transformers 5's name), never the old keyword."""
     from runtimes.torch_llm import TorchLLM
     from training.modeling import decoder_hidden

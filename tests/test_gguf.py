@@ -169,7 +169,7 @@ def test_quantized_ggufs_agree_with_pytorch(tmp_path):
 
 @needs_llama_cpp
 def test_prefill_candidates_q4_0_and_iq4_nl_export_with_their_agreement(tmp_path):
-    """The 4-bit types issue 24 measures for prefill speed: written by llama.cpp, agreement recorded (not enforced)."""
+    """The 4-bit types benchmarks.prefill measures: written by llama.cpp, agreement recorded (not enforced)."""
     import gguf
 
     artifacts = G.export_gguf(tiny_model(), tokenizer(), tmp_path, quants=["q4_0", "iq4_nl"], log=lambda _: None)

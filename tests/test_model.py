@@ -209,7 +209,7 @@ def test_loss_is_token_mean_over_trained_positions():
 
 
 def test_checkpoint_base_configs_name_their_architecture(tmp_path):
-    """Issue 22: llama.cpp's convert_hf_to_gguf.py (and other tools) read `architectures` from config.json and refuse
+    """llama.cpp's convert_hf_to_gguf.py (and other tools) read `architectures` from config.json and refuse
     a folder without it ("Failed to detect model architecture")."""
     from sqllava_edge.checkpoint import save_checkpoint
 

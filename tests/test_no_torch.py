@@ -1,4 +1,4 @@
-"""Issue 22: the runtime (Assistant on a bundle, the CLI, the server) imports no torch / transformers / peft.
+"""The runtime (Assistant on a bundle, the CLI, the server) imports no torch / transformers / peft.
 
 Each check runs a child process whose `sitecustomize` puts a meta-path blocker first: importing any of BLOCKED
 fails there, and every attempt is written to a log the test reads, so a module that merely *tries* torch (and falls

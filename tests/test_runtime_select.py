@@ -194,7 +194,7 @@ def test_desktop_gpu_plans_gpu_and_ram_separately():
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Jetson detection from a fake device tree (issue 26)
+# Jetson detection from a fake device tree
 
 ORIN_NX = {"proc/device-tree/model": b"NVIDIA Orin NX Developer Kit\x00",
            "proc/device-tree/compatible": b"nvidia,p3768-0000+p3767-0000\x00nvidia,p3767-0000\x00nvidia,tegra234\x00",
@@ -284,7 +284,7 @@ def test_gpu_is_the_one_cuda_uses_not_nvidia_smis_first(monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# TensorRT engines: which one runs here, and falling back when it cannot (issue 26)
+# TensorRT engines: which one runs here, and falling back when it cannot
 
 
 def _engine(gpu: str, capability: str, board: str | None = None, version: str = "10.3.0") -> Artifact:
@@ -365,7 +365,7 @@ def test_engine_that_does_not_deserialize_falls_back_with_the_reason(tensorrt_10
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# TensorRT without PyTorch: cuda-python buffers (issue 26). The fakes model the documented APIs on host memory
+# TensorRT without PyTorch: cuda-python buffers. The fakes model the documented APIs on host memory
 # (cudaMalloc hands out host blocks, cudaMemcpyAsync is a memmove, the "engine" doubles its input): they check the
 # plumbing (dtypes, addresses, batching over the profile, copies back), not a GPU.
 
@@ -509,7 +509,7 @@ def test_cuda_python_is_enough_for_tensorrt(monkeypatch, tensorrt_10_3):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# onnxruntime-gpu that lists CUDA but runs on the CPU (issue 26)
+# onnxruntime-gpu that lists CUDA but runs on the CPU
 
 
 def _tiny_onnx(path):
@@ -556,7 +556,7 @@ def test_onnxruntime_cuda_arena_is_capped():
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# llama.cpp without GPU offload on a GPU machine (issue 26)
+# llama.cpp without GPU offload on a GPU machine
 
 
 def test_cpu_only_llama_cpp_on_a_gpu_plans_for_the_cpu(monkeypatch):
@@ -575,7 +575,7 @@ def test_cpu_only_llama_cpp_on_a_gpu_plans_for_the_cpu(monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Memory plan: CUDA context, partial offload (issue 26)
+# Memory plan: CUDA context, partial offload
 
 
 def test_plan_counts_the_cuda_context_on_a_jetson():

@@ -419,7 +419,7 @@ HOSTILE = ["What colour</s> is it?", "<s>hi<unk>", "<image> and now?", "<image><
 
 @pytest.mark.parametrize("text", HOSTILE)
 def test_typed_control_tokens_and_placeholders_stay_text_in_the_prompt(server, client, text):
-    """Issue 25 through the server: whatever the caller types (in system, user and assistant turns), the prompt's only
+    """Through the server: whatever the caller types (in system, user and assistant turns), the prompt's only
     control ids are the template's (BOS first, one EOS per finished assistant turn) and it holds one image."""
     from runtimes.sequences import ImageRef
 

@@ -132,8 +132,8 @@ def test_text_between_special_tokens_matches_transformers_4_31(tok, sp, legacy):
 
 
 @pytest.mark.parametrize("text,legacy_pieces,pieces", [
-    ("USER: Q3", ["▁US", "ER", ":", "▁Q", "3"], ["US", "ER", ":", "▁Q", "3"]),  # issue 27: 3148 vs 3308
-    ("VUSER:", ["▁V", "USER", ":"], ["V", "USER", ":"]),  # issue 27: 478 vs 29963
+    ("USER: Q3", ["▁US", "ER", ":", "▁Q", "3"], ["US", "ER", ":", "▁Q", "3"]),  # 3148 vs 3308
+    ("VUSER:", ["▁V", "USER", ":"], ["V", "USER", ":"]),  # 478 vs 29963
     (" ASSISTANT:", ["▁", "▁A", "SS", "IST", "ANT", ":"], ["▁", "▁A", "SS", "IST", "ANT", ":"]),  # a leading space
     ("\nx", ["▁", "<0x0A>", "x"], ["<0x0A>", "x"]),  # a lone "▁" first token is dropped
 ])
@@ -169,7 +169,7 @@ def test_save_and_load_roundtrip(tok, tmp_path, vocab_folder):
 
 def test_sentencepiece_only_folder_loads_exactly(tok, tmp_path, vocab_folder):
     """A Vicuna-style folder (tokenizer.model + a slow-tokenizer config) must tokenize like the reference, with its
-    `legacy` setting (issue 27)."""
+    `legacy` setting."""
     vicuna = load_tokenizer(vicuna_folder(tok, tmp_path, legacy=False))
     assert vicuna.is_sentencepiece and vicuna.pad_id == 0 and vicuna.legacy is False
     assert [text for text, ids in vocab_test_cases(vocab_folder) if vicuna.encode(text) != ids] == []
@@ -299,7 +299,7 @@ def tokenizer_folders(tok, tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["bundle-legacy", "bundle-new", "bundle-added-special", "hub-llama", "spm-only"])
 def test_runtime_tokenizer_encodes_like_transformers(tokenizer_folders, kind):
-    """Issue 22: load_tokenizer(runtime=True) uses no transformers and gives, on 3000 strings (unicode, emoji,
+    """`load_tokenizer(runtime=True)` uses no transformers and gives, on 3000 strings (unicode, emoji,
     whitespace runs, control-token names, long inputs), the ids and offsets of transformers' own call with
     split_special_tokens=True, and the same ids after a control token (legacy)."""
     folder = tokenizer_folders[kind]

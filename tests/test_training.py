@@ -457,7 +457,7 @@ def test_a_rank_whose_samples_are_all_skipped_stays_in_step(stage1, data, tmp_pa
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Speed-ups (issue 23): each computes what the plain path does, to float rounding
+# Speed-ups: each computes what the plain path does, to float rounding
 
 
 def test_skipping_the_frozen_heads_zero_rows_gives_the_full_loss_and_gradients(stage1, data, tok):

@@ -1,4 +1,4 @@
-"""Measured backend selection (runtimes.tune, issue 24): choice on fake timing tables, the cache and its schema, a
+"""Measured backend selection (runtimes.tune): choice on fake timing tables, the cache and its schema, a
 crashing probe, and one real tune of the tiny bundle. Nothing timed is asserted."""
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ RECIPES: dict[str, dict[int, dict[str, Any]]] = {
     # The CPU demo (training/RESULTS.md): same structure, LoRA shapes, sq_r, templates and preprocessing, but the
     # tiny model's base ViT and LLM are a few minutes old (training/pretrain_vision.py, pretrain_llm.py), so the LRs
     # are higher than the released ones; the released 10:1 ratio of LLM-LoRA to projector / ViT-LoRA LR is kept
-    # (measured in session 2 with a text-only base LLM: 4e-3 was unstable, 2e-3 trained slower than 1e-3, which with
+    # (measured with a text-only base LLM: 4e-3 was unstable, 2e-3 trained slower than 1e-3, which with
     # the ratio gave the lowest stage-2 loss; not re-tuned since). Batches are small for more steps.
     "tiny-demo": {
         1: {**_COMMON, **_LORA, "epochs": 1.0, "batch_size": 16, "lr": 2e-3, "projector_lr": None, "vit_lr": None,

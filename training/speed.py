@@ -1,4 +1,4 @@
-"""Speed settings the trainers share (issue 23); each is measured on and off by `python -m benchmarks.train`.
+"""Speed settings the trainers share; each is measured on and off by `python -m benchmarks.train`.
 
 Everything here changes how fast a step runs, never what it computes beyond float rounding: the tests compare the
 losses of a few steps with and without each one (tests/test_training.py, tests/test_pretrain_llm.py).
