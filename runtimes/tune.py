@@ -136,9 +136,9 @@ def software_key() -> dict:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             versions[dist] = None
-    import sqllava_edge
+    from sqllava_edge.version import __version__
 
-    versions["sqllava-edge"] = versions["sqllava-edge"] or sqllava_edge.__version__
+    versions["sqllava-edge"] = versions["sqllava-edge"] or __version__
     return versions
 
 

@@ -6,8 +6,8 @@ tensorrt) load lazily, so importing the package itself needs only the standard l
 from __future__ import annotations
 
 from sqllava_edge.deps import explain_when_run_as_main
+from sqllava_edge.version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["Assistant", "__version__"]
 
 
