@@ -66,17 +66,19 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)  # spec 1.4.1: mlp.1 is QuickGELU, not nn.GELU
 
 
-def pooling_matrix(num_tokens: int, num_centers: int) -> torch.Tensor:
+def pooling_matrix(num_tokens: int, num_centers: int, dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None) -> torch.Tensor:
     """The fixed (N, L) averaging matrix equal to AdaptiveAvgPool1d(N) over L tokens (spec 1.4.2 step 2).
 
     Row n averages tokens [floor(n*L/N), ceil((n+1)*L/N)): one MatMul, no adaptive pooling op in exported graphs.
+    Computed in float64 and rounded once to `dtype` (default: torch's default dtype).
     """
-    rows = torch.zeros(num_centers, num_tokens, dtype=torch.float64)
+    rows = torch.zeros(num_centers, num_tokens, dtype=torch.float64, device="cpu")
     for n in range(num_centers):
         start = (n * num_tokens) // num_centers
         end = -((-(n + 1) * num_tokens) // num_centers)  # ceil
         rows[n, start:end] = 1.0 / (end - start)
-    return rows.float()
+    return rows.to(device=device, dtype=dtype or torch.get_default_dtype())
 
 
 class PrototypeExtractor(nn.Module):
@@ -100,7 +102,15 @@ class PrototypeExtractor(nn.Module):
         if keep_unused_ln:
             self.ln_1 = nn.LayerNorm(channels)  # exists in the reference state dict, never used (spec 1.4.1)
         self.mlp = nn.Sequential(nn.Linear(channels, channels_out), QuickGELU(), nn.Linear(channels_out, channels_out))
-        self.register_buffer("pool", pooling_matrix(num_tokens, num_centers), persistent=False)
+        self.num_tokens = num_tokens
+        self.register_buffer("pool", pooling_matrix(num_tokens, num_centers, self.c.weight.dtype), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        """After a cast or move (.double(), .half(), .to(device)), rebuild the pooling matrix in the buffer's new dtype:
+        casting the old buffer would keep its rounding (1/3 in float32 is not 1/3 in float64)."""
+        super()._apply(fn, recurse)
+        self.pool = pooling_matrix(self.num_tokens, self.num_centers, self.pool.dtype, self.pool.device)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, D = x.shape

@@ -56,6 +56,29 @@ def test_prototype_extractor_matches_literal_formulas(tokens, centers, dim, out,
     assert diff <= 1e-5, diff
 
 
+def test_float64_prototype_extractor_pools_in_float64():
+    """A float64 model pools with the float64 matrix (1/3 exactly to float64), however it got there: built in float64,
+    or built in float32 and cast with .double() / .to(). The literal formulas then agree to float64 rounding."""
+    exact = torch.nn.AdaptiveAvgPool1d(256)(torch.eye(576, dtype=torch.float64)).T  # (N, L): the reference's pooling
+    torch.manual_seed(0)
+    cast = PrototypeExtractor(64, 48, 256, 576, iterations=2).double()
+    torch.set_default_dtype(torch.float64)
+    try:
+        built = PrototypeExtractor(64, 48, 256, 576, iterations=2)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for m in (cast, built, cast.float().to(torch.float64)):
+        assert m.pool.dtype == torch.float64 and torch.equal(m.pool, exact)
+    assert torch.equal(cast.half().pool, exact.half())  # other dtypes: the exact matrix rounded once
+    m = PrototypeExtractor(64, 48, 256, 576, iterations=2).double()
+    with torch.no_grad():
+        m.sim_alpha.fill_(1.7)
+        m.sim_beta.fill_(-0.3)
+        x = torch.randn(2, 576, 64, dtype=torch.float64)
+        diff = (m(x) - naive_prototypes(m, x)).abs().max().item()
+    assert diff <= 1e-12, diff
+
+
 def test_pooling_windows_are_the_specs_three_token_windows():
     from sqllava_edge.model import pooling_matrix
 
