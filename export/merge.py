@@ -99,7 +99,7 @@ def merge_checkpoint(
     log: Callable[[str], None] = print,
 ) -> Path:
     """CHECKPOINT (with adapters) -> OUT, a checkpoint whose base weights include them. Written atomically."""
-    from export import checkpoint_digest, tool_versions
+    from export import carried_provenance, checkpoint_digest, tool_versions
     from sqllava_edge.checkpoint import load_checkpoint, save_checkpoint
 
     checkpoint, out = Path(checkpoint), Path(out)
@@ -109,7 +109,8 @@ def merge_checkpoint(
     model, tokenizer = load_checkpoint(checkpoint, dtype=dtype)
     report = merge_model(model, validate=validate, log=log)
     provenance = {"merged_from": str(checkpoint.resolve()), "source_sha256": checkpoint_digest(checkpoint),
-                  "merge": report, "tools": tool_versions("torch", "transformers", "peft")}
+                  "merge": report, "tools": tool_versions("torch", "transformers", "peft"),
+                  **carried_provenance(checkpoint)}
     log(f"[merge] saving {out}")
     return save_checkpoint(out, model, tokenizer, provenance=provenance)
 

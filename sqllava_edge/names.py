@@ -46,7 +46,8 @@ RULES: tuple[NameRule, ...] = (
     NameRule("official_llm", "model.vision_tower.vision_tower.vision_model.{rest}", "ignore", "",
              "spec 6.2: a tower saved inside the LLM checkpoint is never read; the tower loads from mm_vision_tower"),
     NameRule("official_llm", "model.layers.{i}.self_attn.rotary_emb.inv_freq", "ignore", "",
-             "transformers < 4.31 saved the RoPE frequency buffer; it is recomputed from rope_theta"),
+             "transformers 4.31 and earlier save the RoPE frequency buffer (persistent in LlamaRotaryEmbedding); it "
+             "is recomputed from rope_theta"),
     NameRule("official_llm", "model.{rest}", "llm", "model.{rest}", "HF LlamaForCausalLM naming (spec 1.6)"),
     NameRule("official_llm", "lm_head.{rest}", "llm", "lm_head.{rest}", "HF LlamaForCausalLM naming (spec 1.6)"),
     # --- adapter_model.* of a stage-2 release: LLM-LoRA and, mixed in, ViT-LoRA (spec 6.1 "Stage 2", 8.15).
