@@ -1,7 +1,7 @@
 """export: checkpoint -> deployment bundle (docs/DESIGN.md "Deployment bundle").
 
 Steps, each a function from artifacts to artifacts, each also runnable alone:
-  export.merge  LoRA adapters merged into the base weights (spec 6.2)      python -m export.merge
+  export.merge  LoRA adapters merged into the base weights (docs/spec.md 6.2)      python -m export.merge
   export.onnx   vision tower + projector -> ONNX fp32 / fp16 / int8        python -m export.onnx
   export.gguf   merged LLM -> GGUF, quantized by llama.cpp                 python -m export.gguf
   export.trt    fp16 ONNX -> TensorRT engine, on the target device         python -m export.trt

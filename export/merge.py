@@ -1,9 +1,9 @@
-"""Merge the LLM-LoRA and the ViT-LoRA into the base weights (spec 6.2) and save a plain checkpoint.
+"""Merge the LLM-LoRA and the ViT-LoRA into the base weights (docs/spec.md 6.2) and save a plain checkpoint.
 
     python -m export.merge CHECKPOINT --out MERGED [--dtype float32|float16|bfloat16] [--no-validate]
 
 W' = W + (alpha / r) * B @ A for every adapted Linear (PEFT merge_and_unload). Unlike the reference's
-`merge_lora_weights.py`, which drops the ViT-LoRA (spec 8.15), both adapters are merged. The result is a checkpoint in
+`merge_lora_weights.py`, which drops the ViT-LoRA (docs/spec.md 8.15), both adapters are merged. The result is a checkpoint in
 our layout (docs/DESIGN.md) without adapters: `MERGED/llm` loads in transformers as a plain LlamaForCausalLM and
 `MERGED/vision` as a CLIPVisionModel. Validation, on a seeded image + text probe, with adapters attached vs merged:
 the vision tower's features and the LLM's logits (around the same image rows), each max |diff| <= 1e-4 (fp32;

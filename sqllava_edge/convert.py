@@ -3,7 +3,7 @@
     python -m sqllava_edge.convert --from sqllava --adapter sqllava-lora-7b --base ShareGPT4V-7B_..._vicuna-7b-v1.5 \
         --vision-tower ShareGPT4V-7B_Pretrained_vit-large336-l12 --out checkpoints/sqllava-7b
 
-Spec: sqllava-spec.md 6.1-6.3 (files, loading, config keys), 8.1 (identity ViT-LoRA), 8.5 (ShareGPT4V base), 8.15
+Spec: docs/spec.md 6.1-6.3 (files, loading, config keys), 8.1 (identity ViT-LoRA), 8.5 (ShareGPT4V base), 8.15
 (ViT-LoRA tensors inside adapter_model.bin). Names: sqllava_edge.names. Everything is checked before anything is
 written; weights stream one input shard at a time; the output folder appears atomically. `load_any(folder)` opens
 any of these layouts (or our own checkpoint) for the PyTorch backend.
@@ -48,12 +48,12 @@ KINDS = ("sqllava", "llava", "llava-hf")
 SIM_BETA_CHOICES = ("file", "official")  # merged SQ-LLaVA folders: the saved sim_beta, or 0.0 as the official code runs
 OFFICIAL_SIM_BETA = 0.0  # the value the official code computes with (the parameter's initial value; never loaded)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # what sqllava_edge.tokenizer.load_tokenizer reads
-OFFICIAL_KEYS = ("mm_vision_tower", "mm_projector_type", "mm_hidden_size")  # spec 6.3: marks an official config.json
+OFFICIAL_KEYS = ("mm_vision_tower", "mm_projector_type", "mm_hidden_size")  # docs/spec.md 6.3: marks an official config.json
 
 
 @dataclass
 class Report:
-    """What a conversion read, what it deliberately left out, and whether the ViT-LoRA does anything (spec 8.1)."""
+    """What a conversion read, what it deliberately left out, and whether the ViT-LoRA does anything (docs/spec.md 8.1)."""
 
     kind: str
     out: str = ""
@@ -166,7 +166,7 @@ def _adapter_file(folder: Path) -> Path:
 
 
 def check_lora(adapter: Adapter, base_shapes: dict[str, tuple[int, ...]], what: str) -> None:
-    """Every LoRA A/B pair must fit a Linear of the base: A (r, in), B (out, r), r as configured (spec 2.1/2.2)."""
+    """Every LoRA A/B pair must fit a Linear of the base: A (r, in), B (out, r), r as configured (docs/spec.md 2.1/2.2)."""
     rank, patterned = adapter.fields["r"], bool(adapter.fields.get("rank_pattern"))
     for key, tensor in sorted(adapter.tensors.items()):
         match = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
@@ -191,7 +191,7 @@ def check_lora(adapter: Adapter, base_shapes: dict[str, tuple[int, ...]], what: 
 
 
 def is_identity(adapter: Adapter) -> bool:
-    """All lora_B == 0: the adapter adds nothing (the released Vit-lora, spec 8.1)."""
+    """All lora_B == 0: the adapter adds nothing (the released Vit-lora, docs/spec.md 8.1)."""
     import torch
 
     return all(int(torch.count_nonzero(v)) == 0 for k, v in adapter.tensors.items() if ".lora_B." in k)
@@ -211,9 +211,9 @@ def _shapes(config: ModelConfig, parts=("llm", "vision", "projector")) -> dict[s
 
 
 def check_projector(config: ModelConfig, tensors: dict, source: str) -> ModelConfig:
-    """Projector tensors must be exactly the configured projector's (spec 1.4.1); -> config with ln_1 kept if present."""
+    """Projector tensors must be exactly the configured projector's (docs/spec.md 1.4.1); -> config with ln_1 kept if present."""
     if config.projector.type == "cluster":
-        has_ln = "ln_1.weight" in tensors  # the unused ln_1 is in the reference state dict (spec 1.4.1)
+        has_ln = "ln_1.weight" in tensors  # the unused ln_1 is in the reference state dict (docs/spec.md 1.4.1)
         config = config.replace(projector=dataclasses.replace(config.projector, keep_unused_ln=has_ln))
     own = _shapes(config, ("projector",))["projector"]
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
@@ -227,7 +227,7 @@ def check_projector(config: ModelConfig, tensors: dict, source: str) -> ModelCon
 
 
 def _check_base_config(config: ModelConfig, base_dir: Path) -> None:
-    """The base LLM's config.json (LLaMA or ShareGPT4V's share4v, spec 8.5) must have the adapter config's shape."""
+    """The base LLM's config.json (LLaMA or ShareGPT4V's share4v, docs/spec.md 8.5) must have the adapter config's shape."""
     base = read_json(base_dir / "config.json")
     for key, ours in (("vocab_size", config.llm.vocab_size), ("hidden_size", config.llm.hidden_size),
                       ("num_hidden_layers", config.llm.num_layers), ("intermediate_size", config.llm.intermediate_size),
@@ -280,7 +280,7 @@ def _plan_adapters(plan: Plan, model_dir: Path, shapes: dict) -> None:
 
 
 def _plan_projector(plan: Plan, model_dir: Path, base_is_model: bool) -> None:
-    """non_lora_trainables.bin > mm_projector.bin > the model folder's own model.mm_projector.* (spec 6.1 / 6.2)."""
+    """non_lora_trainables.bin > mm_projector.bin > the model folder's own model.mm_projector.* (docs/spec.md 6.1 / 6.2)."""
     for name in ("non_lora_trainables.bin", "mm_projector.bin"):
         path = model_dir / name
         if path.is_file() and plan.projector is None:  # the first one found wins
@@ -301,7 +301,7 @@ def _plan_projector(plan: Plan, model_dir: Path, base_is_model: bool) -> None:
 
 
 def plan_official(kind: str, model_dir: Path, base: Path | None, vision_tower: Path | None) -> Plan:
-    """Resolve an official SQ-LLaVA / LLaVA-1.5 release (LoRA or full) into a Plan (spec 6.1-6.3)."""
+    """Resolve an official SQ-LLaVA / LLaVA-1.5 release (LoRA or full) into a Plan (docs/spec.md 6.1-6.3)."""
     from sqllava_edge.weights import find_weights
 
     cfg = read_json(model_dir / "config.json")
@@ -430,7 +430,7 @@ def _llm_sink(writer, plan: Plan) -> Callable:
 
 def _append_mean_rows(tensor, count: int):
     """Rows for added tokens: the mean of the existing rows (transformers' resize_token_embeddings since 4.46; the
-    official loader, on transformers 4.31, draws them at random, spec 6.2)."""
+    official loader, on transformers 4.31, draws them at random, docs/spec.md 6.2)."""
     import torch
 
     mean = tensor.float().mean(dim=0, keepdim=True).to(tensor.dtype)
@@ -480,7 +480,7 @@ def _write_adapter(adapter: Adapter, folder: Path, dtype) -> None:
 
 def _load_tokenizer(plan: Plan):
     """The tokenizer to write (None: the default one at load time), with the tokens the official loader adds; grows
-    plan.config's vocabulary to the tokenizer's length when those tokens need new embedding rows (spec 6.2)."""
+    plan.config's vocabulary to the tokenizer's length when those tokens need new embedding rows (docs/spec.md 6.2)."""
     from sqllava_edge.tokenizer import default_tokenizer, load_tokenizer
 
     if plan.tokenizer_dir is None and not plan.added_tokens:

@@ -1,4 +1,4 @@
-"""sqllava_edge.convert: released layouts (spec 6.1-6.3) written here file by file, imported, compared by logits.
+"""sqllava_edge.convert: released layouts (docs/spec.md 6.1-6.3) written here file by file, imported, compared by logits.
 
 The layouts are written by this test with hand-spelled key names (not with sqllava_edge.names), so a wrong rule in
 the name table shows up as a failed import or a logits difference.
@@ -25,15 +25,15 @@ from sqllava_edge.model import SQLLaVA, hf_clip_config
 
 pytest.importorskip("peft", reason="LoRA adapters need peft")
 
-# 224 px / patch 14 = 256 image tokens: the official cluster projector always pools into 256 centres (spec 1.4).
+# 224 px / patch 14 = 256 image tokens: the official cluster projector always pools into 256 centres (docs/spec.md 1.4).
 SMALL = ModelConfig(
     "small-test",
     VisionConfig(image_size=224, patch_size=14, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2),
     ProjectorConfig(num_centers=256),
     LLMConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=2, max_position_embeddings=512),
 )
-LLM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # spec 2.1
-VIT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]  # spec 2.2
+LLM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # docs/spec.md 2.1
+VIT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]  # docs/spec.md 2.2
 IDS = [1, 319, 13563, IMAGE_TOKEN_INDEX, 29871, 13, 5618, 338, 445]
 
 
@@ -48,7 +48,7 @@ def with_lora(model: SQLLaVA, llm: bool = True, vit: str | None = "trained", see
     if vit:
         model.vision.clip = get_peft_model(model.vision.clip, LoraConfig(r=2, lora_alpha=4, target_modules=VIT_TARGETS,
                                                                          init_lora_weights=False))
-        if vit == "identity":  # the released Vit-lora (spec 8.1)
+        if vit == "identity":  # the released Vit-lora (docs/spec.md 8.1)
             with torch.no_grad():
                 for name, p in model.vision.clip.named_parameters():
                     if "lora_B" in name:
@@ -117,7 +117,7 @@ def llama_fields(cfg: ModelConfig) -> dict:
 
 
 def mm_config(cfg: ModelConfig, projector_type: str, tower: Path, model_type: str = "llava") -> dict:
-    """config.json of a release: the LLaMA fields + the keys of spec 6.3."""
+    """config.json of a release: the LLaMA fields + the keys of docs/spec.md 6.3."""
     return {**llama_fields(cfg), "architectures": ["LlavaLlamaForCausalLM"], "model_type": model_type,
             "mm_vision_tower": str(tower), "use_mm_proj": True, "mm_projector_type": projector_type,
             "num_latents": cfg.projector.num_centers, "mm_hidden_size": cfg.vision.hidden_size,
@@ -167,7 +167,7 @@ def llm_base_state(model: SQLLaVA, dtype: torch.dtype) -> dict:
 def write_sqllava_release(model: SQLLaVA, root: Path, fmt: str = "bin", dtype=torch.bfloat16, shards: int = 2,
                           vit_folder: bool = True, adapter_dtype: torch.dtype | None = None,
                           extra_base: dict | None = None) -> dict[str, Path]:
-    """The released SQ-LLaVA layout (spec 6.1): ShareGPT4V base (share4v config, its own mlp projector, RoPE buffers),
+    """The released SQ-LLaVA layout (docs/spec.md 6.1): ShareGPT4V base (share4v config, its own mlp projector, RoPE buffers),
     CLIP tower folder, and the LoRA folder with adapter (LLM + ViT tensors), non_lora_trainables.bin, Vit-lora/.
     adapter_dtype: LoRA, ViT-LoRA and projector tensors stored in it (DeepSpeed --bf16 saves bf16); extra_base: more
     tensors in the base's state dict."""
@@ -317,7 +317,7 @@ def test_base_with_tower_keys_and_clip_with_position_ids(tmp_path):
 
 def test_tokenizer_files_in_the_base_folder(tmp_path, small_model):
     """Vicuna / ShareGPT4V bases carry the slow tokenizer's files; the official loader reads the tokenizer from
-    --model-base (spec 6.2), not from the adapter folder, and so do we."""
+    --model-base (docs/spec.md 6.2), not from the adapter folder, and so do we."""
     from sqllava_edge.tokenizer import default_tokenizer
 
     paths = write_sqllava_release(small_model, tmp_path)
@@ -337,7 +337,7 @@ def test_tokenizer_files_in_the_base_folder(tmp_path, small_model):
 
 def write_merged_folder(model: SQLLaVA, root: Path) -> dict[str, Path]:
     """A folder as scripts/merge_lora_weights.py writes it = load_pretrained_model (LLM-LoRA merged, fp16, ViT-LoRA not
-    merged) + save_pretrained + tokenizer.save_pretrained (spec 6.2) on transformers 4.31: one fp16 state dict with the
+    merged) + save_pretrained + tokenizer.save_pretrained (docs/spec.md 6.2) on transformers 4.31: one fp16 state dict with the
     LLM, the RoPE inv_freq buffers (persistent in 4.31, float32), the cluster projector (model.mm_projector.*, ln_1
     and the trained sim_alpha / sim_beta included) and the loaded tower (model.vision_tower.vision_tower.*), sharded
     .bin, plus the tokenizer. The tower folder is written beside it (the official reload takes it from mm_vision_tower)."""
@@ -453,7 +453,7 @@ def test_merged_folder_sim_beta_file_or_official(tmp_path, capsys):
 
 
 def test_stage1_folder_projector_and_vit_lora(tmp_path):
-    """Stage 1 (spec 6.1): config.json + mm_projector.bin (model.mm_projector.*, bf16) + Vit-lora/, no LLM weights and
+    """Stage 1 (docs/spec.md 6.1): config.json + mm_projector.bin (model.mm_projector.*, bf16) + Vit-lora/, no LLM weights and
     no adapter_config.json. The official loader's "mm projector only" path takes the LLM from --model-base; stage 1
     trains with the default image_aspect_ratio square (a crop)."""
     model = with_lora(SQLLaVA.from_config(SMALL, seed=17), llm=False, vit="trained")
@@ -777,7 +777,7 @@ def test_export_official_refuses_other_than_256_centres(tmp_path):
 
 def test_trained_vit_lora_in_adapter_without_vit_folder_is_ignored_with_a_warning(tmp_path, caplog):
     """Official loader: the ViT-LoRA tensors of adapter_model.bin find no module (the tower is built later), so the
-    tower runs without them (spec 6.2 / 8.15). We do the same and say so."""
+    tower runs without them (docs/spec.md 6.2 / 8.15). We do the same and say so."""
     model, paths = _release_with_config(tmp_path, vit="trained", vit_folder=False)
     with caplog.at_level("WARNING", logger="sqllava_edge.convert"):
         report = convert_sqllava(paths, tmp_path / "ours")

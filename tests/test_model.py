@@ -1,4 +1,4 @@
-"""The SQ-LLaVA module against independent implementations: the spec's literal formulas and transformers' LLaVA."""
+"""The SQ-LLaVA module against independent implementations: docs/spec.md 1.4.2's literal formulas and transformers' LLaVA."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,7 @@ from sqllava_edge.model import PrototypeExtractor, SQLLaVA, build_projector, cou
 
 
 def naive_prototypes(m: PrototypeExtractor, x: torch.Tensor) -> torch.Tensor:
-    """Spec 1.4.2 written literally, with the reference's adaptive pooling and dense (B, N, L, D) broadcast."""
+    """docs/spec.md 1.4.2 written literally, with the reference's adaptive pooling and dense (B, N, L, D) broadcast."""
     B, L, D = x.shape
     N = m.num_centers
     value = m.v(x).transpose(1, 2)  # (B, D, L)
@@ -130,7 +130,7 @@ def test_projector_parameter_counts_match_spec_on_meta_device():
         seven = count_parameters(build_projector(PRESETS["sqllava-7b"]))
         thirteen = count_parameters(build_projector(PRESETS["sqllava-13b"]))
         llava = count_parameters(build_projector(PRESETS["llava-1.5-7b"]))
-    assert seven == 24_130_562  # spec 1.4.1, ln_1 included
+    assert seven == 24_130_562  # docs/spec.md 1.4.1, ln_1 included
     assert thirteen == 34_618_370
     assert llava == 1024 * 4096 + 4096 + 4096 * 4096 + 4096  # mlp2x_gelu
 
