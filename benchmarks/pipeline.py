@@ -15,8 +15,8 @@ from benchmarks.timing import ms, now
 from sqllava_edge.generation import TASK_DEFAULTS, GenerationConfig, Sampler
 from sqllava_edge.image import preprocess
 
-GREEDY = GenerationConfig(max_new_tokens=1)  # the spec's answer decoding (greedy); max_new_tokens is not used here
-SELF_QUESTION = TASK_DEFAULTS["self_question"]  # spec 5.3: T 1.2, top-k 300, top-p 0.95
+GREEDY = GenerationConfig(max_new_tokens=1)  # docs/spec.md 5.3's answer decoding (greedy); max_new_tokens is not used here
+SELF_QUESTION = TASK_DEFAULTS["self_question"]  # docs/spec.md 5.3: T 1.2, top-k 300, top-p 0.95
 
 
 def encode_one(vision, pixels: np.ndarray) -> np.ndarray:

@@ -1,7 +1,7 @@
 """export: checkpoint -> deployment bundle (docs/DESIGN.md "Deployment bundle").
 
 Steps, each a function from artifacts to artifacts, each also runnable alone:
-  export.merge  LoRA adapters merged into the base weights (spec 6.2)      python -m export.merge
+  export.merge  LoRA adapters merged into the base weights (docs/spec.md 6.2)      python -m export.merge
   export.onnx   vision tower + projector -> ONNX fp32 / fp16 / int8        python -m export.onnx
   export.gguf   merged LLM -> GGUF, quantized by llama.cpp                 python -m export.gguf
   export.trt    fp16 ONNX -> TensorRT engine, on the target device         python -m export.trt
@@ -28,6 +28,9 @@ from sqllava_edge.deps import explain_when_run_as_main
 # Bump when a step's output for the same inputs changes, so re-exports do not reuse stale artifacts.
 EXPORT_CODE_VERSION = 1
 SKIP_IN_CHECKPOINT = ("training_state",)  # optimizer state does not change what is exported
+# Checkpoint provenance a bundle manifest (and a merged checkpoint) repeats: facts about what the weights compute.
+# sim_beta: which value a converted merged SQ-LLaVA folder's projector uses (sqllava_edge.convert, --sim-beta).
+CARRIED_PROVENANCE = ("sim_beta",)
 
 explain_when_run_as_main("export", __name__)  # `python -m export ...` without torch: one line naming the extra
 
@@ -51,6 +54,14 @@ def checkpoint_digest(folder: str | os.PathLike) -> str:
                 continue
             digest.update(f"{label}/{rel}\0{sha256_file(path)}\n".encode())
     return digest.hexdigest()
+
+
+def carried_provenance(folder: str | os.PathLike) -> dict[str, Any]:
+    """The CARRIED_PROVENANCE entries of a checkpoint's sqllava_edge.json (absent keys are left out)."""
+    from sqllava_edge.checkpoint import read_meta
+
+    provenance = read_meta(folder).get("provenance") or {}
+    return {key: provenance[key] for key in CARRIED_PROVENANCE if key in provenance}
 
 
 def inputs_key(**parts: Any) -> str:

@@ -19,7 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
 
-from export import base_manifest, checkpoint_digest, inputs_key, peak_rss_mib, special_tokens_of, step, tool_versions
+from export import (base_manifest, carried_provenance, checkpoint_digest, inputs_key, peak_rss_mib, special_tokens_of,
+                    step, tool_versions)
 from sqllava_edge.bundle import KINDS, MANIFEST_FILE, Artifact, Manifest, read_manifest, shareable_mode, write_manifest
 from sqllava_edge.errors import BundleError, SQLLaVAError
 
@@ -132,7 +133,7 @@ def _build(checkpoint: Path, out: Path, source: str, wanted, reused, previous, d
     provenance = {"source_checkpoint": str(checkpoint.resolve()), "source_sha256": source,
                   "tools": tool_versions(*dict.fromkeys(_VISION_TOOLS + _GGUF_TOOLS)),
                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  "reused": sorted(a.path for a in reused.values())}
+                  "reused": sorted(a.path for a in reused.values()), **carried_provenance(checkpoint)}
     artifacts: list[Artifact] = []
     with atomic_dir(out) as tmp:
         os.chmod(tmp, shareable_mode(0o777))  # mkdtemp makes 0700; a bundle is meant to be shared

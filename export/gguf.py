@@ -283,7 +283,7 @@ def spm_vocab(tokenizer) -> tuple[list[str], list[float], list[int], str]:
 
 
 def chat_template_jinja(template: str) -> str:
-    """The conversation template (sqllava_edge.conversation, spec 3.2 separator style "two") as a Jinja chat template.
+    """The conversation template (sqllava_edge.conversation, docs/spec.md 3.2 separator style "two") as a Jinja chat template.
 
     Renders exactly what `conversation.render` renders for the same turns: `system + sep`, then per message i
     `ROLE: content` + (sep after even, sep2 after odd i), a vuser question followed by "</s>" before its separator,

@@ -1,9 +1,9 @@
-"""Merge the LLM-LoRA and the ViT-LoRA into the base weights (spec 6.2) and save a plain checkpoint.
+"""Merge the LLM-LoRA and the ViT-LoRA into the base weights (docs/spec.md 6.2) and save a plain checkpoint.
 
     python -m export.merge CHECKPOINT --out MERGED [--dtype float32|float16|bfloat16] [--no-validate]
 
 W' = W + (alpha / r) * B @ A for every adapted Linear (PEFT merge_and_unload). Unlike the reference's
-`merge_lora_weights.py`, which drops the ViT-LoRA (spec 8.15), both adapters are merged. The result is a checkpoint in
+`merge_lora_weights.py`, which drops the ViT-LoRA (docs/spec.md 8.15), both adapters are merged. The result is a checkpoint in
 our layout (docs/DESIGN.md) without adapters: `MERGED/llm` loads in transformers as a plain LlamaForCausalLM and
 `MERGED/vision` as a CLIPVisionModel. Validation, on a seeded image + text probe, with adapters attached vs merged:
 the vision tower's features and the LLM's logits (around the same image rows), each max |diff| <= 1e-4 (fp32;
@@ -99,7 +99,7 @@ def merge_checkpoint(
     log: Callable[[str], None] = print,
 ) -> Path:
     """CHECKPOINT (with adapters) -> OUT, a checkpoint whose base weights include them. Written atomically."""
-    from export import checkpoint_digest, tool_versions
+    from export import carried_provenance, checkpoint_digest, tool_versions
     from sqllava_edge.checkpoint import load_checkpoint, save_checkpoint
 
     checkpoint, out = Path(checkpoint), Path(out)
@@ -109,7 +109,8 @@ def merge_checkpoint(
     model, tokenizer = load_checkpoint(checkpoint, dtype=dtype)
     report = merge_model(model, validate=validate, log=log)
     provenance = {"merged_from": str(checkpoint.resolve()), "source_sha256": checkpoint_digest(checkpoint),
-                  "merge": report, "tools": tool_versions("torch", "transformers", "peft")}
+                  "merge": report, "tools": tool_versions("torch", "transformers", "peft"),
+                  **carried_provenance(checkpoint)}
     log(f"[merge] saving {out}")
     return save_checkpoint(out, model, tokenizer, provenance=provenance)
 

@@ -1,6 +1,6 @@
 """Check an exported vision ONNX against the PyTorch module, taking the prototype extractor's hard dispatch into account.
 
-Why not just compare outputs: spec 1.4.2 step 4 sends each token to the centre with the highest sigmoid similarity
+Why not just compare outputs: docs/spec.md 1.4.2 step 4 sends each token to the centre with the highest sigmoid similarity
 (an argmax). With random weights the soft-EM leaves the 256 centres almost identical, so the top two similarities of
 many tokens differ by less than float32 rounding (median margin 2.4e-7 on bench-1b). PyTorch itself then dispatches
 the same image differently at batch 1 and inside a batch of 3 (outputs differ by ~0.1), so no exporter could meet a
@@ -34,7 +34,7 @@ PROBE_MATCH = 1e-5  # shipped graph vs its copy with the extra output: max |diff
 
 
 def prototype_reference(m, x: torch.Tensor, best: torch.Tensor | None = None):
-    """PrototypeExtractor.forward (model.py, spec 1.4.2) with an optional forced dispatch.
+    """PrototypeExtractor.forward (model.py, docs/spec.md 1.4.2) with an optional forced dispatch.
 
     -> (output (B, L, H), dispatch (B, L) long, top-2 similarity margin (B, L), runner-up centre (B, L)).
     With best=None it must equal the

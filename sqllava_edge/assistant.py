@@ -4,13 +4,13 @@
     assistant.ask("photo.jpg", "What is the man holding?")    # -> str
     for piece in assistant.stream(image, "Describe the image."): ...
     assistant.describe(image)
-    assistant.self_question(image, n=3, seed=0)               # describe, then n sampled VUSER questions (spec 5.1)
+    assistant.self_question(image, n=3, seed=0)               # describe, then n sampled VUSER questions (docs/spec.md 5.1)
     assistant.interview(image, n=3, seed=0)                   # ... and the model's answers to its own questions
     chat = assistant.chat(image); chat.ask("..."); chat.ask("and then?")
     print(assistant.backends)                                 # what was chosen and why
 
 Sampling options per call (`max_new_tokens`, `temperature`, `top_k`, `top_p`, `seed`, `stop`) start from the task's
-defaults (generation.TASK_DEFAULTS, spec 5). Image embeddings are cached by the content hash of the preprocessed
+defaults (generation.TASK_DEFAULTS, docs/spec.md 5). Image embeddings are cached by the content hash of the preprocessed
 pixels; KV-cache prefixes are reused across calls (runtimes.sequences), so a chat follow-up prefills only its new
 tokens and never re-encodes the image. The backends, caches and pool live in a `runtimes.engine.Engine`
 (`assistant.engine`), the same one `sqllava-edge serve` batches requests on; its re-entrant lock serialises every call,
@@ -150,7 +150,7 @@ class Assistant:
     # Public calls
 
     def ask(self, image, question: str, **options) -> str:
-        """Answer `question` about `image` (path, bytes, PIL image, array). Greedy by default (spec 5.3)."""
+        """Answer `question` about `image` (path, bytes, PIL image, array). Greedy by default (docs/spec.md 5.3)."""
         return "".join(self.stream(image, question, **options)).rstrip()
 
     def stream(self, image, question: str, **options) -> Iterator[str]:
@@ -163,7 +163,7 @@ class Assistant:
         return self.engine.stream_text(image, ids, config)
 
     def describe(self, image, **options) -> str:
-        """The SQ demo's first round: "Can you describe the image in detail?" (spec 5.1 step 3), greedy."""
+        """The SQ demo's first round: "Can you describe the image in detail?" (docs/spec.md 5.1 step 3), greedy."""
         from sqllava_edge.conversation import describe_prompt
 
         ids = describe_prompt(self.tokenizer, self.template)
@@ -181,7 +181,7 @@ class Assistant:
         """Describe the image (greedy), then sample n VUSER questions from `... ASSISTANT: {description}</s>VUSER:`.
 
         The shared prompt is prefilled once and the n questions decode as parallel sequences forked from it; question
-        i uses seed + i, so the result equals n sequential calls with n=1 and seeds seed, seed+1, ... (spec 5.1).
+        i uses seed + i, so the result equals n sequential calls with n=1 and seeds seed, seed+1, ... (docs/spec.md 5.1).
         Options (defaults T 1.2, top-k 300, top-p 0.95, 300 tokens) apply to the questions.
         """
         from sqllava_edge.conversation import self_question_prompt
@@ -206,7 +206,7 @@ class Assistant:
                   **options) -> list[Exchange]:
         """The model questions itself about the image, then answers each of its questions: `self_question(image, n,
         seed)`, then for question q the greedy answer to `... ASSISTANT: {description}</s>VUSER: {q}</s> ASSISTANT:`
-        (the conversation the SQ objective trains, spec 3.3). The answers decode together in one batch on the shared
+        (the conversation the SQ objective trains, docs/spec.md 3.3). The answers decode together in one batch on the shared
         image + description prefix. Options apply to the questions (as in self_question); answers are greedy, at most
         `max_answer_tokens` (default: the answer default, 512) each."""
         from sqllava_edge.conversation import interview_prompt

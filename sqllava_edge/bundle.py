@@ -214,7 +214,7 @@ def shareable_mode(mode: int) -> int:
 
 
 def preprocessing_for(config) -> dict[str, Any]:
-    """The manifest's preprocessing block for a ModelConfig (spec 1.3: CLIP processor, bicubic)."""
+    """The manifest's preprocessing block for a ModelConfig (docs/spec.md 1.3: CLIP processor, bicubic)."""
     vision = config.vision
     return {"mode": config.image_aspect_ratio, "image_size": vision.image_size, "mean": list(vision.image_mean),
             "std": list(vision.image_std), "resample": "bicubic"}

@@ -1,7 +1,7 @@
 """sqllava-edge checkpoint folders: save and load, atomically and safely. Layout: docs/DESIGN.md.
 
 Base weights are plain transformers folders (`llm/` loads as LlamaForCausalLM, `vision/` as CLIPVisionModel), LoRA
-adapters are PEFT adapter folders, the projector is one safetensors file with the reference's names (spec 1.4.1).
+adapters are PEFT adapter folders, the projector is one safetensors file with the reference's names (docs/spec.md 1.4.1).
 """
 from __future__ import annotations
 

@@ -71,6 +71,10 @@ def _summary(manifest, failures: dict[str, str], verified: bool) -> str:
             lines.append(f"      validation: {numbers}")
         if artifact.target:
             lines.append(f"      target: {', '.join(f'{k}={v}' for k, v in artifact.target.items() if k in ('gpu', 'compute_capability', 'tensorrt', 'jetson'))}")
+    sim_beta = prov.get("sim_beta")
+    if isinstance(sim_beta, dict):  # a converted merged SQ-LLaVA folder (sqllava_edge.convert --sim-beta)
+        lines.append(f"  projector sim_beta: {sim_beta.get('used')} (--sim-beta {sim_beta.get('choice')}; the release "
+                     f"file holds {sim_beta.get('file')}, the official code computes with {sim_beta.get('official')})")
     tools = prov.get("tools", {})
     if tools:
         lines.append(f"  tools: {', '.join(f'{k} {v}' for k, v in tools.items())}")

@@ -1,6 +1,6 @@
 """Typed configuration of an SQ-LLaVA model and its named presets.
 
-Spec: sqllava-spec.md sections 1.1-1.4 and 6.3. Every field that is not obvious says where its default comes from.
+Spec: docs/spec.md sections 1.1-1.4 and 6.3. Every field that is not obvious says where its default comes from.
 """
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-# Spec 1.5: the id that marks the image placeholder inside token ids, and the label that means "no loss".
+# docs/spec.md 1.5: the id that marks the image placeholder inside token ids, and the label that means "no loss".
 IMAGE_TOKEN_INDEX = -200
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
 
-# OpenAI CLIP normalisation constants (spec 1.3).
+# OpenAI CLIP normalisation constants (docs/spec.md 1.3).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -30,8 +30,8 @@ class VisionConfig:
     num_layers: int = 24
     num_heads: int = 16
     layer_norm_eps: float = 1e-5
-    select_layer: int = -2  # index into HF hidden_states (spec 1.2): -2 = output of the 23rd of 24 layers
-    select_feature: str = "patch"  # "patch" drops CLS (spec 1.2); "cls_patch" keeps it
+    select_layer: int = -2  # index into HF hidden_states (docs/spec.md 1.2): -2 = output of the 23rd of 24 layers
+    select_feature: str = "patch"  # "patch" drops CLS (docs/spec.md 1.2); "cls_patch" keeps it
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
 
@@ -55,9 +55,9 @@ class VisionConfig:
 @dataclass(frozen=True)
 class ProjectorConfig:
     type: str = "cluster"  # one of PROJECTOR_TYPES; "cluster" = SQ-LLaVA prototype extractor + QuickGELU MLP
-    num_centers: int = 256  # hard-coded 256 in the reference code (spec 1.4)
-    em_iterations: int = 2  # hard-coded num_clusters=2 soft-EM rounds (spec 1.4)
-    keep_unused_ln: bool = True  # the reference module owns ln_1 but never uses it (spec 1.4.1); kept for key parity
+    num_centers: int = 256  # hard-coded 256 in the reference code (docs/spec.md 1.4)
+    em_iterations: int = 2  # hard-coded num_clusters=2 soft-EM rounds (docs/spec.md 1.4)
+    keep_unused_ln: bool = True  # the reference module owns ln_1 but never uses it (docs/spec.md 1.4.1); kept for key parity
 
 
 @dataclass(frozen=True)
@@ -68,12 +68,12 @@ class LLMConfig:
     num_layers: int = 32
     num_heads: int = 32
     num_kv_heads: int = 32
-    max_position_embeddings: int = 4096  # Vicuna-v1.5 (spec 6.3)
+    max_position_embeddings: int = 4096  # Vicuna-v1.5 (docs/spec.md 6.3)
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     bos_token_id: int = 1
     eos_token_id: int = 2
-    pad_token_id: int = 0  # pad = unk (spec 1.5)
+    pad_token_id: int = 0  # pad = unk (docs/spec.md 1.5)
 
     @property
     def head_dim(self) -> int:
@@ -86,8 +86,8 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
-    image_aspect_ratio: str = "pad"  # stage 2 / released model preprocessing (spec 1.3); "crop" = CLIP processor
-    template: str = "v1_sq"  # conversation template used for training and self-questioning (spec 3.2)
+    image_aspect_ratio: str = "pad"  # stage 2 / released model preprocessing (docs/spec.md 1.3); "crop" = CLIP processor
+    template: str = "v1_sq"  # conversation template used for training and self-questioning (docs/spec.md 3.2)
 
     def __post_init__(self) -> None:
         if self.projector.type not in PROJECTOR_TYPES:

@@ -1,23 +1,23 @@
-"""Conversation templates, the self-questioning (SQ) conversion, label masks and prompt ids (spec 3 and 5).
+"""Conversation templates, the self-questioning (SQ) conversion, label masks and prompt ids (docs/spec.md 3 and 5).
 
 A conversation is a list of `Turn(role, text, image=False)` with roles "user", "assistant" and "vuser" (the paper's
 `[vusr]`: the model asking a question about the image). `text=None` marks the open turn the model is to write; it
 renders as "ROLE:". `image=True` puts the image at the start of that turn (rendered "<image>\n" before the text).
-Rendering follows the reference templates byte for byte (spec 3.2-3.3).
+Rendering follows the reference templates byte for byte (docs/spec.md 3.2-3.3).
 
 Where control tokens come from: only the template inserts them. Ids are built segment by segment: BOS,
 then runs of text (template words and turn texts together, encoded as plain text), with the template's own "</s>"
 after each finished turn inserted as the EOS id and the image position inserted as IMAGE_TOKEN_INDEX. Turn texts and
 system prompts are never parsed: "</s>", "<s>", "<unk>" or "<image>" in them stay ordinary characters. For text a
 caller cannot be confused about, the ids equal the reference tokenization of the rendered string
-(`tokenizer_image_token`, spec 1.5, with the checkpoint's `legacy` setting, spec 3.4). `render` gives that string
+(`tokenizer_image_token`, docs/spec.md 1.5, with the checkpoint's `legacy` setting, docs/spec.md 3.4). `render` gives that string
 for display and comparisons; ids are never parsed out of it.
 
 The one place where the string "<image>" means the image is LLaVA-format training JSON: `to_turns` / `sq_convert`
-turn a human turn holding "<image>" into a Turn with image=True (spec 1.5, preprocess_multimodal).
+turn a human turn holding "<image>" into a Turn with image=True (docs/spec.md 1.5, preprocess_multimodal).
 
 Labels come from which segments are targets, so they never depend on length arithmetic and never fall into the
-reference's silent "tokenization mismatch" (spec 3.4, 8.8).
+reference's silent "tokenization mismatch" (docs/spec.md 3.4, 8.8).
 """
 from __future__ import annotations
 
@@ -34,12 +34,12 @@ __all__ = ["Turn", "Template", "TEMPLATES", "get_template", "render", "Tokenized
            "chat_append_ids", "DESCRIBE_QUESTION"]
 
 ROLES = ("user", "assistant", "vuser")
-EOS_TEXT = "</s>"  # what the reference appends to a converted SQ question (spec 3.3)
-DESCRIBE_QUESTION = "Can you describe the image in detail?"  # spec 5.1 step 3
+EOS_TEXT = "</s>"  # what the reference appends to a converted SQ question (docs/spec.md 3.3)
+DESCRIBE_QUESTION = "Can you describe the image in detail?"  # docs/spec.md 5.1 step 3
 
 SYSTEM_V1 = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
              "detailed, and polite answers to the user's questions.")
-# Spec 3.2: verbatim, including the missing space in "questions.Also".
+# docs/spec.md 3.2: verbatim, including the missing space in "questions.Also".
 SYSTEM_V1_SQ = SYSTEM_V1 + (
     "Also, the artificial intelligence assistant is a curious virtual user. The virtual user asks complex questions "
     "that are relevant to the content in the image, for example, asking about background knowledge of the objects in "
@@ -67,8 +67,8 @@ class Turn:
 
 @dataclass(frozen=True)
 class Template:
-    """A reference conversation template (spec 3.2). style "two": system + sep, then per message i
-    `ROLE: text` + (sep if i even else sep2); style "plain": "<image>" + caption + sep (spec 3.5)."""
+    """A reference conversation template (docs/spec.md 3.2). style "two": system + sep, then per message i
+    `ROLE: text` + (sep if i even else sep2); style "plain": "<image>" + caption + sep (docs/spec.md 3.5)."""
 
     name: str
     system: str
@@ -129,7 +129,7 @@ class _Span:
     """One segment of a rendered conversation: text (encoded as plain text) or one control id (BOS/EOS/image)."""
 
     text: str  # as `render` shows it
-    target: bool  # trained (spec 3.4)
+    target: bool  # trained (docs/spec.md 3.4)
     control: str | None = None  # None (text) | "eos" | "image"
 
 
@@ -142,7 +142,7 @@ def _text_or_eos(text: str, target: bool) -> list[_Span]:
 
 def _turn_text(turn: Turn, target: bool, prefix: str = "") -> list[_Span]:
     """`prefix` + the image (when the turn carries it) + the turn's text, as the reference renders
-    "<image>\n" + text (spec 1.5)."""
+    "<image>\n" + text (docs/spec.md 1.5)."""
     spans = [_Span(prefix, target)] if prefix else []
     if turn.image:
         spans.append(_Span(IMAGE_PLACEHOLDER, False, "image"))
@@ -152,9 +152,9 @@ def _turn_text(turn: Turn, target: bool, prefix: str = "") -> list[_Span]:
 
 
 def _render_spans(tpl: Template, turns: Sequence[Turn], has_image: bool) -> list[_Span]:
-    """The rendered conversation as consecutive segments (spec 3.2-3.5), controls where the template puts them."""
+    """The rendered conversation as consecutive segments (docs/spec.md 3.2-3.5), controls where the template puts them."""
     _check_turns(tpl, turns, has_image)
-    if tpl.style == "plain":  # spec 3.5: the instruction is dropped; the caption + "\n" is the target, no EOS
+    if tpl.style == "plain":  # docs/spec.md 3.5: the instruction is dropped; the caption + "\n" is the target, no EOS
         caption = turns[1].text
         image = [_Span(IMAGE_PLACEHOLDER, False, "image")] if turns[0].image else []
         return image + ([_Span(caption + tpl.sep, True)] if caption is not None else [])
@@ -164,7 +164,7 @@ def _render_spans(tpl: Template, turns: Sequence[Turn], has_image: bool) -> list
         sep = tpl.sep if i % 2 == 0 else tpl.sep2
         if turn.text is None:
             spans.append(_Span(role + ":", False))
-        elif turn.role == "user":  # spec 3.4: the instruction and role prefixes are never trained
+        elif turn.role == "user":  # docs/spec.md 3.4: the instruction and role prefixes are never trained
             spans += _turn_text(turn, False, f"{role}: ") + _text_or_eos(sep, False)
         elif turn.role == "assistant":  # the answer + its "</s>" are trained (QA)
             spans += [_Span(role + ":", False), *_turn_text(turn, True, " "), *_text_or_eos(sep, True)]
@@ -211,9 +211,9 @@ def tokenize_conversation(tokenizer: Tokenizer, template: str | Template, turns:
                           system: str | None = None) -> TokenizedConversation:
     """Ids: BOS, then the rendered conversation segment by segment (module docstring): text encoded as plain text,
     the template's "</s>" as EOS, one IMAGE_TOKEN_INDEX at the turn with image=True (exactly one when has_image).
-    Labels: ids on targets (answers, SQ questions, their "</s>"), IGNORE_INDEX elsewhere (spec 3.4).
+    Labels: ids on targets (answers, SQ questions, their "</s>"), IGNORE_INDEX elsewhere (docs/spec.md 3.4).
     `system` replaces the template's system prompt (plain text). `max_length` truncates ids and labels together
-    (the reference collator's model_max_length, spec 1.5)."""
+    (the reference collator's model_max_length, docs/spec.md 1.5)."""
     tpl = _with_system(get_template(template), system)
     spans = _render_spans(tpl, turns, has_image)
     ids, targets = _encode_spans(tokenizer, spans)
@@ -234,7 +234,7 @@ def _encode_spans(tokenizer: Tokenizer, spans: Sequence[_Span]) -> tuple[list[in
     the template/turn boundary as SentencePiece merges them in the reference), control spans as their ids."""
     ids, targets = [tokenizer.bos_id], [False]
     run: list[_Span] = []
-    after_eos = False  # text right after the template's "</s>" (legacy=False changes its first token, spec 3.4)
+    after_eos = False  # text right after the template's "</s>" (legacy=False changes its first token, docs/spec.md 3.4)
 
     def flush() -> None:
         text = "".join(span.text for span in run)
@@ -261,7 +261,7 @@ def _encode_spans(tokenizer: Tokenizer, spans: Sequence[_Span]) -> tuple[list[in
     return ids, targets
 
 
-# --- LLaVA JSON -> turns (spec 3.3, 3.5) -------------------------------------------------------------------------
+# --- LLaVA JSON -> turns (docs/spec.md 3.3, 3.5) ----------------------------------------------------------------------
 
 _FROM_ROLE = {"human": "user", "gpt": "assistant", "vuser": "vuser"}
 
@@ -269,7 +269,7 @@ _FROM_ROLE = {"human": "user", "gpt": "assistant", "vuser": "vuser"}
 def to_turns(conversations: Sequence[Mapping[str, str]], has_image: bool = True) -> list[Turn]:
     """LLaVA JSON turns ({"from": "human"|"gpt"|"vuser", "value": ...}) -> Turns, as the reference prepares them:
     a leading gpt turn is dropped, and with an image every turn holding "<image>" becomes a Turn with image=True
-    and the rest of its text stripped (rendered "<image>\\n" + rest: preprocess_multimodal, spec 1.5). This is the
+    and the rest of its text stripped (rendered "<image>\\n" + rest: preprocess_multimodal, docs/spec.md 1.5). This is the
     one place where the string "<image>" means the image (module docstring). Roles must alternate."""
     turns = []
     for j, item in enumerate(conversations):
@@ -294,7 +294,7 @@ def to_turns(conversations: Sequence[Mapping[str, str]], has_image: bool = True)
 
 def sq_convert(conversations: Sequence[Mapping[str, str]], sq_r: float, rng: random.Random,
                has_image: bool = True) -> list[Turn]:
-    """Spec 3.3 (preprocess_v1_sq2): each human turn after the first becomes a VUSER turn with probability `sq_r`,
+    """docs/spec.md 3.3 (preprocess_v1_sq2): each human turn after the first becomes a VUSER turn with probability `sq_r`,
     drawn from `rng` on every call (the reference redraws on every read of a sample). The first human turn, text-only
     samples and single-turn samples never get SQ. An explicit "vuser" turn in the data stays VUSER."""
     if not 0.0 <= sq_r <= 1.0:
@@ -306,7 +306,7 @@ def sq_convert(conversations: Sequence[Mapping[str, str]], sq_r: float, rng: ran
             for j, turn in enumerate(turns)]
 
 
-# --- prompts for inference (spec 5) ------------------------------------------------------------------------------
+# --- prompts for inference (docs/spec.md 5) ---------------------------------------------------------------------------
 
 def _place_image(turns: Sequence[Turn], has_image: bool) -> list[Turn]:
     """The turns with the image on the first one (unless a turn already carries it). Text is left as it is."""
@@ -341,12 +341,12 @@ def answer_prompt(tokenizer: Tokenizer, question: str, template: str | Template 
 
 
 def describe_prompt(tokenizer: Tokenizer, template: str | Template = "v1_sq", has_image: bool = True) -> list[int]:
-    """The SQ demo's first question (spec 5.1 step 3)."""
+    """The SQ demo's first question (docs/spec.md 5.1 step 3)."""
     return answer_prompt(tokenizer, DESCRIBE_QUESTION, template, (), has_image)
 
 
 def self_question_prompt(tokenizer: Tokenizer, description: str, template: str | Template = "v1_sq") -> list[int]:
-    """Spec 5.1 step 4:
+    """docs/spec.md 5.1 step 4:
     `{system} USER: <image>\\nCan you describe the image in detail? ASSISTANT: {description}</s>VUSER:`.
     The description is plain text, stripped of whitespace and of a trailing "</s>" as the demo does with the decoded
     answer; the "</s>" before "VUSER:" is the template's EOS id."""
@@ -361,7 +361,7 @@ def interview_prompt(tokenizer: Tokenizer, description: str, question: str,
                      template: str | Template = "v1_sq") -> list[int]:
     """The self-questioning conversation with the model's own question asked, open for its answer:
     `{system} USER: <image>\nCan you describe the image in detail? ASSISTANT: {description}</s>VUSER: {question}</s>
-    ASSISTANT:` (a VUSER turn followed by the assistant's answer, as the SQ objective trains it, spec 3.3)."""
+    ASSISTANT:` (a VUSER turn followed by the assistant's answer, as the SQ objective trains it, docs/spec.md 3.3)."""
     description = description.strip()
     if description.endswith(EOS_TEXT):
         description = description[: -len(EOS_TEXT)].strip()

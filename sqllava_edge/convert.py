@@ -3,7 +3,7 @@
     python -m sqllava_edge.convert --from sqllava --adapter sqllava-lora-7b --base ShareGPT4V-7B_..._vicuna-7b-v1.5 \
         --vision-tower ShareGPT4V-7B_Pretrained_vit-large336-l12 --out checkpoints/sqllava-7b
 
-Spec: sqllava-spec.md 6.1-6.3 (files, loading, config keys), 8.1 (identity ViT-LoRA), 8.5 (ShareGPT4V base), 8.15
+Spec: docs/spec.md 6.1-6.3 (files, loading, config keys), 8.1 (identity ViT-LoRA), 8.5 (ShareGPT4V base), 8.15
 (ViT-LoRA tensors inside adapter_model.bin). Names: sqllava_edge.names. Everything is checked before anything is
 written; weights stream one input shard at a time; the output folder appears atomically. `load_any(folder)` opens
 any of these layouts (or our own checkpoint) for the PyTorch backend.
@@ -11,6 +11,10 @@ any of these layouts (or our own checkpoint) for the PyTorch backend.
 Where the official loader (sqllava/model/builder.py) reads a setting differently from what its name says, we follow
 the loader and say so in the report's warnings: num_latents (256 centres), image_aspect_ratio (anything but pad is a
 crop), mm_use_im_patch_token (default on: one more token), ViT-LoRA tensors in adapter_model.bin (unused).
+One setting the official code does not read at all: a full (merged) SQ-LLaVA folder's model.mm_projector.sim_beta
+(transformers 4.31's from_pretrained renames keys containing "beta" to "bias", so the official model runs with 0.0);
+`--sim-beta file` (default) keeps the saved value, `--sim-beta official` writes 0.0. The choice is recorded in the
+checkpoint's provenance and travels into the bundle manifest.
 Dtypes: `--dtype keep` writes every tensor as the release stores it (bf16 LoRA and projector stay bf16, nothing is
 rounded); the official loader ends with fp16 weights (projector cast, LoRA merged into the fp16 LLM): `--dtype
 float16` writes fp16.
@@ -41,13 +45,15 @@ __all__ = ["convert", "export_official", "load_any", "detect_layout", "Report", 
 log = logging.getLogger(__name__)
 
 KINDS = ("sqllava", "llava", "llava-hf")
+SIM_BETA_CHOICES = ("file", "official")  # merged SQ-LLaVA folders: the saved sim_beta, or 0.0 as the official code runs
+OFFICIAL_SIM_BETA = 0.0  # the value the official code computes with (the parameter's initial value; never loaded)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # what sqllava_edge.tokenizer.load_tokenizer reads
-OFFICIAL_KEYS = ("mm_vision_tower", "mm_projector_type", "mm_hidden_size")  # spec 6.3: marks an official config.json
+OFFICIAL_KEYS = ("mm_vision_tower", "mm_projector_type", "mm_hidden_size")  # docs/spec.md 6.3: marks an official config.json
 
 
 @dataclass
 class Report:
-    """What a conversion read, what it deliberately left out, and whether the ViT-LoRA does anything (spec 8.1)."""
+    """What a conversion read, what it deliberately left out, and whether the ViT-LoRA does anything (docs/spec.md 8.1)."""
 
     kind: str
     out: str = ""
@@ -99,6 +105,10 @@ class Plan:
     added_rows: int = 0  # embedding / lm_head rows appended for them (set when the tokenizer is read)
     ignore_reasons: dict[str, str] = field(default_factory=dict)  # part -> why the streams' tensors of it are skipped
     report: Report | None = None
+    # True when the official code loads the projector with from_pretrained (a full folder's model.mm_projector.*),
+    # whose key renaming drops sim_beta; False when it comes from a .bin read with load_state_dict (keeps it).
+    projector_from_pretrained: bool = False
+    sim_beta: str = "file"  # SIM_BETA_CHOICES; acts on projector_from_pretrained cluster projectors only
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -156,7 +166,7 @@ def _adapter_file(folder: Path) -> Path:
 
 
 def check_lora(adapter: Adapter, base_shapes: dict[str, tuple[int, ...]], what: str) -> None:
-    """Every LoRA A/B pair must fit a Linear of the base: A (r, in), B (out, r), r as configured (spec 2.1/2.2)."""
+    """Every LoRA A/B pair must fit a Linear of the base: A (r, in), B (out, r), r as configured (docs/spec.md 2.1/2.2)."""
     rank, patterned = adapter.fields["r"], bool(adapter.fields.get("rank_pattern"))
     for key, tensor in sorted(adapter.tensors.items()):
         match = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
@@ -181,7 +191,7 @@ def check_lora(adapter: Adapter, base_shapes: dict[str, tuple[int, ...]], what: 
 
 
 def is_identity(adapter: Adapter) -> bool:
-    """All lora_B == 0: the adapter adds nothing (the released Vit-lora, spec 8.1)."""
+    """All lora_B == 0: the adapter adds nothing (the released Vit-lora, docs/spec.md 8.1)."""
     import torch
 
     return all(int(torch.count_nonzero(v)) == 0 for k, v in adapter.tensors.items() if ".lora_B." in k)
@@ -201,9 +211,9 @@ def _shapes(config: ModelConfig, parts=("llm", "vision", "projector")) -> dict[s
 
 
 def check_projector(config: ModelConfig, tensors: dict, source: str) -> ModelConfig:
-    """Projector tensors must be exactly the configured projector's (spec 1.4.1); -> config with ln_1 kept if present."""
+    """Projector tensors must be exactly the configured projector's (docs/spec.md 1.4.1); -> config with ln_1 kept if present."""
     if config.projector.type == "cluster":
-        has_ln = "ln_1.weight" in tensors  # the unused ln_1 is in the reference state dict (spec 1.4.1)
+        has_ln = "ln_1.weight" in tensors  # the unused ln_1 is in the reference state dict (docs/spec.md 1.4.1)
         config = config.replace(projector=dataclasses.replace(config.projector, keep_unused_ln=has_ln))
     own = _shapes(config, ("projector",))["projector"]
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
@@ -217,7 +227,7 @@ def check_projector(config: ModelConfig, tensors: dict, source: str) -> ModelCon
 
 
 def _check_base_config(config: ModelConfig, base_dir: Path) -> None:
-    """The base LLM's config.json (LLaMA or ShareGPT4V's share4v, spec 8.5) must have the adapter config's shape."""
+    """The base LLM's config.json (LLaMA or ShareGPT4V's share4v, docs/spec.md 8.5) must have the adapter config's shape."""
     base = read_json(base_dir / "config.json")
     for key, ours in (("vocab_size", config.llm.vocab_size), ("hidden_size", config.llm.hidden_size),
                       ("num_hidden_layers", config.llm.num_layers), ("intermediate_size", config.llm.intermediate_size),
@@ -270,7 +280,7 @@ def _plan_adapters(plan: Plan, model_dir: Path, shapes: dict) -> None:
 
 
 def _plan_projector(plan: Plan, model_dir: Path, base_is_model: bool) -> None:
-    """non_lora_trainables.bin > mm_projector.bin > the model folder's own model.mm_projector.* (spec 6.1 / 6.2)."""
+    """non_lora_trainables.bin > mm_projector.bin > the model folder's own model.mm_projector.* (docs/spec.md 6.1 / 6.2)."""
     for name in ("non_lora_trainables.bin", "mm_projector.bin"):
         path = model_dir / name
         if path.is_file() and plan.projector is None:  # the first one found wins
@@ -283,6 +293,7 @@ def _plan_projector(plan: Plan, model_dir: Path, base_is_model: bool) -> None:
                               "there (spec 6.1); the base's own projector is not SQ-LLaVA's")
     if plan.projector is None:
         plan.projector_source = f"model.mm_projector.* in {model_dir}"
+        plan.projector_from_pretrained = True
     else:
         plan.config = check_projector(plan.config, plan.projector, plan.projector_source)
         plan.ignore_reasons["projector"] = (f"the base's own projector, replaced by {Path(plan.projector_source).name} "
@@ -290,7 +301,7 @@ def _plan_projector(plan: Plan, model_dir: Path, base_is_model: bool) -> None:
 
 
 def plan_official(kind: str, model_dir: Path, base: Path | None, vision_tower: Path | None) -> Plan:
-    """Resolve an official SQ-LLaVA / LLaVA-1.5 release (LoRA or full) into a Plan (spec 6.1-6.3)."""
+    """Resolve an official SQ-LLaVA / LLaVA-1.5 release (LoRA or full) into a Plan (docs/spec.md 6.1-6.3)."""
     from sqllava_edge.weights import find_weights
 
     cfg = read_json(model_dir / "config.json")
@@ -419,7 +430,7 @@ def _llm_sink(writer, plan: Plan) -> Callable:
 
 def _append_mean_rows(tensor, count: int):
     """Rows for added tokens: the mean of the existing rows (transformers' resize_token_embeddings since 4.46; the
-    official loader, on transformers 4.31, draws them at random, spec 6.2)."""
+    official loader, on transformers 4.31, draws them at random, docs/spec.md 6.2)."""
     import torch
 
     mean = tensor.float().mean(dim=0, keepdim=True).to(tensor.dtype)
@@ -469,7 +480,7 @@ def _write_adapter(adapter: Adapter, folder: Path, dtype) -> None:
 
 def _load_tokenizer(plan: Plan):
     """The tokenizer to write (None: the default one at load time), with the tokens the official loader adds; grows
-    plan.config's vocabulary to the tokenizer's length when those tokens need new embedding rows (spec 6.2)."""
+    plan.config's vocabulary to the tokenizer's length when those tokens need new embedding rows (docs/spec.md 6.2)."""
     from sqllava_edge.tokenizer import default_tokenizer, load_tokenizer
 
     if plan.tokenizer_dir is None and not plan.added_tokens:
@@ -510,6 +521,37 @@ def _dtypes(tensors: dict, written) -> str:
     return stored if target in (None, stored) else f"{stored} -> {target}"
 
 
+def _apply_sim_beta(plan: Plan) -> dict[str, Any] | None:
+    """A merged SQ-LLaVA folder's sim_beta, as plan.sim_beta chooses; -> the provenance record (None: not such a folder).
+
+    The official code loads a full folder with transformers 4.31's from_pretrained, which renames every checkpoint key
+    containing "beta" to "bias" (modeling_utils.py, _fix_key): model.mm_projector.sim_beta becomes an unexpected
+    ...sim_bias and the model keeps its own sim_beta, created as 0.0 (cluster.py). (Strictly: the builder passes
+    low_cpu_mem_usage=True, under which 4.31 re-creates a missing parameter with torch.empty and LLaMA's _init_weights
+    leaves it alone, so the official value is 0.0 when that allocation is zeroed; "official" writes 0.0.) LoRA
+    releases and stage-1 folders are unaffected: their projector file is read with a plain load_state_dict.
+    """
+    import torch
+
+    if not plan.projector_from_pretrained or "sim_beta" not in plan.projector:
+        return None
+    saved = plan.projector["sim_beta"]
+    file_value = float(saved.float().flatten()[0])
+    used = file_value if plan.sim_beta == "file" else OFFICIAL_SIM_BETA
+    if plan.sim_beta == "official":
+        plan.projector["sim_beta"] = torch.full_like(saved, OFFICIAL_SIM_BETA)
+    other = "official" if plan.sim_beta == "file" else "file"
+    text = (f"sim_beta: the file holds {file_value} (model.mm_projector.sim_beta); the official code computes with "
+            f"{OFFICIAL_SIM_BETA}, because transformers 4.31's from_pretrained renames keys containing 'beta' to 'bias' "
+            f"and so never loads it. Written: {used} (--sim-beta {plan.sim_beta}; --sim-beta {other} writes "
+            f"{OFFICIAL_SIM_BETA if other == 'official' else file_value})")
+    if file_value == OFFICIAL_SIM_BETA:
+        plan.report.notes.append(text + "; both give the same outputs")
+    else:
+        plan.report.warn(text + "; answers differ between the two")
+    return {"choice": plan.sim_beta, "file": file_value, "official": OFFICIAL_SIM_BETA, "used": used}
+
+
 def write_plan(plan: Plan, out: Path, *, dtype: str = "keep", base_weights: str = "copy",
                max_shard_bytes: int = 2 << 30, progress: bool = True) -> Report:
     """Write `plan` as our checkpoint folder `out` (docs/DESIGN.md), atomically."""
@@ -526,6 +568,7 @@ def write_plan(plan: Plan, out: Path, *, dtype: str = "keep", base_weights: str 
     report.out = str(out)
     with atomic_dir(out) as tmp:
         refs = _write_bases(plan, tmp, torch_dtype, base_weights, max_shard_bytes, progress)
+        sim_beta = _apply_sim_beta(plan)
         projector = {k: (v.to(torch_dtype) if torch_dtype else v).contiguous() for k, v in plan.projector.items()}
         save_file(projector, str(tmp / "projector.safetensors"), metadata={"format": "pt"})
         report.loaded.append(f"projector ({plan.config.projector.type}): {len(projector)} tensors "
@@ -542,17 +585,27 @@ def write_plan(plan: Plan, out: Path, *, dtype: str = "keep", base_weights: str 
                                      f"alpha={adapter.fields['lora_alpha']}, from {adapter.source}")
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer")
+        provenance = {"converted_from": plan.kind, "report": report.to_dict()}
+        if sim_beta is not None:
+            provenance["sim_beta"] = sim_beta
         meta = {"format": FORMAT, "version": VERSION, "config": plan.config.to_dict(), "base": refs, "lora": lora,
-                "provenance": {"converted_from": plan.kind, "report": report.to_dict()}}
+                "provenance": provenance}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     return report
 
 
 def convert(kind: str, model_dir, out, *, base=None, vision_tower=None, dtype: str = "keep",
-            base_weights: str = "copy", max_shard_bytes: int = 2 << 30, progress: bool = True) -> Report:
-    """Import a released folder of `kind` (sqllava | llava | llava-hf) into our checkpoint `out`; -> the Report."""
+            base_weights: str = "copy", max_shard_bytes: int = 2 << 30, progress: bool = True,
+            sim_beta: str = "file") -> Report:
+    """Import a released folder of `kind` (sqllava | llava | llava-hf) into our checkpoint `out`; -> the Report.
+
+    sim_beta: for a full (merged) SQ-LLaVA folder, "file" keeps the saved model.mm_projector.sim_beta, "official"
+    writes 0.0, the value the official code computes with (it never loads the saved one, see _apply_sim_beta).
+    """
     if kind not in KINDS:
         raise ValueError(f"unknown source kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if sim_beta not in SIM_BETA_CHOICES:
+        raise ValueError(f"sim_beta must be one of {', '.join(SIM_BETA_CHOICES)}, got {sim_beta!r}")
     model_dir = Path(model_dir)
     found = detect_layout(model_dir)
     family = {"sqllava": "official", "llava": "official", "llava-hf": "llava-hf"}
@@ -562,6 +615,13 @@ def convert(kind: str, model_dir, out, *, base=None, vision_tower=None, dtype: s
         plan = plan_llava_hf(model_dir)
     else:
         plan = plan_official(kind, model_dir, Path(base) if base else None, Path(vision_tower) if vision_tower else None)
+    if sim_beta == "official" and not (plan.projector_from_pretrained and plan.config.projector.type == "cluster"):
+        where = (f"its projector comes from {Path(plan.projector_source).name}, which the official code reads with "
+                 "load_state_dict and so keeps sim_beta" if not plan.projector_from_pretrained
+                 else f"its projector is {plan.config.projector.type!r}, which has no sim_beta")
+        raise CheckpointError(f"--sim-beta official applies to full (merged) SQ-LLaVA folders only; {model_dir}: {where}. "
+                              "Leave --sim-beta at its default (file)")
+    plan.sim_beta = sim_beta
     return write_plan(plan, Path(out), dtype=dtype, base_weights=base_weights, max_shard_bytes=max_shard_bytes,
                       progress=progress)
 
@@ -619,11 +679,15 @@ def main(argv: list[str] | None = None) -> Report:
                         help="copy the base LLM / tower into the checkpoint, or reference plain LLaMA / CLIP folders in "
                              "place (link; auto = link when possible)")
     parser.add_argument("--shard-size-gb", type=float, default=2.0, help="largest output shard, in GiB")
+    parser.add_argument("--sim-beta", default="file", choices=SIM_BETA_CHOICES,
+                        help="full (merged) SQ-LLaVA folders only: file = the saved model.mm_projector.sim_beta (the "
+                             "trained value); official = 0.0, what the official code computes with (transformers "
+                             "4.31 never loads the saved value), to reproduce its outputs")
     args = parser.parse_args(argv)
     try:
         report = convert(args.kind, args.model, args.out, base=args.base, vision_tower=args.vision_tower,
                          dtype=args.dtype, base_weights=args.base_weights,
-                         max_shard_bytes=int(args.shard_size_gb * (1 << 30)))
+                         max_shard_bytes=int(args.shard_size_gb * (1 << 30)), sim_beta=args.sim_beta)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

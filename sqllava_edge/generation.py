@@ -1,7 +1,7 @@
 """Token sampling shared by every backend, and the PyTorch reference generation loop with a KV cache.
 
 One `Sampler` turns a logits vector into a token for every backend (numpy, float32), so two backends that produce
-the same logits produce the same tokens, greedy or sampled with the same seed. Spec 5 gives the defaults per task.
+the same logits produce the same tokens, greedy or sampled with the same seed. docs/spec.md 5 gives the defaults per task.
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def check_seed(seed, name: str = "seed") -> int | None:
     return int(seed)
 
 
-# Spec 5.1 / 5.3: greedy answers and descriptions; self-questions sampled at T 1.2, top-k 300, top-p 0.95, 300 tokens.
+# docs/spec.md 5.1 / 5.3: greedy answers and descriptions; self-questions sampled at T 1.2, top-k 300, top-p 0.95, 300 tokens.
 TASK_DEFAULTS: dict[str, GenerationConfig] = {
     "answer": GenerationConfig(max_new_tokens=512),
     "describe": GenerationConfig(max_new_tokens=512),

@@ -1,4 +1,4 @@
-"""The one image preprocessing every backend uses (spec 1.3; edge-deployment.md 7.3). numpy + Pillow only, no torch.
+"""The one image preprocessing every backend uses (docs/spec.md 1.3; edge-deployment.md 7.3). numpy + Pillow only, no torch.
 
 `load_image(src)` turns anything image-like into an RGB `PIL.Image`:
   * sources: a path (str / PathLike), `bytes`, a binary file object, a `PIL.Image`, or a numpy array in channels-last
@@ -73,7 +73,7 @@ def load_image(src: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
 
 
 def pad_to_square(img: Image.Image, color: tuple[int, ...]) -> Image.Image:
-    """Pad to a square filled with `color`, original centred (spec 1.3, `expand2square`): offset (0, (W-H)//2) when
+    """Pad to a square filled with `color`, original centred (docs/spec.md 1.3, `expand2square`): offset (0, (W-H)//2) when
     W > H, ((H-W)//2, 0) when H > W. A square image is returned unchanged."""
     width, height = img.size
     if width == height:
@@ -85,7 +85,7 @@ def pad_to_square(img: Image.Image, color: tuple[int, ...]) -> Image.Image:
 
 
 def pad_color(image_mean: Sequence[float]) -> tuple[int, int, int]:
-    """Background of "pad" mode: tuple(int(m*255) for m in image_mean) (spec 1.3), (122, 116, 104) for CLIP."""
+    """Background of "pad" mode: tuple(int(m*255) for m in image_mean) (docs/spec.md 1.3), (122, 116, 104) for CLIP."""
     return tuple(int(m * 255) for m in image_mean)  # type: ignore[return-value]
 
 
@@ -138,7 +138,7 @@ def _center_crop(img: Image.Image, size: int) -> Image.Image:
 
 
 def _normalize(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """Spec 1.3: rescale by 1/255 (in float64, then float32, as transformers' rescale), then (x - mean) / std in
+    """docs/spec.md 1.3: rescale by 1/255 (in float64, then float32, as transformers' rescale), then (x - mean) / std in
     float32. Returns (3, S, S)."""
     x = (np.asarray(img, dtype=np.uint8).astype(np.float64) * (1 / 255)).astype(np.float32)  # (S, S, 3)
     x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)

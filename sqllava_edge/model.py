@@ -1,6 +1,6 @@
 """The SQ-LLaVA module: CLIP vision tower -> prototype extractor + projector -> Llama, top to bottom.
 
-Spec: sqllava-spec.md section 1 (shapes, the prototype extractor formulas of 1.4.2, the splice of 1.5).
+Spec: docs/spec.md section 1 (shapes, the prototype extractor formulas of 1.4.2, the splice of 1.5).
 Composition, not mixins: `SQLLaVA(config, vision, projector, llm)`.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ def hf_clip_config(vision: VisionConfig):
 
 
 class VisionTower(nn.Module):
-    """transformers' CLIPVisionModel, run only up to the selected layer (spec 1.2); CLS dropped for "patch"."""
+    """transformers' CLIPVisionModel, run only up to the selected layer (docs/spec.md 1.2); CLS dropped for "patch"."""
 
     def __init__(self, config: VisionConfig, clip: nn.Module | None = None):
         super().__init__()
@@ -63,26 +63,28 @@ class VisionTower(nn.Module):
 
 class QuickGELU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)  # spec 1.4.1: mlp.1 is QuickGELU, not nn.GELU
+        return x * torch.sigmoid(1.702 * x)  # docs/spec.md 1.4.1: mlp.1 is QuickGELU, not nn.GELU
 
 
-def pooling_matrix(num_tokens: int, num_centers: int) -> torch.Tensor:
-    """The fixed (N, L) averaging matrix equal to AdaptiveAvgPool1d(N) over L tokens (spec 1.4.2 step 2).
+def pooling_matrix(num_tokens: int, num_centers: int, dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """The fixed (N, L) averaging matrix equal to AdaptiveAvgPool1d(N) over L tokens (docs/spec.md 1.4.2 step 2).
 
     Row n averages tokens [floor(n*L/N), ceil((n+1)*L/N)): one MatMul, no adaptive pooling op in exported graphs.
+    Computed in float64 and rounded once to `dtype` (default: torch's default dtype).
     """
-    rows = torch.zeros(num_centers, num_tokens, dtype=torch.float64)
+    rows = torch.zeros(num_centers, num_tokens, dtype=torch.float64, device="cpu")
     for n in range(num_centers):
         start = (n * num_tokens) // num_centers
         end = -((-(n + 1) * num_tokens) // num_centers)  # ceil
         rows[n, start:end] = 1.0 / (end - start)
-    return rows.float()
+    return rows.to(device=device, dtype=dtype or torch.get_default_dtype())
 
 
 class PrototypeExtractor(nn.Module):
     """SQ-LLaVA's "cluster" projector: soft-EM prototypes, hard sigmoid-similarity dispatch, QuickGELU MLP.
 
-    Exactly spec 1.4.2, quirks included (keys normalised over tokens, unnormalised M-step, `c` re-applied every
+    Exactly docs/spec.md 1.4.2, quirks included (keys normalised over tokens, unnormalised M-step, `c` re-applied every
     iteration, aggregation / (count + 1) with the pooled feature centre, s_l applied twice, ln_1 unused).
     Steps 5-6 use one-hot matmuls instead of the reference's dense (B, N, L, D) broadcast.
     """
@@ -98,18 +100,26 @@ class PrototypeExtractor(nn.Module):
         self.v = nn.Linear(channels, channels)
         self.f = nn.Linear(channels, channels)
         if keep_unused_ln:
-            self.ln_1 = nn.LayerNorm(channels)  # exists in the reference state dict, never used (spec 1.4.1)
+            self.ln_1 = nn.LayerNorm(channels)  # exists in the reference state dict, never used (docs/spec.md 1.4.1)
         self.mlp = nn.Sequential(nn.Linear(channels, channels_out), QuickGELU(), nn.Linear(channels_out, channels_out))
-        self.register_buffer("pool", pooling_matrix(num_tokens, num_centers), persistent=False)
+        self.num_tokens = num_tokens
+        self.register_buffer("pool", pooling_matrix(num_tokens, num_centers, self.c.weight.dtype), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        """After a cast or move (.double(), .half(), .to(device)), rebuild the pooling matrix in the buffer's new dtype:
+        casting the old buffer would keep its rounding (1/3 in float32 is not 1/3 in float64)."""
+        super()._apply(fn, recurse)
+        self.pool = pooling_matrix(self.num_tokens, self.num_centers, self.pool.dtype, self.pool.device)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, D = x.shape
         pool = self.pool.to(x.dtype)  # (N, L)
         feats = self.f(x)  # (B, L, D)  "value"
-        keys = F.normalize(self.v(x), dim=1)  # (B, L, D), normalised along the token axis (spec 8.3)
+        keys = F.normalize(self.v(x), dim=1)  # (B, L, D), normalised along the token axis (docs/spec.md 8.3)
         centers = pool @ x  # (B, N, D)  pooled initial centres C0
         center_feats = pool @ feats  # (B, N, D)  CF
-        for _ in range(self.iterations):  # soft-EM, spec 1.4.2 step 3
+        for _ in range(self.iterations):  # soft-EM, docs/spec.md 1.4.2 step 3
             query = F.normalize(self.c(centers), dim=-1)  # (B, N, D)
             assign = torch.softmax(query @ keys.transpose(1, 2), dim=1)  # (B, N, L), softmax over centres
             centers = assign @ feats  # (B, N, D), unnormalised M-step
@@ -133,7 +143,7 @@ def build_projector(config: ModelConfig) -> nn.Module:
     p: ProjectorConfig = config.projector
     if p.type == "cluster":
         return PrototypeExtractor(d, h, p.num_centers, config.vision.num_image_tokens, p.em_iterations, p.keep_unused_ln)
-    if p.type == "mlp2x_gelu":  # LLaVA-1.5 (spec 1.4.3)
+    if p.type == "mlp2x_gelu":  # LLaVA-1.5 (docs/spec.md 1.4.3)
         return nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, h))
     if p.type == "linear":
         return nn.Linear(d, h)
@@ -171,7 +181,7 @@ def hf_llama_config(llm: LLMConfig):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The image splice (spec 1.5), a pure function
+# The image splice (docs/spec.md 1.5), a pure function
 
 
 @dataclass
@@ -190,7 +200,7 @@ def splice_image_embeddings(
     """Replace each IMAGE_TOKEN_INDEX in the (unpadded) rows by the next image's rows of `image_embeds` (Ni, T, H).
 
     Placeholders consume images in order across the batch (one image per placeholder; the reference's reuse of
-    the first image for several placeholders, spec 8.16, is not reproduced). Rows are right-padded.
+    the first image for several placeholders, docs/spec.md 8.16, is not reproduced). Rows are right-padded.
     """
     total = sum(int((ids == IMAGE_TOKEN_INDEX).sum()) for ids in input_ids)
     given = 0 if image_embeds is None else image_embeds.shape[0]
@@ -286,7 +296,7 @@ class SQLLaVA(nn.Module):
         out = self.llm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, use_cache=use_cache)
         loss = None
         if batch.labels is not None:
-            # Token-level mean of the shifted next-token cross-entropy over the micro-batch (spec 1.6).
+            # Token-level mean of the shifted next-token cross-entropy over the micro-batch (docs/spec.md 1.6).
             logits = out.logits[:, :-1].float()
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1),
                                    ignore_index=IGNORE_INDEX)

@@ -40,24 +40,25 @@ LAYOUTS = {
 }
 
 RULES: tuple[NameRule, ...] = (
-    # --- LlavaLlamaForCausalLM state dict (spec 1.4 "prefix model.mm_projector.", spec 6.2 step 2).
+    # --- LlavaLlamaForCausalLM state dict (docs/spec.md 1.4 "prefix model.mm_projector.", docs/spec.md 6.2 step 2).
     NameRule("official_llm", "model.mm_projector.{rest}", "projector", "{rest}",
              "spec 1.4.1 / 6.2: projector keys model.mm_projector.* (cluster: c.weight...; mlp2x_gelu: 0.*, 2.*)"),
     NameRule("official_llm", "model.vision_tower.vision_tower.vision_model.{rest}", "ignore", "",
              "spec 6.2: a tower saved inside the LLM checkpoint is never read; the tower loads from mm_vision_tower"),
     NameRule("official_llm", "model.layers.{i}.self_attn.rotary_emb.inv_freq", "ignore", "",
-             "transformers < 4.31 saved the RoPE frequency buffer; it is recomputed from rope_theta"),
+             "transformers 4.31 and earlier save the RoPE frequency buffer (persistent in LlamaRotaryEmbedding); it "
+             "is recomputed from rope_theta"),
     NameRule("official_llm", "model.{rest}", "llm", "model.{rest}", "HF LlamaForCausalLM naming (spec 1.6)"),
     NameRule("official_llm", "lm_head.{rest}", "llm", "lm_head.{rest}", "HF LlamaForCausalLM naming (spec 1.6)"),
-    # --- adapter_model.* of a stage-2 release: LLM-LoRA and, mixed in, ViT-LoRA (spec 6.1 "Stage 2", 8.15).
+    # --- adapter_model.* of a stage-2 release: LLM-LoRA and, mixed in, ViT-LoRA (docs/spec.md 6.1 "Stage 2", 8.15).
     NameRule("official_adapter", "base_model.model.model.vision_tower.vision_tower.vision_model.{rest}", "vit_lora",
              "base_model.model.{rest}", "spec 6.1: ViT-LoRA tensors inside adapter_model.bin (silently unused, spec 8.15)"),
     NameRule("official_adapter", "base_model.model.{rest}", "llm_lora", "base_model.model.{rest}",
              "spec 6.1 / 2.1: PEFT on LlavaLlamaForCausalLM, same keys as PEFT on LlamaForCausalLM"),
-    # --- Vit-lora/adapter_model.* (spec 6.1: PEFT applied to the CLIPVisionTower wrapper, spec 2.2).
+    # --- Vit-lora/adapter_model.* (docs/spec.md 6.1: PEFT applied to the CLIPVisionTower wrapper, docs/spec.md 2.2).
     NameRule("official_vit_adapter", "base_model.model.vision_tower.vision_model.{rest}", "vit_lora",
              "base_model.model.{rest}", "spec 6.1: keys base_model.model.vision_tower.vision_model.encoder.layers.*"),
-    # --- non_lora_trainables.bin / mm_projector.bin (spec 6.1, 6.2 step 3).
+    # --- non_lora_trainables.bin / mm_projector.bin (docs/spec.md 6.1, 6.2 step 3).
     NameRule("official_non_lora", "base_model.model.model.mm_projector.{rest}", "projector", "{rest}",
              "spec 6.1: non_lora_trainables.bin keys base_model.model.model.mm_projector.*"),
     NameRule("official_non_lora", "model.mm_projector.{rest}", "projector", "{rest}",
@@ -66,7 +67,7 @@ RULES: tuple[NameRule, ...] = (
              "spec 6.2 step 3 (strip base_model., then model.): trained LLM tensors, e.g. embed_tokens"),
     NameRule("official_non_lora", "base_model.model.lm_head.{rest}", "llm", "lm_head.{rest}",
              "spec 6.2 step 3: a trained lm_head"),
-    # --- CLIP tower folders (spec 1.2: HF CLIPVisionModel; openai/clip-vit-large-patch14-336 is a full CLIPModel).
+    # --- CLIP tower folders (docs/spec.md 1.2: HF CLIPVisionModel; openai/clip-vit-large-patch14-336 is a full CLIPModel).
     NameRule("clip", "vision_model.embeddings.position_ids", "ignore", "",
              "buffer saved by transformers < 4.31; recomputed"),
     NameRule("clip", "embeddings.position_ids", "ignore", "", "buffer saved by transformers < 4.31; recomputed"),
@@ -179,7 +180,7 @@ VALUE_MAPS: dict[str, dict] = {
                        "gelu": "mlp2x_gelu"},
 }
 
-# The config.json keys the reference writes beside the LLaMA fields (spec 6.3), with their released stage-2 values.
+# The config.json keys the reference writes beside the LLaMA fields (docs/spec.md 6.3), with their released stage-2 values.
 OFFICIAL_FIXED_KEYS: dict[str, object] = {
     "use_mm_proj": True, "image_grid_pinpoints": None, "tune_mm_mlp_adapter": False, "freeze_mm_mlp_adapter": False,
     "mm_use_im_start_end": False, "mm_projector_lr": 2e-5, "vision_tower_lr": 2e-5, "mm_use_im_patch_token": False,

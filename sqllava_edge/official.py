@@ -1,6 +1,6 @@
 """Config translation for foreign layouts, both ways, and `export_official` (our checkpoint -> official SQ-LLaVA layout).
 
-Spec: sqllava-spec.md 6.1 (files of a release), 6.3 (config.json keys), 2.1-2.2 (LoRA configs). Key names come from
+Spec: docs/spec.md 6.1 (files of a release), 6.3 (config.json keys), 2.1-2.2 (LoRA configs). Key names come from
 sqllava_edge.names; this module only turns config dictionaries into a ModelConfig and back.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from sqllava_edge.errors import CheckpointError
 from sqllava_edge.names import (CLIP_CONFIG_KEYS, LLAVA_HF_CONFIG_KEYS, OFFICIAL_CONFIG_KEYS, OFFICIAL_FIXED_KEYS,
                                 VALUE_MAPS, to_layout)
 
-TEMPLATES = {"sqllava": "v1_sq", "llava": "v1", "llava-hf": "v1"}  # spec 3.2 / 6: training template of each family
+TEMPLATES = {"sqllava": "v1_sq", "llava": "v1", "llava-hf": "v1"}  # docs/spec.md 3.2 / 6: training template of each family
 # transformers' defaults for keys a config.json may omit (LlamaConfig, CLIPVisionConfig).
 LLAMA_DEFAULTS = {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "bos_token_id": 1,
                   "eos_token_id": 2, "pad_token_id": 0, "hidden_act": "silu", "tie_word_embeddings": False}
@@ -25,10 +25,10 @@ CLIP_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_laye
 LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "fan_in_fan_out", "rank_pattern",
                "alpha_pattern", "use_rslora")
 # The reference builds Clustering(mm_hidden_size, hidden_size, 256, 2): 256 centres whatever config.num_latents says
-# (sqllava/model/multimodal_projector/builder.py, spec 1.4). No projector tensor depends on the number of centres
-# (spec 1.4.1: the pooling has no parameters), so it cannot be read from the weights either.
+# (sqllava/model/multimodal_projector/builder.py, docs/spec.md 1.4). No projector tensor depends on the number of centres
+# (docs/spec.md 1.4.1: the pooling has no parameters), so it cannot be read from the weights either.
 OFFICIAL_NUM_CENTERS = 256
-IMAGE_PATCH_TOKEN = "<im_patch>"  # spec 1.5 / 3.6: added by the official loader when mm_use_im_patch_token is on
+IMAGE_PATCH_TOKEN = "<im_patch>"  # docs/spec.md 1.5 / 3.6: added by the official loader when mm_use_im_patch_token is on
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -52,7 +52,7 @@ def _mapped(path: str, value: Any, key: str, where: Path) -> Any:
 
 
 def llm_config(cfg: dict[str, Any], where: Path) -> LLMConfig:
-    """LLaMA fields of an official config.json or a llava-hf text_config (spec 6.3)."""
+    """LLaMA fields of an official config.json or a llava-hf text_config (docs/spec.md 6.3)."""
     cfg = {**LLAMA_DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
     if "rope_parameters" in cfg:  # transformers 5 spelling
         cfg["rope_theta"] = cfg["rope_parameters"].get("rope_theta", cfg["rope_theta"])
@@ -89,7 +89,7 @@ def vision_config(clip_cfg: dict[str, Any], preprocessor: dict[str, Any] | None,
 
 def official_model_config(cfg: dict[str, Any], clip_cfg: dict[str, Any], preprocessor: dict[str, Any] | None,
                           kind: str, where: Path, warnings: list[str] | None = None) -> ModelConfig:
-    """ModelConfig from an official SQ-LLaVA / LLaVA-1.5 config.json (spec 6.3) and its CLIP tower's config.
+    """ModelConfig from an official SQ-LLaVA / LLaVA-1.5 config.json (docs/spec.md 6.3) and its CLIP tower's config.
 
     Settings read the way the official code reads them, not as their names say, are described in `warnings`.
     """
@@ -133,7 +133,7 @@ def official_aspect(value: Any, kind: str, where: Path, warnings: list[str]) -> 
 
 def added_tokens(cfg: dict[str, Any], where: Path) -> list[str]:
     """Tokens the official loader adds to the tokenizer before `resize_token_embeddings(len(tokenizer))`
-    (sqllava/model/builder.py, spec 6.2 / 3.6). mm_use_im_patch_token defaults to True when the key is missing;
+    (sqllava/model/builder.py, docs/spec.md 6.2 / 3.6). mm_use_im_patch_token defaults to True when the key is missing;
     mm_use_im_start_end is refused: it changes every prompt, which sqllava-edge does not build."""
     if cfg.get("mm_use_im_start_end", False):
         raise CheckpointError(
@@ -191,7 +191,7 @@ def lora_config_fields(adapter_config: dict[str, Any], where: Path) -> dict[str,
 
 
 def official_config_json(config: ModelConfig, vision_tower: str) -> dict[str, Any]:
-    """config.json of an SQ-LLaVA release for `config` (spec 6.3), in transformers 4.31 spelling."""
+    """config.json of an SQ-LLaVA release for `config` (docs/spec.md 6.3), in transformers 4.31 spelling."""
     llm = config.llm
     out: dict[str, Any] = {"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "hidden_act": "silu",
                            "initializer_range": 0.02, "pretraining_tp": 1, "rope_scaling": None,
@@ -219,7 +219,7 @@ def official_config_json(config: ModelConfig, vision_tower: str) -> dict[str, An
 
 
 def official_lora_config(fields: dict[str, Any], base: str, task_type: str | None) -> dict[str, Any]:
-    """adapter_config.json as PEFT 0.4 wrote it (spec 2.1 / 2.2)."""
+    """adapter_config.json as PEFT 0.4 wrote it (docs/spec.md 2.1 / 2.2)."""
     return {"auto_mapping": None, "base_model_name_or_path": base, "bias": "none", "fan_in_fan_out": False,
             "inference_mode": True, "init_lora_weights": True, "layers_pattern": None, "layers_to_transform": None,
             "lora_alpha": fields["lora_alpha"], "lora_dropout": fields.get("lora_dropout", 0.0), "modules_to_save": None,
@@ -228,7 +228,7 @@ def official_lora_config(fields: dict[str, Any], base: str, task_type: str | Non
 
 
 def export_official(checkpoint, out_dir, *, include_base: bool = True, max_shard_bytes: int = 2 << 30) -> Path:
-    """Write our checkpoint in the official SQ-LLaVA release layout (spec 6.1); -> `out_dir`.
+    """Write our checkpoint in the official SQ-LLaVA release layout (docs/spec.md 6.1); -> `out_dir`.
 
     out_dir/config.json (mm_* keys), adapter_config.json + adapter_model.bin (the LLM-LoRA, plus the ViT-LoRA tensors
     the release also carries), non_lora_trainables.bin (projector), Vit-lora/. Without an LLM-LoRA the folder is a
@@ -294,7 +294,7 @@ def _export_adapters(loras: dict, tmp: Path, projector: dict, llm_ref: str, towe
     vit = _read_adapter(loras["vision"]) if loras["vision"] else None
     if loras["llm"] is not None:
         fields, tensors = _read_adapter(loras["llm"])
-        if vit is not None:  # the release's adapter_model.bin also carries the ViT-LoRA (spec 6.1)
+        if vit is not None:  # the release's adapter_model.bin also carries the ViT-LoRA (docs/spec.md 6.1)
             tensors.update({to_layout("official_adapter", "vit_lora", k): v for k, v in vit[1].items()})
         lora_cfg = official_lora_config(fields, llm_ref, "CAUSAL_LM")
         (tmp / "adapter_config.json").write_text(json.dumps(lora_cfg, indent=2))

@@ -4,10 +4,10 @@ Text is text. `Tokenizer.encode` never turns characters into control tokens: "</
 typed by anyone are encoded as the characters they are. BOS, EOS and the image position are inserted as ids by the
 conversation templates (sqllava_edge.conversation), never parsed out of a string.
 
-SQ-LLaVA trained with transformers 4.31's slow `LlamaTokenizer` (spec 1.5 and 3.4). It split the rendered prompt on
+SQ-LLaVA trained with transformers 4.31's slow `LlamaTokenizer` (docs/spec.md 1.5 and 3.4). It split the rendered prompt on
 special tokens and ran SentencePiece on each piece of text in between, so each piece gets the dummy prefix "▁"
 (" ASSISTANT" right after "</s>" becomes ["▁", "▁A", ...]). One setting changes that: `legacy` in the checkpoint's
-tokenizer_config.json (spec 3.4). With `"legacy": false` (Vicuna-v1.5 configs carry it), a piece of text
+tokenizer_config.json (docs/spec.md 3.4). With `"legacy": false` (Vicuna-v1.5 configs carry it), a piece of text
 right after a special token that does not start with a space loses the "▁" of its first SentencePiece token
 ("</s>USER:" -> "US", "ER", ...; "</s>VUSER:" -> "V", "USER", ...). `encode(text, after_special=True)` reproduces
 that for the text a template puts after "</s>". Missing, the key means legacy=True, as in transformers.
@@ -53,7 +53,7 @@ _BUILD_VERSION = 1  # bump when Tokenizer.from_spm_vocab changes, so default_tok
 
 @dataclass(frozen=True)
 class SpecialTokens:
-    """The strings of the tokens SQ-LLaVA places by id (spec 1.5: pad = unk when the checkpoint names none)."""
+    """The strings of the tokens SQ-LLaVA places by id (docs/spec.md 1.5: pad = unk when the checkpoint names none)."""
     bos: str
     eos: str
     unk: str
@@ -98,8 +98,8 @@ class Tokenizer:
                              "load_tokenizer(), which needs tokenizer.json or tokenizer.model")
         hf.split_special_tokens = True  # text is text: "</s>" typed by anyone is 3 ordinary tokens (module docstring)
         if hf.pad_token is None:
-            hf.pad_token = hf.unk_token  # spec 1.5: pad_token = unk_token for every version but v0
-        hf.padding_side = "right"  # spec 1.5: the collator right-pads
+            hf.pad_token = hf.unk_token  # docs/spec.md 1.5: pad_token = unk_token for every version but v0
+        hf.padding_side = "right"  # docs/spec.md 1.5: the collator right-pads
         special = SpecialTokens(bos=str(hf.bos_token), eos=str(hf.eos_token), unk=str(hf.unk_token),
                                 pad=str(hf.pad_token))
         return cls(hf.backend_tokenizer, special, spm_model=spm_model, legacy=legacy, hf=hf)
@@ -346,7 +346,7 @@ def read_legacy(folder: str | os.PathLike) -> bool:
 def read_special_tokens(folder: str | os.PathLike) -> SpecialTokens:
     """bos/eos/unk/pad strings as transformers reads them: tokenizer_config.json, overridden by
     special_tokens_map.json (transformers 4 writes both); a value is a string or an AddedToken dict with "content".
-    Missing: LlamaTokenizer's defaults; pad missing: the unk token (spec 1.5)."""
+    Missing: LlamaTokenizer's defaults; pad missing: the unk token (docs/spec.md 1.5)."""
     folder = Path(folder)
     found = {**_read_json(folder / TOKENIZER_CONFIG), **_read_json(folder / "special_tokens_map.json")}
     tokens = {}

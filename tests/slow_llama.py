@@ -1,5 +1,5 @@
 """An independent model of the reference tokenization, for tests: transformers 4.31's slow `LlamaTokenizer` (what
-SQ-LLaVA trained with) rebuilt on SentencePiece itself, and spec 1.5's `tokenizer_image_token` on top of it.
+SQ-LLaVA trained with) rebuilt on SentencePiece itself, and docs/spec.md 1.5's `tokenizer_image_token` on top of it.
 
 transformers 4.31.0, models/llama/tokenization_llama.py: `tokenize` (with legacy=False: text = "▁" + text with "▁"
 replaced by " "), then the base class splits out the special tokens (AddedTokens with lstrip=rstrip=False: nothing
@@ -65,7 +65,7 @@ def after_special(sp, text: str, legacy: bool) -> list[int]:
 
 
 def image_token(encode: Callable[[str], list[int]], text: str, has_image: bool = True) -> list[int]:
-    """Spec 1.5 `tokenizer_image_token`: split on "<image>", each chunk tokenized on its own, one BOS first."""
+    """docs/spec.md 1.5 `tokenizer_image_token`: split on "<image>", each chunk tokenized on its own, one BOS first."""
     chunks = text.split("<image>") if has_image else [text]
     ids = [SPECIAL_IDS["<s>"]] + encode(chunks[0])
     for chunk in chunks[1:]:

@@ -1,6 +1,6 @@
-"""Templates, SQ conversion and label masks (spec 3) checked against an independent model of the reference:
+"""Templates, SQ conversion and label masks (docs/spec.md 3) checked against an independent model of the reference:
 SentencePiece itself run the way transformers 4.31's LlamaTokenizer runs it (both `legacy` settings, tests/slow_llama.py),
-and spec 3.4's length arithmetic. Caller text is plain text."""
+and docs/spec.md 3.4's length arithmetic. Caller text is plain text."""
 from __future__ import annotations
 
 import math
@@ -17,7 +17,7 @@ from sqllava_edge.tokenizer import Tokenizer, default_tokenizer, load_tokenizer
 from sqllava_edge.vocab import vocab_dir
 from tests.slow_llama import after_special, image_token, sentencepiece, slow_llama
 
-# Spec 3.2, copied verbatim (note "questions.Also").
+# docs/spec.md 3.2, copied verbatim (note "questions.Also").
 SPEC_SYSTEM_V1_SQ = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, "
     "and polite answers to the user's questions.Also, the artificial intelligence assistant is a curious virtual "
@@ -69,7 +69,7 @@ def reference(sp):
         sep = " ASSISTANT: "
         labels, cur = list(ids), 1
         labels[0] = IGNORE_INDEX
-        for rou in text.split("</s>"):  # spec 3.4
+        for rou in text.split("</s>"):  # docs/spec.md 3.4
             if rou == "":
                 break
             if sep in rou:
@@ -159,7 +159,7 @@ def test_ids_and_labels_equal_the_reference(toks, reference, name, legacy):
 
 
 def test_spec_example_label_table(tok):
-    """Spec 3.4's table, span by span, on realistic text."""
+    """docs/spec.md 3.4's table, span by span, on realistic text."""
     result = tokenize_conversation(tok, "v1_sq", SPEC_EXAMPLE)
     assert spans(tok, result.ids, result.labels) == [
         (False, f"<s> {SPEC_SYSTEM_V1_SQ} USER: <image>\n{Q1} ASSISTANT:"),
@@ -185,7 +185,7 @@ def test_v1_label_spans(tok):
 @pytest.mark.parametrize("caption", ["A red bus parked by a brick building.", "  two spaces, 🦙 and\nnewline"])
 def test_plain_stage1(tok, caption):
     turns = to_turns([{"from": "human", "value": "Describe this.\n<image>"}, {"from": "gpt", "value": caption}])
-    assert render("plain", turns) == "<image>" + caption + "\n"  # spec 3.5: the instruction is dropped
+    assert render("plain", turns) == "<image>" + caption + "\n"  # docs/spec.md 3.5: the instruction is dropped
     result = tokenize_conversation(tok, "plain", turns)
     assert result.ids == [tok.bos_id, IMAGE_TOKEN_INDEX] + tok.encode(caption + "\n")
     assert result.labels[:2] == [IGNORE_INDEX] * 2 and result.labels[2:] == result.ids[2:]
@@ -258,7 +258,7 @@ def test_turn_validation():
         Turn("assistant", None, image=True)
 
 
-# --- SQ conversion (spec 3.3) --------------------------------------------------------------------------------------
+# --- SQ conversion (docs/spec.md 3.3) ---------------------------------------------------------------------------------
 
 def llava(*values: str, first: str = "human") -> list[dict]:
     roles = ("human", "gpt") if first == "human" else ("gpt", "human")
@@ -309,7 +309,7 @@ def test_sq_convert_draws_from_rng_and_keeps_explicit_vuser():
     ("<image>", "", "USER: <image> ASSISTANT:"),
 ])
 def test_llava_json_image_placeholder_becomes_the_image_turn(value, text, rendered):
-    """Training data is where "<image>" means the image: the turn holding it carries the image (spec 1.5)."""
+    """Training data is where "<image>" means the image: the turn holding it carries the image (docs/spec.md 1.5)."""
     turn = to_turns(llava(value, "A"))[0]
     assert turn == Turn("user", text, image=True)
     assert render("v1", [turn, Turn("assistant", None)]).endswith(rendered)
@@ -327,7 +327,7 @@ def test_sq_convert_errors(conversations, sq_r, match):
         sq_convert(conversations, sq_r, random.Random(0))
 
 
-# --- prompts (spec 5) ----------------------------------------------------------------------------------------------
+# --- prompts (docs/spec.md 5) -----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def assemble(sp):

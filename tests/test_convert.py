@@ -1,4 +1,4 @@
-"""sqllava_edge.convert: released layouts (spec 6.1-6.3) written here file by file, imported, compared by logits.
+"""sqllava_edge.convert: released layouts (docs/spec.md 6.1-6.3) written here file by file, imported, compared by logits.
 
 The layouts are written by this test with hand-spelled key names (not with sqllava_edge.names), so a wrong rule in
 the name table shows up as a failed import or a logits difference.
@@ -25,15 +25,15 @@ from sqllava_edge.model import SQLLaVA, hf_clip_config
 
 pytest.importorskip("peft", reason="LoRA adapters need peft")
 
-# 224 px / patch 14 = 256 image tokens: the official cluster projector always pools into 256 centres (spec 1.4).
+# 224 px / patch 14 = 256 image tokens: the official cluster projector always pools into 256 centres (docs/spec.md 1.4).
 SMALL = ModelConfig(
     "small-test",
     VisionConfig(image_size=224, patch_size=14, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2),
     ProjectorConfig(num_centers=256),
     LLMConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=2, max_position_embeddings=512),
 )
-LLM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # spec 2.1
-VIT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]  # spec 2.2
+LLM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # docs/spec.md 2.1
+VIT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]  # docs/spec.md 2.2
 IDS = [1, 319, 13563, IMAGE_TOKEN_INDEX, 29871, 13, 5618, 338, 445]
 
 
@@ -48,7 +48,7 @@ def with_lora(model: SQLLaVA, llm: bool = True, vit: str | None = "trained", see
     if vit:
         model.vision.clip = get_peft_model(model.vision.clip, LoraConfig(r=2, lora_alpha=4, target_modules=VIT_TARGETS,
                                                                          init_lora_weights=False))
-        if vit == "identity":  # the released Vit-lora (spec 8.1)
+        if vit == "identity":  # the released Vit-lora (docs/spec.md 8.1)
             with torch.no_grad():
                 for name, p in model.vision.clip.named_parameters():
                     if "lora_B" in name:
@@ -117,7 +117,7 @@ def llama_fields(cfg: ModelConfig) -> dict:
 
 
 def mm_config(cfg: ModelConfig, projector_type: str, tower: Path, model_type: str = "llava") -> dict:
-    """config.json of a release: the LLaMA fields + the keys of spec 6.3."""
+    """config.json of a release: the LLaMA fields + the keys of docs/spec.md 6.3."""
     return {**llama_fields(cfg), "architectures": ["LlavaLlamaForCausalLM"], "model_type": model_type,
             "mm_vision_tower": str(tower), "use_mm_proj": True, "mm_projector_type": projector_type,
             "num_latents": cfg.projector.num_centers, "mm_hidden_size": cfg.vision.hidden_size,
@@ -167,7 +167,7 @@ def llm_base_state(model: SQLLaVA, dtype: torch.dtype) -> dict:
 def write_sqllava_release(model: SQLLaVA, root: Path, fmt: str = "bin", dtype=torch.bfloat16, shards: int = 2,
                           vit_folder: bool = True, adapter_dtype: torch.dtype | None = None,
                           extra_base: dict | None = None) -> dict[str, Path]:
-    """The released SQ-LLaVA layout (spec 6.1): ShareGPT4V base (share4v config, its own mlp projector, RoPE buffers),
+    """The released SQ-LLaVA layout (docs/spec.md 6.1): ShareGPT4V base (share4v config, its own mlp projector, RoPE buffers),
     CLIP tower folder, and the LoRA folder with adapter (LLM + ViT tensors), non_lora_trainables.bin, Vit-lora/.
     adapter_dtype: LoRA, ViT-LoRA and projector tensors stored in it (DeepSpeed --bf16 saves bf16); extra_base: more
     tensors in the base's state dict."""
@@ -317,7 +317,7 @@ def test_base_with_tower_keys_and_clip_with_position_ids(tmp_path):
 
 def test_tokenizer_files_in_the_base_folder(tmp_path, small_model):
     """Vicuna / ShareGPT4V bases carry the slow tokenizer's files; the official loader reads the tokenizer from
-    --model-base (spec 6.2), not from the adapter folder, and so do we."""
+    --model-base (docs/spec.md 6.2), not from the adapter folder, and so do we."""
     from sqllava_edge.tokenizer import default_tokenizer
 
     paths = write_sqllava_release(small_model, tmp_path)
@@ -335,38 +335,125 @@ def test_tokenizer_files_in_the_base_folder(tmp_path, small_model):
     assert f"tokenizer (32000 tokens) from {paths['base']}" in report.loaded
 
 
-def test_merged_fp16_folder_of_merge_lora_weights(tmp_path):
-    """scripts/merge_lora_weights.py = load_pretrained_model (LLM-LoRA merged, fp16, ViT-LoRA not merged) +
-    save_pretrained + tokenizer.save_pretrained (spec 6.2): one fp16 state dict with the LLM, the cluster projector
-    (model.mm_projector.*, ln_1 included) and the loaded tower (model.vision_tower.vision_tower.*), sharded .bin as
-    transformers 4.31 writes it, plus the tokenizer. The tower loads from mm_vision_tower, as on the official reload."""
-    model = SQLLaVA.from_config(SMALL, seed=16).eval()
-    round_all(model, torch.float16)
-    tower = write_clip_folder(model, tmp_path / "ShareGPT4V-7B_Pretrained_vit-large336-l12", position_ids=True)
+def write_merged_folder(model: SQLLaVA, root: Path) -> dict[str, Path]:
+    """A folder as scripts/merge_lora_weights.py writes it = load_pretrained_model (LLM-LoRA merged, fp16, ViT-LoRA not
+    merged) + save_pretrained + tokenizer.save_pretrained (docs/spec.md 6.2) on transformers 4.31: one fp16 state dict with the
+    LLM, the RoPE inv_freq buffers (persistent in 4.31, float32), the cluster projector (model.mm_projector.*, ln_1
+    and the trained sim_alpha / sim_beta included) and the loaded tower (model.vision_tower.vision_tower.*), sharded
+    .bin, plus the tokenizer. The tower folder is written beside it (the official reload takes it from mm_vision_tower)."""
+    tower = write_clip_folder(model, root / "ShareGPT4V-7B_Pretrained_vit-large336-l12", position_ids=True)
     state = llm_base_state(model, torch.float16)
+    head_dim = SMALL.llm.hidden_size // SMALL.llm.num_heads
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    state.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": inv_freq for i in range(SMALL.llm.num_layers)})
     state.update({"model.mm_projector." + k: v.half() for k, v in model.projector.state_dict().items()})
     state.update({"model.vision_tower.vision_tower." + k: v.half() for k, v in tower_state(model).items()})
-    folder = tmp_path / "sqllava-v1.7-7b-merged"
+    folder = root / "sqllava-v1.7-7b-merged"
     save_weights(state, folder, "bin", 2)
     config = {**mm_config(SMALL, "cluster", Path("Lin-Chen/ShareGPT4V-7B_Pretrained_vit-large336-l12")),
               "torch_dtype": "float16", "transformers_version": "4.31.0"}
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}))
     write_slow_tokenizer_files(folder)
+    return {"model": folder, "tower": tower}
+
+
+def test_merged_fp16_folder_of_merge_lora_weights(tmp_path):
+    model = SQLLaVA.from_config(SMALL, seed=16).eval()
+    round_all(model, torch.float16)
+    paths = write_merged_folder(model, tmp_path)
+    folder = paths["model"]
     assert detect_layout(folder) == "sqllava"
-    report = convert("sqllava", folder, tmp_path / "ours", vision_tower=tower, progress=False)
+    report = convert("sqllava", folder, tmp_path / "ours", vision_tower=paths["tower"], progress=False)
     loaded, tokenizer = load_checkpoint(tmp_path / "ours")
     assert (logits(loaded) - logits(model)).abs().max().item() <= 1e-5
     assert loaded.config.projector.type == "cluster" and loaded.config.projector.keep_unused_ln
     assert any(line.startswith(f"projector (cluster): 14 tensors (float16) from model.mm_projector.* in {folder}")
                for line in report.loaded)
     assert any("model.vision_tower.vision_tower.vision_model.{rest}" in line for line in report.ignored)
+    assert any("rotary_emb.inv_freq" in line and "4.31" in line for line in report.ignored)
     assert f"tokenizer (32000 tokens) from {folder}" in report.loaded and tokenizer.vocab_size == 32000
     assert report.vit_lora_identity is None
+    # sim_beta of this model is its initial 0.0: the official code's value, so both choices agree (a note, no warning)
+    assert any(note.startswith("sim_beta: the file holds 0.0 ") for note in report.notes) and not report.warnings
+
+
+def test_merged_folder_sim_beta_file_or_official(tmp_path, capsys):
+    """transformers 4.31's from_pretrained renames checkpoint keys containing "beta" to "bias", so the official code
+    never loads a merged folder's model.mm_projector.sim_beta and computes with 0.0. --sim-beta file (default) keeps
+    the saved value, --sim-beta official writes 0.0; the report names both values, the checkpoint and the bundle
+    manifest record the choice, `sqllava-edge inspect` shows it. LoRA releases (projector via load_state_dict) keep
+    their value and refuse --sim-beta official."""
+    from safetensors.torch import load_file
+
+    from export.__main__ import run_export
+    from export.merge import merge_checkpoint
+    from sqllava_edge.bundle import read_manifest
+    from sqllava_edge.cli import main as cli_main
+
+    model = SQLLaVA.from_config(SMALL, seed=18).eval()
+    with torch.no_grad():  # trained values (the released projector's are not the initial 1.0 / 0.0)
+        model.projector.sim_alpha.fill_(1.5)
+        model.projector.sim_beta.fill_(-1.0)
+    round_all(model, torch.float16)
+    paths = write_merged_folder(model, tmp_path)
+    saved = {"sim_alpha": 1.5, "c.weight": model.projector.c.weight.half()}
+
+    report = convert("sqllava", paths["model"], tmp_path / "file", vision_tower=paths["tower"], progress=False)
+    official = main(["--from", "sqllava", "--adapter", str(paths["model"]), "--vision-tower", str(paths["tower"]),
+                     "--out", str(tmp_path / "official"), "--sim-beta", "official"])
+    printed = capsys.readouterr().out
+    expected = {"file": -1.0, "official": 0.0}
+    for choice, rep in (("file", report), ("official", official)):
+        projector = load_file(str(tmp_path / choice / "projector.safetensors"))
+        assert projector["sim_beta"].dtype == torch.float16 and projector["sim_beta"].item() == expected[choice]
+        assert projector["sim_alpha"].item() == saved["sim_alpha"] and torch.equal(projector["c.weight"], saved["c.weight"])
+        meta = json.loads((tmp_path / choice / "sqllava_edge.json").read_text())
+        assert meta["provenance"]["sim_beta"] == {"choice": choice, "file": -1.0, "official": 0.0,
+                                                  "used": expected[choice]}
+        warning, = [w for w in rep.warnings if w.startswith("sim_beta:")]
+        assert "the file holds -1.0 (model.mm_projector.sim_beta)" in warning
+        assert "the official code computes with 0.0," in warning and "renames keys containing 'beta' to 'bias'" in warning
+        assert f"Written: {expected[choice]} (--sim-beta {choice}" in warning
+        loaded, _ = load_checkpoint(tmp_path / choice)
+        assert loaded.projector.sim_beta.item() == expected[choice]
+    assert "warning: sim_beta: the file holds -1.0" in printed and "Written: 0.0 (--sim-beta official" in printed
+    loaded, _ = load_checkpoint(tmp_path / "file")
+    assert (logits(loaded) - logits(model)).abs().max().item() <= 1e-5  # the trained value, as the weights were trained
+    official_model, _ = load_checkpoint(tmp_path / "official")
+    with torch.no_grad():
+        model.projector.sim_beta.zero_()
+    assert (logits(official_model) - logits(model)).abs().max().item() <= 1e-5  # the official code's computation
+
+    # The choice travels: checkpoint -> export.merge's checkpoint -> bundle manifest (a tokenizer-only export: no
+    # model to convert) -> inspect.
+    merge_checkpoint(tmp_path / "official", tmp_path / "merged", validate=False, log=lambda _: None)
+    merged_meta = json.loads((tmp_path / "merged" / "sqllava_edge.json").read_text())
+    assert merged_meta["provenance"]["sim_beta"]["choice"] == "official"
+    run_export(tmp_path / "merged", tmp_path / "bundle", quants=[], vision_precisions=[], log=lambda _: None)
+    manifest = read_manifest(tmp_path / "bundle")
+    assert manifest.provenance["sim_beta"]["choice"] == "official" and manifest.provenance["sim_beta"]["used"] == 0.0
+    assert cli_main(["inspect", str(tmp_path / "bundle")]) == 0
+    assert ("projector sim_beta: 0.0 (--sim-beta official; the release file holds -1.0, the official code computes "
+            "with 0.0)") in capsys.readouterr().out
+
+    # LoRA releases: unchanged (no sim_beta record), and --sim-beta official is refused with what to do.
+    lora_model = with_lora(SQLLaVA.from_config(SMALL, seed=19), vit="identity")
+    with torch.no_grad():
+        lora_model.projector.sim_beta.fill_(-1.0)
+    release = write_sqllava_release(lora_model, tmp_path / "lora")
+    lora_report = convert_sqllava(release, tmp_path / "lora-ours")
+    assert "sim_beta" not in json.loads((tmp_path / "lora-ours" / "sqllava_edge.json").read_text())["provenance"]
+    assert not any("sim_beta" in line for line in lora_report.notes + lora_report.warnings)
+    assert load_file(str(tmp_path / "lora-ours" / "projector.safetensors"))["sim_beta"].item() == -1.0
+    with pytest.raises(CheckpointError, match=r"--sim-beta official applies to full \(merged\) SQ-LLaVA folders only;"
+                                              r".*non_lora_trainables\.bin.*Leave --sim-beta at its default"):
+        convert_sqllava(release, tmp_path / "refused", sim_beta="official")
+    assert not (tmp_path / "refused").exists()
 
 
 def test_stage1_folder_projector_and_vit_lora(tmp_path):
-    """Stage 1 (spec 6.1): config.json + mm_projector.bin (model.mm_projector.*, bf16) + Vit-lora/, no LLM weights and
+    """Stage 1 (docs/spec.md 6.1): config.json + mm_projector.bin (model.mm_projector.*, bf16) + Vit-lora/, no LLM weights and
     no adapter_config.json. The official loader's "mm projector only" path takes the LLM from --model-base; stage 1
     trains with the default image_aspect_ratio square (a crop)."""
     model = with_lora(SQLLaVA.from_config(SMALL, seed=17), llm=False, vit="trained")
@@ -690,7 +777,7 @@ def test_export_official_refuses_other_than_256_centres(tmp_path):
 
 def test_trained_vit_lora_in_adapter_without_vit_folder_is_ignored_with_a_warning(tmp_path, caplog):
     """Official loader: the ViT-LoRA tensors of adapter_model.bin find no module (the tower is built later), so the
-    tower runs without them (spec 6.2 / 8.15). We do the same and say so."""
+    tower runs without them (docs/spec.md 6.2 / 8.15). We do the same and say so."""
     model, paths = _release_with_config(tmp_path, vit="trained", vit_folder=False)
     with caplog.at_level("WARNING", logger="sqllava_edge.convert"):
         report = convert_sqllava(paths, tmp_path / "ours")

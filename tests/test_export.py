@@ -31,8 +31,8 @@ from sqllava_edge.errors import BundleError, CheckpointError
 from sqllava_edge.model import SQLLaVA
 
 REPO = Path(__file__).resolve().parents[1]
-LLM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # spec 2.1
-VIT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]  # spec 2.2
+LLM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # docs/spec.md 2.1
+VIT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]  # docs/spec.md 2.2
 
 
 def _tokenizer():

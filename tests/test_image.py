@@ -57,7 +57,7 @@ def _reference(img: Image.Image, size: int, crop: bool = True) -> np.ndarray:
 
 
 def _expand2square(img: Image.Image, color) -> Image.Image:
-    """Spec 1.3, written out independently of the module under test."""
+    """docs/spec.md 1.3, written out independently of the module under test."""
     width, height = img.size
     if width > height:
         out = Image.new("RGB", (width, width), color)

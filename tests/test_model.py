@@ -1,4 +1,4 @@
-"""The SQ-LLaVA module against independent implementations: the spec's literal formulas and transformers' LLaVA."""
+"""The SQ-LLaVA module against independent implementations: docs/spec.md 1.4.2's literal formulas and transformers' LLaVA."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,7 @@ from sqllava_edge.model import PrototypeExtractor, SQLLaVA, build_projector, cou
 
 
 def naive_prototypes(m: PrototypeExtractor, x: torch.Tensor) -> torch.Tensor:
-    """Spec 1.4.2 written literally, with the reference's adaptive pooling and dense (B, N, L, D) broadcast."""
+    """docs/spec.md 1.4.2 written literally, with the reference's adaptive pooling and dense (B, N, L, D) broadcast."""
     B, L, D = x.shape
     N = m.num_centers
     value = m.v(x).transpose(1, 2)  # (B, D, L)
@@ -54,6 +54,29 @@ def test_prototype_extractor_matches_literal_formulas(tokens, centers, dim, out,
     with torch.no_grad():
         diff = (m(x) - naive_prototypes(m, x)).abs().max().item()
     assert diff <= 1e-5, diff
+
+
+def test_float64_prototype_extractor_pools_in_float64():
+    """A float64 model pools with the float64 matrix (1/3 exactly to float64), however it got there: built in float64,
+    or built in float32 and cast with .double() / .to(). The literal formulas then agree to float64 rounding."""
+    exact = torch.nn.AdaptiveAvgPool1d(256)(torch.eye(576, dtype=torch.float64)).T  # (N, L): the reference's pooling
+    torch.manual_seed(0)
+    cast = PrototypeExtractor(64, 48, 256, 576, iterations=2).double()
+    torch.set_default_dtype(torch.float64)
+    try:
+        built = PrototypeExtractor(64, 48, 256, 576, iterations=2)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for m in (cast, built, cast.float().to(torch.float64)):
+        assert m.pool.dtype == torch.float64 and torch.equal(m.pool, exact)
+    assert torch.equal(cast.half().pool, exact.half())  # other dtypes: the exact matrix rounded once
+    m = PrototypeExtractor(64, 48, 256, 576, iterations=2).double()
+    with torch.no_grad():
+        m.sim_alpha.fill_(1.7)
+        m.sim_beta.fill_(-0.3)
+        x = torch.randn(2, 576, 64, dtype=torch.float64)
+        diff = (m(x) - naive_prototypes(m, x)).abs().max().item()
+    assert diff <= 1e-12, diff
 
 
 def test_pooling_windows_are_the_specs_three_token_windows():
@@ -107,7 +130,7 @@ def test_projector_parameter_counts_match_spec_on_meta_device():
         seven = count_parameters(build_projector(PRESETS["sqllava-7b"]))
         thirteen = count_parameters(build_projector(PRESETS["sqllava-13b"]))
         llava = count_parameters(build_projector(PRESETS["llava-1.5-7b"]))
-    assert seven == 24_130_562  # spec 1.4.1, ln_1 included
+    assert seven == 24_130_562  # docs/spec.md 1.4.1, ln_1 included
     assert thirteen == 34_618_370
     assert llava == 1024 * 4096 + 4096 + 4096 * 4096 + 4096  # mlp2x_gelu
 

@@ -138,7 +138,7 @@ def test_label_masks_of_real_samples_train_answers_and_sq_questions(data, tok):
         assert example.input_ids.tolist() == ref.ids and example.labels.tolist() == ref.labels
         assert example.input_ids.tolist().count(IMAGE_TOKEN_INDEX) == 1
         # Independently of the conversation module: the trained spans are exactly each answer and each VUSER
-        # question, each followed by its </s> (spec 3.4).
+        # question, each followed by its </s> (docs/spec.md 3.4).
         expected = [t.text for t in turns if t.role in ("assistant", "vuser")]
         spans = _spans(example.input_ids.tolist(), example.labels.tolist())
         assert [tok.decode(s[:-1]).strip() for s in spans] == expected
@@ -252,7 +252,7 @@ def test_stage1_updates_only_the_projector(stage1):
         assert all(torch.equal(old[k], new[k]) for k in old), part
     old, new = _state(before.projector), _state(after.projector)
     changed = {k for k in old if not torch.equal(old[k], new[k])}
-    assert changed == set(old) - {"ln_1.weight", "ln_1.bias"}  # ln_1 exists but is unused (spec 1.4.1)
+    assert changed == set(old) - {"ln_1.weight", "ln_1.bias"}  # ln_1 exists but is unused (docs/spec.md 1.4.1)
     assert len(_losses(stage1)) == 4
 
 

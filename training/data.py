@@ -1,15 +1,15 @@
-"""Training data: a lazy dataset over LLaVA JSON + an image folder (spec 4.5-4.6), the collator, and a sampler whose
+"""Training data: a lazy dataset over LLaVA JSON + an image folder (docs/spec.md 4.5-4.6), the collator, and a sampler whose
 position (epoch, step) can be saved and restored.
 
 * Paths: an image path must stay inside the image folder. Absolute paths and ".." escapes are refused when the JSON
   is loaded (ValueError naming the samples); a symlink that resolves outside the folder is refused at read time.
 * A missing or corrupt image does not crash the run: the sample is skipped and counted (the reference crashes,
-  spec 8.17); the first few are reported with a warning, the totals go to the metrics log.
-* Self-questioning (spec 3.3) is re-drawn on every read: the sampler hands out keys (index, epoch), and the
+  docs/spec.md 8.17); the first few are reported with a warning, the totals go to the metrics log.
+* Self-questioning (docs/spec.md 3.3) is re-drawn on every read: the sampler hands out keys (index, epoch), and the
   conversion of sample i in epoch e uses its own generator seeded by (seed, e, i). Every epoch reads a sample once,
   so each read draws anew, and a resumed or multi-process run draws exactly what an uninterrupted run draws.
-* Text ids longer than max_length are truncated (spec 1.5); a sample left with no trained token is skipped and
-  counted, never silently trained with an all-masked loss (spec 8.8).
+* Text ids longer than max_length are truncated (docs/spec.md 1.5); a sample left with no trained token is skipped and
+  counted, never silently trained with an all-masked loss (docs/spec.md 8.8).
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class Example:
     n_trainable: int
     truncated: bool
     sq_turns: int  # human turns converted to VUSER in this read
-    sq_eligible: int  # human turns that could have been converted (spec 3.3: not the first, image samples only)
+    sq_eligible: int  # human turns that could have been converted (docs/spec.md 3.3: not the first, image samples only)
 
 
 @dataclass
@@ -80,7 +80,7 @@ class Batch:
 
 
 def load_samples(json_path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read a LLaVA JSON list and check each sample's shape and image path (spec 4.5)."""
+    """Read a LLaVA JSON list and check each sample's shape and image path (docs/spec.md 4.5)."""
     path = Path(json_path)
     if not path.is_file():
         raise FileNotFoundError(f"training data {path} does not exist; make one with `python -m training.synthetic OUT`")
@@ -113,8 +113,8 @@ def _stays_inside(rel: Any) -> bool:
 class ConversationDataset(torch.utils.data.Dataset):
     """LLaVA JSON samples, read lazily: the image is opened and the conversation tokenized on each read.
 
-    template "plain" gives stage-1 samples (spec 3.5); "v1_sq" with sq_r > 0 converts later human turns to VUSER
-    (spec 3.3). Keys are an index (each read draws SQ anew from a per-dataset counter) or (index, epoch) from
+    template "plain" gives stage-1 samples (docs/spec.md 3.5); "v1_sq" with sq_r > 0 converts later human turns to VUSER
+    (docs/spec.md 3.3). Keys are an index (each read draws SQ anew from a per-dataset counter) or (index, epoch) from
     `StepSampler` (deterministic per epoch).
     """
 
@@ -185,7 +185,7 @@ class ConversationDataset(torch.utils.data.Dataset):
                 turns = sq_convert(conv, self.sq_r, rng, has_image)
             else:
                 turns = to_turns(conv, has_image)
-            if self.template == "plain":  # spec 3.5: first human/gpt pair only, the instruction is dropped
+            if self.template == "plain":  # docs/spec.md 3.5: first human/gpt pair only, the instruction is dropped
                 turns = turns[:2]
             tok = tokenize_conversation(self.tokenizer, self.template, turns, has_image, self.max_length)
         except PromptTooLongError as exc:

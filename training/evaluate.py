@@ -3,14 +3,14 @@
     python -m training.evaluate CKPT --data DATA/eval.json [--out report.json]
 
 1. QA: every question of every held-out image is asked on its own (`{system} USER: <image>\\n{q} ASSISTANT:`, the
-   v1_sq template, greedy as spec 5), and the answer is compared with the canonical one by exact match (case and a
+   v1_sq template, greedy as docs/spec.md 5), and the answer is compared with the canonical one by exact match (case and a
    final full stop ignored). Reported per question type, with the chance level of guessing uniformly among the
    type's answers and the majority-answer baseline of this split.
-2. Self-questioning (spec 5.1): describe the image (greedy), then sample questions after `VUSER:` with the spec 5
+2. Self-questioning (docs/spec.md 5.1): describe the image (greedy), then sample questions after `VUSER:` with the docs/spec.md 5
    sampling (T 1.2, top-k 300, top-p 0.95), each sample independent from the same prompt. A question is grounded
    when it is well-formed (it matches one of the dataset's question phrasings, with known colour/shape words) and
    every object it names is in the image. Sampling stops at EOS or after --max-question-tokens (default 48 instead of
-   spec 5's 300: no phrasing is half that long, so a longer sample is malformed either way).
+   docs/spec.md 5's 300: no phrasing is half that long, so a longer sample is malformed either way).
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""The model side of training: which weights exist and which train in each stage (spec 2), and the loss.
+"""The model side of training: which weights exist and which train in each stage (docs/spec.md 2), and the loss.
 
-Stage 1: base LLM + vision tower frozen, the projector (prototype extractor + MLP) trains (spec 2.3).
-Stage 2: LLM-LoRA on q,k,v,o,gate,up,down of every decoder layer (spec 2.1), ViT-LoRA on q,k,v,out,fc1,fc2 of the
-encoder layers that reach the selected feature layer (spec 2.2, 8.1), and the projector. ViT-LoRA trains unless
+Stage 1: base LLM + vision tower frozen, the projector (prototype extractor + MLP) trains (docs/spec.md 2.3).
+Stage 2: LLM-LoRA on q,k,v,o,gate,up,down of every decoder layer (docs/spec.md 2.1), ViT-LoRA on q,k,v,out,fc1,fc2 of the
+encoder layers that reach the selected feature layer (docs/spec.md 2.2, 8.1), and the projector. ViT-LoRA trains unless
 frozen (frozen reproduces the released weights, whose ViT-LoRA never got a gradient).
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ from torch import nn
 
 from sqllava_edge.config import IGNORE_INDEX, ModelConfig
 
-LLM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # spec 2.1
-VIT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # spec 2.2
+LLM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # docs/spec.md 2.1
+VIT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # docs/spec.md 2.2
 
 
 def base_module(module: nn.Module) -> nn.Module:
@@ -41,13 +41,13 @@ def init_random_base(model, seed: int) -> None:
 
 
 def vit_lora_pattern(config: ModelConfig) -> str:
-    """PEFT target regex: only encoder layers that run up to the selected feature layer (spec 2.2: the rest is dead)."""
+    """PEFT target regex: only encoder layers that run up to the selected feature layer (docs/spec.md 2.2: the rest is dead)."""
     layers = "|".join(str(i) for i in range(config.vision.layers_used))
     return rf".*encoder\.layers\.({layers})\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$"
 
 
 def attach_lora(model, *, r: int, alpha: int, dropout: float, vit_r: int, vit_alpha: int, vit_dropout: float) -> None:
-    """Fresh LLM-LoRA and ViT-LoRA (B = 0, so the model's output is unchanged), injected in place (spec 2.1-2.2)."""
+    """Fresh LLM-LoRA and ViT-LoRA (B = 0, so the model's output is unchanged), injected in place (docs/spec.md 2.1-2.2)."""
     from peft import LoraConfig, get_peft_model
 
     if hasattr(model.llm, "peft_config") or hasattr(model.vision.clip, "peft_config"):
@@ -86,7 +86,7 @@ def model_holding(like, weights: dict[str, torch.Tensor]):
 
 
 def set_trainable(model, stage: int, freeze_vit_lora: bool) -> None:
-    """requires_grad per stage (spec 2.3): the projector; in stage 2 also LLM-LoRA and, unless frozen, ViT-LoRA.
+    """requires_grad per stage (docs/spec.md 2.3): the projector; in stage 2 also LLM-LoRA and, unless frozen, ViT-LoRA.
     The optimizer groups are read back from the flags by `optimizer_groups`, after any DDP/FSDP wrapping."""
     model.requires_grad_(False)
     trainable = [p for _, p in model.projector.named_parameters()]
@@ -103,7 +103,7 @@ def set_trainable(model, stage: int, freeze_vit_lora: bool) -> None:
 
 def optimizer_groups(module: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
     """Trainable parameters of `module` (the model, or the DDP/FSDP-wrapped loss module) by optimizer group,
-    sorted by name: "projector", "llm_lora", "vit_lora" (spec 4.4). Taken after wrapping, because FSDP replaces
+    sorted by name: "projector", "llm_lora", "vit_lora" (docs/spec.md 4.4). Taken after wrapping, because FSDP replaces
     the parameter objects."""
     groups: dict[str, list[tuple[str, nn.Parameter]]] = {}
     for name, param in sorted(module.named_parameters()):
@@ -175,10 +175,10 @@ class RestrictedHead:
 class LossModule(nn.Module):
     """One micro-batch -> (summed next-token CE, number of trained tokens). Wrapped by DDP, or sharded by FSDP.
 
-    Same loss as SQLLaVA.forward (shifted CE over non-ignored labels, spec 1.6), but the vocabulary projection runs
+    Same loss as SQLLaVA.forward (shifted CE over non-ignored labels, docs/spec.md 1.6), but the vocabulary projection runs
     only at the labelled positions: for the tiny preset the 32000-way head over every position costs more than the
     whole rest of the model. A token prefix shared by all rows (the system prompt, a third of a tiny-preset
-    sample) runs once per micro-batch. The ViT runs with grad when ViT-LoRA trains (the paper's choice, spec 8.1), else
+    sample) runs once per micro-batch. The ViT runs with grad when ViT-LoRA trains (the paper's choice, docs/spec.md 8.1), else
     without (the reference's @torch.no_grad()).
 
     lockstep (FSDP with per-layer units): every call runs every unit exactly once, whatever the batch holds, because
@@ -191,7 +191,7 @@ class LossModule(nn.Module):
         self.model = model
         self.share_prefix = share_prefix and not lockstep  # also off with activation checkpointing (no KV cache)
         self.lockstep = lockstep
-        # The head is frozen in both stages (spec 2.3): rows that are zero now stay zero (RestrictedHead, exact). Built
+        # The head is frozen in both stages (docs/spec.md 2.3): rows that are zero now stay zero (RestrictedHead, exact). Built
         # on the head's device: setup() moves the model before it makes the loss module.
         self.head = RestrictedHead.of(base_module(model.llm).lm_head) if skip_zero_rows else None
 

@@ -3,7 +3,7 @@
     python -m training.pretrain_llm --data DATA/stage2.json --preset tiny --out RUN [--max-steps N]
     python -m training.pretrain_llm --data DATA/stage2.json --caption-data DATA/stage1.json --scenes --out RUN
 
-SQ-LLaVA starts from Vicuna (spec 6.3): a language model that already reads a conversation, follows the template and
+SQ-LLaVA starts from Vicuna (docs/spec.md 6.3): a language model that already reads a conversation, follows the template and
 takes facts from its context. LoRA on a frozen *random* LLM has none of that to adapt and, in the CPU budget, never
 learns to look at the image (training/RESULTS.md). This step makes a stand-in for Vicuna at the preset's shape: a
 Llama trained from scratch as a plain language model on the conversations' text, rendered with the training
@@ -82,7 +82,7 @@ def corpus(rows: list[dict[str, Any]], tokenizer, template: str, sq_r: float, rn
         elif not any(IMAGE_PLACEHOLDER in t["value"] for t in conv):
             conv = [{**conv[0], "value": IMAGE_PLACEHOLDER + "\n" + conv[0]["value"]}, *conv[1:]]
         turns = sq_convert(conv, sq_r, rng, keep_image) if sq_r > 0 else to_turns(conv, keep_image)
-        if template == "plain":  # as stage 1 renders captions (spec 3.5): the first pair, instruction dropped
+        if template == "plain":  # as stage 1 renders captions (docs/spec.md 3.5): the first pair, instruction dropped
             turns = turns[:2]
         out.append(tokenize_conversation(tokenizer, template, turns, has_image=keep_image).ids)
     return out

@@ -2,10 +2,10 @@
 
     python -m training.pretrain_vision --data DATA/stage2.json --preset tiny --out RUN [--eval-data DATA/eval.json]
 
-SQ-LLaVA's vision tower is CLIP ViT-L/14-336 (spec 1.2): features in which colour, shape and layout are already
+SQ-LLaVA's vision tower is CLIP ViT-L/14-336 (docs/spec.md 1.2): features in which colour, shape and layout are already
 separated. A random ViT of the tiny preset keeps most of that information but tangled (a ridge probe reads colour
 presence at 92%, shape at 82%: training/RESULTS.md). This step makes a stand-in for CLIP at the preset's shape,
-trained on the synthetic training images with their annotations: at the selected feature layer (spec 1.2, the only
+trained on the synthetic training images with their annotations: at the selected feature layer (docs/spec.md 1.2, the only
 layers SQ-LLaVA runs), every patch learns to tell the colour, the shape and the size of the object covering it, or
 that it is background. Only the training split is used; the held-out split's colour/shape pairs are never seen.
 

@@ -1,4 +1,4 @@
-"""Hyperparameter recipes: the released SQ-LLaVA recipe (spec 4.2) and the CPU demo for the `tiny` preset.
+"""Hyperparameter recipes: the released SQ-LLaVA recipe (docs/spec.md 4.2) and the CPU demo for the `tiny` preset.
 
 An explicit command-line flag always wins over the recipe. "auto" picks "tiny-demo" for the tiny preset and
 "released" for everything else.
@@ -21,8 +21,8 @@ _LORA = {"lora_r": 128, "lora_alpha": 256, "lora_dropout": 0.05, "vit_lora_r": 6
          "vit_lora_dropout": 0.2}
 
 RECIPES: dict[str, dict[int, dict[str, Any]]] = {
-    # Spec 4.2: pretrain_clu.sh (stage 1) and finetune_lora_clu_sq.sh (stage 2), per-device batch as released
-    # (the released global batches 256 / 128 come from 16 GPUs). Gradient clipping at 1.0 is our choice (spec 4.2
+    # docs/spec.md 4.2: pretrain_clu.sh (stage 1) and finetune_lora_clu_sq.sh (stage 2), per-device batch as released
+    # (the released global batches 256 / 128 come from 16 GPUs). Gradient clipping at 1.0 is our choice (docs/spec.md 4.2
     # notes the DeepSpeed configs leave it unset); stage 2 runs 1 epoch (README; the 13B script says 1.2).
     "released": {
         1: {**_COMMON, **_LORA, "epochs": 1.0, "batch_size": 16, "lr": 1e-3, "projector_lr": None, "vit_lr": None,

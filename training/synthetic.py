@@ -1,4 +1,4 @@
-"""A synthetic visual-instruction dataset in the LLaVA JSON format (spec 4.5) that a tiny model can learn on a CPU.
+"""A synthetic visual-instruction dataset in the LLaVA JSON format (docs/spec.md 4.5) that a tiny model can learn on a CPU.
 
     python -m training.synthetic OUT [--n-train N] [--n-eval M] [--seed S] [--image-size PX]
 
@@ -49,7 +49,7 @@ GRID_FILL = 0.8  # on a grid, an object's radius is this share of half its cell 
 SIDE_MARGIN = 0.42  # centre x < 0.42 W is "left", > 0.58 W "right"; in between no left/right question is asked
 
 DESCRIBE_PROMPTS = (
-    "Can you describe the image in detail?",  # the self-questioning demo's first question (spec 5.1)
+    "Can you describe the image in detail?",  # the self-questioning demo's first question (docs/spec.md 5.1)
     "Describe the image.",
     "What do you see in this picture?",
     "Give a short description of the image.",

@@ -1,4 +1,4 @@
-"""Two-stage SQ-LLaVA training (spec 2, 3, 4): knobs in a dataclass, then setup sections, then one visible loop.
+"""Two-stage SQ-LLaVA training (docs/spec.md 2, 3, 4): knobs in a dataclass, then setup sections, then one visible loop.
 
     python -m training --stage 1 --data DATA/stage1.json --out runs/s1                 # projector, `plain` captions
     python -m training --stage 2 --data DATA/stage2.json --init runs/s1 --out runs/s2  # LoRAs + projector, `v1_sq`
@@ -9,7 +9,7 @@ with the training state that --resume continues from), `metrics.jsonl` (one reco
 and `train_config.json`.
 
 The loss of one optimizer step is the token-level mean cross-entropy over the whole global batch (all micro-batches
-of all processes). With one micro-batch on one process this is the reference's per-micro-batch mean (spec 1.6, 8.9);
+of all processes). With one micro-batch on one process this is the reference's per-micro-batch mean (docs/spec.md 1.6, 8.9);
 with several it keeps the gradient independent of how the batch is split, so N processes reproduce one process.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ class TrainConfig:
     init: str | None = None
     resume: bool = False
     recipe: str = "auto"
-    # Filled from the recipe when None (spec 4.2 for "released"):
+    # Filled from the recipe when None (docs/spec.md 4.2 for "released"):
     epochs: float | None = None
     max_steps: int | None = None
     batch_size: int | None = None
@@ -168,7 +168,7 @@ def setup_distributed(cfg: TrainConfig) -> Dist:
     device = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # spec 4.2: tf32
+        torch.backends.cuda.matmul.allow_tf32 = True  # docs/spec.md 4.2: tf32
         torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
@@ -241,7 +241,7 @@ def build_optimizer(cfg: TrainConfig, groups: dict[str, list], total_steps: int,
                                   **adamw_kwargs(cfg.fused_adamw, device, fsdp=cfg.fsdp))
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
 
-    def schedule(step: int) -> float:  # spec 4.2: linear warm-up, then cosine to 0 (HF get_cosine_schedule_with_warmup)
+    def schedule(step: int) -> float:  # docs/spec.md 4.2: linear warm-up, then cosine to 0 (HF get_cosine_schedule_with_warmup)
         if step < warmup:
             return step / max(1, warmup)
         progress = (step - warmup) / max(1, total_steps - warmup)
@@ -265,7 +265,7 @@ def wrap_parallel(cfg: TrainConfig, dist: Dist, loss_module):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [dist.device.index] if dist.device.type == "cuda" else None
-    return DDP(loss_module, device_ids=ids, find_unused_parameters=True)  # projector ln_1 never gets a grad (spec 1.4.1)
+    return DDP(loss_module, device_ids=ids, find_unused_parameters=True)  # projector ln_1 never gets a grad (docs/spec.md 1.4.1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
