@@ -55,8 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                         help="on a shared machine: before each job wait up to SECONDS for the 1-minute load average "
                              "to fall below 0.75 per CPU (the wait and the load are recorded)")
+    parser.add_argument("--retries", type=int, default=2, help="measure a job again, at most this many times, when "
+                        "other processes or the hypervisor took its CPUs (benchmarks.contention); still shared after "
+                        "that, its targets are reported as not measured (default 2; 0 = never)")
     parser.add_argument("--bandwidth-mib", type=int, help="array size of the bandwidth test (default: 4x the L3 / 3)")
     parser.add_argument("--out", type=Path, help="output folder (default: benchmark-results/<preset or bundle name>)")
+    keep = parser.add_mutually_exclusive_group()
+    keep.add_argument("--keep", type=Path, metavar="DIR", help="keep the run's machine fingerprint, ratios and whether "
+                      "it counted as DIR/<date>-<preset>-<machine id>.json (default with --preset: benchmarks/results, "
+                      "read by python -m benchmarks.ranges)")
+    keep.add_argument("--no-keep", action="store_true", help="do not keep the run in benchmarks/results")
     return parser
 
 
@@ -83,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args, argv: list[str]) -> int:
     from benchmarks.presets import ensure_preset
+    from benchmarks.ranges import RESULTS_DIR, git_commit, keep_run, kept_record
     from benchmarks.run import RunOptions, run_benchmark
     from runtimes.tune import tuning_enabled
 
@@ -96,6 +105,8 @@ def _main(args, argv: list[str]) -> int:
         return 0
     workload = Workload(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, runs=args.runs,
                         warmup=args.warmup, seed=args.seed, questions=args.questions)
+    if args.retries < 0:
+        raise ValueError(f"--retries must be >= 0, got {args.retries}")
     if args.preset:
         checkpoint, bundle = ensure_preset(args.preset, args.quant, args.vision_precision, log=log)
         checkpoint = args.checkpoint or checkpoint
@@ -106,7 +117,7 @@ def _main(args, argv: list[str]) -> int:
     options = RunOptions(bundle=bundle, checkpoint=checkpoint, backends=args.backends, workload=workload,
                          threads=args.threads, device=args.device, isolate=not args.in_process,
                          bandwidth_bytes=args.bandwidth_mib * 2**20 if args.bandwidth_mib else None,
-                         baselines=not args.no_baselines, preset=args.preset, wait_idle=args.wait_idle,
+                         baselines=not args.no_baselines, preset=args.preset, wait_idle=args.wait_idle, retries=args.retries,
                          tune=tuning_enabled(False if args.no_tune else None), retune=args.retune,
                          command="python -m benchmarks " + shlex.join(argv))
     if checkpoint is None and options.baselines:
@@ -118,6 +129,14 @@ def _main(args, argv: list[str]) -> int:
         json.dump(results, handle, default=float)
     paths = _write(out, results, log)
     raw.unlink()
+    keep = None if args.no_keep else (args.keep or (RESULTS_DIR if args.preset else None))
+    if keep is not None:
+        from benchmarks.analysis import analyze
+
+        analysis = analyze(results)
+        kept = keep_run(kept_record(results, analysis, git_commit()), keep)
+        log(f"[bench] kept {kept} ({'counts' if analysis['contention']['counted'] else 'does not count'} in "
+            "python -m benchmarks.ranges)")
     return 0
 
 

@@ -39,6 +39,7 @@ class RunOptions:
     wait_idle: float = 0.0  # seconds each job may wait for a quiet machine (0 = start at once)
     command: str = ""
     preset: str | None = None
+    retries: int = 2  # a job measured while the machine was shared is measured again at most this many times
     tune: bool = True  # run the tuning table (runtimes.tune) and measure the automatic choice beside the other rows
     retune: bool = False  # measure the tuning table again even if a matching one is cached
 
@@ -77,11 +78,31 @@ def wait_for_idle(max_seconds: float, log: Callable[[str], None], poll: float = 
     return {"waited_s": round(time.monotonic() - start, 1), "load_at_start": load}
 
 
-def _execute(job: dict, isolate: bool, work: Path, log: Callable[[str], None], wait_idle: float = 0.0) -> dict:
-    waited = wait_for_idle(wait_idle, log) if wait_idle > 0 else None
-    result = _execute_now(job, isolate, work, log)
-    if waited is not None:
-        result["idle_wait"] = waited
+def _execute(job: dict, isolate: bool, work: Path, log: Callable[[str], None], wait_idle: float = 0.0,
+             retries: int = 0) -> dict:
+    """Run a job; measure contention over it (benchmarks.contention) and, while contended, measure it again (at most
+    `retries` more times, each after waiting up to `wait_idle` s for a quiet machine). The last attempt is kept, with
+    the evidence of the discarded ones under "discarded_attempts"."""
+    from benchmarks.contention import Probe, describe
+
+    discarded = []
+    for attempt in range(retries + 1):
+        waited = wait_for_idle(wait_idle, log) if wait_idle > 0 else None
+        probe = Probe.start()
+        result = _execute_now(job, isolate, work, log)
+        contention = probe.finish(job.get("threads") or default_threads())
+        if waited is not None:
+            result["idle_wait"] = waited
+        result["contention"] = contention
+        if not contention["contended"] or result.get("error"):
+            break
+        log(f"[bench] {job['label']}: machine shared ({'; '.join(contention['reasons'])}; {describe(contention)})"
+            + (f": measuring again ({attempt + 1} of {retries})" if attempt < retries else
+               ": kept, and every target it feeds is reported as not measured"))
+        if attempt < retries:
+            discarded.append(contention)
+    if discarded:
+        result["discarded_attempts"] = discarded
     return result
 
 
@@ -196,7 +217,7 @@ def run_benchmark(options: RunOptions, log: Callable[[str], None] = print) -> di
     with tempfile.TemporaryDirectory(prefix="sqllava-bench-") as tmp:
         work = Path(tmp)
         jobs = _jobs(options, combos, vision_only, manifest, mode, n_ctx, work / "reference.npy")
-        results = [_execute(job, options.isolate, work, log, options.wait_idle) for job in jobs]
+        results = [_execute(job, options.isolate, work, log, options.wait_idle, options.retries) for job in jobs]
     bandwidth["end"] = measure_bandwidth(threads, options.bandwidth_bytes)
     facts["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return {"schema": SCHEMA, "command": options.command, "preset": options.preset, "bundle": str(options.bundle),

@@ -114,17 +114,11 @@ def thread_counts(cores: int | None = None) -> list[int]:
 
 def machine_key(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> dict:
     """CPU model, a hash of its full flag list, and the cores this process may use."""
-    model, flags = "", ""
-    try:
-        for line in Path(cpuinfo).read_text(errors="replace").splitlines():
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith(("flags", "Features")) and not flags:  # x86 "flags", ARM "Features"
-                flags = " ".join(sorted(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    model = model or platform.processor() or platform.machine()
-    return {"cpu": model, "flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16], "cores": thread_counts()[-1]}
+    from runtimes.device_facts import cpu_flags, flags_sha256, read_cpuinfo
+
+    fields = read_cpuinfo(cpuinfo)
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    return {"cpu": model, "flags_sha256": flags_sha256(cpu_flags(fields)), "cores": thread_counts()[-1]}
 
 
 def software_key() -> dict:
