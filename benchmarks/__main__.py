@@ -7,7 +7,10 @@
 Unless --no-tune, the bundle's tuning table (runtimes.tune) is obtained first and the automatic measured choice
 (`Assistant.load` with nothing given) is measured as one more row, so the report shows whether it is the fastest.
 
-Writes DIR/report.md (also printed), DIR/results.json (every raw sample, machine facts) and DIR/chart.png.
+Writes DIR/report.md (also printed), DIR/results.json (every raw sample, machine facts) and DIR/chart.png. Each job's
+contention is measured (benchmarks.contention); a job still shared after --retries marks the targets it feeds "not
+measured: machine shared". A --preset run is also kept, with its machine fingerprint and whether it counted, in
+benchmarks/results/ (--keep DIR elsewhere, --no-keep not at all); python -m benchmarks.ranges reads those files.
 """
 from __future__ import annotations
 

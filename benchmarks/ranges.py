@@ -191,8 +191,8 @@ def ranges(runs: list[dict], preset: str | None = None) -> dict[str, dict[str, A
     return out
 
 
-def _x(value: float) -> str:
-    return f"{value:.2f}x"
+def _x(value: float, key: str = "") -> str:
+    return f"{value:.0%}" if key == "roofline_share" else f"{value:.2f}x"
 
 
 def render_text(runs: list[dict], preset: str | None, folder: Path = RESULTS_DIR) -> str:
@@ -207,17 +207,25 @@ def render_text(runs: list[dict], preset: str | None, folder: Path = RESULTS_DIR
         lines.append(f"  {r['file']}: {machine_label(r)}: {state}")
     lines.append("")
     for key, rng in found.items():
-        lines.append(f"{rng['what']} ({rng['n']} run(s)): min {_x(rng['min'])} on {machine_label(rng['min_run'])}; "
-                     f"median {_x(rng['median'])}; max {_x(rng['max'])} on {machine_label(rng['max_run'])}")
+        lines.append(f"{rng['what']} ({rng['n']} run(s)): min {_x(rng['min'], key)} on {machine_label(rng['min_run'])}; "
+                     f"median {_x(rng['median'], key)}; max {_x(rng['max'], key)} on {machine_label(rng['max_run'])}")
     return "\n".join(lines)
 
 
 def render_markdown(runs: list[dict], preset: str | None) -> str:
+    """The ranges as a Markdown table naming each run by its kept file, then the files with their machines."""
     found = ranges(runs, preset)
-    lines = ["| figure | runs | min (machine) | median | max (machine) |", "|---|---|---|---|---|"]
+    ref = lambda run: f"`{Path(run['file']).stem}`"  # noqa: E731
+    lines = ["| figure | runs | min (run) | median | max (run) |", "|---|---|---|---|---|"]
     for key, rng in found.items():
-        lines.append(f"| {rng['what']} | {rng['n']} | {_x(rng['min'])} ({machine_label(rng['min_run'])}) | "
-                     f"{_x(rng['median'])} | {_x(rng['max'])} ({machine_label(rng['max_run'])}) |")
+        lines.append(f"| {rng['what']} | {rng['n']} | {_x(rng['min'], key)} ({ref(rng['min_run'])}) | "
+                     f"{_x(rng['median'], key)} | {_x(rng['max'], key)} ({ref(rng['max_run'])}) |")
+    lines.append("")
+    for run in runs:
+        if preset is None or run.get("preset") == preset:
+            state = ("counts" if run.get("counted") else "left out: " + "; ".join(run.get("not_counted_because") or
+                                                                                 ["contention not checked"]))
+            lines.append(f"- {ref(run)}: {machine_label(run)}; {state}")
     return "\n".join(lines)
 
 
