@@ -126,6 +126,7 @@ def _main(args, argv: list[str]) -> int:
     if checkpoint is None and options.baselines:
         log("[bench] no checkpoint found: the PyTorch eager baseline is skipped (pass --checkpoint)")
     out = args.out or Path("benchmark-results") / (args.preset or bundle.name)
+    commit = git_commit()  # of the code that runs, not of whatever is checked out when it ends
     results = run_benchmark(options, log=log)
     raw = out.with_name(out.name + ".raw.json")  # kept only if the report cannot be written: re-render with --from-json
     with atomic_write(raw, "w") as handle:
@@ -137,7 +138,7 @@ def _main(args, argv: list[str]) -> int:
         from benchmarks.analysis import analyze
 
         analysis = analyze(results)
-        kept = keep_run(kept_record(results, analysis, git_commit()), keep)
+        kept = keep_run(kept_record(results, analysis, commit), keep)
         log(f"[bench] kept {kept} ({'counts' if analysis['contention']['counted'] else 'does not count'} in "
             "python -m benchmarks.ranges)")
     return 0

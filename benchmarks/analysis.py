@@ -210,7 +210,8 @@ def analyze(results: dict) -> dict[str, Any]:
             combos.append({"label": job["label"], "vision": job["vision"], "llm": job["llm"], "tuned": job.get("tuned", False),
                            "figures": combo_figures(job, results, eager)})
     rows = vision_rows(results, eager)
-    judged, contention = with_contention(targets(results, combos, rows, eager, overhead), results["jobs"], combos)
+    judged, contention = with_contention(targets(results, combos, rows, eager, overhead),
+                                         results["jobs"] + bandwidth_jobs(results), combos)
     profiles = {("PyTorch eager fp32" if j["kind"] == "eager" else f"{j['vision']['kind']}:{j['vision']['precision']}"):
                 j["profile"] for j in results["jobs"] if not j.get("error") and j.get("profile")}
     return {"eager": eager and {k: eager[k] for k in ("label", "description", "figures", "memory", "load_ms",
@@ -218,6 +219,20 @@ def analyze(results: dict) -> dict[str, Any]:
                           if k in eager},
             "overhead": overhead, "high_level_defaults": probe, "combos": combos, "vision_profiles": profiles, "vision": rows, "errors": errors,
             "targets": judged, "contention": contention, "bandwidth_gbps": bandwidth_gbps(results)}
+
+
+BANDWIDTH = "memory bandwidth"
+
+
+def bandwidth_jobs(results: dict) -> list[dict]:
+    """The bandwidth measurements as one pseudo-job for the contention check: shared if either (start, end) was."""
+    records = [m["contention"] for m in results.get("bandwidth", {}).values() if isinstance(m, dict) and m.get("contention")]
+    if not records:
+        return []
+    verdicts = [r.get("contended") for r in records]
+    merged = next((r for r in records if r.get("contended")), records[0])
+    return [{"kind": "bandwidth", "label": BANDWIDTH,
+             "contention": {**merged, "contended": True if any(verdicts) else (None if None in verdicts else False)}}]
 
 
 def target_sources(tid: str, jobs: list[dict], combos: list[dict]) -> list[str]:
@@ -232,6 +247,8 @@ def target_sources(tid: str, jobs: list[dict], combos: list[dict]) -> list[str]:
         return [j["label"] for j in ok if j["kind"] == "llamacpp_overhead"]
     if tid in ("ttft_ratio", "e2e_speedup"):
         return eager + (auto or combo_labels)
+    if tid == "roofline_share":  # decode tok/s over the bandwidth measured in the run
+        return combo_labels + [j["label"] for j in ok if j["kind"] == "bandwidth"]
     return combo_labels  # roofline share, auto_is_fastest, follow-up, self_question: the headline among the combos
 
 

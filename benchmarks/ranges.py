@@ -42,12 +42,18 @@ TARGET_RATIOS = ("ttft_ratio", "e2e_speedup", "llamacpp_vs_high_level", "rooflin
 
 
 def git_commit(root: Path = RESULTS_DIR.parent.parent) -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
-    except (OSError, subprocess.SubprocessError):
+    """The checkout's short commit, "-dirty" when tracked files differ from it; None outside a git checkout."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if not commit:
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def machine_fingerprint(results: dict, bandwidth_gbps: float | None) -> dict[str, Any]:

@@ -68,9 +68,10 @@ def _load(values) -> str:
 def contention_note(results: dict) -> list[str]:
     """Say which jobs ran on a shared machine (benchmarks.contention: other processes' share of the job's CPUs and
     steal over the job, the job's own CPU time beside them), with the evidence, and how many times each was retried."""
+    from benchmarks.analysis import bandwidth_jobs
     from benchmarks.contention import describe
 
-    jobs = [j for j in results["jobs"] if not j.get("error")]
+    jobs = [j for j in results["jobs"] if not j.get("error")] + bandwidth_jobs(results)
     checked = [j for j in jobs if (j.get("contention") or {}).get("contended") is not None]
     shared = [j for j in checked if j["contention"]["contended"]]
     retried = [j for j in jobs if j.get("discarded_attempts")]

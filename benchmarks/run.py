@@ -191,6 +191,17 @@ def tuning_record(options: RunOptions, device, log: Callable[[str], None]) -> di
             "llm_reason": pick.llm_reason}
 
 
+def _bandwidth(threads: int, array_bytes: int | None) -> dict[str, Any]:
+    """measure_bandwidth, with the contention over it (other processes' memory traffic lowers it, and a lower
+    bandwidth flatters the roofline share)."""
+    from benchmarks.contention import Probe
+
+    probe = Probe.start()
+    result = measure_bandwidth(threads, array_bytes)
+    result["contention"] = probe.finish(threads)
+    return result
+
+
 def run_benchmark(options: RunOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
     from benchmarks.plan import Combo, Spec, plan
     from runtimes.select import resolve_device
@@ -213,12 +224,12 @@ def run_benchmark(options: RunOptions, log: Callable[[str], None] = print) -> di
     if options.wait_idle > 0:
         wait_for_idle(options.wait_idle, log)
     log("[bench] measuring memory bandwidth")
-    bandwidth = {"start": measure_bandwidth(threads, options.bandwidth_bytes)}
+    bandwidth = {"start": _bandwidth(threads, options.bandwidth_bytes)}
     with tempfile.TemporaryDirectory(prefix="sqllava-bench-") as tmp:
         work = Path(tmp)
         jobs = _jobs(options, combos, vision_only, manifest, mode, n_ctx, work / "reference.npy")
         results = [_execute(job, options.isolate, work, log, options.wait_idle, options.retries) for job in jobs]
-    bandwidth["end"] = measure_bandwidth(threads, options.bandwidth_bytes)
+    bandwidth["end"] = _bandwidth(threads, options.bandwidth_bytes)
     facts["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return {"schema": SCHEMA, "command": options.command, "preset": options.preset, "bundle": str(options.bundle),
             "checkpoint": str(options.checkpoint) if options.checkpoint else None, "machine": facts,

@@ -297,3 +297,15 @@ def test_kept_bench_1b_runs_and_the_readme_ranges_agree():
 
     for line in render_limits(bench, markdown=True).splitlines():
         assert line in readme, f"README's bench-1b limits are out of date: {line}"
+
+
+def test_a_bandwidth_measured_on_a_shared_machine_does_not_make_the_roofline_share_count():
+    results = _recorded_run()
+    for when in ("start", "end"):
+        results["bandwidth"][when]["contention"] = _record(others_s=0.3)
+    assert _by_id(analyze(results))["roofline_share"]["status"] == "met"
+    results["bandwidth"]["end"]["contention"] = _record(others_s=8.0, own_s=11.0)
+    analysis = analyze(results)
+    roof = _by_id(analysis)["roofline_share"]
+    assert roof["status"] == NOT_MEASURED_SHARED and roof["met"] is None and "memory bandwidth" in roof["evidence"]
+    assert _by_id(analysis)["vision_speedup"]["status"] == "met" and analysis["contention"]["counted"] is False
