@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runtimes.device_facts import read_proc_stat
+
 OTHERS_MAX = 0.10  # CPU time other processes may take on the job's CPUs (share of threads x wall) for it to count
 STEAL_MAX = 0.05  # share of all ticks stolen by the hypervisor
 THROTTLED_MAX = 0.05  # share of the wall time the cgroup spent throttled
@@ -33,19 +35,8 @@ CGROUP_CPU_STAT = "/sys/fs/cgroup/cpu.stat"
 
 
 def read_stat(path: str | os.PathLike = STAT) -> dict[str, int] | None:
-    """Aggregate ticks of the "cpu" line -> {"busy", "idle", "steal", "total", "cpus"}; None if unreadable.
-    busy = user + nice + system + irq + softirq (guest time is inside user); idle includes iowait."""
-    try:
-        lines = Path(path).read_text().splitlines()
-        fields = lines[0].split()
-        if fields[0] != "cpu":
-            return None
-        v = [int(x) for x in fields[1:9]] + [0] * max(0, 9 - len(fields))  # user nice system idle iowait irq softirq steal
-    except (OSError, ValueError, IndexError):
-        return None
-    cpus = sum(1 for line in lines[1:] if line.startswith("cpu") and line[3:4].isdigit())
-    return {"busy": v[0] + v[1] + v[2] + v[5] + v[6], "idle": v[3] + v[4], "steal": v[7], "total": sum(v[:8]),
-            "cpus": cpus or 1}
+    """runtimes.device_facts.read_proc_stat: {"busy", "idle", "steal", "total", "cpus"} ticks, None if unreadable."""
+    return read_proc_stat(path)
 
 
 def read_throttled_us(path: str | os.PathLike = CGROUP_CPU_STAT) -> int | None:

@@ -7,6 +7,8 @@
 
 Linux x86 writes "vendor_id", "cpu family", "model", "stepping", "model name" and "flags"; ARM writes "CPU implementer",
 "CPU architecture", "CPU part", "CPU revision" and "Features". A field the file does not have is None, never guessed.
+
+    read_proc_stat()                         # the CPUs' tick counters (busy, idle, steal): how busy the machine is
 """
 from __future__ import annotations
 
@@ -81,3 +83,21 @@ def fingerprint_id(identity: dict[str, Any], cores: int | None) -> str | None:
         return None
     blob = {k: identity.get(k) for k in keys} | {"cores": cores}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def read_proc_stat(path: str | os.PathLike = "/proc/stat") -> dict[str, int] | None:
+    """Ticks of all CPUs from the "cpu" line of /proc/stat -> {"busy", "idle", "steal", "total", "cpus"}; None if the
+    file cannot be read or does not start with that line. busy = user + nice + system + irq + softirq (guest time is
+    inside user); idle includes iowait; total is all eight, steal included; cpus counts the "cpuN" lines."""
+    try:
+        lines = Path(path).read_text().splitlines()
+        fields = lines[0].split()
+        if fields[0] != "cpu":
+            return None
+        v = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
+        v += [0] * (8 - len(v))  # kernels before 2.6.11 stop earlier
+    except (OSError, ValueError, IndexError):
+        return None
+    cpus = sum(1 for line in lines[1:] if line.startswith("cpu") and line[3:4].isdigit())
+    return {"busy": v[0] + v[1] + v[2] + v[5] + v[6], "idle": v[3] + v[4], "steal": v[7], "total": sum(v),
+            "cpus": cpus or 1}

@@ -2,14 +2,13 @@
 "met" when a job they come from was shared, kept runs with their machine, ranges over machines, compute limits."""
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import pytest
 
 from benchmarks.analysis import NOT_MEASURED_SHARED, analyze
-from benchmarks.contention import OTHERS_MAX, Probe, contention_record, read_stat
+from benchmarks.contention import Probe, contention_record, read_stat
 
 ROOT = Path(__file__).resolve().parents[1]
 HZ = 100
