@@ -249,7 +249,7 @@ def target_sources(tid: str, jobs: list[dict], combos: list[dict]) -> list[str]:
         return eager + (auto or combo_labels)
     if tid == "roofline_share":  # decode tok/s over the bandwidth measured in the run
         return combo_labels + [j["label"] for j in ok if j["kind"] == "bandwidth"]
-    return combo_labels  # roofline share, auto_is_fastest, follow-up, self_question: the headline among the combos
+    return combo_labels  # auto_is_fastest, follow-up, self_question: the headline is chosen among the combos
 
 
 def with_contention(found: list[dict], jobs: list[dict], combos: list[dict]) -> tuple[list[dict], dict[str, Any]]:
