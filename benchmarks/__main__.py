@@ -7,7 +7,10 @@
 Unless --no-tune, the bundle's tuning table (runtimes.tune) is obtained first and the automatic measured choice
 (`Assistant.load` with nothing given) is measured as one more row, so the report shows whether it is the fastest.
 
-Writes DIR/report.md (also printed), DIR/results.json (every raw sample, machine facts) and DIR/chart.png.
+Writes DIR/report.md (also printed), DIR/results.json (every raw sample, machine facts) and DIR/chart.png. Each job's
+contention is measured (benchmarks.contention); a job still shared after --retries marks the targets it feeds "not
+measured: machine shared". A --preset run is also kept, with its machine fingerprint and whether it counted, in
+benchmarks/results/ (--keep DIR elsewhere, --no-keep not at all); python -m benchmarks.ranges reads those files.
 """
 from __future__ import annotations
 
@@ -55,8 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                         help="on a shared machine: before each job wait up to SECONDS for the 1-minute load average "
                              "to fall below 0.75 per CPU (the wait and the load are recorded)")
+    parser.add_argument("--retries", type=int, default=2, help="measure a job again, at most this many times, when "
+                        "other processes or the hypervisor took its CPUs (benchmarks.contention); still shared after "
+                        "that, its targets are reported as not measured (default 2; 0 = never)")
     parser.add_argument("--bandwidth-mib", type=int, help="array size of the bandwidth test (default: 4x the L3 / 3)")
     parser.add_argument("--out", type=Path, help="output folder (default: benchmark-results/<preset or bundle name>)")
+    keep = parser.add_mutually_exclusive_group()
+    keep.add_argument("--keep", type=Path, metavar="DIR", help="keep the run's machine fingerprint, ratios and whether "
+                      "it counted as DIR/<date>-<preset>-<machine id>.json (default with --preset: benchmarks/results, "
+                      "read by python -m benchmarks.ranges)")
+    keep.add_argument("--no-keep", action="store_true", help="do not keep the run in benchmarks/results")
     return parser
 
 
@@ -83,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args, argv: list[str]) -> int:
     from benchmarks.presets import ensure_preset
+    from benchmarks.ranges import RESULTS_DIR, git_commit, keep_run, kept_record
     from benchmarks.run import RunOptions, run_benchmark
     from runtimes.tune import tuning_enabled
 
@@ -96,6 +108,8 @@ def _main(args, argv: list[str]) -> int:
         return 0
     workload = Workload(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, runs=args.runs,
                         warmup=args.warmup, seed=args.seed, questions=args.questions)
+    if args.retries < 0:
+        raise ValueError(f"--retries must be >= 0, got {args.retries}")
     if args.preset:
         checkpoint, bundle = ensure_preset(args.preset, args.quant, args.vision_precision, log=log)
         checkpoint = args.checkpoint or checkpoint
@@ -106,18 +120,27 @@ def _main(args, argv: list[str]) -> int:
     options = RunOptions(bundle=bundle, checkpoint=checkpoint, backends=args.backends, workload=workload,
                          threads=args.threads, device=args.device, isolate=not args.in_process,
                          bandwidth_bytes=args.bandwidth_mib * 2**20 if args.bandwidth_mib else None,
-                         baselines=not args.no_baselines, preset=args.preset, wait_idle=args.wait_idle,
+                         baselines=not args.no_baselines, preset=args.preset, wait_idle=args.wait_idle, retries=args.retries,
                          tune=tuning_enabled(False if args.no_tune else None), retune=args.retune,
                          command="python -m benchmarks " + shlex.join(argv))
     if checkpoint is None and options.baselines:
         log("[bench] no checkpoint found: the PyTorch eager baseline is skipped (pass --checkpoint)")
     out = args.out or Path("benchmark-results") / (args.preset or bundle.name)
+    commit = git_commit()  # of the code that runs, not of whatever is checked out when it ends
     results = run_benchmark(options, log=log)
     raw = out.with_name(out.name + ".raw.json")  # kept only if the report cannot be written: re-render with --from-json
     with atomic_write(raw, "w") as handle:
         json.dump(results, handle, default=float)
     paths = _write(out, results, log)
     raw.unlink()
+    keep = None if args.no_keep else (args.keep or (RESULTS_DIR if args.preset else None))
+    if keep is not None:
+        from benchmarks.analysis import analyze
+
+        analysis = analyze(results)
+        kept = keep_run(kept_record(results, analysis, commit), keep)
+        log(f"[bench] kept {kept} ({'counts' if analysis['contention']['counted'] else 'does not count'} in "
+            "python -m benchmarks.ranges)")
     return 0
 
 

@@ -25,6 +25,7 @@ TARGETS = (
     ("self_question_speedup", "self_question(n) sequential / shared-prefix time", ">=", 1.8),
 )
 MIN_COSINE = 0.99
+NOT_MEASURED_SHARED = "not measured: machine shared"
 
 
 def _values(runs: list[dict], key: str) -> list[float]:
@@ -209,13 +210,76 @@ def analyze(results: dict) -> dict[str, Any]:
             combos.append({"label": job["label"], "vision": job["vision"], "llm": job["llm"], "tuned": job.get("tuned", False),
                            "figures": combo_figures(job, results, eager)})
     rows = vision_rows(results, eager)
+    judged, contention = with_contention(targets(results, combos, rows, eager, overhead),
+                                         results["jobs"] + bandwidth_jobs(results), combos)
     profiles = {("PyTorch eager fp32" if j["kind"] == "eager" else f"{j['vision']['kind']}:{j['vision']['precision']}"):
                 j["profile"] for j in results["jobs"] if not j.get("error") and j.get("profile")}
     return {"eager": eager and {k: eager[k] for k in ("label", "description", "figures", "memory", "load_ms",
                                                         "preprocess_parity_max_abs_diff", "roofline_bytes")
                           if k in eager},
             "overhead": overhead, "high_level_defaults": probe, "combos": combos, "vision_profiles": profiles, "vision": rows, "errors": errors,
-            "targets": targets(results, combos, rows, eager, overhead), "bandwidth_gbps": bandwidth_gbps(results)}
+            "targets": judged, "contention": contention, "bandwidth_gbps": bandwidth_gbps(results)}
+
+
+BANDWIDTH = "memory bandwidth"
+
+
+def bandwidth_jobs(results: dict) -> list[dict]:
+    """The bandwidth measurements as one pseudo-job for the contention check: shared if either (start, end) was."""
+    records = [m["contention"] for m in results.get("bandwidth", {}).values() if isinstance(m, dict) and m.get("contention")]
+    if not records:
+        return []
+    verdicts = [r.get("contended") for r in records]
+    merged = next((r for r in records if r.get("contended")), records[0])
+    return [{"kind": "bandwidth", "label": BANDWIDTH,
+             "contention": {**merged, "contended": True if any(verdicts) else (None if None in verdicts else False)}}]
+
+
+def target_sources(tid: str, jobs: list[dict], combos: list[dict]) -> list[str]:
+    """Labels of the jobs whose numbers a target is computed from (a choice among rows depends on every row)."""
+    ok = [j for j in jobs if not j.get("error")]
+    eager = [j["label"] for j in ok if j["kind"] == "eager"]
+    combo_labels = [c["label"] for c in combos]
+    auto = [c["label"] for c in combos if c.get("tuned")]
+    if tid == "vision_speedup":
+        return eager + [j["label"] for j in ok if j["kind"] in ("combo", "vision")]
+    if tid == "llamacpp_vs_high_level":
+        return [j["label"] for j in ok if j["kind"] == "llamacpp_overhead"]
+    if tid in ("ttft_ratio", "e2e_speedup"):
+        return eager + (auto or combo_labels)
+    if tid == "roofline_share":  # decode tok/s over the bandwidth measured in the run
+        return combo_labels + [j["label"] for j in ok if j["kind"] == "bandwidth"]
+    return combo_labels  # auto_is_fastest, follow-up, self_question: the headline is chosen among the combos
+
+
+def with_contention(found: list[dict], jobs: list[dict], combos: list[dict]) -> tuple[list[dict], dict[str, Any]]:
+    """Each target gets its sources and a status: "met", "not met", "not measured" (nothing to compare) or
+    NOT_MEASURED_SHARED when a job it is computed from was still contended after its retries: then `met` is None
+    (never True), the ratio stays as `measured` for the record, and `evidence` says what the job saw.
+    -> (targets, {"checked", "shared_jobs", "counted"}): the run counts (True) when every job a target is computed
+    from was checked and quiet; False when one was shared; None when contention was not checked (an older record,
+    or no /proc/stat)."""
+    from benchmarks.contention import describe
+
+    records = {j["label"]: j.get("contention") for j in jobs if not j.get("error")}
+    shared = {label: r for label, r in records.items() if r and r.get("contended")}
+    out = []
+    for t in found:
+        t = {**t, "sources": target_sources(t["id"], jobs, combos)}
+        hit = [label for label in t["sources"] if label in shared]
+        if hit:
+            t.update(met=None, status=NOT_MEASURED_SHARED,
+                     evidence="; ".join(f"{label}: {'; '.join(shared[label]['reasons'])} ({describe(shared[label])})"
+                                        for label in hit))
+        else:
+            t["status"] = "not measured" if t["met"] is None else ("met" if t["met"] else "not met")
+        out.append(t)
+    used = {label for t in out for label in t["sources"]}
+    checked = bool(used) and all((records.get(label) or {}).get("contended") is not None for label in used)
+    shared_used = sorted(used & set(shared))
+    summary = {"checked": checked, "shared_jobs": sorted(shared),
+               "counted": False if shared_used else (True if checked else None)}
+    return out, summary
 
 
 def eager_figures(job: dict, results: dict) -> dict[str, Any]:

@@ -44,16 +44,21 @@ def _run(*cmd: str, timeout: float = 10) -> str | None:
 
 
 def cpu_facts() -> dict[str, Any]:
-    """Model, flags (all, and the SIMD ones that matter), logical CPUs, the CPUs this process may use, caches."""
-    info = _read("/proc/cpuinfo") or ""
-    fields: dict[str, str] = {}
-    for line in info.splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    flags = (fields.get("flags") or fields.get("Features") or "").split()
+    """Model and identity (vendor, family / model / stepping, flags hash), flags (all, and the SIMD ones that
+    matter), logical CPUs, the CPUs this process may use, caches."""
+    from runtimes.device_facts import cpu_identity, read_cpuinfo
+
+    fields = read_cpuinfo()
+    identity = cpu_identity(fields)
+    flags = identity["flags"]
     affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     return {
-        "model": fields.get("model name") or fields.get("Model") or platform.processor() or None,
+        "model": identity["model_name"] or platform.processor() or None,
+        "vendor": identity["vendor"],
+        "family": identity["family"],
+        "model_number": identity["model"],
+        "stepping": identity["stepping"],
+        "flags_sha256": identity["flags_sha256"],
         "arch": platform.machine(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(affinity) if affinity is not None else os.cpu_count(),

@@ -66,7 +66,39 @@ def _load(values) -> str:
 
 
 def contention_note(results: dict) -> list[str]:
-    """Warn when other processes shared the CPUs: the per-job CPU time vs wall time shows how much we got."""
+    """Say which jobs ran on a shared machine (benchmarks.contention: other processes' share of the job's CPUs and
+    steal over the job, the job's own CPU time beside them), with the evidence, and how many times each was retried."""
+    from benchmarks.analysis import bandwidth_jobs
+    from benchmarks.contention import describe
+
+    jobs = [j for j in results["jobs"] if not j.get("error")] + bandwidth_jobs(results)
+    checked = [j for j in jobs if (j.get("contention") or {}).get("contended") is not None]
+    shared = [j for j in checked if j["contention"]["contended"]]
+    retried = [j for j in jobs if j.get("discarded_attempts")]
+    if not checked:
+        return _legacy_contention_note(results) + ["> Contention was not checked for this run (no per-job /proc/stat "
+                                                   "record): its targets are judged as measured.", ""]
+    lines = []
+    if shared:
+        lines += [f"> **Machine shared: {len(shared)} of {len(checked)} jobs were measured while other processes or "
+                  "the hypervisor took their CPUs, even after their retries. Every target computed from them is "
+                  "reported as *not measured: machine shared*, never as met.**", ">"]
+        lines += [f"> - {j['label']}: {'; '.join(j['contention']['reasons'])} ({describe(j['contention'])}; "
+                  f"{1 + len(j.get('discarded_attempts', []))} attempt(s))" for j in shared]
+        lines.append("")
+    if retried:
+        lines += ["Measured again because the machine was shared: " + ", ".join(
+            f"{j['label']} ({len(j['discarded_attempts'])} discarded attempt(s): "
+            + "; ".join(describe(a) for a in j["discarded_attempts"]) + ")" for j in retried), ""]
+    quiet = [j for j in checked if not j["contention"]["contended"]]
+    if quiet and not shared:
+        lines += ["Every job ran on a quiet machine: " + "; ".join(f"{j['label']}: {describe(j['contention'])}"
+                                                                   for j in quiet) + ".", ""]
+    return lines
+
+
+def _legacy_contention_note(results: dict) -> list[str]:
+    """For a run recorded before the per-job check: the load average and each job's CPU time vs wall time."""
     m = results["machine"]
     cpus = m["cpu"]["usable_cpus"] or 1
     loads = [x for x in (m.get("load_average_at_start"), m.get("load_average_at_end")) if x]
@@ -92,8 +124,12 @@ def targets_section(analysis: dict) -> list[str]:
     lines = ["## Targets (ratios measured in this run)", "", "| target | goal | measured | met | detail |",
              "|---|---|---|---|---|"]
     for t in analysis["targets"]:
-        met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")
-        lines.append(f"| {t['what']} | {t['target']} | {_f(t['measured'], 3)} | {met} | {t['detail']} |")
+        status = t.get("status")
+        if status is None:  # an analysis from before statuses
+            status = "n/a" if t["met"] is None else ("met" if t["met"] else "not met")
+        met = {"met": "yes", "not met": "**no**", "not measured": "n/a"}.get(status, f"**{status}**")
+        detail = t["detail"] + (f". Shared: {t['evidence']}" if t.get("evidence") else "")
+        lines.append(f"| {t['what']} | {t['target']} | {_f(t['measured'], 3)} | {met} | {detail} |")
     return lines + [""]
 
 

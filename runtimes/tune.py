@@ -59,12 +59,12 @@ BUSY_SAMPLE_S = 0.5  # how long the CPU's busy share is sampled (before and afte
 
 def _cpu_ticks(stat: str | os.PathLike) -> tuple[int, int]:
     """(idle, total) jiffies of all CPUs from the first line of /proc/stat (iowait counts as idle, steal as busy)."""
-    with open(stat) as handle:
-        fields = handle.readline().split()
-    if not fields or fields[0] != "cpu":
-        raise ValueError(f"{stat} does not start with the cpu line")
-    values = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal (guest is inside user)
-    return values[3] + values[4], sum(values)
+    from runtimes.device_facts import read_proc_stat
+
+    ticks = read_proc_stat(stat)
+    if ticks is None:
+        raise ValueError(f"{stat} cannot be read or does not start with the cpu line")
+    return ticks["idle"], ticks["total"]
 
 
 def cpu_busy_share(seconds: float = BUSY_SAMPLE_S, stat: str | os.PathLike = "/proc/stat", sleep=time.sleep
@@ -114,17 +114,11 @@ def thread_counts(cores: int | None = None) -> list[int]:
 
 def machine_key(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> dict:
     """CPU model, a hash of its full flag list, and the cores this process may use."""
-    model, flags = "", ""
-    try:
-        for line in Path(cpuinfo).read_text(errors="replace").splitlines():
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith(("flags", "Features")) and not flags:  # x86 "flags", ARM "Features"
-                flags = " ".join(sorted(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    model = model or platform.processor() or platform.machine()
-    return {"cpu": model, "flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16], "cores": thread_counts()[-1]}
+    from runtimes.device_facts import cpu_flags, flags_sha256, read_cpuinfo
+
+    fields = read_cpuinfo(cpuinfo)
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    return {"cpu": model, "flags_sha256": flags_sha256(cpu_flags(fields)), "cores": thread_counts()[-1]}
 
 
 def software_key() -> dict:

@@ -24,7 +24,7 @@ def smoke(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("bench") / "tiny"
     cmd = [sys.executable, "-m", "benchmarks", "--preset", "tiny", "--runs", "2", "--prompt-tokens", "8",
-           "--new-tokens", "8", "--bandwidth-mib", "32", "--out", str(out)]
+           "--new-tokens", "8", "--bandwidth-mib", "32", "--retries", "0", "--no-keep", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "SQLLAVA_EDGE_TUNE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -99,13 +99,17 @@ def test_smoke_raw_samples_and_exact_token_counts(smoke):
 
 def test_smoke_targets_are_all_reported(smoke):
     _, _, results = smoke
-    from benchmarks.analysis import TARGETS
+    from benchmarks.analysis import NOT_MEASURED_SHARED, TARGETS
 
     targets = results["analysis"]["targets"]
     assert [t["id"] for t in targets] == [t[0] for t in TARGETS]
-    for t in targets:
+    for t in targets:  # on a shared machine (the suite's usual case) a target is not measured, never met
         assert t["measured"] is not None and t["measured"] > 0, t
-        assert t["met"] in (True, False) and t["detail"]
+        assert t["detail"] and t["sources"]
+        if t["status"] == NOT_MEASURED_SHARED:
+            assert t["met"] is None and t["evidence"]
+        else:
+            assert t["met"] in (True, False) and t["status"] == ("met" if t["met"] else "not met")
 
 
 def test_from_json_rerenders(smoke, tmp_path):
