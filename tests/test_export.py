@@ -322,7 +322,7 @@ def test_trt_failed_validation_leaves_no_files(bundle, tmp_path, monkeypatch):
     trt = type(sys)("tensorrt")
     trt.__version__ = "10.3.0"
     monkeypatch.setattr(export_trt, "require_tensorrt", lambda: trt)
-    monkeypatch.setattr(export_trt, "cuda_devices", lambda: [{"index": 0, "name": "Orin", "compute_capability": "8.7"}])
+    monkeypatch.setattr(export_trt, "cuda_devices", lambda: [AGX_ORIN])
     monkeypatch.setattr(export_trt, "_build_serialized", lambda *args: (b"engine bytes", b"timing cache"))
 
     def fail(*args):
@@ -333,6 +333,12 @@ def test_trt_failed_validation_leaves_no_files(bundle, tmp_path, monkeypatch):
         export_trt.build_engine(work, max_batch=2, log=lambda line: None)
     assert sorted(p.relative_to(work) for p in work.rglob("*")) == before
     assert read_manifest(work, verify=True).find("tensorrt_engine") is None
+
+
+# cuDeviceGet* on two Orin modules: the same name and compute capability, different multiprocessors and memory
+AGX_ORIN = {"index": 0, "name": "Orin", "compute_capability": "8.7", "multiprocessors": 16, "pci_bus_id": "",
+            "total_memory": 64_335_241_216}
+ORIN_NANO = {**AGX_ORIN, "multiprocessors": 8, "total_memory": 7_990_161_408}
 
 
 @pytest.mark.parametrize("argv", [["B", "--max-batch", "0"], ["B", "--workspace-gb", "-1"], ["B", "--max-batch", "x"], []])
