@@ -239,8 +239,8 @@ def _nvidia_smi_free(bus_id: str) -> int | None:
 
 
 def _query_nvidia_gpu() -> tuple[dict, int] | None:
-    """(cuda_driver_devices entry, free bytes) of the GPU that CUDA numbers 0, the one llama.cpp, onnxruntime and
-    TensorRT use by default; None without a usable CUDA driver.
+    """(cuda_driver_devices entry, free bytes) of the GPU that CUDA numbers 0, the one the memory plan checks and
+    llama.cpp (main_gpu, no split), onnxruntime and TensorRT are pinned to; None without a usable CUDA driver.
 
     Name and capability come from the CUDA driver (honouring CUDA_VISIBLE_DEVICES / CUDA_DEVICE_ORDER); free memory
     from nvidia-smi's row with the same PCI bus id, else the device's total memory (no CUDA context is created here:
@@ -649,7 +649,7 @@ def load_vision(choice: VisionChoice, source: ModelSource, device: DeviceInfo, n
         return vision.TorchVision(model)
     path = source.artifact_path(choice.artifact)
     if choice.kind is VisionKind.TENSORRT:
-        return vision.TensorRTVision(path)
+        return vision.TensorRTVision(path, device_index=device.gpu_index)
     return vision.OnnxVision(path, providers=choice.providers, n_threads=choice.n_threads or n_threads,
                              gpu_mem_limit=gpu_mem_limit,
                              allow_cpu_fallback=not choice.requested)
@@ -688,7 +688,7 @@ def load_llm(choice: LLMChoice, source: ModelSource, device: DeviceInfo, n_ctx: 
                        n_gpu_layers=choice.gpu_layers, n_seq_max=n_seq_max,
                        kv_type="f32" if choice.exact else "f16", flash_attn=False if choice.exact else None,
                        extra_buffers=choice.extra_buffers, n_threads_batch=choice.n_threads_batch,
-                       n_ubatch=choice.n_ubatch)
+                       n_ubatch=choice.n_ubatch, main_gpu=device.gpu_index)
 
 
 def select_vision(source: ModelSource, device: DeviceInfo, requested: str | None = None, precision: str | None = None,
