@@ -657,15 +657,17 @@ def load_vision(choice: VisionChoice, source: ModelSource, device: DeviceInfo, n
 
 def load_vision_checked(choice: VisionChoice, source: ModelSource, device: DeviceInfo, n_threads: int | None = None,
                         gpu_mem_limit: int | None = None):
-    """-> (backend, the choice that really runs). In auto mode a TensorRT engine that does not load falls back to
-    onnxruntime, and onnxruntime silently dropping its CUDA provider is said in the reason; an explicitly requested
-    backend raises instead (BackendUnavailableError naming what is missing)."""
+    """-> (backend, the choice that really runs). In auto mode a TensorRT engine that does not load, whatever the
+    failure (BackendUnavailableError, a RuntimeError from the CUDA buffers, a ValueError for an engine dtype the
+    backend does not map, ...), falls back to onnxruntime with the failure in the reason, and onnxruntime silently
+    dropping its CUDA provider is said too; an explicitly requested backend raises instead."""
     try:
         backend = load_vision(choice, source, device, n_threads, gpu_mem_limit)
-    except BackendUnavailableError as exc:
+    except Exception as exc:  # only the optional TensorRT attempt of automatic mode has a fallback
         if choice.fallback is None:
             raise
-        choice = replace(choice.fallback, reason=f"{choice.fallback.reason} (TensorRT said: {exc})")
+        said = str(exc) if isinstance(exc, BackendUnavailableError) else f"{type(exc).__name__}: {exc}"
+        choice = replace(choice.fallback, reason=f"{choice.fallback.reason} (TensorRT said: {said})")
         backend = load_vision(choice, source, device, n_threads, gpu_mem_limit)
     dropped = getattr(backend, "dropped_providers", ())
     if dropped:

@@ -561,6 +561,66 @@ def test_cuda_python_is_enough_for_tensorrt(monkeypatch, tensorrt_10_3):
 
 
 
+class NoDeviceCudart(FakeCudart):
+    """cuda-python present, but cudaSetDevice fails (driver / device trouble): CudaPythonBuffers raises RuntimeError."""
+
+    def cudaSetDevice(self, index):  # noqa: N802
+        return ("cudaErrorNoDevice",)
+
+
+class BF16Engine(FakeEngine):
+    def get_tensor_dtype(self, name):
+        return "bfloat16"  # a dtype TensorRTVision does not map to numpy
+
+
+class BF16TensorRT(FakeTensorRT):
+    class Runtime(FakeTensorRT.Runtime):
+        def deserialize_cuda_engine(self, data):
+            return BF16Engine()
+
+
+@pytest.mark.parametrize("trt,cudart,error", [
+    (FakeTensorRT(), NoDeviceCudart(), RuntimeError),  # CudaPythonBuffers.__init__: CUDA runtime call failed
+    (BF16TensorRT(), FakeCudart(), ValueError),  # an engine with bf16 tensors
+], ids=["cuda-buffers", "bf16-engine"])
+def test_any_engine_load_failure_falls_back_in_auto_and_raises_on_request(tensorrt_10_3, monkeypatch, tmp_path, trt,
+                                                                           cudart, error):
+    pytest.importorskip("onnxruntime", reason="the fallback is onnxruntime")
+    monkeypatch.setattr(vision, "tensorrt_problem", lambda: None, raising=False)
+    monkeypatch.setattr(vision, "_import_tensorrt", lambda: trt)
+    monkeypatch.setattr(vision, "cuda_available", lambda: False)
+    monkeypatch.setattr(vision, "import_cudart", lambda: cudart)
+    monkeypatch.setattr(vision, "OnnxVision", FakeBackend)
+    engine = _engine(AGX_ORIN_GPU, AGX_BOARD)
+    source = _source(*ALL_VISION, engine)
+    source.folder = tmp_path
+    (tmp_path / engine.path).parent.mkdir(parents=True)
+    (tmp_path / engine.path).write_bytes(b"engine for Orin")
+    backend, reason = select_vision(source, _orin())
+    assert isinstance(backend, FakeBackend) and "onnxruntime" in reason
+    assert f"TensorRT said: {error.__name__}" in reason
+    with pytest.raises(error):
+        select_vision(source, _orin(), "tensorrt")
+
+
+def test_cuda_python_hint_pins_12_and_jetpack_6_0_hears_about_tensorrt_first(monkeypatch):
+    """`pip install cuda-python` on JetPack 6 brings 13.x (CUDA 13): the hint pins <13 as the runtime-gpu extra does.
+    JetPack 6.0 (TensorRT 8.6) without cuda-python: the TensorRT refusal comes first, not a buffer hint that would
+    leave the user with a TensorRT that still cannot run."""
+    monkeypatch.setattr(vision, "cuda_available", lambda: False)
+    monkeypatch.setattr(vision, "import_cudart", lambda: None)
+    monkeypatch.delenv("SQLLAVA_EDGE_VISION_BACKEND", raising=False)
+    current = type(sys)("tensorrt")
+    current.__version__ = "10.3.0"
+    monkeypatch.setitem(sys.modules, "tensorrt", current)
+    assert "pip install 'cuda-python>=12.6,<13'" in vision.tensorrt_problem()
+    old = type(sys)("tensorrt")
+    old.__version__ = "8.6.2.3"
+    monkeypatch.setitem(sys.modules, "tensorrt", old)
+    with pytest.raises(BackendUnavailableError) as caught:
+        choose_vision(_source(*ALL_VISION), _orin(), "tensorrt")
+    assert "TensorRT 8.6.2.3 is too old" in str(caught.value) and "cuda-python" not in str(caught.value)
+
 # --------------------------------------------------------------------------------------------------------------------
 # onnxruntime-gpu that lists CUDA but runs on the CPU (issue 26)
 
