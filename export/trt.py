@@ -8,7 +8,10 @@ where it should be (export.onnx), and the network is built STRONGLY_TYPED, so no
 is needed. TensorRT 8.6 (JetPack 6.0) has no STRONGLY_TYPED flag and is refused with a one-line error. One
 optimization profile over the batch (1 / max/2 / max), a timing cache kept beside the engine, and the engine is
 checked against the fp32 ONNX in onnxruntime before anything is written. Engines are not portable across GPUs or
-TensorRT versions: the manifest records TensorRT version, GPU name, compute capability and JetPack/L4T release.
+TensorRT versions: each is keyed on the device key (runtimes.select.device_key: CUDA name, compute capability,
+multiprocessor count, total memory, the same on the host and in a container) and the TensorRT version, which name
+its file and timing cache, so one bundle holds an engine per device (an AGX Orin's next to an Orin Nano's). The
+manifest records them with the JetPack/L4T release and the board, the latter for reading only.
 """
 from __future__ import annotations
 
@@ -168,6 +171,12 @@ def _check_io(graph, report: CheckReport) -> None:
 # The device: TensorRT, CUDA GPU, Jetson release
 
 
+def device_key(device: dict) -> dict:
+    from runtimes.select import device_key as key
+
+    return key(device)
+
+
 def require_tensorrt():
     """The tensorrt module, >= 10 (raises BackendUnavailableError saying what to install or upgrade)."""
     from runtimes.vision import check_tensorrt_version
@@ -182,8 +191,9 @@ def require_tensorrt():
 
 
 def cuda_devices() -> list[dict]:
-    """Name and compute capability of each CUDA device, via the driver library (no CUDA toolkit or torch needed), in
-    CUDA's numbering: device 0 is the one the runtimes use."""
+    """Each CUDA device as runtimes.select.cuda_driver_devices describes it (name, compute capability, multiprocessors,
+    total memory), via the driver library (no CUDA toolkit or torch needed), in CUDA's numbering: device 0 is the one
+    the runtimes use."""
     from runtimes.select import cuda_driver_devices
 
     return cuda_driver_devices()
@@ -197,8 +207,9 @@ JETPACK_FOR_L4T = {"35.3.1": "5.1.1", "35.4.1": "5.1.2", "35.5.0": "5.1.3", "35.
 def jetson_release(root: str | Path = "/") -> dict | None:
     """{"l4t": "36.4.3", "jetpack": "6.2", "board": ...} on a Jetson, None elsewhere.
 
-    The board is named exactly as runtimes.select.detect_jetson names it (the runtime matches engines on it); a
-    container without /etc/nv_tegra_release is still a Jetson, with an unknown L4T release.
+    The board is named as runtimes.select.detect_jetson reads it, for people to read: a container hides or renames it,
+    so engines are matched on the CUDA device key instead. A container without /etc/nv_tegra_release is still a
+    Jetson, with an unknown L4T release.
     """
     from runtimes.select import detect_jetson
 
@@ -243,31 +254,52 @@ def build_engine(bundle: str | Path, *, max_batch: int = 4, workspace_gb: float 
     report = check_onnx(bundle / onnx_artifact.path)
     if not report.ok:
         raise BundleError("the fp16 ONNX cannot be parsed by TensorRT:\n" + report.summary())
-    slug = re.sub(r"[^a-z0-9]+", "-", device["name"].lower()).strip("-")
-    stem = f"trt/vision.{slug}.trt{trt.__version__}"
+    key = device_key(device)
+    stem = f"trt/vision.{engine_stem(key)}.trt{trt.__version__}"  # one engine and timing cache per device key
     cache_path = bundle / f"{stem}.timing-cache"
     size = manifest.preprocessing["image_size"]
-    log(f"[trt] building a strongly typed engine on {device['name']} (sm {device['compute_capability']}), TensorRT {trt.__version__}")
-    engine, cache = _build_serialized(trt, bundle / onnx_artifact.path, size, max_batch, workspace_gb, cache_path)
+    log(f"[trt] building a strongly typed engine on {device['name']} (sm {device['compute_capability']}, "
+        f"{key['multiprocessors']} multiprocessors, {key['total_memory'] / 2**30:.1f} GiB), TensorRT {trt.__version__}")
+    engine, cache = _build_serialized(trt, bundle / onnx_artifact.path, size, max_batch, workspace_gb, cache_path, log)
     validation = _validate_engine(trt, engine, bundle, manifest, max_batch)  # from memory: nothing is written before
     with atomic_write(bundle / f"{stem}.engine") as handle:  # a failed validation leaves no file the manifest omits
         handle.write(engine)
     with atomic_write(cache_path) as handle:
         handle.write(cache)
-    target = {"gpu": device["name"], "compute_capability": device["compute_capability"], "tensorrt": trt.__version__,
-              "jetson": jetson_release(), "max_batch": max_batch,
+    target = {"gpu": device["name"], "compute_capability": device["compute_capability"], "device_key": key,
+              "tensorrt": trt.__version__, "jetson": jetson_release(), "max_batch": max_batch,
               "profile": {"min": 1, "opt": max(1, max_batch // 2), "max": max_batch}, "workspace_gb": workspace_gb,
               "strongly_typed": True, "source_onnx": onnx_artifact.path}
     artifact = Artifact.from_files(bundle, "tensorrt_engine", f"{stem}.engine", [f"{stem}.engine", f"{stem}.timing-cache"],
                                    "fp16", validation, target, inputs_key=onnx_artifact.sha256[onnx_artifact.path])
-    manifest.add(artifact)
+    replaced = manifest.add(artifact)
     write_manifest(bundle, manifest)
+    kept = {name for other in manifest.artifacts for name in other.files}
+    for old in replaced:  # the same device key's engine under an older name: its files now belong to no entry
+        for name in set(old.files) - kept:
+            (bundle / name).unlink(missing_ok=True)
     log(f"[trt] wrote {artifact.path} ({artifact.size / 2**20:.1f} MiB) and updated the manifest")
     return artifact
 
 
-def _build_serialized(trt, onnx_path: Path, size: int, max_batch: int, workspace_gb: float, cache_path: Path):
-    """TensorRT 10/11 documented API: strongly typed network from ONNX, batch profile, timing cache."""
+def engine_stem(key: dict) -> str:
+    """A file-name part unique per device key: the CUDA name, then a digest of the whole key ("orin-8b41c0d2e7"), so
+    an AGX Orin and an Orin Nano (both "Orin", 8.7) write different engines and timing caches in one bundle."""
+    import hashlib
+    import json
+
+    slug = re.sub(r"[^a-z0-9]+", "-", key["gpu"].lower()).strip("-")
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{slug}-{digest}"
+
+
+def _build_serialized(trt, onnx_path: Path, size: int, max_batch: int, workspace_gb: float, cache_path: Path,
+                      log: Callable[[str], None] = print):
+    """TensorRT 10/11 documented API: strongly typed network from ONNX, batch profile, timing cache.
+
+    The timing cache file is this device key's own (build_engine names it so). It is set with ignore_mismatch=False
+    and TensorRT's answer is checked: a cache it refuses (recorded on another device, or by another TensorRT) is
+    replaced by a fresh one instead of being ignored silently."""
     from sqllava_edge.errors import ExportValidationError
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -280,7 +312,12 @@ def _build_serialized(trt, onnx_path: Path, size: int, max_batch: int, workspace
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        log(f"[trt] TensorRT refused the timing cache {cache_path.name} (recorded on another device or TensorRT "
+            "version); building with a fresh one")
+        cache = config.create_timing_cache(b"")
+        if not config.set_timing_cache(cache, ignore_mismatch=False):
+            raise ExportValidationError("TensorRT refused even an empty timing cache; see its log above")
     profile = builder.create_optimization_profile()
     shape = lambda batch: (batch, 3, size, size)  # noqa: E731
     profile.set_shape(INPUT_NAME, shape(1), shape(max(1, max_batch // 2)), shape(max_batch))

@@ -81,11 +81,15 @@ class _LlamaHandles:
 
     def __init__(self, llama_cpp, path: Path, n_ctx: int, n_batch: int, n_seq_max: int, n_threads: int,
                  n_gpu_layers: int, kv_type: str, extra_buffers: bool, flash_attn: bool | None,
-                 n_threads_batch: int, n_ubatch: int):
+                 n_threads_batch: int, n_ubatch: int, main_gpu: int):
         self.lib = llama_cpp
         self.model = self.ctx = self.token_batch = self.embd_batch = None
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = n_gpu_layers
+        # One GPU, the one the memory plan checked: llama.cpp's default splits the layers over every visible GPU.
+        # (A CPU-only build has no GPU devices and ignores both.)
+        model_params.split_mode = llama_cpp.LLAMA_SPLIT_MODE_NONE
+        model_params.main_gpu = main_gpu
         model_params.use_extra_bufts = extra_buffers
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
         if not self.model:
@@ -130,6 +134,8 @@ class LlamaCppLLM:
     a batched decode of several sequences); None = n_threads. llama.cpp picks by the batch's token count.
     n_ubatch: rows llama.cpp computes per graph run inside one call of up to n_batch rows (its micro-batch); None =
     n_batch. On a CPU a smaller micro-batch can prefill faster (its activations stay in cache); runtimes.tune measures.
+    main_gpu: the CUDA device (CUDA's numbering, after CUDA_VISIBLE_DEVICES) that holds every offloaded layer; the
+    model is never split over several GPUs (split_mode NONE), so it lands where the memory plan looked.
     verbose: route llama.cpp's log lines to stderr (process-wide), else they are dropped.
     """
 
@@ -138,7 +144,7 @@ class LlamaCppLLM:
     def __init__(self, gguf_path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None,
                  n_gpu_layers: int = 0, n_batch: int = 512, n_seq_max: int = 4, *, kv_type: str = "f16",
                  flash_attn: bool | None = None, extra_buffers: bool | None = None, verbose: bool = False,
-                 n_threads_batch: int | None = None, n_ubatch: int | None = None):
+                 n_threads_batch: int | None = None, n_ubatch: int | None = None, main_gpu: int = 0):
         self._lock = threading.RLock()  # one llama.cpp context must not be driven by two threads at once
         path = Path(gguf_path)
         if not path.is_file():
@@ -151,6 +157,8 @@ class LlamaCppLLM:
             raise ValueError(f"n_ubatch ({n_ubatch}) must not exceed n_batch ({n_batch}): it splits one call's batch")
         if n_seq_max > n_batch:
             raise ValueError(f"n_seq_max ({n_seq_max}) must not exceed n_batch ({n_batch}): decode batches one row per sequence")
+        if not isinstance(main_gpu, int) or main_gpu < 0:
+            raise ValueError(f"main_gpu must be a CUDA device index >= 0, got {main_gpu!r}")
         if kv_type not in KV_TYPES:
             raise ValueError(f"unknown kv_type {kv_type!r}; valid: {', '.join(KV_TYPES)}")
         llama_cpp = import_llama_cpp()
@@ -163,14 +171,15 @@ class LlamaCppLLM:
             extra_buffers = not cpu_has_amx()
         self.extra_buffers = extra_buffers
         self._h = _LlamaHandles(llama_cpp, path, n_ctx, n_batch, n_seq_max, self.n_threads, n_gpu_layers, kv_type,
-                                extra_buffers, flash_attn, self.n_threads_batch, n_ubatch)
+                                extra_buffers, flash_attn, self.n_threads_batch, n_ubatch, main_gpu)
         self.n_ctx, self.n_batch, self.n_ubatch, self.n_seq_max = n_ctx, n_batch, n_ubatch, n_seq_max
         self.n_embd = self._h.n_embd
         self.vocab_size = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._h.model))
         self.counters = Counters()
         self.description = (f"llama.cpp (llama-cpp-python {llama_cpp.__version__}) {path.name}, n_ctx {n_ctx}, "
                             f"n_batch {n_batch} (micro-batch {n_ubatch}), {self.n_threads} threads ({self.n_threads_batch} for batches), "
-                            f"weight repacking {'on' if extra_buffers else 'off'}, {n_gpu_layers} GPU layers, "
+                            f"weight repacking {'on' if extra_buffers else 'off'}, {n_gpu_layers} GPU layers"
+                            f"{f' on GPU {main_gpu}' if n_gpu_layers else ''}, "
                             f"KV {kv_type}, flash attention {'auto' if flash_attn is None else 'on' if flash_attn else 'off'}")
         self._lengths: dict[int, int] = {}
 

@@ -47,7 +47,18 @@ class DeviceInfo:
     compute_capability: str | None = None  # e.g. "8.9"; "8.7" on Jetson Orin
     cpu_flags: frozenset[str] = field(default_factory=frozenset)  # the INT8_CPU_FLAGS and avx2/avx512f this CPU has
     gpu_name: str | None = None  # the CUDA device name (cuDeviceGetName), what export.trt records: "Orin" on Orin
-    board: str | None = None  # Jetson only: the board, as detect_jetson names it (export.trt records the same)
+    board: str | None = None  # Jetson only: the board as detect_jetson reads it (information only: containers hide it)
+    multiprocessors: int | None = None  # the GPU's multiprocessor count, from the CUDA driver (None: not asked)
+    gpu_total_memory: int | None = None  # bytes, cuDeviceTotalMem (on a Jetson the RAM it shares)
+    gpu_index: int = 0  # the CUDA device (in CUDA's numbering, after CUDA_VISIBLE_DEVICES) planned and used
+
+    @property
+    def engine_key(self) -> dict | None:
+        """What a TensorRT engine built for this GPU is keyed on (device_key), None when the CUDA driver was not asked."""
+        if None in (self.gpu_name, self.compute_capability, self.multiprocessors, self.gpu_total_memory):
+            return None
+        return device_key({"name": self.gpu_name, "compute_capability": self.compute_capability,
+                           "multiprocessors": self.multiprocessors, "total_memory": self.gpu_total_memory})
 
     @property
     def fast_int8(self) -> bool:
@@ -147,6 +158,19 @@ def detect_jetson(root: str | os.PathLike = "/") -> str | None:
     return f"NVIDIA Jetson ({soc})"
 
 
+def device_key(device: dict) -> dict:
+    """The identity of a GPU that TensorRT engines and timing caches are keyed on: what the CUDA driver reports, the
+    same on the host and inside a container (name, compute capability, multiprocessor count, total memory).
+
+    The board string is not part of it: Docker hides /proc/device-tree, so one Jetson reads "NVIDIA Jetson AGX Orin
+    Developer Kit" on the host and "NVIDIA Jetson (tegra234)" in an l4t container, while two Orin boards built in
+    containers would read alike. The driver tells an AGX Orin (16 or 14 multiprocessors, 64 / 32 GB) from an Orin NX or
+    Nano (8 or 4, 16 / 8 / 4 GB) wherever it runs. device: a cuda_driver_devices() entry.
+    """
+    return {"gpu": device["name"], "compute_capability": device["compute_capability"],
+            "multiprocessors": int(device["multiprocessors"]), "total_memory": int(device["total_memory"])}
+
+
 def _load_libcuda():
     for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
         try:
@@ -160,8 +184,8 @@ def cuda_driver_devices(lib=None) -> list[dict]:
     """The CUDA devices in CUDA's own numbering (CUDA_VISIBLE_DEVICES and CUDA_DEVICE_ORDER applied, fastest first by
     default), via the driver library: no toolkit, no torch, no context. [] without a usable driver.
 
-    Each: index, name (cuDeviceGetName: "Orin" on Jetson Orin), compute_capability, pci_bus_id, total_memory.
-    lib: a loaded libcuda (tests pass a fake).
+    Each: index, name (cuDeviceGetName: "Orin" on Jetson Orin), compute_capability, multiprocessors, pci_bus_id,
+    total_memory. lib: a loaded libcuda (tests pass a fake).
     """
     lib = lib if lib is not None else _load_libcuda()
     if lib is None or lib.cuInit(0) != 0:
@@ -171,17 +195,19 @@ def cuda_driver_devices(lib=None) -> list[dict]:
         return []
     devices = []
     for index in range(count.value):
-        dev, major, minor, total = ctypes.c_int(), ctypes.c_int(), ctypes.c_int(), ctypes.c_size_t(0)
+        dev, major, minor, sms = ctypes.c_int(), ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+        total = ctypes.c_size_t(0)
         name, bus = ctypes.create_string_buffer(256), ctypes.create_string_buffer(32)
         if lib.cuDeviceGet(ctypes.byref(dev), index) != 0:
             continue
         lib.cuDeviceGetName(name, 256, dev)
         lib.cuDeviceGetAttribute(ctypes.byref(major), 75, dev)  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
         lib.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev)  # ..._MINOR
+        lib.cuDeviceGetAttribute(ctypes.byref(sms), 16, dev)  # CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
         lib.cuDeviceGetPCIBusId(bus, 32, dev)  # "domain:bus:device.function"; empty on a Jetson's integrated GPU
         lib.cuDeviceTotalMem_v2(ctypes.byref(total), dev)
         devices.append({"index": index, "name": name.value.decode(errors="replace"),
-                        "compute_capability": f"{major.value}.{minor.value}",
+                        "compute_capability": f"{major.value}.{minor.value}", "multiprocessors": int(sms.value),
                         "pci_bus_id": bus.value.decode(errors="replace"), "total_memory": int(total.value)})
     return devices
 
@@ -212,9 +238,9 @@ def _nvidia_smi_free(bus_id: str) -> int | None:
     return None
 
 
-def _query_nvidia_gpu() -> tuple[str, int, str] | None:
-    """(name, free bytes, compute capability) of the GPU that CUDA numbers 0, the one llama.cpp, onnxruntime and
-    TensorRT use by default; None without a usable CUDA driver.
+def _query_nvidia_gpu() -> tuple[dict, int] | None:
+    """(cuda_driver_devices entry, free bytes) of the GPU that CUDA numbers 0, the one the memory plan checks and
+    llama.cpp (main_gpu, no split), onnxruntime and TensorRT are pinned to; None without a usable CUDA driver.
 
     Name and capability come from the CUDA driver (honouring CUDA_VISIBLE_DEVICES / CUDA_DEVICE_ORDER); free memory
     from nvidia-smi's row with the same PCI bus id, else the device's total memory (no CUDA context is created here:
@@ -225,15 +251,16 @@ def _query_nvidia_gpu() -> tuple[str, int, str] | None:
         return None
     device = devices[0]
     free = _nvidia_smi_free(device["pci_bus_id"])
-    return device["name"], device["total_memory"] if free is None else free, device["compute_capability"]
+    return device, device["total_memory"] if free is None else free
 
 
-def _jetson_gpu(root: Path, board: str, query_cuda: bool) -> tuple[str | None, str | None]:
-    """(CUDA device name, compute capability) of a Jetson's GPU: from CUDA when it answers, else from the SoC table
-    (the SoC from the device tree or soc0; failing those an "Orin" board, or L4T R36, which supports only Orin)."""
+def _jetson_gpu(root: Path, board: str, query_cuda: bool) -> dict:
+    """A Jetson's GPU as cuda_driver_devices describes it when CUDA answers, else name and compute capability from
+    the SoC table (the SoC from the device tree or soc0; failing those an "Orin" board, or L4T R36, which supports
+    only Orin), without the multiprocessor count and memory that only the driver knows."""
     devices = cuda_driver_devices() if query_cuda else []
     if devices:
-        return devices[0]["name"], devices[0]["compute_capability"]
+        return devices[0]
     soc = tegra_soc(root)
     if soc not in TEGRA_GPUS:
         try:
@@ -242,25 +269,29 @@ def _jetson_gpu(root: Path, board: str, query_cuda: bool) -> tuple[str | None, s
             release = ""
         if "orin" in board.lower() or release.startswith("# R36 "):
             soc = "tegra234"
-    return TEGRA_GPUS.get(soc or "", (None, None))
+    name, capability = TEGRA_GPUS.get(soc or "", (None, None))
+    return {"name": name, "compute_capability": capability}
 
 
-def detect_device(root: str | os.PathLike = "/") -> DeviceInfo:
-    """What this machine offers. `root` lets tests point /proc, /sys and /etc at a fake tree (CUDA is then not asked)."""
+def detect_device(root: str | os.PathLike = "/", ask_cuda: bool | None = None) -> DeviceInfo:
+    """What this machine offers. `root` lets tests point /proc, /sys and /etc at a fake tree; the CUDA driver is asked
+    on the real tree only, unless ask_cuda says otherwise (tests with a fake driver)."""
     root = Path(root)
     flags = read_cpu_flags(root / "proc/cpuinfo")
     ram = read_mem_available(root / "proc/meminfo")
-    real = root == Path("/")
+    real = root == Path("/") if ask_cuda is None else ask_cuda
     jetson = detect_jetson(root)
     if jetson is not None:
-        gpu_name, capability = _jetson_gpu(root, jetson, real)
-        return DeviceInfo("jetson", jetson, ram, compute_capability=capability, cpu_flags=flags, gpu_name=gpu_name,
-                          board=jetson)
-    gpu = _query_nvidia_gpu() if real else None
-    if gpu is not None:
-        name, free, cap = gpu
-        return DeviceInfo("cuda", name, ram, gpu_memory_free=free, compute_capability=cap, cpu_flags=flags,
-                          gpu_name=name)
+        gpu = _jetson_gpu(root, jetson, real)
+        return DeviceInfo("jetson", jetson, ram, compute_capability=gpu["compute_capability"], cpu_flags=flags,
+                          gpu_name=gpu["name"], board=jetson, multiprocessors=gpu.get("multiprocessors"),
+                          gpu_total_memory=gpu.get("total_memory"), gpu_index=gpu.get("index", 0))
+    found = _query_nvidia_gpu() if real else None
+    if found is not None:
+        gpu, free = found
+        return DeviceInfo("cuda", gpu["name"], ram, gpu_memory_free=free, compute_capability=gpu["compute_capability"],
+                          cpu_flags=flags, gpu_name=gpu["name"], multiprocessors=gpu["multiprocessors"],
+                          gpu_total_memory=gpu["total_memory"], gpu_index=gpu["index"])
     return DeviceInfo("cpu", _cpu_name(root), ram, cpu_flags=flags)
 
 
@@ -472,21 +503,30 @@ def _pick_onnx(source: ModelSource, device: DeviceInfo, precision: str | None, u
     raise BundleError(f"{source.folder} has no vision ONNX; re-export the bundle: python -m export CHECKPOINT --out {source.folder}")
 
 
+def _describe_key(key: dict) -> str:
+    memory = key.get("total_memory")
+    return (f"{key.get('gpu')} (sm {key.get('compute_capability')}, {key.get('multiprocessors')} multiprocessors, "
+            f"{'?' if memory is None else f'{memory / 2**30:.1f} GiB'})")
+
+
 def engine_mismatch(target: dict, device: DeviceInfo) -> str | None:
     """Why an engine recorded with `target` (export.trt) may not run on `device`; None when it matches.
 
-    TensorRT engines are specific to the GPU model: the CUDA device name and compute capability must both match (the
-    same capability alone admits another GPU's engine), and on a Jetson the board too (an AGX Orin and an Orin Nano
-    are both "Orin", 8.7).
+    TensorRT engines are specific to the GPU: the engine's device_key (CUDA name, compute capability, multiprocessor
+    count, total memory) must equal this GPU's. An AGX Orin and an Orin Nano are both "Orin", 8.7, and differ in the
+    last two; the same board reads alike on the host and in a container. The Jetson board string is recorded for
+    people to read, never compared: containers hide or rename it.
     """
-    if device.gpu_name is None or device.compute_capability is None:
-        return f"this GPU's CUDA name and compute capability are unknown ({device.name})"
-    built = (target.get("gpu"), target.get("compute_capability"))
-    if built != (device.gpu_name, device.compute_capability):
-        return (f"built for {built[0]} (sm {built[1]}), this GPU is {device.gpu_name} (sm {device.compute_capability})")
-    board = (target.get("jetson") or {}).get("board")
-    if board is not None and board != device.board:
-        return f"built on the board {board!r}, this is {device.board!r}"
+    here = device.engine_key
+    if here is None:
+        return (f"this GPU's CUDA name, compute capability, multiprocessor count and memory are unknown ({device.name}; "
+                "the CUDA driver libcuda did not answer)")
+    built = target.get("device_key")
+    if built is None:
+        return (f"recorded without its device key (built for {target.get('gpu')} by an older sqllava-edge); rebuild it "
+                "here: python -m export.trt BUNDLE")
+    if built != here:
+        return f"built for {_describe_key(built)}, this GPU is {_describe_key(here)}"
     return None
 
 
@@ -609,7 +649,7 @@ def load_vision(choice: VisionChoice, source: ModelSource, device: DeviceInfo, n
         return vision.TorchVision(model)
     path = source.artifact_path(choice.artifact)
     if choice.kind is VisionKind.TENSORRT:
-        return vision.TensorRTVision(path)
+        return vision.TensorRTVision(path, device_index=device.gpu_index)
     return vision.OnnxVision(path, providers=choice.providers, n_threads=choice.n_threads or n_threads,
                              gpu_mem_limit=gpu_mem_limit,
                              allow_cpu_fallback=not choice.requested)
@@ -617,15 +657,17 @@ def load_vision(choice: VisionChoice, source: ModelSource, device: DeviceInfo, n
 
 def load_vision_checked(choice: VisionChoice, source: ModelSource, device: DeviceInfo, n_threads: int | None = None,
                         gpu_mem_limit: int | None = None):
-    """-> (backend, the choice that really runs). In auto mode a TensorRT engine that does not load falls back to
-    onnxruntime, and onnxruntime silently dropping its CUDA provider is said in the reason; an explicitly requested
-    backend raises instead (BackendUnavailableError naming what is missing)."""
+    """-> (backend, the choice that really runs). In auto mode a TensorRT engine that does not load, whatever the
+    failure (BackendUnavailableError, a RuntimeError from the CUDA buffers, a ValueError for an engine dtype the
+    backend does not map, ...), falls back to onnxruntime with the failure in the reason, and onnxruntime silently
+    dropping its CUDA provider is said too; an explicitly requested backend raises instead."""
     try:
         backend = load_vision(choice, source, device, n_threads, gpu_mem_limit)
-    except BackendUnavailableError as exc:
+    except Exception as exc:  # only the optional TensorRT attempt of automatic mode has a fallback
         if choice.fallback is None:
             raise
-        choice = replace(choice.fallback, reason=f"{choice.fallback.reason} (TensorRT said: {exc})")
+        said = str(exc) if isinstance(exc, BackendUnavailableError) else f"{type(exc).__name__}: {exc}"
+        choice = replace(choice.fallback, reason=f"{choice.fallback.reason} (TensorRT said: {said})")
         backend = load_vision(choice, source, device, n_threads, gpu_mem_limit)
     dropped = getattr(backend, "dropped_providers", ())
     if dropped:
@@ -648,7 +690,7 @@ def load_llm(choice: LLMChoice, source: ModelSource, device: DeviceInfo, n_ctx: 
                        n_gpu_layers=choice.gpu_layers, n_seq_max=n_seq_max,
                        kv_type="f32" if choice.exact else "f16", flash_attn=False if choice.exact else None,
                        extra_buffers=choice.extra_buffers, n_threads_batch=choice.n_threads_batch,
-                       n_ubatch=choice.n_ubatch)
+                       n_ubatch=choice.n_ubatch, main_gpu=device.gpu_index)
 
 
 def select_vision(source: ModelSource, device: DeviceInfo, requested: str | None = None, precision: str | None = None,

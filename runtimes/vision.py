@@ -173,7 +173,8 @@ def _ort_provider(ort, short: str, trt_cache_dir, gpu_mem_limit: int | None = No
 MIN_TENSORRT = 10  # strongly typed networks and the TensorRT 10/11 tensor API; JetPack 6.0's TensorRT 8.6 has neither
 NO_CUDA_BUFFERS = (
     "the tensorrt vision backend holds its buffers in CUDA memory through PyTorch built with CUDA or NVIDIA's "
-    "cuda-python (pip install cuda-python); neither is usable here ({why}). Install cuda-python, or use "
+    "cuda-python (pip install 'cuda-python>=12.6,<13', as the runtime-gpu extra pins it: cuda-python 13 needs CUDA 13, "
+    "which JetPack 6 does not have); neither is usable here ({why}). Install cuda-python, or use "
     "vision_backend='onnxruntime' on this machine"
 )
 
@@ -233,9 +234,8 @@ def check_tensorrt_version(trt) -> None:
 
 
 def _import_tensorrt():
-    problem = cuda_buffers_problem()
-    if problem is not None:
-        raise BackendUnavailableError(NO_CUDA_BUFFERS.format(why=problem))
+    """The tensorrt module, checked in the order a user fixes things: TensorRT itself, its version (JetPack 6.0's 8.6
+    is refused before anything else is asked for), then the CUDA buffers."""
     try:
         import tensorrt
     except ImportError:
@@ -244,6 +244,9 @@ def _import_tensorrt():
             "desktops pip install tensorrt --extra-index-url https://pypi.nvidia.com"
         ) from None
     check_tensorrt_version(tensorrt)
+    problem = cuda_buffers_problem()
+    if problem is not None:
+        raise BackendUnavailableError(NO_CUDA_BUFFERS.format(why=problem))
     return tensorrt
 
 

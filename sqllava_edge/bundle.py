@@ -40,7 +40,7 @@ class Artifact:
     size: int  # total bytes of `files`
     sha256: dict[str, str]  # file -> hex digest, for every entry of `files`
     validation: dict[str, Any] = field(default_factory=dict)  # numbers measured right after export
-    target: dict[str, Any] | None = None  # tensorrt only: gpu, compute_capability, tensorrt, jetpack
+    target: dict[str, Any] | None = None  # tensorrt only: device_key, gpu, compute_capability, tensorrt, jetson
     inputs_key: str = ""  # sha256 over what produced it (source weights, options, tool versions): re-export reuse
 
     @classmethod
@@ -117,11 +117,22 @@ class Manifest:
     def find_all(self, kind: str) -> list[Artifact]:
         return [a for a in self.artifacts if a.kind == kind]
 
-    def add(self, artifact: Artifact) -> None:
-        """Add or replace (same kind, precision and path) an artifact."""
-        self.artifacts = [a for a in self.artifacts
-                          if (a.kind, a.precision, a.path) != (artifact.kind, artifact.precision, artifact.path)]
-        self.artifacts.append(artifact)
+    def add(self, artifact: Artifact) -> list[Artifact]:
+        """Add an artifact, replacing one of the same kind, precision and path, or (a TensorRT engine) of the same
+        kind, precision, target device key and TensorRT version: a bundle keeps one engine per device and TensorRT,
+        whatever its file is called. Returns the replaced ones."""
+        def device(a: Artifact):
+            target = a.target or {}
+            return None if target.get("device_key") is None else (target["device_key"], target.get("tensorrt"))
+
+        def same(a: Artifact) -> bool:
+            if (a.kind, a.precision) != (artifact.kind, artifact.precision):
+                return False
+            return a.path == artifact.path or (device(artifact) is not None and device(a) == device(artifact))
+
+        replaced = [a for a in self.artifacts if same(a)]
+        self.artifacts = [a for a in self.artifacts if not same(a)] + [artifact]
+        return replaced
 
     @staticmethod
     def resolve(bundle: str | os.PathLike, artifact: Artifact) -> Path:

@@ -322,7 +322,7 @@ def test_trt_failed_validation_leaves_no_files(bundle, tmp_path, monkeypatch):
     trt = type(sys)("tensorrt")
     trt.__version__ = "10.3.0"
     monkeypatch.setattr(export_trt, "require_tensorrt", lambda: trt)
-    monkeypatch.setattr(export_trt, "cuda_devices", lambda: [{"index": 0, "name": "Orin", "compute_capability": "8.7"}])
+    monkeypatch.setattr(export_trt, "cuda_devices", lambda: [AGX_ORIN])
     monkeypatch.setattr(export_trt, "_build_serialized", lambda *args: (b"engine bytes", b"timing cache"))
 
     def fail(*args):
@@ -333,6 +333,113 @@ def test_trt_failed_validation_leaves_no_files(bundle, tmp_path, monkeypatch):
         export_trt.build_engine(work, max_batch=2, log=lambda line: None)
     assert sorted(p.relative_to(work) for p in work.rglob("*")) == before
     assert read_manifest(work, verify=True).find("tensorrt_engine") is None
+
+
+# cuDeviceGet* on two Orin modules: the same name and compute capability, different multiprocessors and memory
+AGX_ORIN = {"index": 0, "name": "Orin", "compute_capability": "8.7", "multiprocessors": 16, "pci_bus_id": "",
+            "total_memory": 64_335_241_216}
+ORIN_NANO = {**AGX_ORIN, "multiprocessors": 8, "total_memory": 7_990_161_408}
+
+
+def _builder_trt(state: dict):
+    """The TensorRT 10 builder calls _build_serialized makes. The timing cache behaves as TensorRT documents it: with
+    ignore_mismatch=False, set_timing_cache returns False for a cache recorded on another device."""
+    trt = type(sys)("tensorrt")
+    trt.__version__ = "10.3.0"
+    timings = lambda: f"timings on {state['device']}".encode()  # noqa: E731
+
+    class Cache:
+        def __init__(self, data: bytes):
+            self.data = data
+
+        def serialize(self):
+            return self.data or timings()
+
+    class Config:
+        cache = None
+
+        def set_memory_pool_limit(self, pool, size):
+            pass
+
+        def create_timing_cache(self, data):
+            state["offered"].append(bytes(data))
+            return Cache(bytes(data))
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            accepted = ignore_mismatch or cache.data in (b"", timings())
+            self.cache = cache if accepted else self.cache
+            return accepted
+
+        def add_optimization_profile(self, profile):
+            pass
+
+        def get_timing_cache(self):
+            return self.cache
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            return object()
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return type("Profile", (), {"set_shape": lambda self, *args: None})()
+
+        def build_serialized_network(self, network, config):
+            return f"engine for {state['device']}".encode()
+
+    class Parser:
+        num_errors = 0
+
+        def __init__(self, network, logger):
+            pass
+
+        def parse_from_file(self, path):
+            return True
+
+    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+    trt.NetworkDefinitionCreationFlag = type("Flags", (), {"STRONGLY_TYPED": 3})
+    trt.MemoryPoolType = type("Pools", (), {"WORKSPACE": 0})
+    trt.Builder, trt.OnnxParser = Builder, Parser
+    return trt
+
+
+def test_trt_engines_and_timing_caches_are_per_device_key(bundle, tmp_path, monkeypatch):
+    """An AGX Orin and an Orin Nano (both "Orin", 8.7) building into one bundle keep both engines, each with its own
+    timing cache; a cache TensorRT refuses (recorded on another device) is replaced by a fresh one, not ignored."""
+    work = tmp_path / "bundle"
+    shutil.copytree(bundle, work)
+    state, lines = {"device": "agx", "offered": []}, []
+    monkeypatch.setattr(export_trt, "require_tensorrt", lambda: _builder_trt(state))
+    monkeypatch.setattr(export_trt, "_validate_engine", lambda *args: {"passed": True})
+    monkeypatch.setattr(export_trt, "jetson_release", lambda: {"l4t": None, "jetpack": None,
+                                                               "board": "NVIDIA Jetson (tegra234)"})  # a container
+    monkeypatch.setattr(export_trt, "cuda_devices", lambda: [AGX_ORIN])
+    agx = export_trt.build_engine(work, max_batch=2, log=lines.append)
+    agx_cache = next(name for name in agx.files if name.endswith(".timing-cache"))
+    # what a shared bundle may hold: another device's cache where the Nano's goes (not in the manifest yet)
+    nano_stem = f"trt/vision.{export_trt.engine_stem(export_trt.device_key(ORIN_NANO))}.trt10.3.0"
+    shutil.copy(work / agx_cache, work / f"{nano_stem}.timing-cache")
+    state["device"] = "nano"
+    monkeypatch.setattr(export_trt, "cuda_devices", lambda: [ORIN_NANO])
+    nano = export_trt.build_engine(work, max_batch=2, log=lines.append)
+    engines = read_manifest(work, verify=True).find_all("tensorrt_engine")
+    assert sorted(e.path for e in engines) == sorted([agx.path, nano.path]) and agx.path != nano.path
+    assert [e.target["device_key"]["multiprocessors"] for e in engines] == [16, 8]
+    assert nano.path == f"{nano_stem}.engine" and (work / nano.path).read_bytes() == b"engine for nano"
+    assert state["offered"] == [b"", b"timings on agx", b""]  # refused, then a fresh cache
+    assert any("refused the timing cache" in line for line in lines)
+    assert (work / f"{nano_stem}.timing-cache").read_bytes() == b"timings on nano"
+    assert (work / agx_cache).read_bytes() == b"timings on agx"
+    state["device"] = "agx"  # rebuilding on the AGX replaces its own entry only, reusing its own cache
+    monkeypatch.setattr(export_trt, "cuda_devices", lambda: [AGX_ORIN])
+    export_trt.build_engine(work, max_batch=2, log=lines.append)
+    assert len(read_manifest(work, verify=True).find_all("tensorrt_engine")) == 2
+    assert state["offered"][-1] == b"timings on agx"
 
 
 @pytest.mark.parametrize("argv", [["B", "--max-batch", "0"], ["B", "--workspace-gb", "-1"], ["B", "--max-batch", "x"], []])

@@ -243,3 +243,35 @@ def test_llama_cpp_logging_is_silent_unless_verbose(capfd):
         assert "llama_context" in capfd.readouterr().err
     finally:
         set_llama_logging(False)
+
+
+def test_the_llm_is_pinned_to_the_planned_gpu(monkeypatch):
+    """llama.cpp's defaults split the layers over every visible GPU, while the memory plan checked one: the model is
+    loaded with split_mode NONE on main_gpu = the planned CUDA device (a CPU-only build has no GPUs and ignores both;
+    here the parameters llama.cpp receives are read)."""
+    import llama_cpp
+
+    from runtimes.base import LLMKind
+    from runtimes.select import DeviceInfo, LLMChoice, ModelSource, load_llm
+
+    seen = []
+    load = llama_cpp.llama_model_load_from_file
+
+    def recording(path, params):
+        seen.append((params.split_mode, params.main_gpu, params.n_gpu_layers))
+        return load(path, params)
+
+    monkeypatch.setattr(llama_cpp, "llama_model_load_from_file", recording)
+    gguf = f32_gguf()
+    with LlamaCppLLM(gguf, n_ctx=64, main_gpu=1) as llm:
+        assert llm.prefill(0, tokens=[1, 450]).shape == (32000,)
+    assert seen[-1][:2] == (llama_cpp.LLAMA_SPLIT_MODE_NONE, 1)
+    second_gpu = DeviceInfo("cuda", "RTX", 32 * 2**30, gpu_memory_free=20 * 2**30, compute_capability="8.9",
+                            gpu_name="RTX", gpu_index=1)  # what the plan checked: CUDA device 1
+    source = ModelSource(gguf.parent, None, manifest=object())
+    artifact = type("Artifact", (), {"path": gguf.name})()
+    source.artifact_path = lambda a: gguf.parent / a.path
+    load_llm(LLMChoice(LLMKind.LLAMA_CPP, "test", artifact, gpu_layers=0), source, second_gpu, n_ctx=64).close()
+    assert seen[-1] == (llama_cpp.LLAMA_SPLIT_MODE_NONE, 1, 0)
+    with pytest.raises(ValueError, match="main_gpu must be a CUDA device index"):
+        LlamaCppLLM(gguf, n_ctx=64, main_gpu=-1)

@@ -249,8 +249,9 @@ class FakeLibcuda:
         return 0
 
     def cuDeviceGetAttribute(self, out, attribute, dev):
-        major, minor = self.devices[dev.value]["compute_capability"].split(".")
-        out._obj.value = int(major if attribute == 75 else minor)
+        device = self.devices[dev.value]
+        major, minor = device["compute_capability"].split(".")
+        out._obj.value = {75: int(major), 76: int(minor), 16: device["multiprocessors"]}[attribute]
         return 0
 
     def cuDeviceGetPCIBusId(self, buf, size, dev):
@@ -262,8 +263,13 @@ class FakeLibcuda:
         return 0
 
 
-RTX_4090 = {"index": 0, "name": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9", "pci_bus_id": "0000:02:00.0",
-            "total_memory": 24 * GIB}
+RTX_4090 = {"index": 0, "name": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9", "multiprocessors": 128,
+            "pci_bus_id": "0000:02:00.0", "total_memory": 24 * GIB}
+# What cuDeviceGet* report on two Orin modules (integrated GPU: no PCI bus id; total memory = the shared RAM)
+AGX_ORIN_GPU = {"index": 0, "name": "Orin", "compute_capability": "8.7", "multiprocessors": 16, "pci_bus_id": "",
+                "total_memory": 64_335_241_216}
+ORIN_NANO_GPU = {"index": 0, "name": "Orin", "compute_capability": "8.7", "multiprocessors": 8, "pci_bus_id": "",
+                 "total_memory": 7_990_161_408}
 
 
 def test_cuda_driver_devices_reads_name_capability_and_bus_id():
@@ -280,16 +286,17 @@ def test_gpu_is_the_one_cuda_uses_not_nvidia_smis_first(monkeypatch):
         stdout = "00000000:01:00.0, 1900\n00000000:02:00.0, 20000\n"  # pci.bus_id, memory.free: a small GPU first
 
     monkeypatch.setattr(select.subprocess, "run", lambda *args, **kwargs: Done())
-    assert select._query_nvidia_gpu() == ("NVIDIA GeForce RTX 4090", 20000 * 2**20, "8.9")
+    assert select._query_nvidia_gpu() == (RTX_4090, 20000 * 2**20)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # TensorRT engines: which one runs here, and falling back when it cannot
 
 
-def _engine(gpu: str, capability: str, board: str | None = None, version: str = "10.3.0") -> Artifact:
-    target = {"gpu": gpu, "compute_capability": capability, "tensorrt": version,
-              "jetson": {"l4t": "36.4.3", "jetpack": "6.2", "board": board} if board else None}
+def _engine(gpu: dict, board: str | None = None, version: str = "10.3.0") -> Artifact:
+    """An engine entry as export.trt records it on the CUDA device `gpu` (a cuda_driver_devices entry)."""
+    target = {"gpu": gpu["name"], "compute_capability": gpu["compute_capability"], "device_key": select.device_key(gpu),
+              "tensorrt": version, "jetson": {"l4t": "36.4.3", "jetpack": "6.2", "board": board} if board else None}
     return _artifact("tensorrt_engine", "fp16", 50, target=target)
 
 
@@ -303,32 +310,77 @@ def tensorrt_10_3(monkeypatch):
     return fake
 
 
-def _orin(board: str = AGX_BOARD) -> DeviceInfo:
-    return DeviceInfo("jetson", board, 30 * GIB, compute_capability="8.7", gpu_name="Orin", board=board)
+def _orin(board: str = AGX_BOARD, gpu: dict = AGX_ORIN_GPU) -> DeviceInfo:
+    return DeviceInfo("jetson", board, 30 * GIB, compute_capability="8.7", gpu_name="Orin", board=board,
+                      multiprocessors=gpu["multiprocessors"], gpu_total_memory=gpu["total_memory"])
+
+
+READ_DRIVER = select.cuda_driver_devices
+
+
+def _driver(monkeypatch, gpu: dict) -> None:
+    """The CUDA driver answers for `gpu` (through the FakeLibcuda calls cuda_driver_devices makes)."""
+    monkeypatch.setattr(select, "cuda_driver_devices", lambda lib=None: READ_DRIVER(FakeLibcuda([gpu])))
+
+
+HOST_AGX = {"proc/device-tree/model": AGX_BOARD.encode() + b"\x00",
+            "proc/device-tree/compatible": b"nvidia,p3737-0000+p3701-0005\x00nvidia,tegra234\x00",
+            "etc/nv_tegra_release": "# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic\n"}
+CONTAINER = {"sys/devices/soc0/family": b"Tegra\n", "sys/devices/soc0/soc_id": b"35\n"}  # /proc/device-tree masked
 
 
 def test_jetson_uses_the_engine_built_on_it(tensorrt_10_3, monkeypatch, tmp_path):
-    """export.trt records cuDeviceGetName ("Orin") and 8.7; the runtime must match that, not the board string."""
+    """export.trt records the device key from cuDeviceGet* ("Orin", 8.7, 16 multiprocessors, 64 GB); the runtime
+    matches that, not the board string."""
     monkeypatch.setattr(vision, "tensorrt_problem", lambda: None, raising=False)  # as if torch had CUDA
-    device = detect_device(_fake_root(tmp_path, {"proc/device-tree/model": AGX_BOARD.encode() + b"\x00",
-                                                 "etc/nv_tegra_release": "# R36 (release), REVISION: 4.3\n"}))
-    choice = choose_vision(_source(*ALL_VISION, _engine("Orin", "8.7", AGX_BOARD)), device)
+    _driver(monkeypatch, AGX_ORIN_GPU)
+    device = detect_device(_fake_root(tmp_path, HOST_AGX), ask_cuda=True)
+    assert (device.multiprocessors, device.gpu_total_memory) == (16, AGX_ORIN_GPU["total_memory"])
+    choice = choose_vision(_source(*ALL_VISION, _engine(AGX_ORIN_GPU, AGX_BOARD)), device)
     assert choice.kind is VisionKind.TENSORRT and "was built for it" in choice.reason
 
 
-def test_engine_must_match_gpu_name_and_board_not_just_capability(tensorrt_10_3, monkeypatch):
+def test_engine_built_on_the_host_runs_in_a_container_and_boards_stay_apart(tensorrt_10_3, monkeypatch, tmp_path):
+    """Docker hides /proc/device-tree: the same AGX Orin reads "NVIDIA Jetson AGX Orin Developer Kit" on the host and
+    "NVIDIA Jetson (tegra234)" in an l4t container, and an Orin Nano's container reads alike. The CUDA driver's answer
+    is the same inside and outside: the engine is keyed on it, the board string is only information."""
+    pytest.importorskip("onnxruntime", reason="the fallback is onnxruntime")
+    monkeypatch.setattr(vision, "tensorrt_problem", lambda: None, raising=False)
+    built_on_host = _source(*ALL_VISION, _engine(AGX_ORIN_GPU, AGX_BOARD))
+    _driver(monkeypatch, AGX_ORIN_GPU)
+    agx_container = detect_device(_fake_root(tmp_path / "agx", CONTAINER), ask_cuda=True)
+    assert agx_container.board == "NVIDIA Jetson (tegra234)" != AGX_BOARD
+    assert agx_container.engine_key == select.device_key(AGX_ORIN_GPU)
+    choice = choose_vision(built_on_host, agx_container)
+    assert choice.kind is VisionKind.TENSORRT and "was built for it" in choice.reason
+    _driver(monkeypatch, ORIN_NANO_GPU)
+    nano_container = detect_device(_fake_root(tmp_path / "nano", CONTAINER), ask_cuda=True)
+    assert nano_container.board == agx_container.board  # the board string cannot tell them apart
+    other = choose_vision(built_on_host, nano_container)
+    assert other.kind is VisionKind.ONNXRUNTIME
+    assert "built for Orin (sm 8.7, 16 multiprocessors, 59.9 GiB)" in other.reason
+    assert "this GPU is Orin (sm 8.7, 8 multiprocessors, 7.4 GiB)" in other.reason
+    # a board whose CUDA driver did not answer has no key: no engine is trusted
+    blind = detect_device(_fake_root(tmp_path / "blind", CONTAINER), ask_cuda=False)
+    assert blind.engine_key is None and select.engine_mismatch(built_on_host.manifest.artifacts[-1].target, blind)
+
+
+def test_engine_must_match_the_whole_device_key_not_just_capability(tensorrt_10_3, monkeypatch):
     pytest.importorskip("onnxruntime", reason="the fallback is onnxruntime")
     monkeypatch.setattr(vision, "tensorrt_problem", lambda: None, raising=False)
     rtx = DeviceInfo("cuda", "NVIDIA GeForce RTX 4090", 32 * GIB, gpu_memory_free=20 * GIB, compute_capability="8.9",
-                     gpu_name="NVIDIA GeForce RTX 4090")
-    other_gpu = choose_vision(_source(*ALL_VISION, _engine("NVIDIA L40S", "8.9")), rtx)  # same capability 8.9
-    assert other_gpu.kind is VisionKind.ONNXRUNTIME and "built for NVIDIA L40S (sm 8.9)" in other_gpu.reason
-    other_board = choose_vision(_source(*ALL_VISION, _engine("Orin", "8.7", AGX_BOARD)),
-                                _orin("NVIDIA Jetson Orin Nano Developer Kit"))
-    assert other_board.kind is VisionKind.ONNXRUNTIME and f"built on the board {AGX_BOARD!r}" in other_board.reason
+                     gpu_name="NVIDIA GeForce RTX 4090", multiprocessors=128, gpu_total_memory=24 * GIB)
+    l40s = {**RTX_4090, "name": "NVIDIA L40S", "multiprocessors": 142, "total_memory": 48 * GIB}
+    other_gpu = choose_vision(_source(*ALL_VISION, _engine(l40s)), rtx)  # same capability 8.9
+    assert other_gpu.kind is VisionKind.ONNXRUNTIME and "built for NVIDIA L40S (sm 8.9" in other_gpu.reason
+    nano = _orin("NVIDIA Jetson Orin Nano Developer Kit", ORIN_NANO_GPU)
+    other_board = choose_vision(_source(*ALL_VISION, _engine(AGX_ORIN_GPU, AGX_BOARD)), nano)
+    assert other_board.kind is VisionKind.ONNXRUNTIME and "16 multiprocessors" in other_board.reason
     with pytest.raises(BackendUnavailableError, match="no TensorRT engine for NVIDIA Jetson Orin Nano"):
-        choose_vision(_source(*ALL_VISION, _engine("Orin", "8.7", AGX_BOARD)),
-                      _orin("NVIDIA Jetson Orin Nano Developer Kit"), "tensorrt")
+        choose_vision(_source(*ALL_VISION, _engine(AGX_ORIN_GPU, AGX_BOARD)), nano, "tensorrt")
+    legacy = _artifact("tensorrt_engine", "fp16", 50, target={"gpu": "Orin", "compute_capability": "8.7",
+                                                              "tensorrt": "10.3.0"})
+    assert "older sqllava-edge" in choose_vision(_source(*ALL_VISION, legacy), _orin()).reason
 
 
 def test_engine_without_cuda_buffers_falls_back_in_auto_and_refuses_on_request(tensorrt_10_3):
@@ -336,7 +388,7 @@ def test_engine_without_cuda_buffers_falls_back_in_auto_and_refuses_on_request(t
     pytest.importorskip("onnxruntime", reason="the fallback is onnxruntime")
     if vision.cuda_available():
         pytest.skip("this machine has CUDA torch: the TensorRT backend can run")
-    source = _source(*ALL_VISION, _engine("Orin", "8.7", AGX_BOARD))
+    source = _source(*ALL_VISION, _engine(AGX_ORIN_GPU, AGX_BOARD))
     auto = choose_vision(source, _orin())
     assert auto.kind is VisionKind.ONNXRUNTIME and "cannot run here" in auto.reason and "PyTorch built with CUDA" in auto.reason
     with pytest.raises(BackendUnavailableError, match="PyTorch built with CUDA"):
@@ -357,7 +409,7 @@ def test_engine_that_does_not_deserialize_falls_back_with_the_reason(tensorrt_10
 
     monkeypatch.setattr(vision, "TensorRTVision", broken_engine)
     monkeypatch.setattr(vision, "OnnxVision", FakeBackend)
-    source = _source(*ALL_VISION, _engine("Orin", "8.7", AGX_BOARD))
+    source = _source(*ALL_VISION, _engine(AGX_ORIN_GPU, AGX_BOARD))
     backend, reason = select_vision(source, _orin())
     assert isinstance(backend, FakeBackend) and "could not deserialize" in reason and "onnxruntime" in reason
     with pytest.raises(BackendUnavailableError, match="could not deserialize"):
@@ -502,11 +554,72 @@ def test_cuda_python_is_enough_for_tensorrt(monkeypatch, tensorrt_10_3):
     monkeypatch.setattr(vision, "cuda_available", lambda: False)
     monkeypatch.setattr(vision, "import_cudart", lambda: FakeCudart())
     assert vision.tensorrt_problem() is None
-    choice = choose_vision(_source(*ALL_VISION, _engine("Orin", "8.7", AGX_BOARD)), _orin())
+    choice = choose_vision(_source(*ALL_VISION, _engine(AGX_ORIN_GPU, AGX_BOARD)), _orin())
     assert choice.kind is VisionKind.TENSORRT
     monkeypatch.setattr(vision, "import_cudart", lambda: None)
     assert "cuda-python is not installed" in vision.tensorrt_problem()
 
+
+
+class NoDeviceCudart(FakeCudart):
+    """cuda-python present, but cudaSetDevice fails (driver / device trouble): CudaPythonBuffers raises RuntimeError."""
+
+    def cudaSetDevice(self, index):  # noqa: N802
+        return ("cudaErrorNoDevice",)
+
+
+class BF16Engine(FakeEngine):
+    def get_tensor_dtype(self, name):
+        return "bfloat16"  # a dtype TensorRTVision does not map to numpy
+
+
+class BF16TensorRT(FakeTensorRT):
+    class Runtime(FakeTensorRT.Runtime):
+        def deserialize_cuda_engine(self, data):
+            return BF16Engine()
+
+
+@pytest.mark.parametrize("trt,cudart,error", [
+    (FakeTensorRT(), NoDeviceCudart(), RuntimeError),  # CudaPythonBuffers.__init__: CUDA runtime call failed
+    (BF16TensorRT(), FakeCudart(), ValueError),  # an engine with bf16 tensors
+], ids=["cuda-buffers", "bf16-engine"])
+def test_any_engine_load_failure_falls_back_in_auto_and_raises_on_request(tensorrt_10_3, monkeypatch, tmp_path, trt,
+                                                                           cudart, error):
+    pytest.importorskip("onnxruntime", reason="the fallback is onnxruntime")
+    monkeypatch.setattr(vision, "tensorrt_problem", lambda: None, raising=False)
+    monkeypatch.setattr(vision, "_import_tensorrt", lambda: trt)
+    monkeypatch.setattr(vision, "cuda_available", lambda: False)
+    monkeypatch.setattr(vision, "import_cudart", lambda: cudart)
+    monkeypatch.setattr(vision, "OnnxVision", FakeBackend)
+    engine = _engine(AGX_ORIN_GPU, AGX_BOARD)
+    source = _source(*ALL_VISION, engine)
+    source.folder = tmp_path
+    (tmp_path / engine.path).parent.mkdir(parents=True)
+    (tmp_path / engine.path).write_bytes(b"engine for Orin")
+    backend, reason = select_vision(source, _orin())
+    assert isinstance(backend, FakeBackend) and "onnxruntime" in reason
+    assert f"TensorRT said: {error.__name__}" in reason
+    with pytest.raises(error):
+        select_vision(source, _orin(), "tensorrt")
+
+
+def test_cuda_python_hint_pins_12_and_jetpack_6_0_hears_about_tensorrt_first(monkeypatch):
+    """`pip install cuda-python` on JetPack 6 brings 13.x (CUDA 13): the hint pins <13 as the runtime-gpu extra does.
+    JetPack 6.0 (TensorRT 8.6) without cuda-python: the TensorRT refusal comes first, not a buffer hint that would
+    leave the user with a TensorRT that still cannot run."""
+    monkeypatch.setattr(vision, "cuda_available", lambda: False)
+    monkeypatch.setattr(vision, "import_cudart", lambda: None)
+    monkeypatch.delenv("SQLLAVA_EDGE_VISION_BACKEND", raising=False)
+    current = type(sys)("tensorrt")
+    current.__version__ = "10.3.0"
+    monkeypatch.setitem(sys.modules, "tensorrt", current)
+    assert "pip install 'cuda-python>=12.6,<13'" in vision.tensorrt_problem()
+    old = type(sys)("tensorrt")
+    old.__version__ = "8.6.2.3"
+    monkeypatch.setitem(sys.modules, "tensorrt", old)
+    with pytest.raises(BackendUnavailableError) as caught:
+        choose_vision(_source(*ALL_VISION), _orin(), "tensorrt")
+    assert "TensorRT 8.6.2.3 is too old" in str(caught.value) and "cuda-python" not in str(caught.value)
 
 # --------------------------------------------------------------------------------------------------------------------
 # onnxruntime-gpu that lists CUDA but runs on the CPU

@@ -340,13 +340,14 @@ def test_bf16_autocasts_the_forward_only_and_keeps_trained_weights_fp32(stage1, 
     assert {str(t.dtype) for f in saved for t in load_file(f).values()} == {"torch.float32"}
 
 
-def _torchrun(*args: str, timeout: float = 240) -> None:
-    """`python -m training ARGS` in 2 processes (gloo). A hang fails the test after `timeout` seconds: torchrun gets
-    SIGTERM, which it passes on to its workers (they run in sessions of their own), SIGKILL 30 s later."""
+def _torchrun(*args: str, timeout: float = 240, program: tuple[str, ...] = ("-m", "training")) -> None:
+    """`python -m training ARGS` (or another program) in 2 processes (gloo). A hang fails the test after `timeout`
+    seconds: torchrun gets SIGTERM, which it passes on to its workers (they run in sessions of their own), SIGKILL
+    30 s later."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: reading it never waits for a stuck worker
         proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                                 "2", "-m", "training", *args], env=env, cwd=ROOT, stdout=log, stderr=log, text=True)
+                                 "2", *program, *args], env=env, cwd=ROOT, stdout=log, stderr=log, text=True)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -364,6 +365,20 @@ def _stage2_args(data_json: Path, stage1: Path, steps: int) -> list[str]:
             "--lora-dropout", "0", "--vit-lora-dropout", "0", "--threads", "1", "--no-progress", "--seed", "5"]
 
 
+def _assert_placed_unit_by_unit(report: Path) -> None:
+    """--fsdp must not put the whole model on the device before sharding it (13B in bf16 on 24 GB cards runs out of
+    memory before FSDP sees the model). tests/fsdp_probe.py records, on each rank, every request after loading to
+    place parameters on the training device: each must be one FSDP unit's own parameters, every unit once (so a rank
+    holds its shards plus the unit being wrapped), and the rank then keeps about half the model. (In the tiny preset
+    the root unit, the 32000-row embedding and head, is 70% of the model; in 7B it is 4%.)"""
+    for rank in (0, 1):
+        probe = json.loads((report / f"rank{rank}.json").read_text())
+        total, units, moves = probe["total"], probe["units"], probe["moves"]
+        assert len(units) > 80 and sum(units) == total  # every decoder / ViT layer, LoRA matrix, projector, the root
+        assert sorted(moves) == sorted(units), (sorted(moves)[-3:], units[:3], total)  # each unit on its own, once
+        assert probe["local"] <= total / 2 + len(units), (probe["local"], total)  # then only its shard stays
+
+
 def test_torchrun_ddp_and_fsdp_match_one_process(stage1, data, tmp_path):
     """Same global batch (4) as 1 x 4 and 2 x 2.
     Tolerance 2e-4: the only difference is the order of float additions (gloo's all-reduce of gradients and
@@ -378,9 +393,11 @@ def test_torchrun_ddp_and_fsdp_match_one_process(stage1, data, tmp_path):
     assert len(a) == len(b) == 4
     assert max(abs(x - y) for x, y in zip(a, b)) < 2e-4, (a, b)  # observed: 0 at step 1, 5e-5 at step 4
     assert a[0] != a[-1]
-    # FSDP (sharded parameters, gloo on CPU): same curve, and the gathered checkpoint loads as a whole model.
-    sharded = tmp_path / "fsdp"
-    _torchrun(*args, "--out", str(sharded), "--batch-size", "2", "--fsdp")
+    # FSDP (sharded parameters, gloo on CPU), run through tests/fsdp_probe.py: placed unit by unit, same curve, and
+    # the gathered checkpoint loads as a whole model.
+    sharded, report = tmp_path / "fsdp", tmp_path / "probe"
+    _torchrun(str(report), *args, "--out", str(sharded), "--batch-size", "2", "--fsdp", program=("tests/fsdp_probe.py",))
+    _assert_placed_unit_by_unit(report)
     c = _losses(sharded)
     assert len(c) == 4 and max(abs(x - y) for x, y in zip(a, c)) < 2e-4, (a, c)
     from sqllava_edge.checkpoint import load_checkpoint

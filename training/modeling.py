@@ -159,6 +159,11 @@ class RestrictedHead:
             return None
         return cls(nonzero.tolist(), len(weight), weight.device)
 
+    def to(self, device) -> "RestrictedHead":
+        """Move the index tensors (in place) to where the head now lives."""
+        self.vocab, self.index = self.vocab.to(device), self.index.to(device)
+        return self
+
     def loss_sum(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """hidden (N, H), targets (N,); weight: the full head (vocab_size, H), or its rows `vocab` (V', H) in order."""
         rows = weight if len(weight) == len(self.vocab) else weight[self.vocab]
@@ -192,7 +197,8 @@ class LossModule(nn.Module):
         self.share_prefix = share_prefix and not lockstep  # also off with activation checkpointing (no KV cache)
         self.lockstep = lockstep
         # The head is frozen in both stages (docs/spec.md 2.3): rows that are zero now stay zero (RestrictedHead, exact). Built
-        # on the head's device: setup() moves the model before it makes the loss module.
+        # on the head's device: setup() moves the model before it makes the loss module (under FSDP, which moves the
+        # model while wrapping it, setup moves the head's index tensors after the wrap).
         self.head = RestrictedHead.of(base_module(model.llm).lm_head) if skip_zero_rows else None
 
     def forward(self, input_ids, labels, pixel_values) -> tuple[torch.Tensor, torch.Tensor]:

@@ -260,8 +260,10 @@ def wrap_parallel(cfg: TrainConfig, dist: Dist, loss_module):
         from training.modeling import fsdp_units
 
         units = fsdp_units(loss_module.model)  # one dtype per unit: bf16 frozen layers, fp32 LoRA and projector
+        # The module is in host memory (setup does not move it): device_id makes FSDP move each unit to the device
+        # when it wraps it (innermost first), then shard it. CPU works with gloo when named.
         return FSDP(loss_module, auto_wrap_policy=CustomPolicy(lambda module: module in units), use_orig_params=True,
-                    device_id=dist.device)  # CPU works with gloo when named
+                    device_id=dist.device)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [dist.device.index] if dist.device.type == "cuda" else None
@@ -310,7 +312,10 @@ def setup(cfg: TrainConfig) -> Run:
     # --- model, trainable parameters, loss
     model, tokenizer, base_refs, resumed = build_model(cfg, dist)
     model.projector.float()  # trained in fp32 even when the frozen base is bf16 (autocast does the matmuls)
-    model.to(dist.device)
+    if not cfg.fsdp:
+        model.to(dist.device)
+    # Under FSDP the model stays in host memory: FSDP's device_id moves each unit to the device as it wraps it and
+    # shards it at once, so a GPU holds its shards plus one unit, never the whole model (13B in bf16 is ~26 GB).
     modeling.set_trainable(model, cfg.stage, cfg.freeze_vit_lora)
     if cfg.grad_checkpointing:
         for part in (modeling.base_module(model.llm), modeling.base_module(model.vision.clip)):
@@ -318,6 +323,8 @@ def setup(cfg: TrainConfig) -> Run:
     loss_module = modeling.LossModule(model, share_prefix=not cfg.grad_checkpointing, lockstep=cfg.fsdp,
                                       skip_zero_rows=cfg.skip_zero_rows)
     engine = wrap_parallel(cfg, dist, loss_module)
+    if cfg.fsdp and loss_module.head is not None:
+        loss_module.head.to(dist.device)  # built from the head while it was still in host memory
     groups = modeling.optimizer_groups(engine)
 
     # --- data, optimizer, and the saved state when resuming
