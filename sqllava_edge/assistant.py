@@ -228,6 +228,22 @@ class Assistant:
             self._descriptions[ref.key] = self.describe(ref)
         return self._descriptions[ref.key]
 
+    def watch(self, source, question: str, fps: float | None = None, every_change: bool = True, *,
+              threshold: float | None = None, realtime: bool | None = None, **options):
+        """Answer `question` over a video -> iterator of runtimes.watch.FrameAnswer(timestamp, frame_index, answer,
+        latency, skipped_since_last, dropped_since_last). source: a file, a folder of images, a stream URL,
+        /dev/videoN, gst:PIPELINE (sqllava_edge.video.open_source), a VideoSource or an iterable of video.Frame.
+        fps: frames sampled per second of source time (None: every frame the device takes); every_change: answer only
+        frames that differ from the last answered one by more than `threshold` grey levels; realtime: read a file at
+        its own pace, dropping what the device cannot take (live sources always are). Greedy, 32 tokens by default."""
+        from runtimes.watch import DEFAULT_THRESHOLD, WATCH_TOKENS, watch
+        from sqllava_edge.conversation import answer_prompt
+
+        config = _config("answer", {"max_new_tokens": WATCH_TOKENS, **options})
+        ids = answer_prompt(self.tokenizer, _check_question(question), self.template)
+        return watch(self.engine, source, ids, config, fps=fps, every_change=every_change, realtime=realtime,
+                     threshold=DEFAULT_THRESHOLD if threshold is None else threshold)
+
     def chat(self, image) -> "Chat":
         """A multi-turn conversation about one image: encoded once, its KV cache kept between questions."""
         return Chat(self, image)

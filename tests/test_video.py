@@ -1,0 +1,278 @@
+"""Video: sources (sqllava_edge.video), the watch loop (runtimes.watch), Assistant.watch and `sqllava-edge watch`.
+
+The clips are frames of the synthetic shapes dataset (training.synthetic.scene_clip) written with PyAV: a few scenes,
+each held for several frames, so the scene changes are known. The answer-level tests run the tiny random-weight
+bundle at greedy: its answers are a deterministic function of the image (identical frames give identical answers),
+and different scenes give different answers, so "the answers change exactly at the scene changes" is checkable
+without a trained model. The trained demo bundle (demo_out/bundle, written by `make demo`) runs the same check when
+it is there.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.serve_helpers import ROOT, THREADS
+
+pytest.importorskip("av", reason="video sources need PyAV (pip install '.[video]')")
+
+from runtimes.watch import FrameAnswer, Gate, Mailbox, watch_frames  # noqa: E402
+from sqllava_edge.video import Frame, VideoSource, open_source, write_video  # noqa: E402
+from training.synthetic import scene_clip  # noqa: E402
+
+SCENES, HOLD, FPS = 4, 6, 10.0  # 4 scenes of 6 frames at 10 frames/s: cuts at frames 0, 6, 12, 18
+TOKENS = 6  # answer length (random weights never emit EOS, so every answer runs to it)
+QUESTION = "What is in the picture?"
+
+
+@pytest.fixture(scope="module")
+def clip():
+    frames, starts = scene_clip(SCENES, HOLD, size=112, seed=0)
+    return frames, starts
+
+
+@pytest.fixture(scope="module")
+def clip_files(clip, tmp_path_factory):
+    """The clip as MPEG-4 (lossy), FFV1 (lossless) and Y4M (raw I420, what Chromium's fake camera reads)."""
+    folder = tmp_path_factory.mktemp("clips")
+    frames, _ = clip
+    return {suffix: write_video(folder / f"clip{suffix}", frames, fps=FPS) for suffix in (".mp4", ".mkv", ".y4m")}
+
+
+@pytest.fixture(scope="module")
+def assistant(tiny_bundle):
+    from sqllava_edge.assistant import Assistant
+
+    with Assistant.load(tiny_bundle, vision_precision="fp32", n_threads=THREADS) as a:
+        yield a
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sources
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv", ".y4m"])
+def test_a_written_clip_reads_back_frame_for_frame(clip, clip_files, suffix):
+    frames, _ = clip
+    with open_source(clip_files[suffix]) as source:
+        read = list(source)
+    assert not source.live
+    assert [f.index for f in read] == list(range(len(frames)))
+    assert [round(f.timestamp, 3) for f in read] == [round(i / FPS, 3) for i in range(len(frames))]
+    assert all(f.image.shape == (112, 112, 3) and f.image.dtype == np.uint8 for f in read)
+    worst = max(np.abs(f.image.astype(int) - np.asarray(frames[f.index], dtype=int)).mean() for f in read)
+    assert worst < (0.01 if suffix == ".mkv" else 4.0)  # FFV1 is lossless (planar RGB); the others nearly so
+    if suffix == ".mkv":
+        assert all(np.array_equal(f.image, np.asarray(frames[f.index])) for f in read)
+
+
+def test_a_folder_of_images_plays_in_name_order_at_its_rate(clip, tmp_path):
+    frames, _ = clip
+    for i, image in enumerate(frames[:5]):
+        image.save(tmp_path / f"{i:03d}.png")
+    (tmp_path / "notes.txt").write_text("not a frame")
+    read = list(open_source(tmp_path, rate=2.0))
+    assert [f.timestamp for f in read] == [0.0, 0.5, 1.0, 1.5, 2.0]
+    assert all(np.array_equal(f.image, np.asarray(frames[f.index])) for f in read)
+
+
+@pytest.mark.parametrize("spec, error, words", [
+    ("missing.mp4", FileNotFoundError, "does not exist"),
+    ("", ValueError, "empty"),
+    ("camera:front", ValueError, "camera:0"),
+    ("gst:", ValueError, "appsink"),
+    ("not-a-video.txt", ValueError, "cannot open"),
+    ("empty-folder", ValueError, "no images"),
+])
+def test_bad_sources_say_what_to_give(spec, error, words, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "not-a-video.txt").write_text("hello")
+    (tmp_path / "empty-folder").mkdir()
+    with pytest.raises(error, match=words):
+        open_source(spec)
+
+
+def test_a_gstreamer_pipeline_needs_opencv_with_gstreamer(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cv2", None)  # pip's OpenCV, or none: JetPack's python3-opencv is named
+    with pytest.raises(ValueError, match="python3-opencv"):
+        open_source("gst:v4l2src ! videoconvert ! appsink")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The gate and the mailbox
+
+
+def test_unchanged_frames_are_skipped_and_counted(clip, clip_files):
+    """Lossy MPEG-4 frames of one scene differ by compression noise, far below the threshold; every cut passes."""
+    _, starts = clip
+    gate = Gate()
+    admitted = [f.index for f in open_source(clip_files[".mp4"]) if gate.admit(f.timestamp, f.image)]
+    assert admitted == starts
+    assert gate.skipped == SCENES * HOLD - SCENES and gate.sampled == SCENES * HOLD
+    every = Gate(every_change=False)
+    assert sum(every.admit(f.timestamp, f.image) for f in open_source(clip_files[".mp4"])) == SCENES * HOLD
+
+
+def test_sampling_takes_one_frame_per_interval_of_source_time(clip, clip_files):
+    gate = Gate(fps=2.5, every_change=False)  # one frame per 0.4 s of a 10 frames/s clip
+    admitted = [f.index for f in open_source(clip_files[".mkv"]) if gate.admit(f.timestamp, f.image)]
+    assert admitted == list(range(0, SCENES * HOLD, 4))
+    with pytest.raises(ValueError, match="fps"):
+        Gate(fps=0)
+
+
+def test_the_mailbox_keeps_the_newest_frame_and_counts_the_dropped():
+    box = Mailbox()
+    for i in range(5):
+        assert box.put(i)
+    assert box.get() == 4 and box.dropped == 4
+    assert box.get(timeout=0.05) is None  # empty: nothing old comes back
+    waiting = Mailbox(wait=True)
+    waiting.put("a")
+    later = threading.Thread(target=waiting.put, args=("b",))
+    later.start()
+    time.sleep(0.05)
+    assert later.is_alive()  # a file is read no faster than it is answered
+    assert waiting.get() == "a"
+    later.join(2)
+    assert waiting.get() == "b" and waiting.dropped == 0
+    waiting.close()
+    assert not waiting.put("c") and waiting.get() is None
+
+
+class FastCamera(VideoSource):
+    """A live source far faster than the answerer (a frame every millisecond); counts the frames still alive."""
+
+    live = True
+
+    def __init__(self, count: int):
+        self.count, self.alive, self.most_alive = count, 0, 0
+        self._lock = threading.Lock()
+
+    def _gone(self) -> None:
+        with self._lock:
+            self.alive -= 1
+
+    def frames(self):
+        start = time.monotonic()
+        for i in range(self.count):
+            image = np.full((48, 64, 3), (i * 37) % 256, dtype=np.uint8)  # every frame a change
+            frame = Frame(i, time.monotonic() - start, image)
+            with self._lock:
+                self.alive += 1
+                self.most_alive = max(self.most_alive, self.alive)
+            weakref.finalize(frame, self._gone)
+            yield frame
+            del frame, image
+            time.sleep(0.001)
+
+
+def test_a_source_faster_than_the_device_drops_frames_instead_of_queueing():
+    camera = FastCamera(600)
+    answered: list[FrameAnswer] = []
+    for answer in watch_frames(camera, lambda image: (time.sleep(0.03), str(int(image[0, 0, 0])))[1]):
+        answered.append(answer)
+    dropped = sum(a.dropped_since_last for a in answered)
+    assert len(answered) < 600 / 5 and dropped > 0
+    assert len(answered) + dropped + answered[-1].skipped_since_last <= 600
+    assert camera.most_alive <= 4  # the one read, the one waiting, the one answered (+1 in hand-over)
+    # no backlog: an answer is never about a frame older than one answer's time plus the slot's wait
+    assert max(a.latency for a in answered) < 0.5
+    assert [a.answer for a in answered] == [str((a.frame_index * 37) % 256) for a in answered]
+
+
+def test_a_file_played_as_a_camera_drops_what_the_device_cannot_take(clip_files):
+    slow = lambda image: (time.sleep(0.25), "x")[1]  # noqa: E731 - 4 answers/s on a 10 frames/s clip
+    answers = list(watch_frames(open_source(clip_files[".mkv"]), slow, every_change=False, realtime=True))
+    assert sum(a.dropped_since_last for a in answers) > 0 and len(answers) < SCENES * HOLD
+    unpaced = list(watch_frames(open_source(clip_files[".mkv"]), lambda image: "x", every_change=False))
+    assert [a.frame_index for a in unpaced] == list(range(SCENES * HOLD))  # a file, unpaced: nothing dropped
+
+
+def test_a_failing_source_raises_in_the_caller():
+    def frames():
+        yield Frame(0, 0.0, np.zeros((8, 8, 3), np.uint8))
+        raise ValueError("decoding clip.mp4 failed at frame 1")
+
+    answers = watch_frames(frames(), lambda image: "a")
+    assert next(answers).frame_index == 0
+    with pytest.raises(ValueError, match="frame 1"):
+        next(answers)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Answers from a model
+
+
+def _check_scene_changes(assistant, clip, clip_files):
+    _, starts = clip
+    encodes = assistant.counters.vision_encodes
+    changed = list(assistant.watch(clip_files[".mp4"], QUESTION, max_new_tokens=TOKENS))
+    assert [a.frame_index for a in changed] == starts
+    assert [a.skipped_since_last for a in changed] == [0] + [HOLD - 1] * (SCENES - 1)
+    assert all(a.answer for a in changed) and all(x.answer != y.answer for x, y in zip(changed, changed[1:]))
+    assert all(a.latency > 0 for a in changed)
+    assert assistant.counters.vision_encodes - encodes == SCENES
+    # every frame of the lossless clip: identical frames give the cached answer's tokens, a cut re-encodes
+    every = list(assistant.watch(clip_files[".mkv"], QUESTION, every_change=False, max_new_tokens=TOKENS))
+    assert [a.frame_index for a in every] == list(range(SCENES * HOLD))
+    cuts = [a.frame_index for prev, a in zip([None] + every, every) if prev is None or a.answer != prev.answer]
+    assert cuts == starts
+    return changed
+
+
+def test_answers_change_exactly_at_scene_changes(assistant, clip, clip_files):
+    _check_scene_changes(assistant, clip, clip_files)
+
+
+def test_answers_change_at_scene_changes_with_the_trained_demo_model(clip, clip_files):
+    bundle = ROOT / "demo_out" / "bundle"
+    if not (bundle / "manifest.json").exists():
+        pytest.skip("the trained demo bundle is not built here (make demo writes demo_out/bundle)")
+    from sqllava_edge.assistant import Assistant
+
+    with Assistant.load(bundle, n_threads=THREADS) as trained:
+        _, starts = clip
+        changed = list(trained.watch(clip_files[".mp4"], "How many shapes are there?", max_new_tokens=TOKENS))
+        assert [a.frame_index for a in changed] == starts
+        every = list(trained.watch(clip_files[".mkv"], "How many shapes are there?", every_change=False,
+                                   max_new_tokens=TOKENS))
+        for a in every:  # within a scene the answer never moves
+            scene = max(i for i, s in enumerate(starts) if s <= a.frame_index)
+            assert a.answer == every[starts[scene]].answer
+
+
+def test_watch_refuses_an_empty_question_before_opening_anything(assistant):
+    with pytest.raises(ValueError, match="empty"):
+        assistant.watch("missing.mp4", "  ")
+    with pytest.raises(FileNotFoundError):
+        assistant.watch("missing.mp4", QUESTION)
+
+
+def test_cli_watch_prints_one_line_per_answer(tiny_bundle, clip, clip_files):
+    _, starts = clip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    base = [sys.executable, "-m", "sqllava_edge.cli", "watch", str(tiny_bundle), str(clip_files[".mp4"]), QUESTION,
+            "--max-new-tokens", str(TOKENS), "--vision-precision", "fp32", "--threads", str(THREADS)]
+    jsonl = subprocess.run(base + ["--jsonl"], env=env, capture_output=True, text=True, timeout=120)
+    assert jsonl.returncode == 0, jsonl.stderr
+    rows = [json.loads(line) for line in jsonl.stdout.splitlines()]
+    assert [r["frame_index"] for r in rows] == starts
+    assert set(rows[0]) == {"timestamp", "frame_index", "answer", "latency", "skipped_since_last", "dropped_since_last"}
+    plain = subprocess.run(base + ["--max-answers", "2"], env=env, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 0, plain.stderr
+    lines = plain.stdout.splitlines()
+    assert len(lines) == 2 and f"frame {starts[1]}" in lines[1] and f"({HOLD - 1} unchanged)" in lines[1]
+    assert rows[1]["answer"] in lines[1]
+    missing = subprocess.run(base[:5] + ["missing.mp4", QUESTION], env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert missing.returncode == 1 and "missing.mp4 does not exist" in missing.stderr
