@@ -67,6 +67,7 @@ class Gate:
             raise ValueError(f"the change threshold must be >= 0 grey levels, got {threshold}")
         self.fps, self.every_change, self.threshold = fps, every_change, threshold
         self.skipped = 0  # unchanged frames, in all
+        self.verdict = ""  # about the last frame offered: "admitted" | "unchanged" | "sampled out"
         self.sampled = 0  # frames that passed the rate sampling, in all
         self._slot = -1  # the last 1/fps interval a frame was sampled in
         self._reference: np.ndarray | None = None  # thumbnail of the last admitted frame
@@ -75,14 +76,17 @@ class Gate:
         if self.fps is not None:
             slot = math.floor(timestamp * self.fps + 1e-6)  # one frame per 1/fps of source time
             if slot <= self._slot:
+                self.verdict = "sampled out"
                 return False
             self._slot = slot
         self.sampled += 1
+        self.verdict = "admitted"
         if not self.every_change:
             return True
         thumb = thumbnail(image)
         if self._reference is not None and difference(thumb, self._reference) <= self.threshold:
             self.skipped += 1
+            self.verdict = "unchanged"
             return False
         self._reference = thumb
         return True
@@ -99,8 +103,8 @@ class Mailbox:
     """One frame between a producer and the answerer. `put` replaces a frame still waiting (counted in `dropped`),
     or with wait=True blocks until the slot is free (a file read no faster than it is answered)."""
 
-    def __init__(self, wait: bool = False):
-        self.wait = wait
+    def __init__(self, wait: bool = False, notify: Callable[[], None] | None = None):
+        self.wait, self.notify = wait, notify  # notify(): called after each put and at close (from that thread)
         self.dropped = 0
         self._item: Any = None
         self._closed = False
@@ -117,7 +121,9 @@ class Mailbox:
                 self.dropped += 1
             self._item = item
             self._cond.notify_all()
-            return True
+        if self.notify is not None:
+            self.notify()
+        return True
 
     def get(self, timeout: float | None = None):
         """The waiting item (the slot empties), or None when closed and empty, or after `timeout` seconds."""
@@ -132,6 +138,8 @@ class Mailbox:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+        if self.notify is not None:
+            self.notify()
 
     @property
     def closed(self) -> bool:
@@ -165,7 +173,7 @@ def _answers(frames, owned: bool, answer: Callable[[np.ndarray], str], gate: Gat
              ) -> Iterator[FrameAnswer]:
     box = Mailbox(wait=not realtime)
     failure: list[BaseException] = []
-    reader = threading.Thread(target=_read, args=(frames, gate, box, realtime and not live, failure),
+    reader = threading.Thread(target=read_into, args=(frames, gate, box, realtime and not live, failure),
                               name="sqllava-edge-watch-reader", daemon=True)
     reader.start()
     skipped = dropped = 0
@@ -185,7 +193,9 @@ def _answers(frames, owned: bool, answer: Callable[[np.ndarray], str], gate: Gat
             frames.close()
 
 
-def _read(frames: Iterable[Frame], gate: Gate, box: Mailbox, pace: bool, failure: list) -> None:
+def read_into(frames: Iterable[Frame], gate: Gate, box: Mailbox, pace: bool, failure: list) -> None:
+    """The reader: frames through the gate into the box until the source ends or the box closes (then closes the
+    box). pace: sleep until each frame's timestamp (a file played as a camera). Errors are appended to `failure`."""
     start = time.monotonic()
     try:
         for frame in frames:

@@ -70,7 +70,7 @@ def test_a_written_clip_reads_back_frame_for_frame(clip, clip_files, suffix):
     assert [round(f.timestamp, 3) for f in read] == [round(i / FPS, 3) for i in range(len(frames))]
     assert all(f.image.shape == (112, 112, 3) and f.image.dtype == np.uint8 for f in read)
     worst = max(np.abs(f.image.astype(int) - np.asarray(frames[f.index], dtype=int)).mean() for f in read)
-    assert worst < (0.01 if suffix == ".mkv" else 4.0)  # FFV1 is lossless (planar RGB); the others nearly so
+    assert worst < (0.01 if suffix == ".mkv" else 8.0)  # FFV1 is lossless; the others lose colour detail (4:2:0)
     if suffix == ".mkv":
         assert all(np.array_equal(f.image, np.asarray(frames[f.index])) for f in read)
 
