@@ -276,3 +276,128 @@ def test_cli_watch_prints_one_line_per_answer(tiny_bundle, clip, clip_files):
     missing = subprocess.run(base[:5] + ["missing.mp4", QUESTION], env=env, capture_output=True, text=True,
                              timeout=120)
     assert missing.returncode == 1 and "missing.mp4 does not exist" in missing.stderr
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The server: POST /v1/live (serve/live.py)
+
+
+def _events(lines):
+    """(event, data) pairs of a text/event-stream."""
+    name, data = None, []
+    for line in lines:
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            data.append(line[6:])
+        elif not line and name is not None:
+            yield name, json.loads("\n".join(data))
+            name, data = None, []
+
+
+@pytest.fixture(scope="module")
+def clip_server(clip_files):
+    """The clip files over HTTP (what an allowed network source looks like to the server)."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(clip_files[".mkv"].parent))
+    handler.log_message = lambda *args: None
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def live_server(tiny_bundle, clip_server):
+    pytest.importorskip("fastapi", reason="the server needs the serve extra (pip install '.[serve]')")
+    from tests.serve_helpers import serving
+
+    with serving(tiny_bundle, parallel=2, live_sources=(clip_server, "/dev/video7")) as server:
+        yield server
+
+
+def test_live_endpoint_answers_pushed_frames_and_ends_on_disconnect(live_server, assistant, clip):
+    import httpx
+
+    from tests.serve_helpers import data_uri, png_bytes
+
+    frames, starts = clip
+    scheduler = live_server.state.scheduler
+    with httpx.Client(base_url=live_server.url, timeout=30) as client:
+        with client.stream("POST", "/v1/live", json={"question": QUESTION, "max_tokens": TOKENS}) as stream:
+            assert stream.status_code == 200 and stream.headers["content-type"].startswith("text/event-stream")
+            events = _events(stream.iter_lines())
+            kind, session = next(events)
+            assert kind == "session" and session["source"] is None
+            statuses, answers = [], []
+            for i, image in enumerate(frames[:2 * HOLD]):  # two scenes, pushed one frame at a time
+                reply = client.post(session["frames"], json={"image": data_uri(png_bytes(image)), "timestamp": i / FPS})
+                assert reply.status_code == 202, reply.text
+                statuses.append(reply.json()["status"])
+                if statuses[-1] == "queued":
+                    answers.append(next(events))
+            assert statuses == (["queued"] + ["unchanged"] * (HOLD - 1)) * 2
+            assert [kind for kind, _ in answers] == ["answer", "answer"]
+            assert [a["frame_index"] for _, a in answers] == [0, HOLD]
+            assert [a["skipped_since_last"] for _, a in answers] == [0, HOLD - 1]
+            for (_, a), start in zip(answers, starts):  # the scheduler's answer is Assistant.ask's, token for token
+                assert a["answer"] == assistant.ask(frames[start], QUESTION, max_new_tokens=TOKENS)
+            # a new scene, then the client goes away before its answer
+            client.post(session["frames"], json={"image": data_uri(png_bytes(frames[starts[2]]))})
+        deadline = time.monotonic() + 15
+        while client.post(session["frames"], json={"image": data_uri(png_bytes(frames[0]))}).status_code != 404:
+            assert time.monotonic() < deadline, "the session outlived its event stream"
+            time.sleep(0.1)
+        while scheduler.running or scheduler.queue_depth:
+            assert time.monotonic() < deadline, "the answer of a closed session kept running"
+            time.sleep(0.05)
+        gone = client.post(session["frames"], json={"image": data_uri(png_bytes(frames[0]))})
+        assert gone.json()["error"]["code"] == "session_not_found"
+
+
+def test_a_client_pushing_faster_than_the_server_answers_gets_its_frames_dropped(live_server, clip):
+    import httpx
+
+    from tests.serve_helpers import data_uri, png_bytes
+
+    frames, starts = clip
+    with httpx.Client(base_url=live_server.url, timeout=30) as client:
+        with client.stream("POST", "/v1/live", json={"question": QUESTION, "max_tokens": 48,
+                                                     "every_change": False}) as stream:
+            events = _events(stream.iter_lines())
+            _, session = next(events)
+            pushed = [client.post(session["frames"], json={"image": data_uri(png_bytes(frames[i % len(frames)]))})
+                      for i in range(12)]
+            assert all(r.status_code == 202 and r.json()["status"] == "queued" for r in pushed)
+            dropped = pushed[-1].json()["dropped"]
+            answered = []
+            while len(answered) < 12 - dropped:
+                kind, answer = next(events)
+                answered.append(answer)
+            assert dropped > 0 and answered[-1]["frame_index"] == 11  # the newest frame, never a backlog
+            assert sum(a["dropped_since_last"] for a in answered) == dropped
+
+
+def test_live_sources_are_only_those_the_operator_allowed(live_server, clip_server, clip):
+    import httpx
+
+    _, starts = clip
+    with httpx.Client(base_url=live_server.url, timeout=30) as client:
+        for source in ("/etc/passwd", "/dev/video0", "http://example.com/clip.mkv", "camera:7"):
+            refused = client.post("/v1/live", json={"question": QUESTION, "source": source})
+            assert refused.status_code == 403 and refused.json()["error"]["code"] == "source_not_allowed"
+            assert clip_server in refused.json()["error"]["message"]
+        for body, param in (({"question": " "}, "question"), ({"question": QUESTION, "fps": 0}, "fps"),
+                            ({"question": QUESTION, "colour": 1}, "colour")):
+            bad = client.post("/v1/live", json=body)
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == param
+        with client.stream("POST", "/v1/live", json={"question": QUESTION, "max_tokens": TOKENS,
+                                                     "source": clip_server + "clip.mkv"}) as stream:
+            assert stream.status_code == 200
+            events = list(_events(stream.iter_lines()))
+    assert events[0][0] == "session" and events[-1] == ("end", {"reason": "source ended"})
+    answered = [data["frame_index"] for kind, data in events if kind == "answer"]
+    assert answered and set(answered) <= set(starts)  # played in real time: a scene may pass while busy, never noise
