@@ -401,3 +401,68 @@ def test_live_sources_are_only_those_the_operator_allowed(live_server, clip_serv
     assert events[0][0] == "session" and events[-1] == ("end", {"reason": "source ended"})
     answered = [data["frame_index"] for kind, data in events if kind == "answer"]
     assert answered and set(answered) <= set(starts)  # played in real time: a scene may pass while busy, never noise
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The page's Live mode in headless Chromium, on its fake camera playing a .y4m of the synthetic scenes
+
+
+def _chromium_with_fake_camera(y4m: Path, profile: Path):
+    import shutil
+
+    pytest.importorskip("selenium", reason="the browser test drives Chromium with Selenium (pip install '.[dev]')")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not (chromium and driver_path):
+        pytest.skip("the browser test needs Debian's chromium and chromium-driver: apt-get install -y chromium "
+                    "chromium-driver (.ci/run installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--hide-scrollbars",
+                 "--force-color-profile=srgb", "--window-size=1100,1000", f"--user-data-dir={profile}",
+                 "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+                 f"--use-file-for-fake-video-capture={y4m}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(driver_path), options=options)
+
+
+def test_the_page_live_mode_answers_the_fake_camera_and_stops(live_server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    frames, _ = scene_clip(3, 12, size=224, seed=1)  # 3 scenes of 1.2 s, looped by Chromium
+    y4m = write_video(tmp_path / "camera.y4m", frames, fps=FPS)
+    driver = _chromium_with_fake_camera(y4m, tmp_path / "profile")
+    try:
+        driver.get(live_server.url + "/")
+        by_id = lambda name: driver.find_element(By.ID, name)  # noqa: E731
+        WebDriverWait(driver, 30).until(lambda d: by_id("live").is_displayed())
+        question = by_id("liveQuestion")
+        question.clear()
+        question.send_keys("What colour is the big shape?")
+        by_id("liveStart").click()
+        WebDriverWait(driver, 60, poll_frequency=0.1).until(
+            lambda d: by_id("liveAnswer").text and by_id("liveStats").text.startswith(("3 answers", "4 answers")))
+        stats = by_id("liveStats").text
+        assert " unchanged" in stats and not stats.startswith("0 answers")
+        assert int(stats.split(" frames sent, ")[1].split(" ")[0]) > 0, stats  # some frames skipped as unchanged
+        sessions = live_server.state.live_sessions
+        assert len(sessions) == 1
+        if os.environ.get("SQLLAVA_EDGE_SCREENSHOTS") == "1":
+            driver.execute_script("arguments[0].scrollIntoView({block: 'start'})", by_id("live"))
+            (ROOT / "docs" / "web-live.png").write_bytes(driver.get_screenshot_as_png())
+        by_id("liveStop").click()
+        deadline = time.monotonic() + 15
+        while sessions:  # the page closed its event stream: the server ended the session
+            assert time.monotonic() < deadline, "the live session outlived the page's Stop"
+            time.sleep(0.1)
+        assert by_id("liveStart").is_displayed() and not by_id("liveError").is_displayed()
+        errors = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+    finally:
+        driver.quit()

@@ -108,6 +108,7 @@ _IDLE = Pending(None, 0.0, 0)  # no frame within IDLE seconds: check the client
 def live_router(state: State) -> APIRouter:
     router = APIRouter()
     sessions: dict[str, Session] = {}
+    state.live_sessions = sessions  # what /metrics-style readers (and the tests) can look at
     settings = state.settings
 
     @router.post("/v1/live")
