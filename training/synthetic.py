@@ -339,8 +339,9 @@ SCENE_CUT = 20.0  # grey levels: consecutive scenes of a clip differ at least th
 def scene_clip(scenes: int | list[list[Obj]], frames_per_scene: int, size: int = 112, seed: int = 0
                ) -> tuple[list[Image.Image], list[int]]:
     """Frames of a video of `scenes` (a count of random scenes, or the scenes themselves), each held unchanged for
-    `frames_per_scene` frames, and the frame indices where a scene starts. Random consecutive scenes are redrawn
-    until their thumbnails differ by SCENE_CUT grey levels, so a cut is never mistaken for noise."""
+    `frames_per_scene` frames, and the frame indices where a scene starts. Consecutive scenes are redrawn (random
+    ones entirely, given ones on another background) until their thumbnails differ by SCENE_CUT grey levels, so a cut
+    is never mistaken for noise."""
     rng = np.random.default_rng([seed, 2])
     frames: list[Image.Image] = []
     starts: list[int] = []
@@ -350,7 +351,7 @@ def scene_clip(scenes: int | list[list[Obj]], frames_per_scene: int, size: int =
             objects = sample_scene(rng, held_out=False, grid=8) if isinstance(scenes, int) else scenes[i]
             image = render(objects, size, rng)
             thumb = np.asarray(image.convert("L").resize((32, 32), Image.BOX), dtype=np.float32)
-            if previous is None or np.abs(thumb - previous).mean() > SCENE_CUT or not isinstance(scenes, int):
+            if previous is None or np.abs(thumb - previous).mean() > SCENE_CUT:
                 break
         previous = thumb
         starts.append(len(frames))
