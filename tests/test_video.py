@@ -278,6 +278,20 @@ def test_cli_watch_prints_one_line_per_answer(tiny_bundle, clip, clip_files):
     assert missing.returncode == 1 and "missing.mp4 does not exist" in missing.stderr
 
 
+def test_benchmark_puts_every_loop_side_by_side(tiny_bundle, tmp_path, capsys):
+    from benchmarks import video
+
+    argv = ["--bundle", str(tiny_bundle), "--scenes", "2", "--hold", "3", "--tokens", "4", "--rounds", "1",
+            "--threads", str(THREADS), "--out", str(tmp_path)]
+    assert video.main(argv) == 0
+    text = (tmp_path / "video.md").read_text()
+    assert text in capsys.readouterr().out and "shared machine" in text and "load average" in text
+    assert all(f"| {loop} |" in text for loop in video.LOOPS)
+    samples = json.loads((tmp_path / "video.json").read_text())["results"][0]["samples"]
+    answered = {s["loop"]: s["answered"] for s in samples}
+    assert answered["naive"] == answered["watch, every"] == 6 and answered["watch, changes"] == 2
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The server: POST /v1/live (serve/live.py)
 
