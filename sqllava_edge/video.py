@@ -24,6 +24,7 @@ folders. No runtimes import here: this is core, shared by the CLI, the Python AP
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,7 +181,7 @@ class GStreamerSource(VideoSource):
         except ImportError:
             raise ValueError("a GStreamer pipeline is read with OpenCV built with GStreamer, which is not installed "
                              "here; on Jetson: apt install python3-opencv (JetPack's build has GStreamer)") from None
-        if "GStreamer:                   YES" not in cv2.getBuildInformation().replace("\t", " "):
+        if not re.search(r"GStreamer:\s*YES", cv2.getBuildInformation()):
             raise ValueError("this OpenCV is built without GStreamer (pip's opencv wheels are); use JetPack's "
                              "python3-opencv, or read the camera as /dev/videoN")
         self._cv2, self.description = cv2, pipeline

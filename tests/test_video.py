@@ -102,8 +102,14 @@ def test_bad_sources_say_what_to_give(spec, error, words, tmp_path, monkeypatch)
 
 
 def test_a_gstreamer_pipeline_needs_opencv_with_gstreamer(monkeypatch):
-    monkeypatch.setitem(sys.modules, "cv2", None)  # pip's OpenCV, or none: JetPack's python3-opencv is named
+    monkeypatch.setitem(sys.modules, "cv2", None)  # no OpenCV: JetPack's python3-opencv is named
     with pytest.raises(ValueError, match="python3-opencv"):
+        open_source("gst:v4l2src ! videoconvert ! appsink")
+    import types
+
+    pip_build = types.SimpleNamespace(getBuildInformation=lambda: "  Video I/O:\n    GStreamer:   NO\n")
+    monkeypatch.setitem(sys.modules, "cv2", pip_build)  # pip's wheels are built without GStreamer
+    with pytest.raises(ValueError, match="built without GStreamer"):
         open_source("gst:v4l2src ! videoconvert ! appsink")
 
 
