@@ -31,6 +31,7 @@ from sqllava_edge.video import Frame, VideoSource, open_source
 DEFAULT_THRESHOLD = 6.0  # grey levels: above sensor noise on a 32 x 32 thumbnail, below a person entering a room
 THUMBNAIL = 32  # pixels per side of the grey thumbnail compared between frames
 WATCH_TOKENS = 32  # default answer length: a standing question wants a short answer, fast
+WATCH_DESCRIBE = 96  # longest description the self-questions on a scene change are conditioned on
 JOIN_TIMEOUT = 5.0  # seconds to wait for the reader thread when the watch ends
 
 
@@ -42,6 +43,7 @@ class FrameAnswer:
     latency: float  # seconds from reading the frame to the end of its answer
     skipped_since_last: int  # unchanged frames since the previous answer (the previous answer stood for them)
     dropped_since_last: int = 0  # changed frames replaced by a newer one before the device was free
+    questions: tuple[str, ...] = ()  # the model's own questions about this frame (watch(..., questions=...))
 
 
 def thumbnail(image: np.ndarray) -> np.ndarray:
@@ -154,11 +156,11 @@ def as_source(source) -> tuple[VideoSource | Iterable[Frame], bool]:
     return open_source(source), True
 
 
-def watch_frames(source, answer: Callable[[np.ndarray], str], *, fps: float | None = None,
+def watch_frames(source, answer: Callable[[np.ndarray], str | tuple[str, tuple[str, ...]]], *, fps: float | None = None,
                  every_change: bool = True, threshold: float = DEFAULT_THRESHOLD,
                  realtime: bool | None = None) -> Iterator[FrameAnswer]:
     """FrameAnswers for `source` (a VideoSource, an iterable of Frames, or a spec for open_source), `answer(image)`
-    called on each admitted frame. realtime: a non-live source is read at the pace of its timestamps (as if it were a
+    called on each admitted frame (-> the answer, or (answer, questions)). realtime: a non-live source is read at the pace of its timestamps (as if it were a
     camera: frames the device cannot take are dropped) instead of as fast as answers are taken (None: live sources
     only). The source opens (and a bad one raises) at this call; closing the iterator stops the reader and closes a
     source opened here."""
@@ -169,8 +171,7 @@ def watch_frames(source, answer: Callable[[np.ndarray], str], *, fps: float | No
     return _answers(frames, owned, answer, gate, realtime, live)
 
 
-def _answers(frames, owned: bool, answer: Callable[[np.ndarray], str], gate: Gate, realtime: bool, live: bool
-             ) -> Iterator[FrameAnswer]:
+def _answers(frames, owned: bool, answer: Callable, gate: Gate, realtime: bool, live: bool) -> Iterator[FrameAnswer]:
     box = Mailbox(wait=not realtime)
     failure: list[BaseException] = []
     reader = threading.Thread(target=read_into, args=(frames, gate, box, realtime and not live, failure),
@@ -179,10 +180,11 @@ def _answers(frames, owned: bool, answer: Callable[[np.ndarray], str], gate: Gat
     skipped = dropped = 0
     try:
         while (item := box.get()) is not None:
-            text = answer(item.frame.image)
+            reply = answer(item.frame.image)
+            text, questions = reply if isinstance(reply, tuple) else (reply, ())
             done = time.monotonic()
             yield FrameAnswer(item.frame.timestamp, item.frame.index, text, done - item.arrived,
-                              item.skipped - skipped, box.dropped - dropped)
+                              item.skipped - skipped, box.dropped - dropped, tuple(questions))
             skipped, dropped = item.skipped, box.dropped
         if failure:
             raise failure[0]
@@ -213,11 +215,14 @@ def read_into(frames: Iterable[Frame], gate: Gate, box: Mailbox, pace: bool, fai
         box.close()
 
 
-def watch(engine, source, prompt_ids, config, **options) -> Iterator[FrameAnswer]:
+def watch(engine, source, prompt_ids, config, *, questions: Callable[[np.ndarray], Any] | None = None,
+          **options) -> Iterator[FrameAnswer]:
     """`watch_frames` answering with `engine` (runtimes.engine.Engine): each admitted frame is encoded (or found in
-    the image cache), `prompt_ids` (one image placeholder) prefilled and `config` decoded."""
+    the image cache), `prompt_ids` (one image placeholder) prefilled and `config` decoded; `questions(image)`, if
+    given, adds the model's own questions about the frame (SQ-LLaVA's self-questioning on a scene change)."""
 
-    def answer(image: np.ndarray) -> str:
-        return "".join(engine.stream_text(image, prompt_ids, config)).strip()
+    def answer(image: np.ndarray):
+        text = "".join(engine.stream_text(image, prompt_ids, config)).strip()
+        return (text, tuple(questions(image))) if questions is not None else text
 
     return watch_frames(source, answer, **options)

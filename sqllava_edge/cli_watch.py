@@ -33,6 +33,9 @@ def register_watch(subparsers) -> None:
                             "take in time are dropped (live sources always are)")
     video.add_argument("--max-answers", type=int, help="stop after this many answers (default: the end of the source)")
     video.add_argument("--jsonl", action="store_true", help="one JSON object per answer")
+    video.add_argument("--self-questions", type=int, default=0, metavar="N",
+                       help="also print N of the model's own questions about each answered frame (a new scene): "
+                            "SQ-LLaVA's visual self-questioning (default 0)")
     group = parser.add_argument_group("backends")
     add_backend_arguments(group)
     group.add_argument("--show-backends", action="store_true", help="print the chosen backends and why to stderr")
@@ -52,7 +55,7 @@ def run_watch(args) -> int:
             print(assistant.backends, file=sys.stderr)
         answers = assistant.watch(args.source, args.question, fps=args.fps, every_change=not args.every_frame,
                                   threshold=args.threshold, realtime=args.realtime or None,
-                                  max_new_tokens=args.max_new_tokens)
+                                  self_questions=args.self_questions, max_new_tokens=args.max_new_tokens)
         try:
             for count, answer in enumerate(answers, 1):
                 print(json.dumps(asdict(answer)) if args.jsonl else format_answer(answer), flush=True)
@@ -67,5 +70,6 @@ def run_watch(args) -> int:
 
 def format_answer(answer) -> str:
     extra = f", {answer.dropped_since_last} dropped" if answer.dropped_since_last else ""
-    return (f"{answer.timestamp:8.2f} s  frame {answer.frame_index:<5} {answer.latency * 1000:6.0f} ms  "
+    line = (f"{answer.timestamp:8.2f} s  frame {answer.frame_index:<5} {answer.latency * 1000:6.0f} ms  "
             f"({answer.skipped_since_last} unchanged{extra})  {answer.answer}")
+    return "\n".join([line] + [f"    VUSER: {question}" for question in answer.questions])
