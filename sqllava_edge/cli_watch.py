@@ -47,13 +47,14 @@ def register_watch(subparsers) -> None:
 def run_watch(args) -> int:
     from sqllava_edge.assistant import Assistant
     from sqllava_edge.options import load_options
+    from sqllava_edge.video import open_source
 
     if args.max_answers is not None and args.max_answers < 1:
         raise ValueError("--max-answers must be >= 1")
-    with Assistant.load(args.model, **load_options(args)) as assistant:
-        if args.show_backends:
+    with open_source(args.source) as source, Assistant.load(args.model, **load_options(args)) as assistant:
+        if args.show_backends:  # the source opens first: a wrong path fails before the model loads
             print(assistant.backends, file=sys.stderr)
-        answers = assistant.watch(args.source, args.question, fps=args.fps, every_change=not args.every_frame,
+        answers = assistant.watch(source, args.question, fps=args.fps, every_change=not args.every_frame,
                                   threshold=args.threshold, realtime=args.realtime or None,
                                   self_questions=args.self_questions, max_new_tokens=args.max_new_tokens)
         try:
