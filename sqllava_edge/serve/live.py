@@ -69,31 +69,32 @@ class Session:
         self.box = Mailbox(notify=lambda: self.loop.call_soon_threadsafe(self.ready.set))
         self.reader = None  # (thread, source) of a server-side source
         self.failure: list[BaseException] = []  # what stopped the server-side source's reader
+        self._offering = threading.Lock()  # a client may push frames concurrently: the gate takes one at a time
 
     def offer(self, image: np.ndarray, timestamp: float | None) -> str:
         """A pushed frame through the gate into the box (a worker thread: the gate's thumbnail is numpy work)."""
-        stamp = time.monotonic() - self.started if timestamp is None else timestamp
-        frame = Frame(self.frames, stamp, image)
-        self.frames += 1
-        if not self.gate.admit(frame.timestamp, image):
-            return self.gate.verdict
-        self.box.put(Pending(frame, time.monotonic(), self.gate.skipped))
-        return "queued"
+        with self._offering:
+            stamp = time.monotonic() - self.started if timestamp is None else timestamp
+            frame = Frame(self.frames, stamp, image)
+            self.frames += 1
+            if not self.gate.admit(frame.timestamp, image):
+                return self.gate.verdict
+            self.box.put(Pending(frame, time.monotonic(), self.gate.skipped))
+            return "queued"
 
     async def next(self) -> Pending | None:
-        """The waiting frame; None when the box closed (the source ended or the session stopped)."""
-        while True:
-            item = self.box.get(timeout=0)
-            if item is not None or self.box.closed:
-                return item
-            self.ready.clear()
-            item = self.box.get(timeout=0)
-            if item is not None:
-                return item
-            try:
-                await asyncio.wait_for(self.ready.wait(), IDLE)
-            except asyncio.TimeoutError:
-                return _IDLE
+        """The waiting frame; None when the box closed (the source ended or the session stopped); _IDLE when nothing
+        came within IDLE seconds (time to check that the client is still there)."""
+        self.ready.clear()
+        item = self.box.get(timeout=0)
+        if item is not None or self.box.closed:
+            return item
+        try:
+            await asyncio.wait_for(self.ready.wait(), IDLE)
+        except asyncio.TimeoutError:
+            return _IDLE
+        item = self.box.get(timeout=0)
+        return item if item is not None or self.box.closed else _IDLE
 
     def close(self) -> None:
         self.box.close()
