@@ -15,7 +15,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --progress-bar on -e '.[cpu,train,serve,dev]'
+	$(PY) -m pip install --progress-bar on -e '.[cpu,train,serve,dev,video]'
 	$(PY) -m sqllava_edge.vocab
 	touch $(STAMP)
 

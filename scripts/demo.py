@@ -178,6 +178,43 @@ def show_assistant(out: Path) -> None:
     print(f"-- Assistant: done in {time.perf_counter() - start:.0f} s")
 
 
+def watch_clip(bundle: Path, folder: Path) -> list:
+    """`sqllava-edge watch`'s loop (Assistant.watch) on a 4-scene synthetic clip: a big circle that changes colour and
+    place every second. Prints one answer per scene change with the truth beside it; returns the answers."""
+    sys.path.insert(0, str(ROOT))
+    from sqllava_edge import Assistant
+    from sqllava_edge.video import write_video
+    from training.synthetic import Obj, scene_clip
+
+    def big(colour: str, shape: str, col: int, row: int) -> Obj:  # a 2 x 2 block of the 8 x 8 lattice
+        return Obj(colour, shape, "big", (col + 1) / 8, (row + 1) / 8, 0.1)
+
+    def small(colour: str, shape: str, col: int, row: int) -> Obj:
+        return Obj(colour, shape, "small", (col + 0.5) / 8, (row + 0.5) / 8, 0.05)
+
+    scenes = [[big("red", "circle", 1, 1), small("blue", "square", 6, 5)], [big("blue", "circle", 4, 3)],
+              [big("yellow", "circle", 2, 5), small("purple", "star", 6, 1)], [big("green", "circle", 5, 1)]]
+    frames, starts = scene_clip(scenes, 5, size=112, seed=0)
+    clip = write_video(folder / "watch-clip.mp4", frames, fps=5)
+    question = "What colour is the circle?"
+    print(f"  clip: {rel(clip)} ({len(frames)} frames, 5 frames/s, scene changes at frames {starts})\n  Q: {question}")
+    with Assistant.load(bundle) as assistant:
+        answers = list(assistant.watch(clip, question))
+    truths = {start: scene[0].colour for start, scene in zip(starts, scenes)}
+    for a in answers:
+        truth = f"   (truth: {truths[a.frame_index]})" if a.frame_index in truths else ""
+        print(f"  {a.timestamp:4.1f} s  frame {a.frame_index:>2}  {a.latency * 1000:4.0f} ms  "
+              f"{a.skipped_since_last} unchanged skipped  A: {a.answer}{truth}")
+    return answers
+
+
+def show_watch(out: Path) -> None:
+    print("\n== watch: a standing question over a video (sqllava-edge watch BUNDLE clip.mp4 \"...\")")
+    start = time.perf_counter()
+    watch_clip(out / "bundle", out)
+    print(f"-- watch: done in {time.perf_counter() - start:.0f} s")
+
+
 def serve_once(bundle: Path, image: Path, question: str, port: int | None = None) -> str:
     """Start `sqllava-edge serve` on the bundle (127.0.0.1), ask one question through the official openai client,
     stop the server with SIGTERM and check it exits 0. -> the answer."""
@@ -257,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             run_step(step, stamps)
         print("\n" + training_times(stamps))
         show_assistant(out)
+        show_watch(out)
         if not args.skip_benchmark:
             print("\n== benchmark (tiny bundle, every backend available here)")
             subprocess.run([sys.executable, "-m", "benchmarks", "--bundle", str(out / "bundle"), "--runs", "2",

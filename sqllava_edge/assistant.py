@@ -228,6 +228,34 @@ class Assistant:
             self._descriptions[ref.key] = self.describe(ref)
         return self._descriptions[ref.key]
 
+    def watch(self, source, question: str, fps: float | None = None, every_change: bool = True, *,
+              threshold: float | None = None, realtime: bool | None = None, self_questions: int = 0, **options):
+        """Answer `question` over a video -> iterator of runtimes.watch.FrameAnswer(timestamp, frame_index, answer,
+        latency, skipped_since_last, dropped_since_last, questions). source: a file, a folder of images, a stream URL,
+        /dev/videoN, gst:PIPELINE (sqllava_edge.video.open_source), a VideoSource or an iterable of video.Frame.
+        fps: frames sampled per second of source time (None: every frame the device takes); every_change: answer only
+        frames that differ from the last answered one by more than `threshold` grey levels; realtime: read a file at
+        its own pace, dropping what the device cannot take (live sources always are). Greedy, 32 tokens by default.
+        self_questions: also sample that many of the model's own questions about each answered frame (a new scene),
+        conditioned on a description of at most WATCH_DESCRIBE tokens, seed 0, WATCH_TOKENS tokens each."""
+        from runtimes.watch import DEFAULT_THRESHOLD, WATCH_TOKENS, watch
+        from sqllava_edge.conversation import answer_prompt
+
+        config = _config("answer", {"max_new_tokens": WATCH_TOKENS, **options})
+        ids = answer_prompt(self.tokenizer, _check_question(question), self.template)
+        if not isinstance(self_questions, int) or self_questions < 0:
+            raise ValueError(f"self_questions must be an int >= 0, got {self_questions!r}")
+        return watch(self.engine, source, ids, config, fps=fps, every_change=every_change, realtime=realtime,
+                     threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
+                     questions=(lambda image: self._scene_questions(image, self_questions)) if self_questions else None)
+
+    def _scene_questions(self, image, n: int) -> list[str]:
+        """`watch`'s self-questions about a frame: n questions (seed 0, short) on a short greedy description."""
+        from runtimes.watch import WATCH_DESCRIBE, WATCH_TOKENS
+
+        description = self.describe(image, max_new_tokens=WATCH_DESCRIBE)
+        return self.self_question(image, n, seed=0, description=description, max_new_tokens=WATCH_TOKENS).questions
+
     def chat(self, image) -> "Chat":
         """A multi-turn conversation about one image: encoded once, its KV cache kept between questions."""
         return Chat(self, image)

@@ -248,6 +248,12 @@ def register_serve(subparsers) -> None:
     register(subparsers)
 
 
+def register_watch(subparsers) -> None:
+    from sqllava_edge.cli_watch import register_watch as register
+
+    register(subparsers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sqllava-edge", description="SQ-LLaVA on edge devices")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -258,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_interview(subparsers)
     register_serve(subparsers)
     register_tune(subparsers)
+    register_watch(subparsers)
     return parser
 
 

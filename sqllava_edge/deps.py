@@ -22,7 +22,7 @@ EXTRA_OF = {
     "torch": "train", "transformers": "train", "peft": "train", "accelerate": "train", "matplotlib": "train",
     "safetensors": "train", "onnx": "export", "onnxscript": "export", "gguf": "export", "sentencepiece": "export",
     "onnxruntime": "runtime", "llama_cpp": "runtime", "tokenizers": "runtime", "fastapi": "runtime",
-    "uvicorn": "runtime", "prometheus_client": "runtime",
+    "uvicorn": "runtime", "prometheus_client": "runtime", "av": "video",
 }
 
 

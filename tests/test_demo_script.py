@@ -95,3 +95,15 @@ def test_demo_ends_with_one_request_through_the_server(demo, tiny_bundle, tmp_pa
     answer = demo.serve_once(tiny_bundle, photo, "What is in the picture?")
     out = capsys.readouterr().out
     assert answer and f"A: {answer}" in out and "exit 0" in out
+
+
+def test_demo_watch_step_answers_once_per_scene_change(demo, tiny_bundle, tmp_path, capsys):
+    """`make demo`'s watch step: a 4-scene clip, one answer per scene change, each printed with its truth."""
+    pytest.importorskip("av", reason="the watch step reads video with PyAV (pip install '.[video]')")
+    answers = demo.watch_clip(tiny_bundle, tmp_path)
+    out = capsys.readouterr().out
+    assert [a.frame_index for a in answers] == [0, 5, 10, 15]
+    assert [a.skipped_since_last for a in answers] == [0, 4, 4, 4]
+    for truth in ("red", "blue", "yellow", "green"):
+        assert f"(truth: {truth})" in out
+    assert (tmp_path / "watch-clip.mp4").is_file()

@@ -331,6 +331,35 @@ def conversation(objects: list[Obj], rng: np.random.Generator, max_turns: int) -
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Video: scenes held for a while, then cut to the next (runtimes.watch's tests, benchmark and demo)
+
+SCENE_CUT = 20.0  # grey levels: consecutive scenes of a clip differ at least this much (32 x 32 grey thumbnails)
+
+
+def scene_clip(scenes: int | list[list[Obj]], frames_per_scene: int, size: int = 112, seed: int = 0
+               ) -> tuple[list[Image.Image], list[int]]:
+    """Frames of a video of `scenes` (a count of random scenes, or the scenes themselves), each held unchanged for
+    `frames_per_scene` frames, and the frame indices where a scene starts. Consecutive scenes are redrawn (random
+    ones entirely, given ones on another background) until their thumbnails differ by SCENE_CUT grey levels, so a cut
+    is never mistaken for noise."""
+    rng = np.random.default_rng([seed, 2])
+    frames: list[Image.Image] = []
+    starts: list[int] = []
+    previous = None
+    for i in range(scenes if isinstance(scenes, int) else len(scenes)):
+        while True:
+            objects = sample_scene(rng, held_out=False, grid=8) if isinstance(scenes, int) else scenes[i]
+            image = render(objects, size, rng)
+            thumb = np.asarray(image.convert("L").resize((32, 32), Image.BOX), dtype=np.float32)
+            if previous is None or np.abs(thumb - previous).mean() > SCENE_CUT:
+                break
+        previous = thumb
+        starts.append(len(frames))
+        frames += [image] * frames_per_scene
+    return frames, starts
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Writing the dataset
 
 

@@ -12,6 +12,7 @@ GET / (the web page). The app is `sqllava_edge.serve.app.create_app`; this modul
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import Sequence
@@ -43,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "whole prompt at once)")
     sched.add_argument("--timeout", type=float, default=600.0, help="seconds per request before it is stopped (600)")
     sched.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: the folder name)")
+    net.add_argument("--live-source", action="append", default=[], metavar="SPEC",
+                     help="a video source POST /v1/live may watch (serve/live.py): a camera (/dev/video0, camera:0) "
+                          "or a URL prefix (rtsp://cams.local/); repeatable. Without it clients push their own frames")
     add_backend_arguments(parser.add_argument_group("backends (as for sqllava-edge ask)"),
                           n_ctx_help="KV positions shared by all requests (default: 2048, or 1024 per slot above 2)")
 
@@ -71,6 +75,7 @@ def run(args) -> int:
                         allow_local_files=args.allow_local_files, parallel=args.parallel, queue=args.queue,
                         prefill_chunk=args.prefill_chunk,
                         timeout=args.timeout, model_id=args.model_name or os.path.basename(os.path.abspath(args.model)))
+    settings = dataclasses.replace(settings, live_sources=tuple(args.live_source))
     sequences = max(4, args.parallel * SEQUENCES_PER_SLOT + 8)  # + room for n > 1 choices (protocol.MAX_N)
     server: uvicorn.Server | None = None
 

@@ -47,6 +47,7 @@ class Settings:
     prefill_chunk: int = PREFILL_CHUNK  # positions prefilled between decode steps of running requests (0: all)
     timeout: float = 600.0  # seconds per request
     model_id: str = "sqllava-edge"
+    live_sources: tuple[str, ...] = ()  # cameras / URL prefixes POST /v1/live may watch (serve/live.py)
 
     @property
     def body_limit(self) -> int:
@@ -115,6 +116,9 @@ def create_app(load: Callable[[], Any], settings: Settings = Settings(),
     app.state.sqllava = state
     _errors(app, state)
     _routes(app, state)
+    from sqllava_edge.serve.live import live_router  # here, not at the top: live.py imports this module
+
+    app.include_router(live_router(state))
     return app
 
 
