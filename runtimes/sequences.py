@@ -268,6 +268,10 @@ class SequencePool:
             feed.pop(max(feed))
         return feed
 
+    def room_for(self, n: int, protect: set[int]) -> bool:
+        """Evict idle sequences (not in `protect`) until `n` more cells fit in n_ctx; False if even then they do not."""
+        return self._make_room(n, protect)
+
     def decode(self, tokens: Mapping[int, int]) -> dict[int, np.ndarray]:
         out = self.llm.decode(dict(tokens))
         for seq, token in tokens.items():
