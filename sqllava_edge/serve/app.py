@@ -202,9 +202,9 @@ def _ready(state: State):
     return state.assistant, state.scheduler
 
 
-async def _read_body(request: Request, limit: int) -> bytearray:
-    """The body as bytes, refused early (413) past `limit` and (415) unless it is declared JSON: a browser sends
-    text/plain or form bodies to any site without asking it first (no CORS preflight); JSON needs the preflight."""
+def _check_headers(request: Request, limit: int) -> None:
+    """Refuse from the headers alone: (415) a body not declared JSON (a browser sends text/plain or form bodies to any
+    site without asking it first, no CORS preflight; JSON needs the preflight), (413) a declared size past `limit`."""
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
         raise APIError(415, f"send the body as JSON with the header 'Content-Type: application/json' (got "
@@ -213,6 +213,10 @@ async def _read_body(request: Request, limit: int) -> bytearray:
     if declared and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"the request body is {int(declared) / 2**20:.1f} MiB, over this server's limit of "
                             f"{limit / 2**20:.1f} MiB (--max-image-mb); send a smaller image", code="body_too_large")
+
+
+async def _read_body(request: Request, limit: int) -> bytearray:
+    """The body as bytes, refused (413) as soon as it passes `limit`."""
     body = bytearray()
     async for chunk in request.stream():
         if len(body) + len(chunk) > limit:
@@ -294,8 +298,10 @@ def _routes(app: FastAPI, state: State) -> None:
         arrived = time.monotonic()
         _authorize(state, request)
         _, scheduler = _ready(state)
-        with _Preparing(state):  # the queue check comes before any work
-            body = await _read_body(request, settings.body_limit)
+        _check_headers(request, settings.body_limit)
+        _room(state)  # the queue check comes before any work
+        body = await _read_body(request, settings.body_limit)
+        with _Preparing(state):
             chat, pixels, ids = await state.work(_prepare_chat, state, body)
             call = _Call(state, request, arrived, "/v1/chat/completions")
             call.submit(scheduler, EngineRequest(ids, pixels, chat.config, _seeds(chat.seed, chat.n),
@@ -320,8 +326,10 @@ def _routes(app: FastAPI, state: State) -> None:
         arrived = time.monotonic()
         _authorize(state, request)
         assistant, scheduler = _ready(state)
+        _check_headers(request, settings.body_limit)
+        _room(state)
+        body = await _read_body(request, settings.body_limit)
         with _Preparing(state):
-            body = await _read_body(request, settings.body_limit)
             ask, pixels = await state.work(_prepare_self_questions, state, body)
         description = await _describe(state, request, pixels)
         from sqllava_edge.conversation import interview_prompt, self_question_prompt
@@ -364,20 +372,25 @@ def _page() -> str:
     return resources.files("sqllava_edge.serve").joinpath("web/index.html").read_text(encoding="utf-8")
 
 
+def _room(state: State) -> None:
+    """503 if the scheduler's queue, counting the requests being prepared on the worker pool, is full."""
+    if not state.has_room():
+        scheduler = state.scheduler
+        raise APIError(503, f"{scheduler.queue_depth + state.preparing} requests are waiting and "
+                            f"{scheduler.running} running (--parallel {scheduler.parallel}, --queue "
+                            f"{scheduler.queue_limit}); retry later", type="server_error", code="queue_full",
+                       headers={"Retry-After": "1"})
+
+
 class _Preparing:
-    """Counts a POST as waiting from before its body is read until it is submitted; refuses it (503) first if the
-    scheduler's queue, counting the requests still being prepared, is full."""
+    """Counts a POST as waiting from when its body is in (a slow sender holds no queue place) until it is submitted;
+    refuses it (503) first if the queue, counting those, is full: the worker pool never holds more than the queue."""
 
     def __init__(self, state: State):
         self.state = state
 
     def __enter__(self) -> None:
-        if not self.state.has_room():
-            scheduler = self.state.scheduler
-            raise APIError(503, f"{scheduler.queue_depth + self.state.preparing} requests are waiting and "
-                                f"{scheduler.running} running (--parallel {scheduler.parallel}, --queue "
-                                f"{scheduler.queue_limit}); retry later", type="server_error", code="queue_full",
-                           headers={"Retry-After": "1"})
+        _room(self.state)
         self.state.preparing += 1
 
     def __exit__(self, *exc) -> None:
