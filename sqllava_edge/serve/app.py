@@ -449,8 +449,9 @@ def _chat_prompt(assistant, chat: ChatRequest, has_image: bool) -> list[int]:
 
 
 def _check_length(assistant, ids: list[int], has_image: bool, chat: ChatRequest):
-    """The prompt and max_tokens against the context one request may use -> the config to run (a default max_tokens
-    is cut to the room left; one the client set that does not fit is refused)."""
+    """The prompt and max_tokens against the context one request may use -> the config to run: max_tokens is cut to
+    the room the prompt leaves (the answer then ends with finish_reason "length", as llama-server does); one that no
+    prompt could leave room for is refused."""
     rows = assistant.config.num_image_tokens if has_image else 0
     need = len(ids) - (1 if has_image else 0) + rows
     limit = assistant.engine.pool.max_positions
@@ -461,10 +462,10 @@ def _check_length(assistant, ids: list[int], has_image: bool, chat: ChatRequest)
     room, config = limit - need, chat.config
     if config.max_new_tokens <= room:
         return config
-    if chat.max_tokens_given:
-        raise bad_request(f"max_tokens {config.max_new_tokens} does not fit: the prompt needs {need} positions and the "
-                          f"context holds {limit}; ask for at most {room} (or start the server with a larger --n-ctx)",
-                          param="max_tokens", code="context_length_exceeded")
+    if chat.max_tokens_given and config.max_new_tokens >= limit:
+        raise bad_request(f"max_tokens {config.max_new_tokens} can never fit: the context holds {limit} positions and "
+                          f"this prompt needs {need}; ask for at most {room} (or start the server with a larger "
+                          "--n-ctx)", param="max_tokens", code="context_length_exceeded")
     return config.replace(max_new_tokens=room)
 
 
