@@ -519,10 +519,11 @@ class _Call:
 
     async def _watch(self) -> None:
         """Wait for the connection's http.disconnect (the body is read, so nothing else comes): cancel the request."""
-        while True:
-            message = await self.request.receive()
-            if message["type"] == "http.disconnect":
-                break
+        try:
+            while (await self.request.receive())["type"] != "http.disconnect":
+                pass
+        except Exception:  # the server is closing the connection itself: nothing to watch
+            return
         self.handle.cancel()
         self.queue.put_nowait(None)
 
