@@ -146,10 +146,10 @@ class _Job:
     def active(self) -> list[_Choice]:
         return [c for c in self.choices if not c.done]
 
-    @property
-    def used(self) -> int:
-        """KV positions this request holds: its prompt(s) and every token its choices generated."""
-        return self.prompt + sum(c.count for c in self.choices)
+    def used(self, pool) -> int:
+        """KV cells this request's running choices hold: its prompt(s), a prefix they share counted once, and the
+        tokens they generated."""
+        return pool.cells_of([c.seq for c in self.active])
 
 
 # Positions prefilled per piece while other requests decode. llama.cpp prefills 256-row micro-batches about as fast as
@@ -413,10 +413,11 @@ class Scheduler:
                 self._retire(job)
 
     # ------------------------------------------------------------------------------------------------------------
-    # KV policy: every running request is guaranteed `share` = n_ctx // parallel positions (its prompt and all its
-    # choices' tokens). It may grow beyond that while the cache has room; when a decode step does not fit, the request
-    # furthest over its share stops ("length"), then a prompt being admitted is put back in the queue. A request
-    # within its share never stops early: parallel requests within their shares fit in n_ctx by construction.
+    # KV policy: every running request is guaranteed `share` = n_ctx // parallel positions (the cells its choices
+    # hold: its prompt(s), a prefix they share counted once, and all their tokens). It may grow beyond that while the
+    # cache has room; when a decode step does not fit, the request furthest over its share stops ("length"), then a
+    # prompt being admitted is put back in the queue. A request within its share never stops early: `parallel`
+    # requests within their shares fit in n_ctx by construction.
 
     def _fit(self, tokens: dict[int, int], feed: dict) -> dict[int, int]:
         """The part of a decode step that continues (caller holds engine.lock); stops the choices that cannot."""
@@ -443,10 +444,12 @@ class Scheduler:
 
     def _stop_over_share(self) -> set[int] | None:
         """Stop ("length") the running request furthest over its share -> its sequences (None: none is over)."""
-        over = [job for job in self._running if job.active and job.used > self.share]
+        pool = self.engine.pool
+        used = {job: job.used(pool) for job in self._running if job.active}
+        over = [job for job, cells in used.items() if cells > self.share]
         if not over:
             return None
-        job = max(over, key=lambda j: j.used - self.share)
+        job = max(over, key=lambda j: used[j])
         seqs = {choice.seq for choice in job.active}
         for choice in job.active:
             self._finish(job, choice, "length")
