@@ -48,11 +48,12 @@ class Engine:
     # ------------------------------------------------------------------------------------------------------------
     # Images
 
-    def pixels(self, image) -> np.ndarray:
-        """(3, S, S) float32: the one preprocessing (sqllava_edge.image). Thread-safe, no lock needed."""
+    def pixels(self, image, **limits) -> np.ndarray:
+        """(3, S, S) float32: the one preprocessing (sqllava_edge.image; `limits`: its max_pixels / max_aspect).
+        Thread-safe, no lock needed."""
         from sqllava_edge.image import preprocess
 
-        return preprocess(image, self.config.vision, self.image_mode)
+        return preprocess(image, self.config.vision, self.image_mode, **limits)
 
     def image_ref(self, image) -> ImageRef:
         """ImageRef for `image` (anything `pixels` takes, pixels themselves, or an ImageRef): embeddings from the cache
@@ -183,33 +184,54 @@ def _is_pixels(image: Any, config: ModelConfig) -> bool:
 
 
 class TextStream:
-    """Token ids -> text pieces; holds back an incomplete UTF-8 character and any possible start of a stop string."""
+    """Token ids -> text pieces; holds back an incomplete UTF-8 character and any possible start of a stop string.
+
+    Stop strings are matched in time linear in the generated text: each new character advances one KMP matcher per
+    stop string (amortised O(1) work), and a matcher's state is the length of the longest start of its stop string
+    that the text ends with, which is exactly how much to hold back. The cost per token never depends on the stop
+    strings' length (a client sending a 1 MB stop string costs one O(L) table, not O(L^2) per token). The text is cut
+    at the first stop string to complete; among those completing on the same character, at the one starting first.
+    """
 
     def __init__(self, tokenizer, stop: Sequence[str]):
         self.tokenizer, self.stop = tokenizer, tuple(s for s in stop if s)
+        self._matchers = [_StopMatcher(s) for s in self.stop]
         self.ids: list[int] = []
         self.text = ""  # the final text so far (cut at a stop string)
         self.stopped = False
         self._emitted = 0
+        self._fed = 0  # characters of the decoded text the matchers have seen
 
     def push(self, token: int) -> str:
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids)
-        for s in self.stop:
-            at = text.find(s)
-            if at >= 0:
-                text, self.stopped = text[:at], True
+        stable = len(text.rstrip("\ufffd"))  # U+FFFD: a multi-byte character still being generated
+        cut = self._feed(text, stable)
+        if cut is not None:
+            self.text, self.stopped = text[:cut], True
+            return self._emit(self.text)
         self.text = text
-        if self.stopped:
-            return self._emit(text)
-        hold = max([k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])], default=0)
-        safe = text[: len(text) - hold]
-        return self._emit(safe.rstrip("\ufffd"))  # U+FFFD: a multi-byte character still being generated
+        hold = max((m.state for m in self._matchers), default=0)
+        return self._emit(text[: stable - hold])
+
+    def _feed(self, text: str, stable: int) -> int | None:
+        """Run text[self._fed:stable] through the matchers -> where to cut when a stop string completed."""
+        for i in range(self._fed, stable):
+            char = text[i]
+            done = [m.pattern for m in self._matchers if m.feed(char)]
+            if done:
+                self._fed = i + 1
+                return i + 1 - max(len(s) for s in done)
+        self._fed = max(self._fed, stable)
+        return None
 
     def finish(self) -> str:
         return self._emit(self.text)
 
     def _emit(self, upto: str) -> str:
+        """The text after what was emitted, up to `upto` less its trailing whitespace: whitespace goes out only once
+        something follows it, so the pieces of a stream add up to the stripped answer, as the whole answer is."""
+        upto = upto.rstrip()
         if self._emitted == 0:
             upto_stripped = upto.lstrip()
             skip = len(upto) - len(upto_stripped)
@@ -218,3 +240,32 @@ class TextStream:
         piece = upto[max(self._emitted, skip):]
         self._emitted = max(self._emitted, skip) + len(piece)
         return piece
+
+
+class _StopMatcher:
+    """Knuth-Morris-Pratt over a character stream: `state` is the length of the longest prefix of `pattern` that the
+    text seen so far ends with; `feed` returns True when the whole pattern has just been seen."""
+
+    def __init__(self, pattern: str):
+        self.pattern = pattern
+        self.state = 0
+        fail, k = [0] * len(pattern), 0  # fail[i]: longest proper prefix of pattern[:i + 1] that is also its suffix
+        for i in range(1, len(pattern)):
+            while k and pattern[i] != pattern[k]:
+                k = fail[k - 1]
+            if pattern[i] == pattern[k]:
+                k += 1
+            fail[i] = k
+        self._fail = fail
+
+    def feed(self, char: str) -> bool:
+        pattern, k = self.pattern, self.state
+        while k and pattern[k] != char:
+            k = self._fail[k - 1]
+        if pattern[k] == char:
+            k += 1
+        if k == len(pattern):
+            self.state = self._fail[k - 1]
+            return True
+        self.state = k
+        return False

@@ -146,6 +146,11 @@ class _Job:
     def active(self) -> list[_Choice]:
         return [c for c in self.choices if not c.done]
 
+    def used(self, pool) -> int:
+        """KV cells this request's running choices hold: its prompt(s), a prefix they share counted once, and the
+        tokens they generated."""
+        return pool.cells_of([c.seq for c in self.active])
+
 
 # Positions prefilled per piece while other requests decode. llama.cpp prefills 256-row micro-batches about as fast as
 # 512-row ones on a CPU (benchmarks/RESULTS.md, prefill table) and smaller ones slower, so 256 costs little prefill
@@ -163,6 +168,7 @@ class Scheduler:
             raise ValueError(f"prefill_chunk must be an int >= 0 (0: no chunking), got {prefill_chunk!r}")
         self.engine, self.parallel, self.queue_limit = engine, parallel, queue
         self.prefill_chunk = prefill_chunk
+        self.share = engine.pool.llm.n_ctx // parallel  # KV positions each running request is guaranteed
         self._waiting: collections.deque[Handle] = collections.deque()
         self._running: list[_Job] = []
         self._admitting: _Admission | None = None
@@ -320,11 +326,13 @@ class Scheduler:
                     break
         except PromptTooLongError as exc:
             if admission.current <= pool.max_positions and self._running:
-                # the room is held by running requests: start over when one of them finishes
+                # the room is held by running requests: start over, at once if a request over its guaranteed share
+                # gave its room back, else when one of them finishes
                 with engine.lock:
                     admission.abort(engine)
+                    within_share = admission.current <= self.share and self._stop_over_share() is not None
                 self._admitting = None
-                self._room_wait = True
+                self._room_wait = not within_share
                 with self._cv:
                     self._waiting.appendleft(admission.handle)
                 return True
@@ -392,10 +400,7 @@ class Scheduler:
                     feed[choice.seq] = (job, choice, token)
         if feed:
             with engine.lock:
-                fitted = engine.pool.fit({seq: token for seq, (_, _, token) in feed.items()})
-                for seq in sorted(set(feed) - set(fitted)):  # the shared context is full: these stop here
-                    job, choice, _ = feed[seq]
-                    self._finish(job, choice, "length")
+                fitted = self._fit({seq: token for seq, (_, _, token) in feed.items()}, feed)
                 started = time.perf_counter()
                 out = engine.pool.decode(fitted) if fitted else {}
                 self.stats["decode_seconds"] += time.perf_counter() - started
@@ -406,6 +411,50 @@ class Scheduler:
         for job in list(self._running):
             if not job.active:
                 self._retire(job)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # KV policy: every running request is guaranteed `share` = n_ctx // parallel positions (the cells its choices
+    # hold: its prompt(s), a prefix they share counted once, and all their tokens). It may grow beyond that while the
+    # cache has room; when a decode step does not fit, the request furthest over its share stops ("length"), then a
+    # prompt being admitted is put back in the queue. A request within its share never stops early: `parallel`
+    # requests within their shares fit in n_ctx by construction.
+
+    def _fit(self, tokens: dict[int, int], feed: dict) -> dict[int, int]:
+        """The part of a decode step that continues (caller holds engine.lock); stops the choices that cannot."""
+        pool = self.engine.pool
+        for seq in [seq for seq in tokens if pool.llm.length(seq) >= pool.max_positions]:
+            del tokens[seq]  # the model's own context is full
+            self._finish(feed[seq][0], feed[seq][1], "length")
+        while tokens and not pool.room_for(len(tokens), set(tokens)):
+            stopped = self._stop_over_share()
+            if stopped:
+                for seq in stopped:
+                    tokens.pop(seq, None)
+            elif self._admitting is not None:  # its prompt took the room: it starts over when a request finishes
+                admission, self._admitting = self._admitting, None
+                admission.abort(self.engine)
+                self._room_wait = True
+                with self._cv:
+                    self._waiting.appendleft(admission.handle)
+            else:  # not reachable while the shares add up to n_ctx; kept so a step never overflows the cache
+                seq = max(tokens)
+                del tokens[seq]
+                self._finish(feed[seq][0], feed[seq][1], "length")
+        return tokens
+
+    def _stop_over_share(self) -> set[int] | None:
+        """Stop ("length") the running request furthest over its share -> its sequences (None: none is over)."""
+        pool = self.engine.pool
+        used = {job: job.used(pool) for job in self._running if job.active}
+        over = [job for job, cells in used.items() if cells > self.share]
+        if not over:
+            return None
+        job = max(over, key=lambda j: used[j])
+        seqs = {choice.seq for choice in job.active}
+        for choice in job.active:
+            self._finish(job, choice, "length")
+        self.stats["over_share_stops"] += 1
+        return seqs
 
     # ------------------------------------------------------------------------------------------------------------
     # Bookkeeping

@@ -242,6 +242,14 @@ class SequencePool:
                 widest[block] = max(widest.get(block, 0), used)
         return sum(widest.values()) + sum(self._pending.values())
 
+    def cells_of(self, seqs: Sequence[int]) -> int:
+        """KV cells `seqs` hold together, a prefix they share counted once (one shared with other sequences too)."""
+        widest: dict[int, int] = {}
+        for seq in seqs:
+            for block, used in self._blocks[seq]:
+                widest[block] = max(widest.get(block, 0), used)
+        return sum(widest.values()) + sum(self._pending.get(seq, 0) for seq in seqs)
+
     def _make_room(self, need: int, protect: set[int]) -> bool:
         """Evict idle sequences (least recently used first) until `need` more cells fit in n_ctx."""
         while self.cells_used() + need > self.llm.n_ctx:
@@ -267,6 +275,10 @@ class SequencePool:
         while feed and not self._make_room(len(feed), set(feed)):
             feed.pop(max(feed))
         return feed
+
+    def room_for(self, n: int, protect: set[int]) -> bool:
+        """Evict idle sequences (not in `protect`) until `n` more cells fit in n_ctx; False if even then they do not."""
+        return self._make_room(n, protect)
 
     def decode(self, tokens: Mapping[int, int]) -> dict[int, np.ndarray]:
         out = self.llm.decode(dict(tokens))

@@ -80,6 +80,9 @@ class Sampler:
         logits = np.asarray(logits, dtype=np.float32).reshape(-1)
         if self.config.greedy:
             return int(np.argmax(logits))
+        finite = logits[np.isfinite(logits)]
+        if finite.size and not math.isfinite(float(finite.max() - finite.min()) / self.config.temperature):
+            return int(np.argmax(logits))  # a temperature so small that logits / T overflow: its limit, greedy
         scaled = logits.astype(np.float64) / self.config.temperature
         k = self.config.top_k
         if 0 < k < scaled.size:

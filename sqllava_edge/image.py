@@ -35,6 +35,11 @@ from sqllava_edge.config import ASPECT_MODES, VisionConfig
 from sqllava_edge.errors import ImageError, ImageTooLargeError
 
 DEFAULT_MAX_PIXELS = 64_000_000  # 64 MP: above any phone/DSLR photo, far below what would exhaust an 8 GB Jetson
+# Largest side of an intermediate image: "pad" pads to max(W, H) square and "crop" scales the short side to S, so an
+# extreme aspect ratio would make a canvas far larger than the image (64000x1000 -> 64000^2). Above this side the
+# image is first scaled down (pad) or its centre cut out (crop), so no canvas exceeds CANVAS_SIDE^2 pixels; below it
+# the numbers are the CLIP processor's exactly.
+CANVAS_SIDE = 4096
 SUPPORTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "DIB", "TIFF", "WEBP", "PPM", "TGA", "ICO", "AVIF")
 ALPHA_BACKGROUND = (255, 255, 255)  # transparency is composited onto white, as transformers' convert_to_rgb does
 _MODES_16BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -45,26 +50,30 @@ class MultiFrameWarning(UserWarning):
     """An animated or multi-frame image was given; only its first frame is used."""
 
 
-def load_image(src: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Read `src` (see the module docstring) into a fresh RGB PIL image; raise ImageError for anything unusable."""
+def load_image(src: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect: float | None = None) -> Image.Image:
+    """Read `src` (see the module docstring) into a fresh RGB PIL image; raise ImageError for anything unusable.
+    max_aspect: refuse images whose long side is more than this many times the short one (None: no limit)."""
     what = _describe(src)
     try:
         if isinstance(src, np.ndarray):
-            return _from_array(src, max_pixels, what)
+            return _from_array(src, max_pixels, what, max_aspect)
         if isinstance(src, Image.Image):
-            _check_pixels(src.size, max_pixels, what)
+            _check_pixels(src.size, max_pixels, what, max_aspect)
             src.load()
-            return _to_rgb(ImageOps.exif_transpose(src))  # exif_transpose returns a copy: the caller's image is kept
+            return _to_rgb(ImageOps.exif_transpose(src), fresh=True)  # exif_transpose returns a copy: src is kept
         with _open(src, what) as img:
-            _check_pixels(img.size, max_pixels, what)
+            _check_pixels(img.size, max_pixels, what, max_aspect)
             frames = getattr(img, "n_frames", 1)
             if frames > 1 and img.format != "MPO":
                 warnings.warn(f"{what} has {frames} frames; using the first. Extract the frame you want to silence "
                               "this.", MultiFrameWarning, stacklevel=2)
             img.load()
-            return _to_rgb(ImageOps.exif_transpose(img))
+            return _to_rgb(ImageOps.exif_transpose(img), fresh=True)
     except ImageError:
         raise
+    except MemoryError as e:
+        raise ImageTooLargeError(f"{what} needs more memory to decode than this machine has free; downscale it "
+                                 "before passing it in") from e
     except Image.DecompressionBombError as e:
         raise ImageTooLargeError(f"{what} is too large for Pillow ({e}); downscale it before passing it in") from e
     except Exception as e:  # Pillow decoders raise OSError, SyntaxError, struct.error, ValueError...: never leak them
@@ -89,20 +98,48 @@ def pad_color(image_mean: Sequence[float]) -> tuple[int, int, int]:
     return tuple(int(m * 255) for m in image_mean)  # type: ignore[return-value]
 
 
-def preprocess(src: Any, vision: VisionConfig, mode: str = "pad", *,
-               max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def preprocess(src: Any, vision: VisionConfig, mode: str = "pad", *, max_pixels: int = DEFAULT_MAX_PIXELS,
+               max_aspect: float | None = None) -> np.ndarray:
     """Load `src` and turn it into the vision tower's input: float32 (3, S, S) with S = vision.image_size."""
     if mode not in ASPECT_MODES:
         raise ValueError(f"unknown preprocessing mode {mode!r}; use one of {', '.join(ASPECT_MODES)}")
-    img = load_image(src, max_pixels=max_pixels)
+    img = load_image(src, max_pixels=max_pixels, max_aspect=max_aspect)
     size = vision.image_size
-    if mode == "resize":
-        img = img.resize((size, size), Image.Resampling.BICUBIC)
-    else:
-        if mode == "pad":
-            img = pad_to_square(img, pad_color(vision.image_mean))
-        img = _center_crop(_resize_shortest_edge(img, size), size)
+    try:
+        if mode == "resize":
+            img = img.resize((size, size), Image.Resampling.BICUBIC)
+        else:
+            if mode == "pad":
+                img = pad_to_square(_fit_canvas(img, max(CANVAS_SIDE, size)), pad_color(vision.image_mean))
+            img = _center_crop(_resize_shortest_edge(_crop_to_canvas(img, size), size), size)
+    except MemoryError as e:
+        raise ImageTooLargeError(f"{_describe(src)} needs more memory to resize than this machine has free; downscale "
+                                 "it before passing it in") from e
     return _normalize(img, vision.image_mean, vision.image_std)
+
+
+def _fit_canvas(img: Image.Image, side: int) -> Image.Image:
+    """Scale down (bicubic, aspect kept) so the long side is at most `side`: what "pad" mode's square canvas needs."""
+    width, height = img.size
+    if max(width, height) <= side:
+        return img
+    scale = side / max(width, height)
+    return img.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BICUBIC)
+
+
+def _crop_to_canvas(img: Image.Image, size: int) -> Image.Image:
+    """Cut the centre of a very long image before the shortest-edge resize, so the resized long side stays within
+    CANVAS_SIDE; the centre crop that follows keeps only the middle anyway."""
+    width, height = img.size
+    short, long = min(width, height), max(width, height)
+    if size * long / short <= CANVAS_SIDE:
+        return img
+    keep = max(short, int(short * CANVAS_SIDE / size))  # source pixels of the long side that map to CANVAS_SIDE
+    if width > height:
+        left = (width - keep) // 2
+        return img.crop((left, 0, left + keep, height))
+    top = (height - keep) // 2
+    return img.crop((0, top, width, top + keep))
 
 
 def preprocess_batch(srcs: Sequence[Any], vision: VisionConfig, mode: str = "pad", *,
@@ -183,23 +220,26 @@ def _open(src: Any, what: str) -> Image.Image:
                          f"check that it is the file you meant, or convert it to PNG or JPEG") from e
 
 
-def _check_pixels(size: tuple[int, int], max_pixels: int, what: str) -> None:
+def _check_pixels(size: tuple[int, int], max_pixels: int, what: str, max_aspect: float | None = None) -> None:
     width, height = size
     if width <= 0 or height <= 0:
         raise ImageError(f"{what} has no pixels ({width}x{height}); pass a non-empty image")
     if width * height > max_pixels:
         raise ImageTooLargeError(f"{what} is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
                          "(decompression-bomb guard); downscale it first, or pass a larger max_pixels if you trust it")
+    if max_aspect is not None and max(width, height) > max_aspect * min(width, height):
+        raise ImageTooLargeError(f"{what} is {width}x{height}, an aspect ratio of {max(width, height) / min(width, height):.0f}:1, "
+                                 f"over the limit of {max_aspect:g}:1 (max_aspect); crop it to the part that matters")
 
 
-def _from_array(a: np.ndarray, max_pixels: int, what: str) -> Image.Image:
+def _from_array(a: np.ndarray, max_pixels: int, what: str, max_aspect: float | None = None) -> Image.Image:
     """Channels-last numpy array -> RGB image (dtype rules in the module docstring)."""
     if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]  # (H, W, 1) -> (H, W)
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
         raise ImageError(f"{what}: expected (H, W), (H, W, 3) or (H, W, 4) channels-last; for a channels-first "
                          "array pass arr.transpose(1, 2, 0)")
-    _check_pixels((a.shape[1], a.shape[0]), max_pixels, what)
+    _check_pixels((a.shape[1], a.shape[0]), max_pixels, what, max_aspect)
     if a.dtype == np.bool_:
         a = a.astype(np.uint8) * 255
     elif a.dtype == np.uint16:
@@ -214,8 +254,9 @@ def _from_array(a: np.ndarray, max_pixels: int, what: str) -> Image.Image:
     return _to_rgb(Image.fromarray(np.ascontiguousarray(a)))
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode -> RGB (rules in the module docstring). Always returns a new image."""
+def _to_rgb(img: Image.Image, fresh: bool = False) -> Image.Image:
+    """Any Pillow mode -> RGB (rules in the module docstring). Returns a new image, or `img` itself when it is RGB
+    already and `fresh` (a copy nobody else holds: one full-size buffer fewer for a large image)."""
     if img.mode in _MODES_16BIT:
         a = np.asarray(img).astype(np.float64)  # (H, W); "I" is int32 holding 16-bit data
         img = Image.fromarray(np.rint(np.clip(a, 0, 65535) * (255 / 65535)).astype(np.uint8))  # scale, not clip
@@ -226,4 +267,6 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (*ALPHA_BACKGROUND, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
+    if fresh and img.mode == "RGB":
+        return img
     return img.convert("RGB")

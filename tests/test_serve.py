@@ -190,7 +190,7 @@ def test_errors_raise_the_clients_own_exceptions(server, client):
         client.chat.completions.create(model="any", max_tokens=2, messages=[{"role": "user", "content": [
             {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": data_uri(big)}}]}])
     assert err.value.status_code == 413
-    with pytest.raises(openai.BadRequestError, match=r"needs \d+ positions .* context holds 4096"):
+    with pytest.raises(openai.BadRequestError, match=r"needs \d+ positions .* context holds 2048"):
         client.chat.completions.create(model="any", messages=_messages(0, "why " * 5000), max_tokens=2)
 
 
@@ -227,7 +227,7 @@ BAD_BODIES = [
      413, "pixels"),
     ("local file refused", {"messages": [{"role": "user", "content": [
         {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "file:///etc/hostname"}}]}]},
-     400, "--allow-local-files"),
+     400, "--allowed-local-media-path"),
     ("200 KB of text", {"messages": [{"role": "user", "content": "word " * 40000}]}, 400, "context holds"),
 ]
 

@@ -156,7 +156,7 @@ def live_router(state: State) -> APIRouter:
         if not isinstance(body.get("image"), str):
             raise bad_request("image must be a data URI string (data:image/jpeg;base64,...)", param="image")
         timestamp = _number(body, "timestamp", 0, 1e9, None)
-        data = image_source(body["image"], max_bytes=settings.max_image_bytes, allow_local_files=False, param="image")
+        data = image_source(body["image"], max_bytes=settings.max_image_bytes, param="image")
         status = await run_in_threadpool(_offer, session, data, timestamp)
         return JSONResponse({"status": status, "skipped": session.gate.skipped, "dropped": session.box.dropped},
                             status_code=202)

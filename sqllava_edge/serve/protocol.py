@@ -7,7 +7,7 @@ Rules (the README's "Serving" section says the same):
   (consecutive turns of one role are joined with a newline) and the last one is the user's.
 - One image per conversation, in a user turn, as a data URI (`data:image/...;base64,...`). It goes where SQ-LLaVA
   was trained to see it: the start of the first user turn. `http(s)://` URLs are refused (the server never fetches);
-  `file://` URLs and plain paths only with --allow-local-files.
+  `file://` URLs and plain paths only under the directories named with --allowed-local-media-path.
 - Sampling: temperature defaults to 0 (greedy, as SQ-LLaVA's evaluation), max_tokens to 512.
 - Fields that would change the meaning of the answer and are not supported (tools, logprobs, response_format,
   non-zero penalties, logit_bias, ...) are refused by name; unknown fields too, so nothing is silently ignored.
@@ -28,6 +28,17 @@ MAX_N = 8  # choices per request (each is a KV sequence)
 MAX_STOP = 4  # stop strings, as OpenAI allows
 DEFAULT_MAX_TOKENS = 512
 
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for, checked before any work is done; each is a `sqllava-edge serve` flag, named in
+    the error that enforces it."""
+
+    max_text_chars: int = 200_000  # characters of message text in all (--max-text-chars); ~4 per token
+    max_messages: int = 512  # messages per request (--max-messages)
+    max_stop: int = MAX_STOP  # stop strings per request (--max-stop)
+    max_stop_chars: int = 512  # characters per stop string (--max-stop-chars)
+
 # Accepted and used; accepted because harmless; refused because they change what the answer means.
 USED = {"messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop",
         "n", "stream", "stream_options"}
@@ -37,8 +48,9 @@ UNSUPPORTED = {"tools", "tool_choice", "functions", "function_call", "logprobs",
                "min_p", "repeat_penalty"}
 # (zero / false / null / "text" values of some unsupported fields mean "off" and are accepted)
 _OFF_VALUES = {"logprobs": (False, None), "presence_penalty": (0, None), "frequency_penalty": (0, None),
-               "logit_bias": (None,), "tools": (None,), "functions": (None,), "tool_choice": (None, "none"),
-               "top_logprobs": (None, 0), "modalities": (None,)}
+               "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []),
+               "tool_choice": (None, "none", "auto"), "top_logprobs": (None, 0), "modalities": (None,),
+               "response_format": (None, {"type": "text"})}
 
 
 class APIError(Exception):
@@ -64,7 +76,7 @@ class Conversation:
 
     turns: list[tuple[str, str]]  # ("user" | "assistant", text); ends with a user turn
     system: str | None = None
-    image: bytes | str | None = None  # raw bytes (data URI) or a local path (--allow-local-files)
+    image: bytes | str | None = None  # raw bytes (data URI) or a local path (--allowed-local-media-path)
 
 
 @dataclass
@@ -77,6 +89,7 @@ class ChatRequest:
     include_usage: bool = False
     model: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    max_tokens_given: bool = False  # the client set max_tokens (else the default, cut to the room left)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -112,14 +125,16 @@ def _number(body: dict, name: str, lo: float, hi: float, default=None, *, intege
 
 
 def sampling(body: dict, *, default_temperature: float = 0.0, default_max: int = DEFAULT_MAX_TOKENS,
-             max_tokens_limit: int = 1 << 20) -> tuple[GenerationConfig, int | None]:
+             max_tokens_limit: int = 1 << 20, limits: Limits = Limits()) -> tuple[GenerationConfig, int | None]:
     """GenerationConfig and seed from the OpenAI sampling fields (+ top_k)."""
     if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
         raise bad_request("give max_tokens or max_completion_tokens, not both", param="max_tokens")
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_new = _number(body, name, 1, max_tokens_limit, default_max, integer=True)
     temperature = _number(body, "temperature", 0, 2, default_temperature)
-    top_p = _number(body, "top_p", 0, 1, 1.0, lo_open=True)
+    top_p = _number(body, "top_p", 0, 1, 1.0)
+    if top_p == 0:  # only the most likely token: greedy (OpenAI accepts 0)
+        temperature, top_p = 0, 1.0
     top_k = _number(body, "top_k", 0, 1 << 20, 0, integer=True)
     seed = _number(body, "seed", -(1 << 63), (1 << 64) - 1, None, integer=True)
     stop = body.get("stop")
@@ -127,12 +142,20 @@ def sampling(body: dict, *, default_temperature: float = 0.0, default_max: int =
         stops: tuple[str, ...] = ()
     elif isinstance(stop, str):
         stops = (stop,)
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= MAX_STOP:
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
         stops = tuple(stop)
     else:
-        raise bad_request(f"stop must be a string or a list of at most {MAX_STOP} strings", param="stop")
+        raise bad_request(f"stop must be a string or a list of at most {limits.max_stop} strings", param="stop")
+    if len(stops) > limits.max_stop:
+        raise bad_request(f"{len(stops)} stop strings, over this server's limit of {limits.max_stop} (--max-stop)",
+                          param="stop", code="too_many_stop_strings")
     if any(not s for s in stops):
         raise bad_request("stop strings must not be empty (an empty string would never match)", param="stop")
+    longest = max(map(len, stops), default=0)
+    if longest > limits.max_stop_chars:
+        raise bad_request(f"a stop string of {longest} characters, over this server's limit of "
+                          f"{limits.max_stop_chars} (--max-stop-chars); use a shorter one", param="stop",
+                          code="stop_too_long")
     config = GenerationConfig(max_new_tokens=max_new, temperature=float(temperature), top_k=top_k,
                               top_p=float(top_p), stop=stops)
     return config, None if seed is None else int(seed) % (1 << 63)
@@ -142,10 +165,10 @@ def sampling(body: dict, *, default_temperature: float = 0.0, default_max: int =
 # Messages
 
 
-def parse_chat(body: Any) -> ChatRequest:
+def parse_chat(body: Any, limits: Limits = Limits()) -> ChatRequest:
     body = check_fields(body, USED)
-    conversation = parse_messages(body.get("messages"))
-    config, seed = sampling(body)
+    conversation = parse_messages(body.get("messages"), limits)
+    config, seed = sampling(body, limits=limits)
     n = _number(body, "n", 1, MAX_N, 1, integer=True)
     stream = body.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:
@@ -153,18 +176,25 @@ def parse_chat(body: Any) -> ChatRequest:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or set(options) - {"include_usage", "include_obfuscation"}:
         raise bad_request("stream_options accepts {\"include_usage\": bool}", param="stream_options")
+    if body.get("stream_options") is not None and not stream:
+        raise bad_request("stream_options is only allowed with \"stream\": true", param="stream_options")
     model = body.get("model", "")
     if not isinstance(model, str):
         raise bad_request("model must be a string", param="model")
-    return ChatRequest(conversation, config, n, seed, bool(stream), bool(options.get("include_usage")), model)
+    given = body.get("max_tokens") is not None or body.get("max_completion_tokens") is not None
+    return ChatRequest(conversation, config, n, seed, bool(stream), bool(options.get("include_usage")), model,
+                       max_tokens_given=given)
 
 
-def parse_messages(messages: Any) -> Conversation:
+def parse_messages(messages: Any, limits: Limits = Limits()) -> Conversation:
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty list of {role, content} objects", param="messages")
+    if len(messages) > limits.max_messages:
+        raise bad_request(f"{len(messages)} messages, over this server's limit of {limits.max_messages} "
+                          "(--max-messages); send a shorter history", param="messages", code="too_many_messages")
     system: list[str] = []
-    turns: list[tuple[str, str]] = []
-    image = None
+    turns: list[tuple[str, list[str]]] = []  # same-role messages gathered, joined once at the end (linear time)
+    image, chars = None, 0
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict) or "role" not in message:
@@ -175,6 +205,11 @@ def parse_messages(messages: Any) -> Conversation:
         if role not in ("system", "user", "assistant"):
             raise bad_request(f"{where}.role {role!r} is not supported; use system, user or assistant", param=where)
         text, found = _content(message.get("content"), where)
+        chars += len(text)
+        if chars > limits.max_text_chars:
+            raise bad_request(f"the messages hold over {limits.max_text_chars:,} characters of text, this server's "
+                              "limit (--max-text-chars); send a shorter conversation", param="messages",
+                              code="text_too_long")
         if found is not None:
             if role != "user":
                 raise bad_request(f"{where}: only user messages may carry an image", param=where)
@@ -186,9 +221,10 @@ def parse_messages(messages: Any) -> Conversation:
                 raise bad_request(f"{where}: system messages go before the conversation", param=where)
             system.append(text)
         elif turns and turns[-1][0] == role:
-            turns[-1] = (role, f"{turns[-1][1]}\n{text}")
+            turns[-1][1].append(text)
         else:
-            turns.append((role, text))
+            turns.append((role, [text]))
+    turns = [(role, "\n".join(texts)) for role, texts in turns]
     if not turns or turns[0][0] != "user":
         raise bad_request("the conversation must start with a user message (after any system messages)",
                           param="messages")
@@ -228,8 +264,10 @@ _DATA_URI = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=
                        re.ASCII)
 
 
-def image_source(url: str, *, max_bytes: int, allow_local_files: bool, param: str = "messages") -> bytes | str:
-    """An image URL as the client sent it -> raw bytes (data URI) or a local path; APIError otherwise."""
+def image_source(url: str, *, max_bytes: int, media_paths: tuple[str, ...] = (), param: str = "messages"
+                 ) -> bytes | str:
+    """An image URL as the client sent it -> raw bytes (data URI) or the real path of a file under one of
+    `media_paths` (sqllava_edge.serve.security.local_media_path); APIError otherwise."""
     match = _DATA_URI.match(url)
     if match:
         mime = (match.group("mime") or "").lower()
@@ -255,12 +293,15 @@ def image_source(url: str, *, max_bytes: int, allow_local_files: bool, param: st
     if url.startswith(("http://", "https://")):
         raise bad_request("the server does not fetch image URLs: download the image and send its bytes as a data URI "
                           "(data:image/jpeg;base64,...)", param=param, code="invalid_image")
-    path = url[len("file://"):] if url.startswith("file://") else url
-    if not allow_local_files:
-        raise bad_request("local image paths are off on this server (start it with --allow-local-files); send the "
-                          "bytes as a data URI (data:image/png;base64,...)", param=param, code="invalid_image")
-    if not os.path.isfile(path):
-        raise bad_request(f"no image file at {path!r} on the server", param=param, code="invalid_image")
+    if not media_paths:
+        raise bad_request("local image paths are off on this server (start it with --allowed-local-media-path DIR); "
+                          "send the bytes as a data URI (data:image/png;base64,...)", param=param, code="invalid_image")
+    from sqllava_edge.serve.security import MediaPathError, local_media_path
+
+    try:
+        path = local_media_path(url, media_paths)
+    except MediaPathError as exc:
+        raise bad_request(str(exc), param=param, code="invalid_image") from None
     if os.path.getsize(path) > max_bytes:
         raise too_large(os.path.getsize(path), max_bytes)
     return path
