@@ -157,7 +157,7 @@ def live_router(state: State) -> APIRouter:
             raise bad_request("image must be a data URI string (data:image/jpeg;base64,...)", param="image")
         timestamp = _number(body, "timestamp", 0, 1e9, None)
         data = image_source(body["image"], max_bytes=settings.max_image_bytes, param="image")
-        status = await run_in_threadpool(_offer, session, data, timestamp)
+        status = await state.work(_offer, session, data, timestamp, settings)
         return JSONResponse({"status": status, "skipped": session.gate.skipped, "dropped": session.box.dropped},
                             status_code=202)
 
@@ -170,11 +170,11 @@ def assistant_config(max_tokens: int):
     return TASK_DEFAULTS["answer"].replace(max_new_tokens=max_tokens)
 
 
-def _offer(session: Session, data: bytes, timestamp: float | None) -> str:
+def _offer(session: Session, data: bytes, timestamp: float | None, settings) -> str:
     from sqllava_edge.image import load_image
 
-    try:
-        image = np.asarray(load_image(data))
+    try:  # the server's image limits, checked from the header before decoding
+        image = np.asarray(load_image(data, max_pixels=settings.max_image_pixels, max_aspect=settings.max_aspect_ratio))
     except ImageTooLargeError as exc:
         raise APIError(413, str(exc), code="image_too_large") from None
     except ImageError as exc:
@@ -239,7 +239,7 @@ async def _events(state: State, request: Request, session: Session, sessions: di
 async def _answer(state: State, request: Request, session: Session, item: Pending) -> str:
     """One frame through the scheduler: encode, prefill the standing prompt, decode (batched with other requests)."""
     assistant, scheduler = _ready(state)
-    pixels = await run_in_threadpool(assistant.engine.pixels, item.frame.image)
+    pixels = await state.work(assistant.engine.pixels, item.frame.image)
     call = _Call(state, request, item.arrived, "/v1/live")
     call.submit(scheduler, EngineRequest(session.ids, pixels, session.config, timeout=state.settings.timeout))
     await call.started()
