@@ -4,7 +4,7 @@
         --vision-tower ShareGPT4V-7B_Pretrained_vit-large336-l12 --out checkpoints/sqllava-7b
 
 Spec: docs/spec.md 6.1-6.3 (files, loading, config keys), 8.1 (identity ViT-LoRA), 8.5 (ShareGPT4V base), 8.15
-(ViT-LoRA tensors inside adapter_model.bin). Names: sqllava_edge.names. Everything is checked before anything is
+(ViT-LoRA tensors inside adapter_model.bin). Names: sqllava_edge.release.names. Everything is checked before anything is
 written; weights stream one input shard at a time; the output folder appears atomically. `load_any(folder)` opens
 any of these layouts (or our own checkpoint) for the PyTorch backend.
 
@@ -37,9 +37,11 @@ from typing import Any, Callable
 from sqllava_edge.checkpoint import FORMAT, META_FILE, VERSION
 from sqllava_edge.config import ModelConfig
 from sqllava_edge.errors import CheckpointError
-from sqllava_edge.names import to_ours
-from sqllava_edge.official import (added_tokens, export_official, lora_config_fields, llava_hf_model_config,
-                                   official_model_config, read_json)
+from sqllava_edge.release.names import WEIGHT_STEMS, to_ours
+from sqllava_edge.release.official import (added_tokens, export_official, lora_config_fields, llava_hf_model_config,
+                                           official_model_config, read_json)
+# torch: the importer reads and writes tensors (without it, `python -m sqllava_edge.convert` names the extra in a line)
+from sqllava_edge.release.weights import DTYPES, ShardWriter, TensorFile, expected_shapes, find_weights, iter_tensors
 
 __all__ = ["convert", "export_official", "load_any", "detect_layout", "Report", "main"]
 log = logging.getLogger(__name__)
@@ -128,8 +130,6 @@ def _local_ref(folder: Path, ref: str | None) -> Path | None:
 
 def _has_weights(folder: Path) -> bool:
     """Whether `folder` has HF weight files or an index of them (find_weights then says what is wrong with them)."""
-    from sqllava_edge.weights import WEIGHT_STEMS
-
     return any((folder / f"{stem}{suffix}{index}").is_file() for stem in WEIGHT_STEMS
                for suffix in (".safetensors", ".bin") for index in ("", ".index.json"))
 
@@ -152,8 +152,6 @@ def _split(layout: str, tensors: dict, source: str) -> dict[str, dict]:
 
 
 def _read_tensors(path: Path) -> dict:
-    from sqllava_edge.weights import TensorFile
-
     with TensorFile(path) as handle:
         return {key: handle.get(key) for key in handle.keys()}
 
@@ -202,7 +200,6 @@ def _shapes(config: ModelConfig, parts=("llm", "vision", "projector")) -> dict[s
     from transformers import CLIPVisionModel, LlamaForCausalLM
 
     from sqllava_edge.model import build_projector, hf_clip_config, hf_llama_config
-    from sqllava_edge.weights import expected_shapes
 
     factories = {"llm": lambda: LlamaForCausalLM(hf_llama_config(config.llm)),
                  "vision": lambda: CLIPVisionModel(hf_clip_config(config.vision)),
@@ -302,8 +299,6 @@ def _plan_projector(plan: Plan, model_dir: Path, base_is_model: bool) -> None:
 
 def plan_official(kind: str, model_dir: Path, base: Path | None, vision_tower: Path | None) -> Plan:
     """Resolve an official SQ-LLaVA / LLaVA-1.5 release (LoRA or full) into a Plan (docs/spec.md 6.1-6.3)."""
-    from sqllava_edge.weights import find_weights
-
     cfg = read_json(model_dir / "config.json")
     if not any(key in cfg for key in OFFICIAL_KEYS):
         raise CheckpointError(f"{model_dir / 'config.json'} has none of {', '.join(OFFICIAL_KEYS)}: not an official "
@@ -349,8 +344,6 @@ def plan_official(kind: str, model_dir: Path, base: Path | None, vision_tower: P
 
 def plan_llava_hf(model_dir: Path) -> Plan:
     """Resolve a transformers LlavaForConditionalGeneration folder: LLM, tower and projector share its weight files."""
-    from sqllava_edge.weights import find_weights
-
     cfg = read_json(model_dir / "config.json")
     pre = model_dir / "preprocessor_config.json"
     config = llava_hf_model_config(cfg, read_json(pre) if pre.is_file() else None, model_dir / "config.json")
@@ -382,8 +375,6 @@ def _link_problem(plan: Plan, part: str) -> str | None:
 def _stream(plan: Plan, sinks: dict[str, Callable], flushes: list[Callable], progress: bool) -> Counter:
     """Route every tensor of every stream to its part's sink, one input shard at a time; -> ignored counts."""
     from tqdm import tqdm
-
-    from sqllava_edge.weights import iter_tensors
 
     ignored: Counter = Counter()
     for files, layout in plan.streams:
@@ -439,7 +430,6 @@ def _append_mean_rows(tensor, count: int):
 
 def _write_bases(plan: Plan, tmp: Path, dtype, base_weights: str, max_shard_bytes: int, progress: bool) -> dict:
     from sqllava_edge.model import hf_clip_config, hf_llama_config
-    from sqllava_edge.weights import ShardWriter
 
     shapes, refs, writers = _shapes(plan.config), {}, {}
     for part, what in (("llm", "LLM"), ("vision", "vision tower")):
@@ -558,7 +548,6 @@ def write_plan(plan: Plan, out: Path, *, dtype: str = "keep", base_weights: str 
     from safetensors.torch import save_file
 
     from sqllava_edge.fileutil import atomic_dir
-    from sqllava_edge.weights import DTYPES
 
     if dtype != "keep" and dtype not in DTYPES:
         raise ValueError(f"dtype must be keep or one of {', '.join(DTYPES)}, got {dtype!r}")
