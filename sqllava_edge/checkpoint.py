@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable
 
 from sqllava_edge.config import ModelConfig
 from sqllava_edge.errors import CheckpointError
 from sqllava_edge.fileutil import atomic_dir
+
+if TYPE_CHECKING:  # torch loads inside the functions that use it: META_FILE / read_meta / is_checkpoint need none
+    import torch
 
 FORMAT = "sqllava-edge-checkpoint"
 VERSION = 1
@@ -110,11 +111,16 @@ def load_checkpoint(
     *,
     merge_lora: bool = False,
     trainable_lora: bool = False,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
 ):
-    """-> (SQLLaVA, Tokenizer). LoRA adapters are attached (PEFT) or merged into the base weights."""
+    """-> (SQLLaVA, Tokenizer). LoRA adapters are attached (PEFT) or merged into the base weights.
+    dtype: of the loaded weights (default torch.float32)."""
+    import torch
+
     from sqllava_edge.model import SQLLaVA, VisionTower, build_projector
+
+    dtype = torch.float32 if dtype is None else dtype
 
     folder = Path(folder)
     meta = read_meta(folder)

@@ -245,7 +245,6 @@ def splice_image_embeddings(
 @dataclass
 class ModelOutput:
     logits: torch.Tensor  # (B, T, V)
-    loss: torch.Tensor | None
     attention_mask: torch.Tensor  # (B, T)
     cache: object | None = None  # the LLM's KV cache (transformers Cache) with use_cache
 
@@ -290,17 +289,12 @@ class SQLLaVA(nn.Module):
         lab = [r.to(self.device) for r in lab] if lab is not None else None
         return splice_image_embeddings(ids, self.embed_tokens, image_embeds, lab)
 
-    def forward(self, input_ids, pixel_values=None, labels=None, image_embeds=None, use_cache: bool = False) -> ModelOutput:
-        """input_ids / labels: a list of 1-D tensors (unpadded rows) or a 2-D tensor of equal-length rows."""
-        batch = self.prepare_inputs(input_ids, pixel_values, labels, image_embeds)
+    def forward(self, input_ids, pixel_values=None, image_embeds=None, use_cache: bool = False) -> ModelOutput:
+        """input_ids: a list of 1-D tensors (unpadded rows) or a 2-D tensor of equal-length rows. The training loss
+        is training.loss.lm_loss (on the decoder's hidden states, through prepare_inputs' labels)."""
+        batch = self.prepare_inputs(input_ids, pixel_values, image_embeds=image_embeds)
         out = self.llm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, use_cache=use_cache)
-        loss = None
-        if batch.labels is not None:
-            # Token-level mean of the shifted next-token cross-entropy over the micro-batch (docs/spec.md 1.6).
-            logits = out.logits[:, :-1].float()
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1),
-                                   ignore_index=IGNORE_INDEX)
-        return ModelOutput(out.logits, loss, batch.attention_mask, out.cache if use_cache else None)
+        return ModelOutput(out.logits, batch.attention_mask, out.cache if use_cache else None)
 
 
 def _rows(x) -> list[torch.Tensor]:

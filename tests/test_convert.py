@@ -1,7 +1,8 @@
-"""sqllava_edge.convert: released layouts (docs/spec.md 6.1-6.3) written here file by file, imported, compared by logits.
+"""sqllava_edge.release (python -m sqllava_edge.convert): released layouts (docs/spec.md 6.1-6.3) written here file
+by file, imported, compared by logits.
 
-The layouts are written by this test with hand-spelled key names (not with sqllava_edge.names), so a wrong rule in
-the name table shows up as a failed import or a logits difference.
+The layouts are written by this test with hand-spelled key names (not with sqllava_edge.release.names), so a wrong
+rule in the name table shows up as a failed import or a logits difference.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 
 from sqllava_edge.checkpoint import base_state_dict, load_checkpoint, save_checkpoint
 from sqllava_edge.config import IMAGE_TOKEN_INDEX, LLMConfig, ModelConfig, ProjectorConfig, VisionConfig, get_preset
-from sqllava_edge.convert import convert, detect_layout, export_official, load_any, main
+from sqllava_edge.release.convert import convert, detect_layout, export_official, load_any, main
 from sqllava_edge.errors import CheckpointError
 from sqllava_edge.model import SQLLaVA, hf_clip_config
 
@@ -737,7 +738,7 @@ def test_mm_use_im_start_end_is_refused_with_what_to_do(tmp_path, small_model):
                                                ("anyres", "crop", True), ("keep", "crop", True)])
 def test_image_aspect_ratio_anything_but_pad_is_a_centre_crop(value, mode, warned):
     """mm_utils.process_images pads for "pad" and hands every other value to the CLIP processor (resize + crop)."""
-    from sqllava_edge.official import official_aspect
+    from sqllava_edge.release.official import official_aspect
 
     warnings: list[str] = []
     assert official_aspect(value, "sqllava", Path("config.json"), warnings) == mode
@@ -746,12 +747,12 @@ def test_image_aspect_ratio_anything_but_pad_is_a_centre_crop(value, mode, warne
 
 def test_image_aspect_ratio_in_a_release_and_anyres_in_llava(tmp_path, caplog):
     _, paths = _release_with_config(tmp_path, image_aspect_ratio="anyres")
-    with caplog.at_level("WARNING", logger="sqllava_edge.convert"):
+    with caplog.at_level("WARNING", logger="sqllava_edge.release.convert"):
         report = convert_sqllava(paths, tmp_path / "ours")
     assert json.loads((tmp_path / "ours" / "sqllava_edge.json").read_text())["config"]["image_aspect_ratio"] == "crop"
     assert any("image_aspect_ratio='anyres'" in w for w in report.warnings)
     assert "image_aspect_ratio='anyres'" in caplog.text
-    from sqllava_edge.official import official_aspect
+    from sqllava_edge.release.official import official_aspect
 
     with pytest.raises(CheckpointError, match="LLaVA-NeXT"):  # liuhaotian's anyres is tiling, not a crop
         official_aspect("anyres", "llava", Path("config.json"), [])
@@ -779,7 +780,7 @@ def test_trained_vit_lora_in_adapter_without_vit_folder_is_ignored_with_a_warnin
     """Official loader: the ViT-LoRA tensors of adapter_model.bin find no module (the tower is built later), so the
     tower runs without them (docs/spec.md 6.2 / 8.15). We do the same and say so."""
     model, paths = _release_with_config(tmp_path, vit="trained", vit_folder=False)
-    with caplog.at_level("WARNING", logger="sqllava_edge.convert"):
+    with caplog.at_level("WARNING", logger="sqllava_edge.release.convert"):
         report = convert_sqllava(paths, tmp_path / "ours")
     loaded, _ = load_checkpoint(tmp_path / "ours")
     assert json.loads((tmp_path / "ours" / "sqllava_edge.json").read_text())["lora"]["vision"] is None
@@ -816,9 +817,9 @@ def test_layout_detection_and_cli(tmp_path, small_model, capsys):
 
 _MEASURE = textwrap.dedent("""
     import json, resource, sys, psutil
-    from sqllava_edge.convert import convert
+    from sqllava_edge.release.convert import convert
     import transformers, peft, safetensors  # imports before the baseline
-    from sqllava_edge.convert import _shapes
+    from sqllava_edge.release.convert import _shapes
     from sqllava_edge.config import get_preset
     _shapes(get_preset("tiny"))  # warm the module imports used during conversion
     base_rss = psutil.Process().memory_info().rss
@@ -840,7 +841,7 @@ def _write_real_width_release(root: Path, layers: int) -> tuple[dict, list[int]]
     from transformers import LlamaForCausalLM
 
     from sqllava_edge.model import hf_llama_config
-    from sqllava_edge.weights import expected_shapes
+    from sqllava_edge.release.weights import expected_shapes
 
     shapes = expected_shapes(lambda: LlamaForCausalLM(hf_llama_config(cfg.llm)))
     groups = [["model.embed_tokens.weight"]] + [[k for k in shapes if k.startswith(f"model.layers.{i}.")] for i in range(layers)]

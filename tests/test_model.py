@@ -218,17 +218,27 @@ def test_config_round_trip_and_errors():
 
 
 def test_loss_is_token_mean_over_trained_positions():
+    """training.loss.lm_loss (the one training loss) on the spliced batch: summed CE of the trained positions, and
+    their number; the mean equals the CE of the full forward's logits there."""
+    from training.loss import lm_loss
+    from training.modeling import decoder_hidden
+
     model = SQLLaVA.from_config(get_preset("tiny"), seed=0).eval()
     ids = torch.tensor([1, 450, IMAGE_TOKEN_INDEX, 29871, 13, 1724, 2])
     labels = torch.tensor([IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 1724, 2])
+    pixels = torch.randn(1, 3, 112, 112)
     with torch.no_grad():
-        out = model(ids, pixel_values=torch.randn(1, 3, 112, 112), labels=labels)
+        out = model(ids, pixel_values=pixels)
+        batch = model.prepare_inputs(ids, pixels, labels)
+        hidden = decoder_hidden(model.llm.model, batch.inputs_embeds, batch.attention_mask)
+        loss_sum, count = lm_loss(hidden, batch.labels, model.llm.lm_head)
     logits = out.logits[0]
     n_img = model.config.num_image_tokens
     # positions of tokens 1724 and 2 after the splice, predicted from the position before each
     pos = [len(ids) - 1 + n_img - 2, len(ids) - 1 + n_img - 1]
     manual = F.cross_entropy(logits[[p - 1 for p in pos]], torch.tensor([1724, 2]))
-    assert torch.allclose(out.loss, manual, atol=1e-5)
+    assert int(count) == 2
+    assert torch.allclose(loss_sum / count, manual, atol=1e-5)
 
 
 def test_checkpoint_base_configs_name_their_architecture(tmp_path):

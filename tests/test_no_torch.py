@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from sqllava_edge.config import get_preset
 from tests.serve_helpers import THREADS, image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +81,22 @@ def run_blocked(args: list[str], tmp_path: Path, stdin: str | None = None) -> tu
     return proc, log.read_text().split()
 
 
+def test_checkpoint_meta_and_release_names_import_without_torch(tmp_path):
+    """A runtime may tell a checkpoint from a bundle (META_FILE, is_checkpoint, read_meta) and read the release name
+    tables without torch installed: torch loads only inside the checkpoint functions that build a model."""
+    code = ("import json, sys; from sqllava_edge.checkpoint import META_FILE, is_checkpoint, read_meta; "
+            "from sqllava_edge.release.names import WEIGHT_STEMS, to_ours; "
+            "print(json.dumps([META_FILE, is_checkpoint(sys.argv[1]), read_meta(sys.argv[1])['version'], "
+            "list(WEIGHT_STEMS), to_ours('official_llm', 'model.layers.0.self_attn.q_proj.weight')[:2]]))")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "sqllava_edge.json").write_text(json.dumps({"format": "sqllava-edge-checkpoint", "version": 1}))
+    proc, attempts = run_blocked(["-c", code, str(tmp_path / "ckpt")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert attempts == []
+    assert json.loads(proc.stdout) == ["sqllava_edge.json", True, 1, ["model", "pytorch_model"],
+                                       ["llm", "model.layers.0.self_attn.q_proj.weight"]]
+
+
 def test_blocker_blocks(tmp_path):
     proc, attempts = run_blocked(["-c", "import torch"], tmp_path)
     assert proc.returncode != 0 and "blocked by tests/test_no_torch.py" in proc.stderr and attempts == ["torch"]
@@ -123,8 +140,10 @@ def test_cli_imports_no_torch(tiny_bundle, tmp_path, command, stdin):
 ])
 def test_torch_parts_say_which_extra_in_one_line(tmp_path, args, extra):
     ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    (ckpt / "sqllava_edge.json").write_text("{}")
+    ckpt.mkdir()  # a valid header: reading it needs no torch, loading the weights does
+    (ckpt / "sqllava_edge.json").write_text(json.dumps({
+        "format": "sqllava-edge-checkpoint", "version": 1, "config": get_preset("tiny").to_dict(),
+        "base": {"llm": "llm", "vision": "vision"}, "lora": {"llm": None, "vision": None}, "provenance": {}}))
     proc, attempts = run_blocked([a.format(ckpt=ckpt) for a in args], tmp_path)
     assert proc.returncode == 1 and attempts
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr, proc.stderr

@@ -1,5 +1,5 @@
-"""Stage 0 (training/pretrain_llm.py): the restricted softmax is the exact full one, and the output is a base LLM
-that stage 1 accepts."""
+"""Stage 0 (training/pretrain_llm.py, training/scenes.py): the restricted softmax is the exact full one, and the
+output is a base LLM that stage 1 accepts."""
 import json
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.pretrain_llm import RestrictedHead
+from training.loss import RestrictedHead
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,8 @@ def test_scenes_fill_the_image_slot_and_the_llm_learns_from_them(tmp_path, synth
     from sqllava_edge.config import IMAGE_TOKEN_INDEX, get_preset
     from sqllava_edge.tokenizer import default_tokenizer
     from training.data import load_samples
-    from training.pretrain_llm import SceneEmbedder, corpus, main, scene_words
+    from training.pretrain_llm import corpus, main
+    from training.scenes import SceneEmbedder, scene_words
 
     rows = load_samples(synthetic_data / "stage2.json")
     tok = default_tokenizer()
@@ -153,7 +154,7 @@ def test_scene_qa_asks_in_the_evaluation_prompt_and_scores_the_answer_tokens(syn
     from sqllava_edge.conversation import answer_prompt
     from sqllava_edge.tokenizer import default_tokenizer
     from training.data import load_samples
-    from training.pretrain_llm import SceneEmbedder, SceneQA, scene_words
+    from training.scenes import SceneEmbedder, SceneQA, scene_words
 
     rows = load_samples(synthetic_data / "eval.json")
     tok = default_tokenizer()
@@ -200,7 +201,8 @@ def test_scene_facts_name_each_object_by_a_unique_referent_then_its_attributes()
 
 def test_scene_facts_extend_the_stage0_captions(tmp_path, synthetic_data):
     from training.data import load_samples
-    from training.pretrain_llm import main, with_scene_facts
+    from training.pretrain_llm import main
+    from training.scenes import with_scene_facts
 
     meta = {r["image"]: r["meta"] for r in load_samples(synthetic_data / "stage2.json")}
     captions = [{**r, "meta": meta[r["image"]]} for r in load_samples(synthetic_data / "stage1.json")]
@@ -236,7 +238,7 @@ def test_referent_targets_point_each_attribute_at_its_objects_patches():
     _vocabulary_or_skip()
     from sqllava_edge.conversation import Turn, tokenize_conversation
     from sqllava_edge.tokenizer import default_tokenizer
-    from training.pretrain_llm import referent_targets
+    from training.scenes import referent_targets
     from training.synthetic import Obj, patch_contents
 
     objects = [Obj("red", "star", "big", 0.25, 0.25, 0.1), Obj("red", "circle", "small", 0.8125, 0.9375, 0.05),
@@ -261,10 +263,6 @@ def test_referent_targets_point_each_attribute_at_its_objects_patches():
     ]
     system_end = ids.index(-200)
     assert all(p > system_end for p, _ in targets)
-    grouped = referent_targets(tok, ids, objects, 8, groups=True)  # --count-sink: the counted objects, counts only
-    assert [(p, patches) for p, patches, _ in grouped] == targets
-    assert [g for _, _, g in grouped] == [None, (where["star"], where["circle"]), (where["star"], where["circle"]),
-                                          None, None]
     # a caption phrase's shape looks at the object of its colour, a fact's attributes at the fact's referent
     text = "A small blue cross at the top. cross: blue, cross, small, top."
     facts = tokenize_conversation(tok, "plain", [Turn("user", "", image=True), Turn("assistant", text)]).ids
@@ -283,7 +281,7 @@ def test_bind_attention_recomputes_the_models_own_attention(prefix):
     from sqllava_edge.config import get_preset
     from sqllava_edge.model import hf_llama_config
     from training.modeling import decoder_hidden
-    from training.pretrain_llm import BindAttention
+    from training.scenes import BindAttention
 
     config = hf_llama_config(get_preset("tiny").llm)
     config._attn_implementation = "eager"
@@ -312,20 +310,6 @@ def test_bind_attention_recomputes_the_models_own_attention(prefix):
     attn = model.model.layers[1].self_attn
     assert attn.q_proj.weight.grad.abs().sum() > 0 and attn.k_proj.weight.grad.abs().sum() > 0
     assert not bind.captured  # nothing kept between steps
-    # --count-sink rows: cross-entropy to the target distribution over BOS and the patches; other rows unchanged
-    sink, shares = torch.tensor([0.0, 0.5, 0.0]), mask.clone()
-    shares[1, 2] = 0.5
-    bind.active = True
-    decoder_hidden(model.model, x, torch.ones(2, 50, dtype=torch.long), prefix)
-    bind.active = False
-    mixed, _ = bind.loss(rows, pos, start, shares, sink)
-    expected = 0.0
-    for layer, head in bind.heads:
-        p = weights[layer][rows, head, pos]  # (3, T)
-        plain = -torch.log((p[:, 5:15] * mask).sum(-1) + 1e-6)
-        plain[1] = -(0.5 * torch.log(p[1, 7] + 1e-6) + 0.5 * torch.log(p[1, 0] + 1e-6))
-        expected += plain.mean() / len(bind.heads)
-    assert float(mixed) == pytest.approx(float(expected), abs=1e-4)
     with pytest.raises(ValueError, match="layers 0-3"):
         BindAttention(model, [(4, 0)])
 
@@ -340,7 +324,8 @@ def test_pretrain_with_bind_attention_logs_the_referent_mass(tmp_path, synthetic
     assert [r["step"] for r in records] == [1, 2]
     assert all(len(r["bind_mass"]) == 2 and all(0 < m < 1 for m in r["bind_mass"]) and r["bind_loss"] > 0
                for r in records)
-    for bad in (["--scenes", "--bind-attention", "1-0"], ["--bind-attention", "1:0"]):  # bad spec; no scenes
+    for bad in (["--scenes", "--bind-attention", "1-0"], ["--bind-attention", "1:0"],  # bad spec; no scenes
+                ["--scenes", "--bind-attention", "1:0", "--count-sink", "1"]):  # retired (training/RESULTS.md)
         with pytest.raises(SystemExit):
             main([*common, "--out", str(tmp_path / "bad"), *bad])
 
@@ -348,33 +333,17 @@ def test_pretrain_with_bind_attention_logs_the_referent_mass(tmp_path, synthetic
 def test_bind_targets_move_text_positions_past_the_expanded_image():
     """A target before the placeholder keeps its position, one after it moves by n_image - 1; a batch stacks the
     samples' targets with their row numbers, and a batch without any is None."""
-    from training.pretrain_llm import BindAttention
+    from training.scenes import BindAttention
 
     ids = [1, 5, -200, 7, 8, 9]
-    pos, image, masks, sinks = BindAttention.sample_targets(ids, [(1, (0,)), (4, (2, 3))], n_image=4)
+    pos, image, masks = BindAttention.sample_targets(ids, [(1, (0,)), (4, (2, 3))], n_image=4)
     assert pos.tolist() == [1, 7] and image == 2
-    assert masks.tolist() == [[1, 0, 0, 0], [0, 0, 1, 1]] and sinks.tolist() == [0, 0]
+    assert masks.tolist() == [[1, 0, 0, 0], [0, 0, 1, 1]]
     empty = BindAttention.sample_targets(ids, [], n_image=4)
-    rows, positions, starts, stacked, stacked_sinks = BindAttention.batch_targets([empty, (pos, image, masks, sinks)])
+    rows, positions, starts, stacked = BindAttention.batch_targets([empty, (pos, image, masks)])
     assert rows.tolist() == [1, 1] and positions.tolist() == [1, 7] and starts.tolist() == [2, 2]
-    assert torch.equal(stacked, masks) and torch.equal(stacked_sinks, sinks)
+    assert torch.equal(stacked, masks)
     assert BindAttention.batch_targets([empty, empty]) is None
-
-
-def test_count_sink_targets_weigh_every_counted_object_alike():
-    """With --count-sink, a count's target is a distribution: each object the same share whatever its size, BOS the
-    rest; other targets keep their plain masks. Without a sink the triples give the old masks."""
-    from training.pretrain_llm import BindAttention
-
-    ids = [1, 5, -200, 7, 8, 9]
-    refs = [(1, (0,), None), (4, (0, 1, 2, 3, 5), ((0, 1, 2, 3), (5,)))]  # a colour; a count of a big and a small
-    pos, image, masks, sinks = BindAttention.sample_targets(ids, refs, n_image=8, sink=1.0)
-    assert masks[0].tolist() == [1, 0, 0, 0, 0, 0, 0, 0] and sinks[0] == 0
-    third = pytest.approx(1 / 3)
-    assert masks[1, :4].sum() == third and masks[1, 5] == third and sinks[1] == third
-    assert masks[1].sum() + sinks[1] == pytest.approx(1.0)
-    _, _, plain, no_sink = BindAttention.sample_targets(ids, refs, n_image=8)
-    assert plain[1].tolist() == [1, 1, 1, 1, 0, 1, 0, 0] and not no_sink.any()
 
 
 def test_compact_vocab_trains_the_same_model_as_the_full_tables(tmp_path, synthetic_data):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sqllava_edge.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, get_preset
 
@@ -236,7 +237,9 @@ def test_loss_module_equals_model_forward(stage1, data, tok):
     batch = collate([_dataset(data, tok)[(i, 0)] for i in range(3)])
     with torch.no_grad():
         ce, count = LossModule(model)(batch.input_ids, batch.labels, batch.pixel_values)
-        reference = model(batch.input_ids, batch.pixel_values, batch.labels).loss
+        logits = model(batch.input_ids, batch.pixel_values).logits[:, :-1].float()  # the full head at every position
+        labels = model.prepare_inputs(batch.input_ids, batch.pixel_values, batch.labels).labels[:, 1:]
+        reference = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
     assert torch.allclose(ce / count, reference, atol=1e-5)
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from sqllava_edge.config import IGNORE_INDEX, ModelConfig
+from sqllava_edge.config import ModelConfig
+from training.loss import RestrictedHead, lm_loss
 
 LLM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # docs/spec.md 2.1
 VIT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # docs/spec.md 2.2
@@ -133,56 +133,12 @@ def fsdp_units(model) -> set[nn.Module]:
     return units
 
 
-class RestrictedHead:
-    """Summed next-token cross-entropy through the rows `vocab` of a head whose other rows are exactly zero.
-
-    Such a row's logit is exactly 0, so the rows outside `vocab` enter every softmax as one extra logit
-    log(n_unseen): the exact full-vocabulary cross-entropy at the cost of the rows in `vocab` (a tiny model's
-    32000-way head is most of its FLOPs). A target outside `vocab` has logit 0. Used by stage 0 (whose trained head
-    keeps its unseen rows at zero) and by stages 1 and 2 when their frozen head has zero rows (`RestrictedHead.of`)."""
-
-    def __init__(self, vocab: list[int], vocab_size: int, device):
-        self.vocab = torch.tensor(sorted(set(vocab)), dtype=torch.long, device=device)
-        self.index = torch.full((vocab_size,), -1, dtype=torch.long, device=device)
-        self.index[self.vocab] = torch.arange(len(self.vocab), device=device)
-        unseen = vocab_size - len(self.vocab)
-        self.bucket = math.log(unseen) if unseen else None
-
-    @classmethod
-    def of(cls, head: nn.Module, min_share: float = 0.5) -> "RestrictedHead | None":
-        """For a frozen bias-free head whose all-zero rows are at least `min_share` of the vocabulary, else None."""
-        weight = head.weight
-        if weight.requires_grad or getattr(head, "bias", None) is not None or weight.device.type == "meta":
-            return None
-        nonzero = torch.nonzero(weight.detach().ne(0).any(dim=1)).flatten()
-        if len(weight) - len(nonzero) < min_share * len(weight):
-            return None
-        return cls(nonzero.tolist(), len(weight), weight.device)
-
-    def to(self, device) -> "RestrictedHead":
-        """Move the index tensors (in place) to where the head now lives."""
-        self.vocab, self.index = self.vocab.to(device), self.index.to(device)
-        return self
-
-    def loss_sum(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """hidden (N, H), targets (N,); weight: the full head (vocab_size, H), or its rows `vocab` (V', H) in order."""
-        rows = weight if len(weight) == len(self.vocab) else weight[self.vocab]
-        logits = (hidden @ rows.T).float()  # (N, V')
-        index = self.index[targets]
-        if self.bucket is not None:
-            logits = torch.cat([logits, logits.new_full((len(logits), 1), self.bucket)], dim=1)
-        if bool((index >= 0).all()):
-            return F.cross_entropy(logits, index, reduction="sum")
-        picked = logits.gather(1, index.clamp(min=0)[:, None])[:, 0]
-        return (torch.logsumexp(logits, dim=1) - torch.where(index >= 0, picked, torch.zeros_like(picked))).sum()
-
-
 class LossModule(nn.Module):
     """One micro-batch -> (summed next-token CE, number of trained tokens). Wrapped by DDP, or sharded by FSDP.
 
-    Same loss as SQLLaVA.forward (shifted CE over non-ignored labels, docs/spec.md 1.6), but the vocabulary projection runs
-    only at the labelled positions: for the tiny preset the 32000-way head over every position costs more than the
-    whole rest of the model. A token prefix shared by all rows (the system prompt, a third of a tiny-preset
+    The loss is training.loss.lm_loss (shifted CE over non-ignored labels, docs/spec.md 1.6), whose vocabulary
+    projection runs only at the labelled positions: for the tiny preset the 32000-way head over every position costs
+    more than the whole rest of the model. A token prefix shared by all rows (the system prompt, a third of a tiny-preset
     sample) runs once per micro-batch. The ViT runs with grad when ViT-LoRA trains (the paper's choice, docs/spec.md 8.1), else
     without (the reference's @torch.no_grad()).
 
@@ -213,16 +169,10 @@ class LossModule(nn.Module):
         llm = base_module(model.llm)
         prefix = shared_prefix(input_ids) if self.share_prefix else 0
         hidden = decoder_hidden(llm.model, batch.inputs_embeds, batch.attention_mask, prefix)  # (B, T, H)
-        targets = batch.labels[:, 1:]  # (B, T-1): position t predicts token t+1
-        keep = targets != IGNORE_INDEX
-        if self.head is not None:
-            loss_sum = self.head.loss_sum(hidden[:, :-1][keep], llm.lm_head.weight, targets[keep])
-        else:
-            logits = llm.lm_head(hidden[:, :-1][keep])  # (N, V)
-            loss_sum = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        loss_sum, count = lm_loss(hidden, batch.labels, llm.lm_head, self.head)
         if blank_embeds is not None:
             loss_sum = loss_sum + 0.0 * blank_embeds.float().sum()  # in the graph, so the units' backward runs too
-        return loss_sum, keep.sum()
+        return loss_sum, count
 
     def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, T, H) image embeddings."""

@@ -1,7 +1,7 @@
 """Config translation for foreign layouts, both ways, and `export_official` (our checkpoint -> official SQ-LLaVA layout).
 
 Spec: docs/spec.md 6.1 (files of a release), 6.3 (config.json keys), 2.1-2.2 (LoRA configs). Key names come from
-sqllava_edge.names; this module only turns config dictionaries into a ModelConfig and back.
+sqllava_edge.release.names; this module only turns config dictionaries into a ModelConfig and back.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Any
 from sqllava_edge.config import (CLIP_MEAN, CLIP_STD, PRESETS, LLMConfig, ModelConfig, ProjectorConfig,
                                  VisionConfig)
 from sqllava_edge.errors import CheckpointError
-from sqllava_edge.names import (CLIP_CONFIG_KEYS, LLAVA_HF_CONFIG_KEYS, OFFICIAL_CONFIG_KEYS, OFFICIAL_FIXED_KEYS,
-                                VALUE_MAPS, to_layout)
+from sqllava_edge.release.names import (CLIP_CONFIG_KEYS, LLAVA_HF_CONFIG_KEYS, OFFICIAL_CONFIG_KEYS,
+                                        OFFICIAL_FIXED_KEYS, VALUE_MAPS, to_layout)
 
 TEMPLATES = {"sqllava": "v1_sq", "llava": "v1", "llava-hf": "v1"}  # docs/spec.md 3.2 / 6: training template of each family
 # transformers' defaults for keys a config.json may omit (LlamaConfig, CLIPVisionConfig).
@@ -270,7 +270,7 @@ def export_official(checkpoint, out_dir, *, include_base: bool = True, max_shard
 
 def _export_weights(src: Path, dst: Path, layout: str, part: str, max_shard_bytes: int, fmt: str, projector) -> None:
     """Copy our base weights under the `layout` names, shard by shard (plus the projector for a full LLaVA folder)."""
-    from sqllava_edge.weights import ShardWriter, find_weights, iter_tensors
+    from sqllava_edge.release.weights import ShardWriter, find_weights, iter_tensors
 
     files = find_weights(src)
     shapes = {to_layout(layout, part, key): handle.shape(key) for _, key, handle in iter_tensors(files)}
@@ -315,7 +315,7 @@ def _resolve(folder: Path, ref: str) -> Path:
 
 
 def _read_adapter(folder: Path) -> tuple[dict[str, Any], dict]:
-    from sqllava_edge.weights import TensorFile
+    from sqllava_edge.release.weights import TensorFile
 
     fields = lora_config_fields(read_json(folder / "adapter_config.json"), folder)
     path = folder / "adapter_model.safetensors"

@@ -10,7 +10,8 @@ Our names (docs/DESIGN.md checkpoint layout):
 
 A rule is a pair of templates; "{i}" matches digits, "{rest}" matches the remainder of the key. The first rule of a
 (layout, part) pair is the canonical one, used when writing that layout (`to_layout`). GGUF names are not here: the
-export code takes them from gguf-py.
+export code takes them from gguf-py. WEIGHT_STEMS names the weight files of a transformers folder.
+This module imports no torch (tests/test_no_torch.py checks it), so anything may read these tables.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 PARTS = ("llm", "vision", "projector", "llm_lora", "vit_lora", "ignore")
+WEIGHT_STEMS = ("model", "pytorch_model")  # HF weight file names; safetensors preferred over pickles
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Reading and writing weight files safely and one shard at a time (used by sqllava_edge.convert).
+"""Reading and writing weight files safely and one shard at a time (used by sqllava_edge.release.convert).
 
 Reading: safetensors through `safe_open` (tensors read one at a time); pickled `.bin` files only through
 `torch.load(weights_only=True)`, memory-mapped when the file is in the zip format. A pickle that asks to run code is
@@ -17,8 +17,8 @@ from typing import Iterator
 import torch
 
 from sqllava_edge.errors import CheckpointError
+from sqllava_edge.release.names import WEIGHT_STEMS
 
-WEIGHT_STEMS = ("model", "pytorch_model")  # HF weight file names; safetensors preferred over pickles
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
