@@ -235,3 +235,13 @@ def measure_bandwidth(threads: int, array_bytes: int | None = None, repeats: int
     best = max(("copy", "triad", "read"), key=lambda k: result[k]["best_gbps"])
     result["gbps"], result["roofline_kernel"] = result[best]["best_gbps"], best
     return result
+
+
+def machine_label(run: dict) -> str:
+    """'AMD EPYC, family 25 model 17 stepping 1, 2 CPUs [3f2a9c1d] (2026-12-03, 1b6a329)' with what is known."""
+    m = run["machine"]
+    name = m.get("model_name") or m.get("described_as") or "CPU not recorded"
+    ids = ", ".join(f"{k} {m[k]}" for k in ("family", "model", "stepping") if m.get(k) is not None)
+    cpus = f", {m['logical_cpus']} CPUs" if m.get("logical_cpus") else ""
+    when = ", ".join(x for x in (run.get("date") or "date not recorded", run.get("commit")) if x)
+    return f"{name}{', ' + ids if ids else ''}{cpus} [{m.get('id') or 'id unknown'}] ({when})"

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks.machine import machine_label
 from sqllava_edge.fileutil import atomic_write
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -170,16 +171,6 @@ def load_runs(folder: Path = RESULTS_DIR) -> list[dict]:
             raise ValueError(f"{path} is not a schema-{SCHEMA} kept run (needs 'schema', 'machine' and 'ratios')")
         runs.append({**data, "file": path.name})
     return runs
-
-
-def machine_label(run: dict) -> str:
-    """'AMD EPYC, family 25 model 17 stepping 1, 2 CPUs [3f2a9c1d] (2026-12-03, 1b6a329)' with what is known."""
-    m = run["machine"]
-    name = m.get("model_name") or m.get("described_as") or "CPU not recorded"
-    ids = ", ".join(f"{k} {m[k]}" for k in ("family", "model", "stepping") if m.get(k) is not None)
-    cpus = f", {m['logical_cpus']} CPUs" if m.get("logical_cpus") else ""
-    when = ", ".join(x for x in (run.get("date") or "date not recorded", run.get("commit")) if x)
-    return f"{name}{', ' + ids if ids else ''}{cpus} [{m.get('id') or 'id unknown'}] ({when})"
 
 
 def ranges(runs: list[dict], preset: str | None = None) -> dict[str, dict[str, Any]]:

@@ -189,7 +189,7 @@ def figure_limits(run: dict, runs: list[dict]) -> list[dict[str, Any]]:
 
 def render_limits(runs: list[dict], markdown: bool = False) -> str:
     """The machine type's limits and every kept run's figures against them (python -m benchmarks.ranges --limits)."""
-    from benchmarks.ranges import machine_label
+    from benchmarks.machine import machine_label
 
     lines = []
     for run in runs:
