@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from runtimes.base import LLMKind, VisionKind
+from sqllava_edge.checkpoint import META_FILE
 from sqllava_edge.config import ModelConfig
 from sqllava_edge.errors import BackendUnavailableError, BundleError
 
@@ -70,25 +71,17 @@ class DeviceInfo:
 
 
 def read_cpu_flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> frozenset[str]:
-    try:
-        text = Path(cpuinfo).read_text(errors="replace")
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):  # x86 "flags", ARM "Features"
-            present = set(line.split(":", 1)[1].split())
-            return frozenset(present & {*INT8_CPU_FLAGS, "avx2", "avx512f", "asimddp", "i8mm"})
-    return frozenset()
+    """The CPU flags selection looks at (int8 dot products, AVX2 / AVX-512, ARM dot product / i8mm); empty if unknown."""
+    from runtimes.device_facts import cpu_flags, read_cpuinfo
+
+    present = set(cpu_flags(read_cpuinfo(cpuinfo)))
+    return frozenset(present & {*INT8_CPU_FLAGS, "avx2", "avx512f", "asimddp", "i8mm"})
 
 
 def _cpu_name(root: Path) -> str:
-    try:
-        for line in (root / "proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "CPU"
+    from runtimes.device_facts import read_cpuinfo
+
+    return read_cpuinfo(root / "proc/cpuinfo").get("model name") or "CPU"
 
 
 def read_mem_available(meminfo: str | os.PathLike = "/proc/meminfo") -> int:
@@ -346,7 +339,7 @@ class ModelSource:
             except (TypeError, ValueError) as exc:
                 raise BundleError(f"{folder}: the manifest's model config is invalid ({exc}); re-export the bundle") from None
             return cls(folder, config, manifest)
-        if (folder / "sqllava_edge.json").is_file():  # sqllava_edge.checkpoint.META_FILE (that module imports torch)
+        if (folder / META_FILE).is_file():
             from sqllava_edge.deps import require
 
             require("torch", "train", f"{folder}, a training checkpoint (the torch backends; a device runs its "
