@@ -66,14 +66,9 @@ def set_llama_logging(verbose: bool = False) -> None:
 
 def cpu_has_amx() -> bool:
     """True if /proc/cpuinfo lists Intel AMX (Linux x86 only; False elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    return "amx_int8" in line.split()
-    except OSError:
-        pass
-    return False
+    from runtimes.device_facts import cpu_flags, read_cpuinfo
+
+    return "amx_int8" in cpu_flags(read_cpuinfo())
 
 
 class _LlamaHandles:
