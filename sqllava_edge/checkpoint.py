@@ -26,6 +26,16 @@ def is_checkpoint(folder: str | os.PathLike) -> bool:
     return (Path(folder) / META_FILE).is_file()
 
 
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A training run folder (holding checkpoint/) or a checkpoint folder -> the checkpoint folder."""
+    path = Path(path)
+    if is_checkpoint(path / "checkpoint"):
+        return path / "checkpoint"
+    if is_checkpoint(path):
+        return path
+    raise FileNotFoundError(f"{path} is neither a training run folder nor a sqllava-edge checkpoint")
+
+
 def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
     folder = Path(folder)
     path = folder / META_FILE

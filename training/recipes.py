@@ -48,8 +48,7 @@ def _model_name(cfg) -> str:
     if cfg.stage == 1:
         return cfg.preset
     if cfg.init:
-        from sqllava_edge.checkpoint import read_meta
-        from training.train import resolve_checkpoint
+        from sqllava_edge.checkpoint import read_meta, resolve_checkpoint
 
         return read_meta(resolve_checkpoint(cfg.init))["config"]["name"]
     return ""

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from sqllava_edge.checkpoint import resolve_checkpoint
 from training.recipes import resolve_recipe
 
 
@@ -173,18 +174,6 @@ def setup_distributed(cfg: TrainConfig) -> Dist:
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
     return Dist(rank, world, local, device)
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A run folder (holding checkpoint/) or a checkpoint folder -> the checkpoint folder."""
-    from sqllava_edge.checkpoint import is_checkpoint
-
-    path = Path(path)
-    if is_checkpoint(path / "checkpoint"):
-        return path / "checkpoint"
-    if is_checkpoint(path):
-        return path
-    raise FileNotFoundError(f"{path} is neither a training run folder nor a sqllava-edge checkpoint")
 
 
 def build_model(cfg: TrainConfig, dist: Dist):
