@@ -35,6 +35,7 @@ from sqllava_edge.serve.protocol import (APIError, ChatRequest, bad_request, ima
 
 log = logging.getLogger("sqllava_edge.serve")
 TEXT_LIMIT = 1 << 20  # bytes of JSON besides the image
+COMPILE_TIMEOUT = 10.0  # seconds a response_format schema may take to compile (a worker thread; then 400)
 
 
 @dataclass(frozen=True)
@@ -241,15 +242,20 @@ def _routes(app: FastAPI, state: State) -> None:
         ids = _chat_prompt(assistant, chat, pixels is not None)
         _check_length(assistant, ids, pixels is not None, chat.config.max_new_tokens)
         seeds = _seeds(chat.seed, chat.n)
+        config = await _structured_config(assistant, chat)
         call = _Call(state, request, arrived, "/v1/chat/completions")
-        call.submit(scheduler, EngineRequest(ids, pixels, chat.config, seeds, timeout=settings.timeout,
+        call.submit(scheduler, EngineRequest(ids, pixels, config, seeds, timeout=settings.timeout,
                                              drop_after=chat.config.temperature > 0 and chat.n > 1))
         await call.started()
         if chat.stream:
             return StreamingResponse(call.sse(chat), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         texts, reasons, usage = await call.collect(chat.n)
-        return call.respond(_completion(settings, call.id, texts, reasons, usage))
+        body = _completion(settings, call.id, texts, reasons, usage)
+        if chat.logprobs is not None:
+            for choice in body["choices"]:
+                choice["logprobs"] = {"content": call.logprobs.get(choice["index"], []), "refusal": None}
+        return call.respond(body)
 
     @app.post("/v1/self-questions")
     async def self_questions(request: Request):
@@ -341,6 +347,29 @@ def _check_length(assistant, ids: list[int], has_image: bool, max_new: int) -> N
                           "start the server with a larger --n-ctx", param="messages", code="context_length_exceeded")
 
 
+async def _structured_config(assistant, chat: ChatRequest):
+    """The request's GenerationConfig with its schema compiled (on a worker thread, never the scheduler's, within
+    COMPILE_TIMEOUT) and its logprobs setting."""
+    config = chat.config
+    if chat.logprobs is not None:
+        config = config.replace(logprobs=chat.logprobs)
+    if chat.schema is None:
+        return config
+    from sqllava_edge.structured import SchemaError, compile_schema
+
+    try:
+        grammar = await asyncio.wait_for(run_in_threadpool(compile_schema, assistant.tokenizer, chat.schema),
+                                         COMPILE_TIMEOUT)
+    except SchemaError as exc:
+        raise bad_request(str(exc), param="response_format", code="invalid_schema") from None
+    except asyncio.TimeoutError:
+        raise bad_request(f"the schema took over {COMPILE_TIMEOUT:g} s to compile; simplify it",
+                          param="response_format", code="schema_too_complex") from None
+    except ImportError as exc:
+        raise APIError(501, str(exc), type="server_error", code="structured_output_unavailable") from None
+    return config.replace(grammar=grammar)
+
+
 def _seeds(seed: int | None, n: int) -> list[int]:
     base = random.SystemRandom().randrange(1 << 31) if seed is None else seed
     return [base + i for i in range(n)]
@@ -358,6 +387,7 @@ class _Call:
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.handle = None
         self.first_token = False
+        self.logprobs: dict[int, list[dict]] = {}  # choice -> OpenAI logprob entries (collect)
 
     def submit(self, scheduler: Scheduler, engine_request: EngineRequest) -> None:
         loop = asyncio.get_running_loop()
@@ -407,6 +437,8 @@ class _Call:
                 event = await self.next()
                 if event.kind == "token":
                     texts[event.choice] += event.text
+                    if event.logprobs is not None:
+                        self.logprobs.setdefault(event.choice, []).append(self.logprob_entry(event))
                 elif event.kind == "finish":
                     if event.reason in ("cancelled", "timeout"):
                         raise _ended_error(event.reason)
@@ -418,6 +450,19 @@ class _Call:
         except asyncio.CancelledError:
             self.handle.cancel()
             raise
+
+    def logprob_entry(self, event: Event) -> dict[str, Any]:
+        """OpenAI's entry for one token: token, logprob, bytes, top_logprobs (the model's distribution)."""
+        from sqllava_edge.structured import token_bytes
+
+        tokenizer = self.state.assistant.tokenizer
+        chosen, top = event.logprobs
+
+        def entry(token: int, logprob: float) -> dict[str, Any]:
+            data = token_bytes(tokenizer, token)
+            return {"token": data.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(data)}
+
+        return {**entry(event.token, chosen), "top_logprobs": [entry(t, lp) for t, lp in top]}
 
     def respond(self, body: dict) -> JSONResponse:
         self.state.metrics.requests.labels(self.endpoint, "200").inc()
@@ -439,7 +484,10 @@ class _Call:
                          for i in range(chat.n)])
             while True:
                 event = await self.next()
-                if event.kind == "token" and event.text:
+                if event.kind == "token" and event.logprobs is not None:
+                    yield chunk([{"index": event.choice, "delta": {"content": event.text}, "finish_reason": None,
+                                  "logprobs": {"content": [self.logprob_entry(event)], "refusal": None}}])
+                elif event.kind == "token" and event.text:
                     yield chunk([{"index": event.choice, "delta": {"content": event.text}, "finish_reason": None}])
                 elif event.kind == "finish":
                     if event.reason in ("cancelled", "timeout"):
