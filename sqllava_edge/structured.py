@@ -116,8 +116,9 @@ class Compiler:
     """Compiles schemas for one tokenizer and keeps the last CACHE_SIZE, keyed by their canonical JSON."""
 
     def __init__(self, tokenizer: Any, cache_size: int = CACHE_SIZE):
-        import llguidance
+        from sqllava_edge.deps import require
 
+        llguidance = require("llguidance", "runtime", "a JSON-schema answer")
         self._llguidance = llguidance
         self.vocab_size = tokenizer.vocab_size
         # ~0.4 s for 32000 tokens: once per tokenizer
@@ -174,11 +175,7 @@ def compiler(tokenizer: Any) -> Compiler:
     with _compilers_lock:
         found = _compilers.get(tokenizer)
         if found is None:
-            try:
-                found = _compilers[tokenizer] = Compiler(tokenizer)
-            except ImportError as exc:
-                raise ImportError("structured answers need llguidance: pip install 'sqllava-edge[runtime]' "
-                                  f"(or pip install llguidance) ({exc})") from None
+            found = _compilers[tokenizer] = Compiler(tokenizer)
         return found
 
 
