@@ -90,11 +90,11 @@ class Constraint:
         import llguidance.numpy as lln
 
         self._matcher, self.vocab_size = matcher, vocab_size
-        self._fill = lln.fill_next_token_bitmask
-        self._bits = lln.allocate_token_bitmask(1, vocab_size)
+        self._bits = lln.allocate_token_bitmask(1, vocab_size)  # (1, ceil(V / 32)) int32, bit i = token i allowed
+        self._pointer, self._nbytes = self._bits.ctypes.data, self._bits.nbytes
 
     def allowed(self) -> np.ndarray:
-        self._fill(self._matcher, self._bits, 0)
+        self._matcher.unsafe_compute_mask_ptr(self._pointer, self._nbytes)  # what lln.fill_next_token_bitmask does
         self._check()
         return np.unpackbits(self._bits[0].view(np.uint8), bitorder="little")[: self.vocab_size].astype(bool)
 
