@@ -407,3 +407,23 @@ def test_random_schemas_sampled_at_temperature_1_always_validate_and_end_with_eo
         jsonschema.validate(json.loads(choice["message"]["content"]), schema)
 
     check()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The demo's structured answer (its accuracy on the trained demo bundle comes from `make demo`)
+
+
+def test_the_demo_prints_a_constrained_answer_and_both_accuracies(assistant, tmp_path, capsys):
+    import importlib.util
+
+    subprocess.run([sys.executable, "-m", "training.synthetic", str(tmp_path / "data"), "--n-train", "2",
+                    "--n-eval", "6", "--seed", "0"], cwd=ROOT, check=True, capture_output=True)
+    spec = importlib.util.spec_from_file_location("demo_script_structured", ROOT / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = demo
+    spec.loader.exec_module(demo)
+    samples = json.loads((tmp_path / "data" / "eval.json").read_text())
+    result = demo.show_structured(assistant, samples, tmp_path / "data" / "images", n_images=3)
+    out = capsys.readouterr().out
+    assert result["fields"] == 6 and 0 <= result["structured"] <= 1 and 0 <= result["free_text"] <= 1
+    assert "schema answer: {" in out and "JSON schema" in out and "free text" in out
