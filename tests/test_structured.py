@@ -304,6 +304,61 @@ def test_bad_structured_requests_get_400_naming_the_problem(server, body, status
     assert response.status_code == status and message in response.json()["error"]["message"], response.text
 
 
+def test_a_schema_too_slow_to_compile_gets_400_and_the_server_keeps_serving(server, monkeypatch):
+    from sqllava_edge.serve import app
+
+    monkeypatch.setattr(app, "COMPILE_TIMEOUT", 0.0)  # nothing compiles in no time
+    body = {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+                "type": "object", "properties": {"never_seen_before": {"type": "integer"}}}}}}
+    response = httpx.post(server.url + "/v1/chat/completions", timeout=60, json=body)
+    assert response.status_code == 400 and "took over" in response.json()["error"]["message"], response.text
+    monkeypatch.setattr(app, "COMPILE_TIMEOUT", 10.0)
+    assert httpx.post(server.url + "/v1/chat/completions", timeout=60, json=body).status_code == 200
+
+
+def test_a_failing_constraint_ends_its_own_request_only(assistant):
+    from runtimes.scheduler import Request, Scheduler
+    from sqllava_edge.conversation import answer_prompt
+
+    class Broken:  # a grammar whose parser state fails at the first token
+        def constraint(self):
+            raise RuntimeError("the schema constraint failed: broken on purpose")
+
+    class Late:  # fails at the third token, after the request started streaming
+        def constraint(self):
+            grammar, steps = compile_schema(assistant.tokenizer, {"type": "string", "maxLength": 50}), [0]
+            inner = grammar.constraint()
+
+            class Failing:
+                def allowed(self):
+                    steps[0] += 1
+                    if steps[0] == 3:
+                        raise RuntimeError("the schema constraint failed: late on purpose")
+                    return inner.allowed()
+
+                def advance(self, token):
+                    inner.advance(token)
+            return Failing()
+
+    ids = answer_prompt(assistant.tokenizer, "What is it?", assistant.template)
+    events: dict[str, list] = {"good": [], "late": []}
+    scheduler = Scheduler(assistant.engine, parallel=2)
+    try:
+        with pytest.raises(RuntimeError, match="broken on purpose"):
+            Sampler(GenerationConfig(grammar=Broken()))
+        good = scheduler.submit(Request(ids, image(0), GenerationConfig(max_new_tokens=8),
+                                        on_event=events["good"].append))
+        late = scheduler.submit(Request(ids, image(1), GenerationConfig(max_new_tokens=8, grammar=Late()),
+                                        on_event=events["late"].append))
+        assert good.finished.wait(120) and late.finished.wait(120)
+    finally:
+        scheduler.shutdown()
+    assert [e.kind for e in events["late"]][-1] == "error" and "late on purpose" in str(events["late"][-1].error)
+    assert sum(e.kind == "token" and e.token >= 0 for e in events["good"]) == 8
+    assert [e.kind for e in events["good"]][-1] == "done"
+
+
 def test_llama_server_vllm_and_ollama_style_fields(server):
     for field, value in [("json_schema", {"enum": ["yes", "no"]}), ("guided_json", '{"enum": ["yes", "no"]}'),
                          ("format", "json"), ("response_format", {"type": "text"})]:
