@@ -389,7 +389,7 @@ def test_logprobs_equal_the_log_softmax_of_the_torch_engines_logits(tiny_bundle)
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
         response = client.chat.completions.create(
-            model="m", messages=_messages(4, "Which objects?"), max_tokens=40, logprobs=True, top_logprobs=2,
+            model="m", messages=_messages(4, "Which objects?"), max_tokens=16, logprobs=True, top_logprobs=2,
             response_format={"type": "json_schema", "json_schema": {"name": "o", "schema": OBJECTS}})
         reference = server.state.assistant  # the same engine, after the request: recompute its logits
         assert reference.llm.name == "torch"
