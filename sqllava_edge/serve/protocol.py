@@ -9,8 +9,10 @@ Rules (the README's "Serving" section says the same):
   was trained to see it: the start of the first user turn. `http(s)://` URLs are refused (the server never fetches);
   `file://` URLs and plain paths only with --allow-local-files.
 - Sampling: temperature defaults to 0 (greedy, as SQ-LLaVA's evaluation), max_tokens to 512.
-- Fields that would change the meaning of the answer and are not supported (tools, logprobs, response_format,
-  non-zero penalties, logit_bias, ...) are refused by name; unknown fields too, so nothing is silently ignored.
+- Fields that would change the meaning of the answer and are not supported (tools, non-zero penalties, logit_bias,
+  ...) are refused by name; unknown fields too, so nothing is silently ignored.
+- Structured output (parse_structured): response_format json_object / json_schema (or llama-server's json_schema,
+  vLLM's guided_json, ollama's format) give the schema the answer is held to; logprobs + top_logprobs (0-20).
 """
 from __future__ import annotations
 
