@@ -20,6 +20,7 @@ import re
 import threading
 import weakref
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -84,7 +85,10 @@ class Grammar:
 
 
 class Constraint:
-    """One sequence's position in the grammar: `allowed()` -> bool mask over the vocabulary; `advance(token)`."""
+    """One sequence's position in the grammar: `allowed()` -> bool mask over the vocabulary; `advance(token)`.
+
+    After `advance` the next mask is computed on a worker thread (llguidance releases the GIL), so it overlaps the
+    model's decode step that comes between two tokens; `allowed()` waits for it."""
 
     def __init__(self, matcher: Any, vocab_size: int):
         import llguidance.numpy as lln
@@ -92,15 +96,33 @@ class Constraint:
         self._matcher, self.vocab_size = matcher, vocab_size
         self._bits = lln.allocate_token_bitmask(1, vocab_size)  # (1, ceil(V / 32)) int32, bit i = token i allowed
         self._pointer, self._nbytes = self._bits.ctypes.data, self._bits.nbytes
+        self._next: Future | None = None
+
+    def _compute(self) -> None:
+        self._matcher.unsafe_compute_mask_ptr(self._pointer, self._nbytes)  # what lln.fill_next_token_bitmask does
 
     def allowed(self) -> np.ndarray:
-        self._matcher.unsafe_compute_mask_ptr(self._pointer, self._nbytes)  # what lln.fill_next_token_bitmask does
+        if self._next is None:
+            self._compute()
+        else:
+            self._next.result()
+            self._next = None
         self._check()
         return np.unpackbits(self._bits[0].view(np.uint8), bitorder="little")[: self.vocab_size].astype(bool)
 
+    def wait(self) -> None:
+        """Block until the mask being computed for the next token is ready."""
+        if self._next is not None:
+            self._next.result()
+
     def advance(self, token: int) -> None:
+        if self._next is not None:  # advanced without asking allowed(): the mask being computed is stale
+            self._next.result()
+            self._next = None
         self._matcher.consume_token(int(token))
         self._check()
+        if not self._matcher.is_stopped():
+            self._next = _masks().submit(self._compute)
 
     @property
     def complete(self) -> bool:
@@ -164,6 +186,19 @@ def _explain(error: str) -> str:
         return (f"unsupported JSON-schema keyword(s) {keys}: the answer could not be held to them; remove them "
                 f"(supported: {', '.join(SUPPORTED)})")
     return f"the schema cannot be compiled: {error.strip().splitlines()[0] if error.strip() else 'unknown error'}"
+
+
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def _masks() -> ThreadPoolExecutor:
+    """The worker threads that compute next-token masks while the model decodes (made on first use)."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sqllava-edge-mask")
+        return _executor
 
 
 _compilers: "weakref.WeakKeyDictionary[Any, Compiler]" = weakref.WeakKeyDictionary()

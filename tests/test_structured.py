@@ -482,3 +482,15 @@ def test_the_demo_prints_a_constrained_answer_and_both_accuracies(assistant, tmp
     out = capsys.readouterr().out
     assert result["fields"] == 6 and 0 <= result["structured"] <= 1 and 0 <= result["free_text"] <= 1
     assert "schema answer: {" in out and "JSON schema" in out and "free text" in out
+
+
+def test_the_benchmark_runs_side_by_side_and_writes_its_report(tiny_bundle, tmp_path):
+    from benchmarks import structured
+
+    assert structured.main(["--bundle", str(tiny_bundle), "--rounds", "1", "--new-tokens", "8", "--repeats", "1",
+                            "--threads", str(THREADS), "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "structured.json").read_text())
+    assert sorted(s["constrained"] for s in data["samples"]) == [False, True]
+    assert data["engines"][0]["engine"].startswith("llguidance") and data["engines"][0]["compile_ms"] > 0
+    report = (tmp_path / "structured.md").read_text()
+    assert "| nested schema |" in report and "llguidance" in report and "xgrammar" in report
