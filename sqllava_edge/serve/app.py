@@ -238,11 +238,11 @@ def _routes(app: FastAPI, state: State) -> None:
         _authorize(state, request)
         assistant, scheduler = _ready(state)
         chat = parse_chat(await _json_body(request, settings.body_limit))
+        config = await _structured_config(assistant, chat)  # a schema it cannot hold to fails before the image work
         pixels = await _pixels(state, chat.conversation.image, "messages")
         ids = _chat_prompt(assistant, chat, pixels is not None)
         _check_length(assistant, ids, pixels is not None, chat.config.max_new_tokens)
         seeds = _seeds(chat.seed, chat.n)
-        config = await _structured_config(assistant, chat)
         call = _Call(state, request, arrived, "/v1/chat/completions")
         call.submit(scheduler, EngineRequest(ids, pixels, config, seeds, timeout=settings.timeout,
                                              drop_after=chat.config.temperature > 0 and chat.n > 1))
