@@ -29,6 +29,8 @@ Errors (all subclasses of ValueError / RuntimeError / FileNotFoundError, from sq
   MemoryPlanError           the model would not fit the device's memory (suggests a smaller quant / n_ctx)
   PromptTooLongError        image tokens + text exceed n_ctx
   ValueError                empty question, unknown backend / option names, bad option values
+  SchemaError               (a ValueError, sqllava_edge.structured) a schema= that cannot be enforced, naming why
+  StructuredOutputError     (a ValueError) a schema= answer cut short (max_new_tokens, stop); `.text` holds it
 """
 from __future__ import annotations
 
