@@ -15,6 +15,7 @@ from tests.serve_helpers import ROOT, THREADS, ServerThread, data_uri, image, se
 
 pytest.importorskip("llguidance", reason="structured answers need llguidance (pip install '.[runtime]')")
 jsonschema = pytest.importorskip("jsonschema", reason="outputs are checked with jsonschema (pip install '.[dev]')")
+openai = pytest.importorskip("openai", reason="the server tests use the official client (pip install '.[dev]')")
 
 from sqllava_edge.generation import GenerationConfig, Sampler  # noqa: E402
 from sqllava_edge.structured import (Compiler, SchemaError, StructuredOutputError, compile_schema,  # noqa: E402
@@ -197,9 +198,6 @@ def test_cli_json_schema_prints_json_that_validates(tiny_bundle, tmp_path, capsy
 
 # --------------------------------------------------------------------------------------------------------------------
 # The server
-
-
-openai = pytest.importorskip("openai", reason="the server tests use the official client (pip install '.[dev]')")
 
 
 @pytest.fixture(scope="module")
