@@ -52,6 +52,7 @@ class Event:
     reason: str = ""  # "finish": "stop" | "length" | "cancelled" | "timeout"
     error: BaseException | None = None
     usage: dict[str, int] = field(default_factory=dict)  # "start": prompt / cached positions; "done": totals
+    logprobs: tuple | None = None  # "token", when the request's config asks: Sampler.last_logprobs
 
 
 @dataclass
@@ -383,7 +384,14 @@ class Scheduler:
         feed: dict[int, tuple[_Job, _Choice, int]] = {}  # seq -> (job, choice, token to feed)
         for job in list(self._running):
             for choice in job.active:
-                token = choice.sampler(choice.logits)
+                try:
+                    token = choice.sampler(choice.logits)
+                except Exception as exc:  # this request's schema constraint failed: end it, keep the others
+                    for other in job.choices:
+                        feed.pop(other.seq, None)
+                    self._end_job(job, Event("error", error=exc))
+                    self._running.remove(job)
+                    break
                 if token == eos:
                     self._finish(job, choice, "stop")
                     continue
@@ -391,7 +399,8 @@ class Scheduler:
                 piece = choice.text.push(token)
                 if job.handle.first_token is None:
                     job.handle.first_token = time.monotonic()
-                self._emit(job.handle, Event("token", choice.index, piece, token))
+                self._emit(job.handle, Event("token", choice.index, piece, token,
+                                             logprobs=choice.sampler.last_logprobs))
                 if choice.text.stopped:
                     self._finish(job, choice, "stop")
                 elif choice.count >= job.handle.request.config.max_new_tokens:

@@ -175,6 +175,7 @@ def show_assistant(out: Path) -> None:
             print(f"  description: {result.description}")
             for i, q in enumerate(result.questions, 1):
                 print(f"  self-question {i}: {q}")
+        show_structured(assistant, samples, out / "data" / "images")
     print(f"-- Assistant: done in {time.perf_counter() - start:.0f} s")
 
 
@@ -213,6 +214,41 @@ def show_watch(out: Path) -> None:
     start = time.perf_counter()
     watch_clip(out / "bundle", out)
     print(f"-- watch: done in {time.perf_counter() - start:.0f} s")
+def show_structured(assistant, samples: list[dict], images: Path, n_images: int = 10) -> dict:
+    """A JSON-schema answer about held-out images: {"colour": one of the dataset's colours, "shape": one of its
+    shapes} for the first object whose colour is unique in the image, asked "What colour is the <shape>?". Field
+    accuracy (both fields) beside the free-text accuracy on the same objects (that question's colour answer and
+    "What shape is the <colour> object?"'s shape answer). -> {"structured": ..., "free_text": ..., "fields": n}."""
+    from training.synthetic import COLOURS, SHAPES
+
+    schema = {"type": "object", "additionalProperties": False, "required": ["colour", "shape"],
+              "properties": {"colour": {"enum": list(COLOURS)}, "shape": {"enum": list(SHAPES)}}}
+    structured = free = fields = 0
+    shown = False
+    for sample in samples:
+        objects = sample.get("meta", {}).get("objects", [])
+        colours = [o["colour"] for o in objects]
+        target = next((o for o in objects if colours.count(o["colour"]) == 1), None)
+        if target is None:
+            continue
+        image = images / sample["image"]
+        question = f"What colour is the {target['shape']}?"
+        answer = assistant.ask(image, question, schema=schema, max_new_tokens=32)
+        if not shown:
+            print(f"\nstructured answer (JSON schema: colour and shape enums)\nimage: {rel(image)}\n  Q: {question}\n"
+                  f"  schema answer: {json.dumps(answer)}\n  truth: colour {target['colour']}, shape {target['shape']}")
+            shown = True
+        structured += (answer["colour"] == target["colour"]) + (answer["shape"] == target["shape"])
+        free += assistant.ask(image, question, max_new_tokens=8).strip(" .").lower() == target["colour"]
+        free += assistant.ask(image, f"What shape is the {target['colour']} object?",
+                              max_new_tokens=8).strip(" .").lower() == target["shape"]
+        fields += 2
+        if fields >= 2 * n_images:
+            break
+    if fields:
+        print(f"  field accuracy on {fields // 2} held-out objects: JSON schema {structured / fields:.1%}, "
+              f"free text {free / fields:.1%}")
+    return {"structured": structured / max(fields, 1), "free_text": free / max(fields, 1), "fields": fields}
 
 
 def serve_once(bundle: Path, image: Path, question: str, port: int | None = None) -> str:

@@ -7,7 +7,12 @@
     assistant.self_question(image, n=3, seed=0)               # describe, then n sampled VUSER questions (docs/spec.md 5.1)
     assistant.interview(image, n=3, seed=0)                   # ... and the model's answers to its own questions
     chat = assistant.chat(image); chat.ask("..."); chat.ask("and then?")
+    assistant.ask(image, "Which objects?", schema=Objects)    # JSON-schema dict or Pydantic model -> parsed answer
     print(assistant.backends)                                 # what was chosen and why
+
+`schema=` (ask, stream, chat.ask / chat.stream, interview) holds the answer to a JSON schema: every token is masked
+by the compiled schema (sqllava_edge.structured) before sampling, the answer ends with EOS once the JSON closes, and
+`ask` returns the parsed value (a model instance for a Pydantic class; `stream` yields the text).
 
 Sampling options per call (`max_new_tokens`, `temperature`, `top_k`, `top_p`, `seed`, `stop`) start from the task's
 defaults (generation.TASK_DEFAULTS, docs/spec.md 5). Image embeddings are cached by the content hash of the preprocessed
@@ -24,12 +29,14 @@ Errors (all subclasses of ValueError / RuntimeError / FileNotFoundError, from sq
   MemoryPlanError           the model would not fit the device's memory (suggests a smaller quant / n_ctx)
   PromptTooLongError        image tokens + text exceed n_ctx
   ValueError                empty question, unknown backend / option names, bad option values
+  SchemaError               (a ValueError, sqllava_edge.structured) a schema= that cannot be enforced, naming why
+  StructuredOutputError     (a ValueError) a schema= answer cut short (max_new_tokens, stop); `.text` holds it
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -69,7 +76,7 @@ class SelfQuestions:
 @dataclass(frozen=True)
 class Exchange:
     question: str  # one of the model's own questions (self_question)
-    answer: str  # the model's greedy answer to it, in the same conversation
+    answer: Any  # the model's greedy answer to it, in the same conversation (str, or parsed with a schema)
 
 
 def _config(task: str, options: dict[str, Any]) -> GenerationConfig:
@@ -82,6 +89,12 @@ def _config(task: str, options: dict[str, Any]) -> GenerationConfig:
     elif stop is not None:
         options = {**options, "stop": tuple(stop)}
     return TASK_DEFAULTS[task].replace(**options)
+
+
+def _parse(text: str, schema: Any) -> Any:
+    from sqllava_edge.structured import parse_answer
+
+    return parse_answer(text, schema)
 
 
 def _check_question(question: Any) -> str:
@@ -149,16 +162,19 @@ class Assistant:
     # ------------------------------------------------------------------------------------------------------------
     # Public calls
 
-    def ask(self, image, question: str, **options) -> str:
-        """Answer `question` about `image` (path, bytes, PIL image, array). Greedy by default (docs/spec.md 5.3)."""
-        return "".join(self.stream(image, question, **options)).rstrip()
+    def ask(self, image, question: str, *, schema: Any = None, **options) -> Any:
+        """Answer `question` about `image` (path, bytes, PIL image, array). Greedy by default (docs/spec.md 5.3).
+        With `schema` (a JSON-schema dict or a Pydantic model class) the answer is held to it and returned parsed
+        (StructuredOutputError, carrying the text, if it was cut short by max_new_tokens)."""
+        text = "".join(self.stream(image, question, schema=schema, **options)).rstrip()
+        return text if schema is None else _parse(text, schema)
 
-    def stream(self, image, question: str, **options) -> Iterator[str]:
-        """Like `ask`, yielding text pieces as they are generated."""
+    def stream(self, image, question: str, *, schema: Any = None, **options) -> Iterator[str]:
+        """Like `ask`, yielding text pieces as they are generated (the JSON text with `schema`)."""
         from sqllava_edge.conversation import answer_prompt
 
         question = _check_question(question)
-        config = _config("answer", options)
+        config = self._constrain(_config("answer", options), schema)
         ids = answer_prompt(self.tokenizer, question, self.template)
         return self.engine.stream_text(image, ids, config)
 
@@ -203,12 +219,13 @@ class Assistant:
         return SelfQuestions(description, questions, seed)
 
     def interview(self, image, n: int = 3, seed: int | None = None, *, max_answer_tokens: int | None = None,
-                  **options) -> list[Exchange]:
+                  schema: Any = None, **options) -> list[Exchange]:
         """The model questions itself about the image, then answers each of its questions: `self_question(image, n,
         seed)`, then for question q the greedy answer to `... ASSISTANT: {description}</s>VUSER: {q}</s> ASSISTANT:`
         (the conversation the SQ objective trains, docs/spec.md 3.3). The answers decode together in one batch on the shared
         image + description prefix. Options apply to the questions (as in self_question); answers are greedy, at most
-        `max_answer_tokens` (default: the answer default, 512) each."""
+        `max_answer_tokens` (default: the answer default, 512) each. With `schema` each answer is held to it and
+        `Exchange.answer` is the parsed value."""
         from sqllava_edge.conversation import interview_prompt
 
         with self._lock:
@@ -216,11 +233,20 @@ class Assistant:
             ref = self.engine.image_ref(image)
             prompts = [self.engine.items(ref, interview_prompt(self.tokenizer, asked.description, q, self.template))
                        for q in asked.questions]
-            answers: list[str] = []
+            answers: list[Any] = []
+            config = self._constrain(_config("answer", {"max_new_tokens": max_answer_tokens}), schema)
             for start in range(0, len(prompts), self.engine.pool.capacity):
-                answers += self.engine.answer_batch(prompts[start:start + self.engine.pool.capacity],
-                                                    _config("answer", {"max_new_tokens": max_answer_tokens}))
+                answers += self.engine.answer_batch(prompts[start:start + self.engine.pool.capacity], config)
+        if schema is not None:
+            answers = [_parse(a, schema) for a in answers]
         return [Exchange(q, a) for q, a in zip(asked.questions, answers)]
+
+    def _constrain(self, config: GenerationConfig, schema: Any) -> GenerationConfig:
+        if schema is None:
+            return config
+        from sqllava_edge.structured import compile_schema
+
+        return config.replace(grammar=compile_schema(self.tokenizer, schema))
 
     def _description(self, ref) -> str:
         """The greedy description of an image (a function of the image: computed once per cached image)."""
@@ -289,15 +315,16 @@ class Chat:
         self.turns: list[Turn] = []
         self.ids: list[int] = []
 
-    def ask(self, question: str, **options) -> str:
-        return "".join(self.stream(question, **options)).rstrip()
+    def ask(self, question: str, *, schema: Any = None, **options) -> Any:
+        text = "".join(self.stream(question, schema=schema, **options)).rstrip()
+        return text if schema is None else _parse(text, schema)
 
-    def stream(self, question: str, **options) -> Iterator[str]:
+    def stream(self, question: str, *, schema: Any = None, **options) -> Iterator[str]:
         from sqllava_edge.conversation import Turn, chat_append_ids
 
         question = _check_question(question)
-        config = _config("answer", options)
         assistant = self._assistant
+        config = assistant._constrain(_config("answer", options), schema)
         prompt = self.ids + chat_append_ids(assistant.tokenizer, self.turns, question, assistant.template)
 
         def finish(tokens: list[int], text: str) -> None:  # the cache now holds prompt + tokens; "</s>" closes the turn

@@ -139,6 +139,8 @@ def _add_model_args(parser, task: str) -> None:
     sampling.add_argument("--top-p", type=float, help="1 = off")
     sampling.add_argument("--seed", type=int, help="random seed for sampling")
     sampling.add_argument("--stop", action="append", help="stop string (repeatable)")
+    parser.add_argument("--json-schema", metavar="FILE",
+                        help="answer as JSON that follows this JSON-schema file (constrained decoding)")
 
 
 def _open_assistant(args):
@@ -157,6 +159,21 @@ def _options(args, with_seed: bool = True) -> dict:
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
+def _schema(args):
+    """The --json-schema file's schema (compiled on use), or None."""
+    if args.json_schema is None:
+        return None
+    from sqllava_edge.structured import SchemaError
+
+    try:
+        with open(args.json_schema, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as exc:
+        raise SystemExit(f"sqllava-edge: cannot read --json-schema {args.json_schema}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise SchemaError(f"--json-schema {args.json_schema} is not valid JSON ({exc})") from None
+
+
 def _print_stream(pieces) -> None:
     for piece in pieces:
         print(piece, end="", flush=True)
@@ -173,7 +190,7 @@ def register_ask(subparsers) -> None:
 
 def run_ask(args) -> int:
     with _open_assistant(args) as assistant:
-        _print_stream(assistant.stream(args.image, args.question, **_options(args)))
+        _print_stream(assistant.stream(args.image, args.question, schema=_schema(args), **_options(args)))
     return 0
 
 
@@ -187,6 +204,8 @@ def register_self_question(subparsers) -> None:
 
 
 def run_self_question(args) -> int:
+    if args.json_schema is not None:
+        raise ValueError("--json-schema applies to the answers: use it with ask, chat or interview")
     with _open_assistant(args) as assistant:
         result = assistant.self_question(args.image, n=args.n, seed=args.seed, **_options(args, with_seed=False))
     print(f"description: {result.description}")
@@ -209,9 +228,10 @@ def register_interview(subparsers) -> None:
 def run_interview(args) -> int:
     with _open_assistant(args) as assistant:
         exchanges = assistant.interview(args.image, n=args.n, seed=args.seed, max_answer_tokens=args.max_answer_tokens,
-                                        **_options(args, with_seed=False))
+                                        schema=_schema(args), **_options(args, with_seed=False))
     for i, exchange in enumerate(exchanges):
-        print(f"Q{i + 1}: {exchange.question}\nA{i + 1}: {exchange.answer}")
+        answer = exchange.answer if args.json_schema is None else json.dumps(exchange.answer, ensure_ascii=False)
+        print(f"Q{i + 1}: {exchange.question}\nA{i + 1}: {answer}")
     return 0
 
 
@@ -238,7 +258,7 @@ def run_chat(args) -> int:
                 continue
             if interactive:
                 print("assistant> ", end="", file=sys.stderr, flush=True)
-            _print_stream(chat.stream(line.strip(), **_options(args)))
+            _print_stream(chat.stream(line.strip(), schema=_schema(args), **_options(args)))
     return 0
 
 

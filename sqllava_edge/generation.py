@@ -8,9 +8,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
+
+
+MAX_TOP_LOGPROBS = 20  # as OpenAI allows
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,9 @@ class GenerationConfig:
     top_p: float = 1.0  # 1 = off
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)  # extra stop strings; EOS always stops
+    # A compiled schema (sqllava_edge.structured.Grammar): every token is masked to keep the answer valid JSON.
+    grammar: Any = field(default=None, compare=False)
+    logprobs: int | None = None  # None: off; k >= 0: record each chosen token's logprob and the k most likely
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
@@ -34,6 +40,8 @@ class GenerationConfig:
         check_seed(self.seed)
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be non-empty strings (an empty one would never match), got {self.stop!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an int in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
@@ -70,14 +78,40 @@ TASK_DEFAULTS: dict[str, GenerationConfig] = {
 
 
 class Sampler:
-    """Logits (1-D, any float array-like) -> token id. Temperature, then top-k, then top-p (HF warper order)."""
+    """Logits (1-D, any float array-like) -> token id. Temperature, then top-k, then top-p (HF warper order).
+
+    With `config.grammar` each Sampler holds its own parser state (one Sampler per sequence): tokens the schema does
+    not allow next are masked out before choosing, greedy or sampled, and the chosen token advances the state.
+    With `config.logprobs` set, `last_logprobs` holds (logprob, top alternatives) of the token just chosen, from the
+    model's distribution: log-softmax of the logits as given, before temperature, top-k / top-p and the mask.
+    """
 
     def __init__(self, config: GenerationConfig, seed: int | None = None):
         self.config = config
         self.rng = np.random.default_rng(config.seed if seed is None else seed)
+        self.constraint = config.grammar.constraint() if config.grammar is not None else None
+        self.last_logprobs: tuple[float, tuple[tuple[int, float], ...]] | None = None
 
     def __call__(self, logits) -> int:
         logits = np.asarray(logits, dtype=np.float32).reshape(-1)
+        if self.constraint is None:
+            token = self._choose(logits)
+        else:
+            allowed = self.constraint.allowed()
+            if not allowed.any():
+                raise RuntimeError("the schema allows no next token")
+            masked = np.where(allowed, logits, -np.inf)
+            token = self._choose(masked)
+            if not allowed[token]:  # float round-off at the very end of the cumulative sum
+                token = int(np.argmax(masked))
+            self.constraint.advance(token)
+        if self.config.logprobs is not None:
+            from sqllava_edge.structured import token_logprobs
+
+            self.last_logprobs = token_logprobs(logits, token, self.config.logprobs)
+        return token
+
+    def _choose(self, logits: np.ndarray) -> int:
         if self.config.greedy:
             return int(np.argmax(logits))
         finite = logits[np.isfinite(logits)]

@@ -55,6 +55,7 @@ with Assistant.load(bundle, vision_precision="fp32", n_threads=threads) as assis
     out["self_question"] = assistant.self_question(img, n=2, seed=0, max_new_tokens=6).questions
     chat = assistant.chat(img)
     out["chat"] = [chat.ask("Hi?", max_new_tokens=4), chat.ask("And?", max_new_tokens=4)]
+    out["structured"] = assistant.ask(img, "Yes?", schema={"enum": ["yes", "no"]}, max_new_tokens=8)
 with serving(bundle, parallel=1) as server:
     body = {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": [
         {"type": "text", "text": "What is in the image?"},
@@ -63,6 +64,12 @@ with serving(bundle, parallel=1) as server:
                                      {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:
         out["server"] = json.loads(response.read())["choices"][0]["message"]["content"]
+    body.update(max_tokens=8, logprobs=True, response_format={"type": "json_schema", "json_schema": {
+        "name": "yes_no", "schema": {"enum": ["yes", "no"]}}})
+    request = urllib.request.Request(server.url + "/v1/chat/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        out["server_structured"] = json.loads(json.loads(response.read())["choices"][0]["message"]["content"])
 out["modules"] = sorted(m for m in sys.modules if m.split(".")[0] in %r)
 print(json.dumps(out))
 ''' % (BLOCKED,)
@@ -103,7 +110,8 @@ def test_blocker_blocks(tmp_path):
 
 
 def test_assistant_and_server_import_no_torch(tiny_bundle, tmp_path):
-    """load, ask, stream, describe, self_question, chat and one server request, with torch & co. unimportable."""
+    """load, ask, stream, describe, self_question, chat, a schema-constrained answer and server requests (one held to
+    a JSON schema, with logprobs), with torch & co. unimportable."""
     image(0).save(tmp_path / "img.png")
     proc, attempts = run_blocked(["-c", RUNTIME_SCRIPT, str(tiny_bundle), str(tmp_path / "img.png"), str(THREADS)],
                                  tmp_path)
@@ -113,6 +121,7 @@ def test_assistant_and_server_import_no_torch(tiny_bundle, tmp_path):
     assert all(isinstance(out[k], str) and out[k] for k in ("ask", "stream", "describe", "server"))
     assert out["stream"] == out["ask"]  # same prompt, greedy
     assert len(out["self_question"]) == 2 and len(out["chat"]) == 2
+    assert out["structured"] in ("yes", "no") and out["server_structured"] in ("yes", "no")  # llguidance, no torch
 
 
 @pytest.mark.parametrize("command,stdin", [

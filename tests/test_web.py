@@ -18,6 +18,7 @@ screenshots to docs/web-desktop.png and docs/web-phone.png (the README shows the
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import shutil
@@ -408,3 +409,25 @@ def test_errors_are_shown_and_stop_cancels(page, allowed, guarded, tmp_path):
     set_max_tokens(page, 6)
     stats = ask_and_wait(page, "What colour is it?", 1)
     assert "6 tokens" in stats and len(page.find_elements(By.CSS_SELECTOR, "#log .msg")) == 2, stats
+
+
+def test_answer_as_json_follows_the_schema_and_is_pretty_printed(page, server, tmp_path):
+    """The "Answer as JSON" field: the sample schema sent as response_format, the answer shown pretty-printed; a
+    schema that is not JSON is refused on the page, before any request."""
+    open_page(page, server.url)
+    wait_ready(page)
+    choose_image(page, scene(tmp_path / "scene.png"))
+    wait(page, lambda: "sent as" in by_id(page, "imageInfo").text, "the image to be re-encoded")
+    set_max_tokens(page, 800)
+    by_id(page, "jsonAnswer").find_element(By.TAG_NAME, "summary").click()
+    click_id(page, "sampleSchemaBtn")
+    assert json.loads(by_id(page, "jsonSchema").get_attribute("value"))["required"] == ["objects"]
+    ask_and_wait(page, "Which objects are in the image?", 1)
+    text = answers(page)[-1].find_element(By.CLASS_NAME, "text").text
+    assert isinstance(json.loads(text)["objects"], list) and "\n" in text, text  # parsed and pretty-printed
+    box = by_id(page, "jsonSchema")
+    box.clear()
+    box.send_keys("{not json")
+    by_id(page, "question").send_keys("Again?" + Keys.ENTER)
+    wait(page, lambda: by_id(page, "schemaError").is_displayed(), "the schema error")
+    assert "not valid JSON" in by_id(page, "schemaError").text and len(answers(page)) == 1

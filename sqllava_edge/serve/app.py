@@ -40,6 +40,7 @@ from sqllava_edge.serve.security import HostCheck
 
 log = logging.getLogger("sqllava_edge.serve")
 TEXT_LIMIT = 1 << 20  # bytes of JSON besides the image
+COMPILE_TIMEOUT = 10.0  # seconds a response_format schema may take to compile (a worker thread; then 400)
 
 
 @dataclass(frozen=True)
@@ -313,8 +314,9 @@ def _routes(app: FastAPI, state: State) -> None:
         body = await _read_body(request, settings.body_limit)
         with _Preparing(state):
             chat, pixels, ids = await state.work(_prepare_chat, state, body)
+            config = await _structured_config(state.assistant, chat)  # compiled off the event loop, bounded in time
             call = _Call(state, request, arrived, "/v1/chat/completions")
-            call.submit(scheduler, EngineRequest(ids, pixels, chat.config, _seeds(chat.seed, chat.n),
+            call.submit(scheduler, EngineRequest(ids, pixels, config, _seeds(chat.seed, chat.n),
                                                  timeout=settings.timeout,
                                                  drop_after=chat.config.temperature > 0 and chat.n > 1))
         try:
@@ -324,7 +326,11 @@ def _routes(app: FastAPI, state: State) -> None:
                 return _EventStream(streaming.sse(chat), media_type="text/event-stream",
                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             texts, reasons, usage = await call.collect(chat.n)
-            return call.respond(_completion(settings, call.id, texts, reasons, usage))
+            response = _completion(settings, call.id, texts, reasons, usage)
+            if chat.logprobs is not None:
+                for choice in response["choices"]:
+                    choice["logprobs"] = {"content": call.logprobs.get(choice["index"], []), "refusal": None}
+            return call.respond(response)
         finally:
             if call is not None:
                 call.close()
@@ -479,6 +485,29 @@ def _check_length(assistant, ids: list[int], has_image: bool, chat: ChatRequest)
     return config.replace(max_new_tokens=room)
 
 
+async def _structured_config(assistant, chat: ChatRequest):
+    """The request's GenerationConfig with its schema compiled (on a worker thread, never the scheduler's, within
+    COMPILE_TIMEOUT) and its logprobs setting."""
+    config = chat.config
+    if chat.logprobs is not None:
+        config = config.replace(logprobs=chat.logprobs)
+    if chat.schema is None:
+        return config
+    from sqllava_edge.structured import SchemaError, compile_schema
+
+    try:
+        grammar = await asyncio.wait_for(run_in_threadpool(compile_schema, assistant.tokenizer, chat.schema),
+                                         COMPILE_TIMEOUT)
+    except SchemaError as exc:
+        raise bad_request(str(exc), param="response_format", code="invalid_schema") from None
+    except asyncio.TimeoutError:
+        raise bad_request(f"the schema took over {COMPILE_TIMEOUT:g} s to compile; simplify it",
+                          param="response_format", code="schema_too_complex") from None
+    except ImportError as exc:
+        raise APIError(501, str(exc), type="server_error", code="structured_output_unavailable") from None
+    return config.replace(grammar=grammar)
+
+
 def _seeds(seed: int | None, n: int) -> list[int]:
     base = random.SystemRandom().randrange(1 << 31) if seed is None else seed
     return [base + i for i in range(n)]
@@ -513,6 +542,7 @@ class _Call:
         self.handle = None
         self.first_token = False
         self._watcher: asyncio.Task | None = None
+        self.logprobs: dict[int, list[dict]] = {}  # choice -> OpenAI logprob entries (collect)
 
     def submit(self, scheduler: Scheduler, engine_request: EngineRequest) -> None:
         loop = asyncio.get_running_loop()
@@ -574,6 +604,8 @@ class _Call:
                 event = await self.next()
                 if event.kind == "token":
                     texts[event.choice] += event.text
+                    if event.logprobs is not None:
+                        self.logprobs.setdefault(event.choice, []).append(self.logprob_entry(event))
                 elif event.kind == "finish":
                     if event.reason in ("cancelled", "timeout"):
                         raise _ended_error(event.reason)
@@ -595,6 +627,18 @@ class _Call:
             return await self.collect(n)
         finally:
             self.close()
+    def logprob_entry(self, event: Event) -> dict[str, Any]:
+        """OpenAI's entry for one token: token, logprob, bytes, top_logprobs (the model's distribution)."""
+        from sqllava_edge.structured import token_bytes
+
+        tokenizer = self.state.assistant.tokenizer
+        chosen, top = event.logprobs
+
+        def entry(token: int, logprob: float) -> dict[str, Any]:
+            data = token_bytes(tokenizer, token)
+            return {"token": data.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(data)}
+
+        return {**entry(event.token, chosen), "top_logprobs": [entry(t, lp) for t, lp in top]}
 
     def respond(self, body: dict) -> JSONResponse:
         self.state.metrics.requests.labels(self.endpoint, "200").inc()
@@ -621,7 +665,10 @@ class _Call:
                          for i in range(chat.n)])
             while True:
                 event = await self.next()
-                if event.kind == "token" and event.text:
+                if event.kind == "token" and event.logprobs is not None:
+                    yield chunk([{"index": event.choice, "delta": {"content": event.text}, "finish_reason": None,
+                                  "logprobs": {"content": [self.logprob_entry(event)], "refusal": None}}])
+                elif event.kind == "token" and event.text:
                     yield chunk([{"index": event.choice, "delta": {"content": event.text}, "finish_reason": None}])
                 elif event.kind == "finish":
                     if event.reason in ("cancelled", "timeout"):

@@ -9,13 +9,16 @@ Rules (the README's "Serving" section says the same):
   was trained to see it: the start of the first user turn. `http(s)://` URLs are refused (the server never fetches);
   `file://` URLs and plain paths only under the directories named with --allowed-local-media-path.
 - Sampling: temperature defaults to 0 (greedy, as SQ-LLaVA's evaluation), max_tokens to 512.
-- Fields that would change the meaning of the answer and are not supported (tools, logprobs, response_format,
-  non-zero penalties, logit_bias, ...) are refused by name; unknown fields too, so nothing is silently ignored.
+- Fields that would change the meaning of the answer and are not supported (tools, non-zero penalties, logit_bias,
+  ...) are refused by name; unknown fields too, so nothing is silently ignored.
+- Structured output (parse_structured): response_format json_object / json_schema (or llama-server's json_schema,
+  vLLM's guided_json, ollama's format) give the schema the answer is held to; logprobs + top_logprobs (0-20).
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
 import os
 import re
@@ -90,6 +93,8 @@ class ChatRequest:
     model: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     max_tokens_given: bool = False  # the client set max_tokens (else the default, cut to the room left)
+    schema: dict[str, Any] | None = None  # the answer is held to this JSON schema (parse_structured)
+    logprobs: int | None = None  # None: off; k: each token's logprob and its k most likely alternatives
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -166,7 +171,7 @@ def sampling(body: dict, *, default_temperature: float = 0.0, default_max: int =
 
 
 def parse_chat(body: Any, limits: Limits = Limits()) -> ChatRequest:
-    body = check_fields(body, USED)
+    body = check_fields(body, USED | STRUCTURED_FIELDS)
     conversation = parse_messages(body.get("messages"), limits)
     config, seed = sampling(body, limits=limits)
     n = _number(body, "n", 1, MAX_N, 1, integer=True)
@@ -182,8 +187,75 @@ def parse_chat(body: Any, limits: Limits = Limits()) -> ChatRequest:
     if not isinstance(model, str):
         raise bad_request("model must be a string", param="model")
     given = body.get("max_tokens") is not None or body.get("max_completion_tokens") is not None
+    schema, logprobs = parse_structured(body)
     return ChatRequest(conversation, config, n, seed, bool(stream), bool(options.get("include_usage")), model,
-                       max_tokens_given=given)
+                       max_tokens_given=given, schema=schema, logprobs=logprobs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Structured output and logprobs
+
+# OpenAI's response_format / logprobs / top_logprobs, llama-server's json_schema, vLLM's guided_json and ollama's
+# format (on its OpenAI-style requests) are used, not refused.
+STRUCTURED_FIELDS = {"response_format", "logprobs", "top_logprobs", "json_schema", "guided_json", "format"}
+UNSUPPORTED -= STRUCTURED_FIELDS
+MAX_TOP_LOGPROBS = 20
+
+
+def parse_structured(body: dict) -> tuple[dict[str, Any] | None, int | None]:
+    """(JSON schema the answer must follow or None, top_logprobs count or None when logprobs are off)."""
+    from sqllava_edge.structured import JSON_OBJECT
+
+    given = [name for name in ("response_format", "json_schema", "guided_json", "format") if body.get(name) is not None]
+    if len(given) > 1:
+        raise bad_request(f"give one of {given}, not several: each sets the answer's schema", param=given[1])
+    schema = None
+    if given == ["response_format"]:
+        schema = _response_format(body["response_format"])
+    elif given:
+        name = given[0]
+        value = body[name]
+        if name == "format" and value == "json":  # ollama
+            schema = dict(JSON_OBJECT)
+        elif isinstance(value, str) and name != "format":
+            try:
+                schema = json.loads(value)
+            except json.JSONDecodeError:
+                raise bad_request(f"{name} must be a JSON schema (an object or its JSON text)", param=name) from None
+        else:
+            schema = value
+        if not isinstance(schema, dict):
+            raise bad_request(f"{name} must be a JSON schema object" + (" or \"json\"" if name == "format" else ""),
+                              param=name)
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise bad_request("logprobs must be true or false", param="logprobs")
+    top = _number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, None, integer=True)
+    if top is not None and top > 0 and not logprobs:
+        raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
+    return schema, (int(top or 0) if logprobs else None)
+
+
+def _response_format(value: Any) -> dict[str, Any] | None:
+    from sqllava_edge.structured import JSON_OBJECT
+
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return dict(JSON_OBJECT)
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            raise bad_request('response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}',
+                              param="response_format")
+        schema = spec.get("schema", JSON_OBJECT)
+        if not isinstance(schema, dict):
+            raise bad_request("response_format.json_schema.schema must be a JSON-schema object",
+                              param="response_format")
+        return dict(schema)
+    raise bad_request('response_format must be {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", '
+                      '"json_schema": {"name": ..., "schema": {...}, "strict": true}}', param="response_format")
 
 
 def parse_messages(messages: Any, limits: Limits = Limits()) -> Conversation:
