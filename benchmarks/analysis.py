@@ -1,4 +1,4 @@
-"""Raw results -> figures (medians and spread of every measurement) and the issue's target ratios.
+"""Raw results -> figures (medians and spread of every measurement) and the benchmark's target ratios.
 
 Every ratio compares numbers measured in the same run. The headline combination is the one with the lowest median
 end-to-end time; the ratios that concern one combination (roofline share, follow-up TTFT, self_question) use it.
@@ -158,7 +158,7 @@ def targets(results: dict, combos: list[dict], rows: list[dict], eager: dict | N
         return out + [_target(t[0], None, "no combination measured") for t in TARGETS[2:]]
     f, name = head["figures"], head["label"]
     auto = next((c for c in combos if c.get("tuned")), None)
-    user = auto or head  # what the issue-24 targets judge
+    user = auto or head  # what the latency targets judge
     roof = f["roofline"]
     out.append(_target("roofline_share", roof and roof.get("share"),
                        f"{name}: {_median(f['decode_tok_s']):.2f} tok/s vs roofline {roof['tok_s']:.2f} tok/s "

@@ -25,7 +25,7 @@ CACHE_ENV = "SQLLAVA_EDGE_CACHE"
 BUILD_VERSION = 1  # bump when what a preset build produces changes for the same key
 WEIGHT_SEED = 0
 RECORD = "build.json"
-# What each preset exports: the acceptance setting for bench-1b is q4_k_m; fp32 vision is the parity
+# What each preset exports: bench-1b's acceptance setting is q4_k_m; fp32 vision is the parity
 # reference and int8 the CPU choice (fp16 is for GPUs, built on demand with --vision-precision).
 EXPORTS = {"bench-1b": {"quants": ["q4_k_m"], "vision_precisions": ["fp32", "int8"]},
            "tiny": {"quants": ["q4_k_m"], "vision_precisions": ["fp32", "int8"]}}

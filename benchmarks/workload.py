@@ -14,7 +14,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Workload:
-    prompt_tokens: int = 32  # P: text tokens after the image rows (the "32-token question")
+    prompt_tokens: int = 32  # P: text tokens after the image rows (the benchmark's "32-token question")
     new_tokens: int = 32  # G: tokens generated per answer, EOS ignored
     runs: int = 3  # timed runs per measurement (warm-up runs come on top and are discarded)
     warmup: int = 1
