@@ -21,6 +21,25 @@ DEFAULT_N_CTX = 2048  # image tokens + prompt + a 512-token answer + some chat h
 LLAMA_CPP_KV_BYTES = 2  # LlamaCppLLM's default f16 KV cache (f32, 4 bytes, for an f32 GGUF)
 
 
+@dataclass(frozen=True)
+class Backends:
+    """What `Assistant.load` chose, and why (`assistant.backends`; printed by `sqllava-edge inspect` and the demo)."""
+
+    device: str
+    vision: str  # VisionKind value
+    vision_detail: str
+    vision_reason: str
+    llm: str  # LLMKind value
+    llm_detail: str
+    llm_reason: str
+    memory: str  # the memory plan
+
+    def __str__(self) -> str:
+        return (f"device: {self.device}\nvision: {self.vision} ({self.vision_detail})\n  why: {self.vision_reason}\n"
+                f"llm: {self.llm} ({self.llm_detail})\n  why: {self.llm_reason}\nmemory plan:\n  "
+                + self.memory.replace("\n", "\n  "))
+
+
 @dataclass
 class LoadedParts:
     vision: Any  # VisionBackend
@@ -29,7 +48,7 @@ class LoadedParts:
     config: ModelConfig
     template: str
     image_mode: str
-    backends: Any  # sqllava_edge.assistant.Backends
+    backends: "Backends"
 
 
 def load_parts(path: str | os.PathLike, device, vision_backend: str | None, llm_backend: str | None,
@@ -37,7 +56,6 @@ def load_parts(path: str | os.PathLike, device, vision_backend: str | None, llm_
                llm_precision: str | None, verify: bool, sequences: int, tune: bool | None = None,
                prefer: str = "latency") -> LoadedParts:
     from runtimes.tune import check_prefer
-    from sqllava_edge.assistant import Backends
 
     check_prefer(prefer)
     dev = resolve_device(device)

@@ -40,30 +40,12 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from runtimes.loader import Backends  # what Assistant.load chose, and why (re-exported here for users)
 from sqllava_edge.config import ModelConfig
 from sqllava_edge.generation import TASK_DEFAULTS, GenerationConfig, check_seed
 
 OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
 SEQUENCES = 4  # KV sequences kept: self_question(n=3) = the shared prompt + 3 samples in one batch
-
-
-@dataclass(frozen=True)
-class Backends:
-    """What `Assistant.load` chose, and why."""
-
-    device: str
-    vision: str  # VisionKind value
-    vision_detail: str
-    vision_reason: str
-    llm: str  # LLMKind value
-    llm_detail: str
-    llm_reason: str
-    memory: str  # the memory plan
-
-    def __str__(self) -> str:
-        return (f"device: {self.device}\nvision: {self.vision} ({self.vision_detail})\n  why: {self.vision_reason}\n"
-                f"llm: {self.llm} ({self.llm_detail})\n  why: {self.llm_reason}\nmemory plan:\n  "
-                + self.memory.replace("\n", "\n  "))
 
 
 @dataclass(frozen=True)
