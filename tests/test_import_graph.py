@@ -25,16 +25,13 @@ PACKAGES = ("sqllava_edge", "runtimes", "export", "training", "benchmarks")
 FRONT_DOORS = ("sqllava_edge", "sqllava_edge.assistant", "sqllava_edge.cli", "sqllava_edge.cli_watch",
                "sqllava_edge.serve")
 CORE, RUNTIMES, FRONT = 1, 2, 3
-# Edges that break the rules today. Each goes when its module moves: the serve routes share their request plumbing
-# through app.py (live.py imports it back; a serve/calls.py for State, _Call and the body checks ends it); the export
-# steps' own command lines (python -m export.gguf / .onnx / .merge) call the driver in export/__main__.py (an
-# export/pipeline.py that only the command lines import ends it).
+# Edges that break the rules today, and what removes each: the export steps' own command lines (python -m
+# export.gguf / .onnx / .merge) call the driver in export/__main__.py (an export/pipeline.py that only the command
+# lines import ends it).
 KNOWN = {
     ("export.gguf", "export.__main__"),
     ("export.onnx", "export.__main__"),
     ("export.merge", "export.__main__"),
-    ("sqllava_edge.serve.app", "sqllava_edge.serve.live"),
-    ("sqllava_edge.serve.live", "sqllava_edge.serve.app"),
 }
 
 

@@ -13,7 +13,6 @@ GET / (the web page). The app is `sqllava_edge.serve.app.create_app`; this modul
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from typing import Sequence

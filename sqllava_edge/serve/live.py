@@ -37,7 +37,7 @@ from starlette.concurrency import run_in_threadpool
 from runtimes.scheduler import Request as EngineRequest
 from runtimes.watch import DEFAULT_THRESHOLD, WATCH_TOKENS, FrameAnswer, Gate, Mailbox, Pending, read_into
 from sqllava_edge.errors import ImageError, ImageTooLargeError
-from sqllava_edge.serve.app import State, _authorize, _Call, _json_body, _ready
+from sqllava_edge.serve.calls import Call, State, authorize, json_body, ready
 from sqllava_edge.serve.protocol import APIError, _number, bad_request, check_fields, image_source
 from sqllava_edge.video import Frame
 
@@ -114,9 +114,9 @@ def live_router(state: State) -> APIRouter:
 
     @router.post("/v1/live")
     async def start(request: Request):
-        _authorize(state, request)
-        assistant, scheduler = _ready(state)
-        body = check_fields(await _json_body(request, 1 << 20), START_FIELDS)
+        authorize(state, request)
+        assistant, scheduler = ready(state)
+        body = check_fields(await json_body(request, 1 << 20), START_FIELDS)
         question = body.get("question")
         if not isinstance(question, str) or not question.strip():
             raise bad_request("question must be a non-empty string: the standing question about the video",
@@ -143,8 +143,8 @@ def live_router(state: State) -> APIRouter:
 
     @router.post("/v1/live/{session_id}/frames", status_code=202)
     async def push(session_id: str, request: Request):
-        _authorize(state, request)
-        assistant, _ = _ready(state)
+        authorize(state, request)
+        assistant, _ = ready(state)
         session = sessions.get(session_id)
         if session is None:
             raise APIError(404, f"no live session {session_id}: it ended (its event stream closed) or never started; "
@@ -152,7 +152,7 @@ def live_router(state: State) -> APIRouter:
         if session.source is not None:
             raise APIError(409, "this session watches a server-side source; frames cannot be pushed to it",
                            code="session_has_source")
-        body = check_fields(await _json_body(request, settings.body_limit), FRAME_FIELDS)
+        body = check_fields(await json_body(request, settings.body_limit), FRAME_FIELDS)
         if not isinstance(body.get("image"), str):
             raise bad_request("image must be a data URI string (data:image/jpeg;base64,...)", param="image")
         timestamp = _number(body, "timestamp", 0, 1e9, None)
@@ -238,9 +238,9 @@ async def _events(state: State, request: Request, session: Session, sessions: di
 
 async def _answer(state: State, request: Request, session: Session, item: Pending) -> str:
     """One frame through the scheduler: encode, prefill the standing prompt, decode (batched with other requests)."""
-    assistant, scheduler = _ready(state)
+    assistant, scheduler = ready(state)
     pixels = await state.work(assistant.engine.pixels, item.frame.image)
-    call = _Call(state, request, item.arrived, "/v1/live")
+    call = Call(state, request, item.arrived, "/v1/live")
     call.submit(scheduler, EngineRequest(session.ids, pixels, session.config, timeout=state.settings.timeout))
     await call.started()
     texts, _, _ = await call.collect(1)
