@@ -52,11 +52,17 @@ class Backends:
     llm_detail: str
     llm_reason: str
     memory: str  # the memory plan
+    quality: str = ""  # bundles: every candidate artifact's speed and fidelity, kept or dropped and why (runtimes.quality)
+    vision_precision: str = ""  # the artifacts that run ("" on the torch backends)
+    llm_precision: str = ""
 
     def __str__(self) -> str:
-        return (f"device: {self.device}\nvision: {self.vision} ({self.vision_detail})\n  why: {self.vision_reason}\n"
+        text = (f"device: {self.device}\nvision: {self.vision} ({self.vision_detail})\n  why: {self.vision_reason}\n"
                 f"llm: {self.llm} ({self.llm_detail})\n  why: {self.llm_reason}\nmemory plan:\n  "
                 + self.memory.replace("\n", "\n  "))
+        if self.quality:
+            text += "\ncandidates (speed, quality vs fp32 PyTorch):\n  " + self.quality.replace("\n", "\n  ")
+        return text
 
 
 @dataclass(frozen=True)
@@ -115,7 +121,7 @@ class Assistant:
              llm_backend: str | None = None, n_ctx: int | None = None, n_threads: int | None = None,
              gpu_layers: int | None = None, *, vision_precision: str | None = None, llm_precision: str | None = None,
              verify: bool = True, sequences: int = SEQUENCES, prefer: str = "latency",
-             tune: bool | None = None) -> "Assistant":
+             tune: bool | None = None, max_quality_loss=None) -> "Assistant":
         """Load a bundle (`python -m export`) or a training checkpoint folder (torch backends).
 
         device: None (detect), "cpu", "cuda", "jetson". vision_backend: torch | onnxruntime | tensorrt; llm_backend:
@@ -128,11 +134,16 @@ class Assistant:
         machine every option it offers is timed in child processes and the table cached (runtimes.tune;
         `sqllava-edge tune BUNDLE` does it ahead). tune: False (or $SQLLAVA_EDGE_TUNE=0) keeps the rule-based
         order; an explicit backend, precision, n_threads or gpu_layers also skips it. `backends` shows the numbers.
+        max_quality_loss: the quality floor of the automatic choice (runtimes.quality): None = the default (mean KL
+        <= 0.05 nats and top-1 >= 97% vs fp32 PyTorch, per artifact, as recorded at export), a number = that max KL
+        in nats, "off" = none. Artifacts below it are no candidates for measured or rule-based selection; an explicit
+        precision always loads. `backends.quality` shows every candidate's speed and fidelity and why it was kept.
         """
         from runtimes.loader import load_parts
 
         parts = load_parts(path, device, vision_backend, llm_backend, n_ctx, n_threads, gpu_layers,
-                           vision_precision, llm_precision, verify, sequences, tune=tune, prefer=prefer)
+                           vision_precision, llm_precision, verify, sequences, tune=tune, prefer=prefer,
+                           max_quality_loss=max_quality_loss)
         try:
             return cls(parts.vision, parts.llm, parts.tokenizer, parts.config, template=parts.template,
                        image_mode=parts.image_mode, backends=parts.backends, sequences=sequences)
