@@ -128,7 +128,8 @@ def test_bundle_evaluation_step_runs_and_the_table_marks_the_automatic_choice(de
 
     out = _demo_folder(tmp_path, tiny_bundle)
     step = next(s for s in demo.steps(out) if s.name == "evaluate_bundle")
-    step.argv += ["--max-answer-tokens", "3", "--max-question-tokens", "4"]  # the random model rarely stops
+    # shorter for the test (the random model rarely stops; one llama.cpp thread is fastest on a shared machine)
+    step.argv += ["--max-answer-tokens", "3", "--max-question-tokens", "4", "--sq-per-image", "2", "--threads", "1"]
     assert demo.run_step(step, out / ".stamps") is True
     assert demo.run_step(step, out / ".stamps") is False  # reused while the bundle and data are unchanged
     (out / "eval.json").write_text(json.dumps({"qa": {"accuracy": 0.9, "questions": 26},

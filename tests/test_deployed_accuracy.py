@@ -30,7 +30,7 @@ def test_fidelity_is_recorded_at_export(tiny_bundle):
     vision, gguf = manifest.find("vision_onnx", "fp32"), manifest.find("llm_gguf", "f32")
     for artifact in (vision, gguf):
         record = artifact.validation["fidelity"]
-        assert record["pairs"] == 16 and record["positions"] > 16  # every answer token of every pair, + EOS
+        assert record["positions"] > record["pairs"] >= 1  # every answer token of every pair, + EOS
         assert record["kl_mean"] >= 0 and 0 <= record["top1_agreement"] <= 1
         assert "validation text" in record["calibration"]  # the test checkpoint has no training data beside it
     assert -1 <= vision.validation["fidelity"]["cosine_min"] <= vision.validation["fidelity"]["cosine_mean"] <= 1
@@ -38,7 +38,7 @@ def test_fidelity_is_recorded_at_export(tiny_bundle):
     # f32 GGUF with fp32 image tokens is PyTorch's arithmetic: no loss to speak of
     assert record["kl_mean"] < 1e-3 and record["top1_agreement"] >= 0.99
     assert set(record["with_vision"]) == {"fp32"}
-    assert record["end_to_end"]["vision"] == "fp32" and record["end_to_end"]["answers"] == 16
+    assert record["end_to_end"]["vision"] == "fp32" and record["end_to_end"]["answers"] == record["pairs"]
     assert 0 <= record["end_to_end"]["greedy_agreement"] <= 1
 
 
