@@ -81,23 +81,24 @@ def test_bundle_evaluation_of_every_combination(tiny_bundle, eval_data, tmp_path
 
 
 def test_batched_answers_are_the_questions_answered_one_by_one(tiny_bundle, eval_data):
-    """An image's questions go through the engine together; each answer belongs to its own question."""
+    """Several images' questions go through the engine together; each answer belongs to its own question."""
     from sqllava_edge.assistant import Assistant
     from training.evaluate import BundleEvaluator
 
-    row = json.loads(eval_data.read_text())[0]
-    image = eval_data.parent / "images" / row["image"]
-    questions = [t["value"].replace("<image>", "").strip() for t in row["conversations"][0::2]][:5]
-    ev = BundleEvaluator(tiny_bundle, "fp32", "f32", n_threads=1, sequences=4)
+    asked = []
+    for row in json.loads(eval_data.read_text())[:2]:
+        questions = [t["value"].replace("<image>", "").strip() for t in row["conversations"][0::2]][:3]
+        asked.append((eval_data.parent / "images" / row["image"], questions))
+    ev = BundleEvaluator(tiny_bundle, "fp32", "f32", n_threads=1, sequences=4)  # 6 questions: batches of 4 and 2
     try:
-        batched = ev.answers(image, questions, 4)
+        batched = ev.answers_many(asked, 4)
         counters = ev.assistant.counters.snapshot()
     finally:
         ev.close()
-    assert len(batched) == len(questions) and counters["vision_encodes"] == 1
+    assert [len(a) for a in batched] == [3, 3] and counters["vision_encodes"] == 2
     assert counters["decode_steps"] < counters["decode_tokens"]  # several sequences per decode step
     with Assistant.load(tiny_bundle, vision_precision="fp32", llm_precision="f32", n_threads=1) as one:
-        single = [one.ask(image, q, max_new_tokens=4) for q in questions]
+        single = [[one.ask(image, q, max_new_tokens=4) for q in questions] for image, questions in asked]
     assert batched == single
 
 

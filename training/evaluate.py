@@ -74,7 +74,8 @@ def grounded(refs: dict[str, str], objects: list[dict[str, Any]]) -> bool:
 
 
 DESCRIBE_TOKENS = 96  # the greedy description the self-questions are conditioned on
-BATCH = 8  # bundle: KV sequences, so an image's questions decode together
+GROUP = 8  # images whose questions (or descriptions) are decoded together on a bundle
+BATCH_POSITIONS = 16384  # bundle: KV cells of all sequences together; sequences = this / (image rows + 192), <= 32
 
 
 def _progress(items: Iterable, desc: str, unit: str, enabled: bool):
@@ -129,6 +130,12 @@ class Evaluator:
         ask_cfg = TASK_DEFAULTS["self_question"].replace(max_new_tokens=max_tokens)
         return description, [self.generate(prompt, embeds, ask_cfg, seed=seed + k) for k in range(n)]
 
+    def answers_many(self, asked: list[tuple[Path, list[str]]], max_tokens: int) -> list[list[str]]:
+        return [self.answers(path, questions, max_tokens) for path, questions in asked]
+
+    def self_questions_many(self, paths: list[Path], n: int, seeds: list[int], max_tokens: int):
+        return [self.self_questions(path, n, seed, max_tokens) for path, seed in zip(paths, seeds)]
+
     def close(self) -> None:
         pass
 
@@ -137,14 +144,15 @@ class BundleEvaluator:
     """A bundle through `Assistant` (no torch): an image's questions answered in batches of the engine's sequences."""
 
     def __init__(self, bundle: str | Path, vision_precision: str | None = None, llm_precision: str | None = None,
-                 n_threads: int | None = None, sequences: int = BATCH, max_quality_loss=None):
+                 n_threads: int | None = None, sequences: int | None = None, max_quality_loss=None):
         from sqllava_edge.assistant import Assistant
         from sqllava_edge.bundle import read_manifest
 
         config = read_manifest(bundle, verify=False).config
         limit = config.llm.max_position_embeddings
-        # every sequence holds the image rows and a short prompt + answer (shared prefixes reuse their cells)
-        n_ctx = min(sequences * min(limit, config.num_image_tokens + 192), limit * sequences)
+        per_sequence = min(limit, config.num_image_tokens + 192)  # image rows + prompt + answer (or description)
+        sequences = sequences or max(4, min(32, BATCH_POSITIONS // per_sequence))
+        n_ctx = sequences * per_sequence
         self.assistant = Assistant.load(bundle, vision_precision=vision_precision, llm_precision=llm_precision,
                                         n_threads=n_threads, sequences=sequences, n_ctx=n_ctx,
                                         max_quality_loss=max_quality_loss)
@@ -155,38 +163,69 @@ class BundleEvaluator:
         backends = self.assistant.backends
         return backends.vision_precision, backends.llm_precision
 
-    def answers(self, path: Path, questions: list[str], max_tokens: int) -> list[str]:
+    def answers_many(self, asked: list[tuple[Path, list[str]]], max_tokens: int) -> list[list[str]]:
+        """Every question of several images, decoded together in batches of the engine's sequences."""
         from sqllava_edge.conversation import answer_prompt
         from sqllava_edge.generation import TASK_DEFAULTS
 
-        assistant, engine = self.assistant, self.assistant.engine
-        config = TASK_DEFAULTS["answer"].replace(max_new_tokens=max_tokens)
-        with engine.lock:
-            ref = engine.image_ref(path)
-            prompts = [engine.items(ref, answer_prompt(assistant.tokenizer, q, assistant.template)) for q in questions]
-            out: list[str] = []
-            for start in range(0, len(prompts), engine.pool.capacity):
-                out += engine.answer_batch(prompts[start:start + engine.pool.capacity], config)
+        assistant = self.assistant
+        prompts = [[answer_prompt(assistant.tokenizer, q, assistant.template) for q in questions]
+                   for _, questions in asked]
+        flat = self._batched([path for path, _ in asked], prompts,
+                             TASK_DEFAULTS["answer"].replace(max_new_tokens=max_tokens))
+        out, at = [], 0
+        for ids in prompts:
+            out.append(flat[at:at + len(ids)])
+            at += len(ids)
         return out
 
-    def self_questions(self, path: Path, n: int, seed: int, max_tokens: int) -> tuple[str, list[str]]:
-        description = self.assistant.describe(path, max_new_tokens=DESCRIBE_TOKENS).strip()
-        asked = self.assistant.self_question(path, n=n, seed=seed, description=description, max_new_tokens=max_tokens)
-        return description, asked.questions
+    def self_questions_many(self, paths: list[Path], n: int, seeds: list[int], max_tokens: int):
+        """Greedy descriptions of several images decoded together, then each image's n questions as parallel forks
+        (Assistant.self_question, question k with seed + k)."""
+        from sqllava_edge.conversation import describe_prompt
+        from sqllava_edge.generation import TASK_DEFAULTS
+
+        assistant = self.assistant
+        prompt = describe_prompt(assistant.tokenizer, assistant.template)
+        descriptions = self._batched(paths, [[prompt] for _ in paths],
+                                     TASK_DEFAULTS["describe"].replace(max_new_tokens=DESCRIBE_TOKENS))
+        out = []
+        for path, description, seed in zip(paths, descriptions, seeds):
+            asked = assistant.self_question(path, n=n, seed=seed, description=description, max_new_tokens=max_tokens)
+            out.append((description, asked.questions))
+        return out
+
+    def _batched(self, paths: list[Path], prompts: list[list[list[int]]], config) -> list[str]:
+        """prompts[i]: the prompt ids asked about image paths[i] -> every answer, in order."""
+        engine = self.assistant.engine
+        with engine.lock:
+            refs = [engine.image_ref(path) for path in paths]
+            items = [engine.items(ref, ids) for ref, group in zip(refs, prompts) for ids in group]
+            texts: list[str] = []
+            for start in range(0, len(items), engine.pool.capacity):
+                texts += engine.answer_batch(items[start:start + engine.pool.capacity], config)
+        return texts
 
     def close(self) -> None:
         self.assistant.close()
 
 
+def _groups(rows: list[dict]) -> list[list[dict]]:
+    return [rows[i:i + GROUP] for i in range(0, len(rows), GROUP)]
+
+
 def evaluate_qa(ev, rows: list[dict], folder: Path, max_tokens: int, progress: bool) -> dict[str, Any]:
     right, total, answers = Counter(), Counter(), defaultdict(Counter)
     examples = []
-    for row in _progress(rows, "QA", "img", progress):
-        turns = row["conversations"]
-        pairs = [(turns[j]["value"].replace("<image>", "").strip(), normalize(turns[j + 1]["value"]), kind)
-                 for j, kind in zip(range(0, len(turns), 2), row["meta"]["types"])]
-        said_all = ev.answers(folder / row["image"], [q for q, _, _ in pairs], max_tokens)
-        for (question, truth, kind), said in zip(pairs, said_all):
+    for group in _progress(_groups(rows), "QA", "group", progress):
+        asked = []
+        for row in group:
+            turns = row["conversations"]
+            asked.append([(turns[j]["value"].replace("<image>", "").strip(), normalize(turns[j + 1]["value"]), kind)
+                          for j, kind in zip(range(0, len(turns), 2), row["meta"]["types"])])
+        said_all = ev.answers_many([(folder / row["image"], [q for q, _, _ in pairs]) for row, pairs in zip(group, asked)],
+                                   max_tokens)
+        for (question, truth, kind), said in zip([p for pairs in asked for p in pairs], [a for s in said_all for a in s]):
             said = normalize(said)
             group = QUESTION_GROUP[kind]
             total[group] += 1
@@ -207,8 +246,13 @@ def evaluate_qa(ev, rows: list[dict], folder: Path, max_tokens: int, progress: b
 def evaluate_sq(ev, rows: list[dict], folder: Path, per_image: int, max_tokens: int, seed: int,
                 progress: bool) -> dict[str, Any]:
     counts, kinds, examples = Counter(), Counter(), []
-    for i, row in enumerate(_progress(rows, "self-questioning", "img", progress)):
-        description, questions = ev.self_questions(folder / row["image"], per_image, seed + i * per_image, max_tokens)
+    done = []
+    for group in _progress(_groups(rows), "self-questioning", "group", progress):
+        start = len(done)
+        done += [(row, *out) for row, out in zip(group, ev.self_questions_many(
+            [folder / row["image"] for row in group], per_image, [seed + (start + k) * per_image for k in range(len(group))],
+            max_tokens))]
+    for row, description, questions in done:
         for question in questions:
             parsed = parse_question(question)
             ok = parsed is not None and grounded(parsed[1], row["meta"]["objects"])
