@@ -12,10 +12,10 @@ ONNX through the fp32 LLM, so each artifact carries its own loss.
 
 Default floor: mean KL <= 0.05 nats and confident top-1 >= 97%, per artifact. Why these numbers: a greedy answer
 changes only where the top token flips, and the floor allows at most 3 flips in 100 confident answer positions; a
-short answer (the demo's are 1-3 tokens) then stays the same in well over 90% of cases. KL 0.05 nats is the scale of
-a good 4-5 bit quantization of a 7B model, where 8-bit is about ten times smaller: the floor admits 8-bit always and a
-4-bit artifact only when it measures that well. Positions where fp32 itself hesitates are left to KL: a flip between
-two near-equal tokens is no quality loss (randomly initialised models have only such positions).
+short answer (the demo's are 1-3 tokens) then stays the same in well over 90% of cases. By Pinsker's inequality a
+mean KL of 0.05 nats bounds the mean total-variation distance by sqrt(0.05 / 2) = 0.16: at a typical position a token
+fp32 leads by more than 32 points of probability cannot flip. Positions where fp32 itself hesitates are left to KL: a
+flip between two near-equal tokens is no quality loss (randomly initialised models have only such positions).
 
 An explicitly requested precision always wins (the floor applies to automatic choices). If every artifact of a kind
 is below the floor, the most faithful one is kept and the reason says so: the floor never leaves a bundle unloadable.
