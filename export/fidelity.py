@@ -156,9 +156,11 @@ def _torch_logits(model, prompt: _Prompt, embeds) -> np.ndarray:
 
     ids = torch.tensor(prompt.before + [IMAGE_TOKEN_INDEX] + prompt.after)
     with torch.inference_mode():
-        logits = model(ids, image_embeds=torch.as_tensor(embeds)).logits[0].float().numpy()  # (L, V)
-    end = logits.shape[0] - 1  # the last row follows EOS: nothing to predict
-    return logits[end - prompt.answer:end]
+        batch = model.prepare_inputs(ids, image_embeds=torch.as_tensor(embeds))
+        # only the rows that predict the answer (and the one after EOS): the LM head is most of a small model's cost
+        out = model.llm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                        logits_to_keep=prompt.answer + 1)
+    return out.logits[0, :-1].float().numpy()  # (answer positions, V): the last row follows EOS
 
 
 def _llama_logits(llm, prompt: _Prompt, embeds: np.ndarray) -> np.ndarray:
