@@ -471,7 +471,8 @@ def _pick_onnx(source: ModelSource, device: DeviceInfo, precision: str | None, u
     for wanted in order:
         artifact = next((a for a in kept if a.precision == wanted), None)
         if artifact is not None:
-            return artifact, note if wanted == order[0] else f"{note}, bundle has no {order[0]}"
+            return artifact, note if wanted == order[0] else (
+                f"{note}, {order[0]} {'below the quality floor' if manifest.find('vision_onnx', order[0]) else 'not in the bundle'}")
     raise BundleError(f"{source.folder} has no vision ONNX; re-export the bundle: python -m export CHECKPOINT --out {source.folder}")
 
 

@@ -79,7 +79,8 @@ def test_rule_based_vision_respects_the_floor(monkeypatch):
     monkeypatch.delenv(select.VISION_ENV, raising=False)
     visions = [_artifact("vision_onnx", "fp32", _fidelity(0.0)), _artifact("vision_onnx", "int8", _fidelity(0.09))]
     assert choose_vision(_source(*visions, floor=None), CPU).artifact.precision == "int8"  # VNNI: int8 preferred
-    assert choose_vision(_source(*visions), CPU).artifact.precision == "fp32"
+    choice = choose_vision(_source(*visions), CPU)
+    assert choice.artifact.precision == "fp32" and "int8 below the quality floor" in choice.reason
 
 
 def test_every_artifact_below_the_floor_keeps_the_most_faithful():
