@@ -29,6 +29,7 @@ RECORD = "build.json"
 # reference and int8 the CPU choice (fp16 is for GPUs, built on demand with --vision-precision).
 EXPORTS = {"bench-1b": {"quants": ["q4_k_m"], "vision_precisions": ["fp32", "int8"]},
            "tiny": {"quants": ["q4_k_m"], "vision_precisions": ["fp32", "int8"]}}
+CALIBRATION_PAIRS = 4  # fidelity vs fp32 at export (the speed-vs-quality chart); random weights: the numbers are noise
 _TOOLS = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "gguf", "llama_cpp_python", "numpy")
 
 
@@ -41,7 +42,7 @@ def preset_key(name: str, quants: list[str], vision_precisions: list[str]) -> st
     from export import EXPORT_CODE_VERSION, tool_versions
 
     blob = {"preset": name, "config": get_preset(name).to_dict(), "seed": WEIGHT_SEED, "build_version": BUILD_VERSION,
-            "export_code_version": EXPORT_CODE_VERSION, "quants": sorted(quants),
+            "export_code_version": EXPORT_CODE_VERSION, "calibration_pairs": CALIBRATION_PAIRS, "quants": sorted(quants),
             "vision_precisions": sorted(vision_precisions), "tools": tool_versions(*_TOOLS)}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -77,7 +78,8 @@ def ensure_preset(name: str, quants: list[str] | None = None, vision_precisions:
     with atomic_dir(folder) as tmp:
         _run([sys.executable, "-m", "benchmarks.presets", name, str(tmp / "checkpoint")])
         _run([sys.executable, "-m", "export", str(tmp / "checkpoint"), "--out", str(tmp / "bundle"),
-              "--quant", *quants, "--vision-precision", *vision_precisions])
+              "--quant", *quants, "--vision-precision", *vision_precisions,
+              "--calibration-pairs", str(CALIBRATION_PAIRS)])
         # The bundle's provenance names the temporary checkpoint path; the record names the final one.
         with atomic_write(tmp / RECORD, "w") as handle:
             json.dump({"key": key, "preset": name, "quants": quants, "vision_precisions": vision_precisions,

@@ -1,6 +1,7 @@
-"""Figures -> a Markdown report, a PNG chart and `results.json` (raw samples + machine + figures), written atomically.
+"""Figures -> a Markdown report, PNG charts and `results.json` (raw samples + machine + figures), written atomically.
 
-    write_outputs(out_dir, results, analysis)   # out_dir/report.md, results.json, chart.png appear together or not at all
+    write_outputs(out_dir, results, analysis)   # out_dir/report.md, results.json, chart.png (+ quality.png: speed vs
+                                                # quality of every pairing) appear together or not at all
 """
 from __future__ import annotations
 
@@ -160,6 +161,57 @@ def tuning_section(results: dict, analysis: dict) -> list[str]:
     return lines + [""]
 
 
+def _quality_points(results: dict) -> list[dict]:
+    """Pairings with both a first-answer estimate and a recorded KL (the speed-versus-quality chart's points)."""
+    points = (results.get("tuning") or {}).get("quality_points") or []
+    return [p for p in points if p["first_answer_s"] is not None and p["kl_mean"] is not None]
+
+
+def quality_section(results: dict) -> list[str]:
+    """Every vision x GGUF pairing: first-answer estimate (tuning) vs fidelity to fp32 PyTorch (export)."""
+    points = (results.get("tuning") or {}).get("quality_points")
+    if not points:
+        return []
+    lines = ["## Speed versus quality (every pairing of the bundle)", "",
+             f"First answer: the tuning table's estimate. KL / top-1: the pairing's next-token distribution vs fp32 "
+             f"PyTorch over the calibration answers, recorded at export (`sqllava-edge inspect`). Quality floor: "
+             f"{results['tuning'].get('floor', '-')}. Chart: quality.png.", "",
+             "| vision | LLM | first answer s | KL nats | top-1 | within floor | |", "|---|---|---|---|---|---|---|"]
+    for p in sorted(points, key=lambda p: (p["first_answer_s"] is None, p["first_answer_s"] or 0.0)):
+        top1 = "-" if p["top1_agreement"] is None else f"{p['top1_agreement']:.1%}"
+        kl = "-" if p["kl_mean"] is None else f"{p['kl_mean']:.4f}"
+        lines.append(f"| {p['vision']} | {p['llm']} | {_f(p['first_answer_s'], 3)} | {kl} | {top1} | "
+                     f"{'yes' if p['within_floor'] else 'no'} | {'automatic choice' if p.get('automatic') else ''} |")
+    return lines + [""]
+
+
+def render_quality_chart(results: dict, path: Path) -> None:
+    """First-answer latency vs KL to fp32, one point per pairing, the automatic choice marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = _quality_points(results)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for p in points:
+        auto = p.get("automatic")
+        ax.scatter(p["first_answer_s"], p["kl_mean"], s=110 if auto else 45, marker="*" if auto else "o",
+                   color="#c44e52" if auto else ("#4878a8" if p["within_floor"] else "#999999"), zorder=3)
+        ax.annotate(f"{p['vision']} + {p['llm']}" + (" (automatic)" if auto else ""), (p["first_answer_s"], p["kl_mean"]),
+                    textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xlabel("first answer, s (tuning estimate; lower is better)")
+    ax.set_ylabel("KL to fp32 PyTorch, nats (lower is better)")
+    if any(p["kl_mean"] > 0 for p in points):
+        ax.set_yscale("symlog", linthresh=1e-4)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"speed vs quality: {results.get('preset') or Path(results['bundle']).name} "
+                 f"(grey: below the quality floor)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def combos_section(results: dict, analysis: dict) -> list[str]:
     wl = results["workload"]
     lines = ["## Backend combinations", "",
@@ -281,6 +333,7 @@ def render_markdown(results: dict, analysis: dict) -> str:
              f"{results['preprocessing_mode']}; n_ctx {results['n_ctx']}, n_batch {results['n_batch']}; seed "
              f"{results['workload']['seed']}.", ""]
     lines += contention_note(results) + targets_section(analysis) + tuning_section(results, analysis)
+    lines += quality_section(results)
     lines += machine_section(results, analysis)
     lines += combos_section(results, analysis)
     lines += breakdown_section(analysis) + vision_section(analysis) + profile_section(analysis) + overhead_section(analysis)
@@ -346,4 +399,9 @@ def write_outputs(out_dir: str | os.PathLike, results: dict, analysis: dict) -> 
         (tmp / "report.md").write_text(markdown)
         (tmp / "results.json").write_text(json.dumps({**results, "analysis": analysis}, indent=1, default=float))
         render_chart(results, analysis, tmp / "chart.png")
-    return {"report": out_dir / "report.md", "json": out_dir / "results.json", "chart": out_dir / "chart.png"}
+        if _quality_points(results):
+            render_quality_chart(results, tmp / "quality.png")
+    outputs = {"report": out_dir / "report.md", "json": out_dir / "results.json", "chart": out_dir / "chart.png"}
+    if _quality_points(results):
+        outputs["quality_chart"] = out_dir / "quality.png"
+    return outputs

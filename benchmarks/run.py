@@ -174,6 +174,7 @@ def tuning_record(options: RunOptions, device, log: Callable[[str], None]) -> di
     {"skipped" | "error": why}. Never raises: a failed tune is reported, and the rule-based rows are still measured."""
     from dataclasses import asdict
 
+    from runtimes import quality
     from runtimes.select import ModelSource
     from runtimes.tune import choose, format_table, tuned_table
 
@@ -181,14 +182,20 @@ def tuning_record(options: RunOptions, device, log: Callable[[str], None]) -> di
         return {"skipped": f"measured selection covers CPU runs only ({device.kind} uses the rule-based order)"}
     log("[bench] tuning table for the bundle (runtimes.tune: cached per machine, bundle and software)")
     try:
-        table, how = tuned_table(ModelSource.open(options.bundle, verify=False), force=options.retune)
-        pick = choose(table, "latency")
+        source = ModelSource.open(options.bundle, verify=False)
+        table, how = tuned_table(source, force=options.retune)
+        floor = quality.DEFAULT_FLOOR  # the floor Assistant.load applies by default
+        pick = choose(table, "latency", allowed=quality.allowed(source.manifest, "llm_gguf", floor),
+                      vision_allowed=quality.allowed(source.manifest, "vision_onnx", floor))
     except Exception as exc:  # noqa: BLE001  the benchmark goes on with the rule-based rows
         return {"error": f"{type(exc).__name__}: {exc}"}
     complete = pick.vision is not None and pick.llm is not None
+    points = quality.combinations(source.manifest, table, floor)  # speed vs quality of every pairing (report chart)
+    for point in points:
+        point["automatic"] = complete and (point["vision"], point["llm"]) == (pick.vision.precision, pick.llm.precision)
     return {"how": how, "prefer": "latency", "table": table, "text": format_table(table),
             "pick": asdict(pick) if complete else None, "vision_reason": pick.vision_reason,
-            "llm_reason": pick.llm_reason}
+            "llm_reason": pick.llm_reason, "floor": str(floor), "quality_points": points}
 
 
 def _bandwidth(threads: int, array_bytes: int | None) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 from export import (base_manifest, carried_provenance, checkpoint_digest, inputs_key, peak_rss_mib, special_tokens_of,
                     step, tool_versions)
+from export.fidelity import DEFAULT_PAIRS
 from sqllava_edge.bundle import KINDS, MANIFEST_FILE, Artifact, Manifest, read_manifest, shareable_mode, write_manifest
 from sqllava_edge.errors import BundleError, SQLLaVAError
 
@@ -47,9 +48,16 @@ def run_export(
     include_tokenizer: bool = True,
     reuse: bool = True,
     dtype: str = "float32",
+    calibration: str | os.PathLike | None = None,
+    calibration_pairs: int = DEFAULT_PAIRS,
+    fidelity: bool = True,
     log: Callable[[str], None] = print,
 ) -> Manifest:
-    """Export CHECKPOINT into the bundle folder OUT (atomically); returns the manifest written."""
+    """Export CHECKPOINT into the bundle folder OUT (atomically); returns the manifest written.
+
+    calibration: a LLaVA JSON whose first `calibration_pairs` images (first question and answer each) measure every
+    new artifact's fidelity against fp32 PyTorch (export/fidelity.py; default: the checkpoint's training data, else
+    the validation text on random images). fidelity=False skips that measurement."""
     checkpoint, out = Path(checkpoint), Path(out)
     _check_options(quants, vision_precisions, dtype)
     started = time.perf_counter()
@@ -61,8 +69,9 @@ def run_export(
         source = checkpoint_digest(checkpoint)
     wanted = _plan(source, meta, vision_precisions, quants, include_tokenizer, dtype)
     reused = _reusable(previous, out, wanted, log) if reuse else {}
+    fidelity_options = {"data": calibration, "n": calibration_pairs} if fidelity else None
     try:
-        manifest = _build(checkpoint, out, source, wanted, reused, previous, dtype, log)
+        manifest = _build(checkpoint, out, source, wanted, reused, previous, dtype, log, fidelity_options)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise OSError(errno.ENOSPC, f"no space left on the device while writing the bundle {out}: free some space "
@@ -125,7 +134,8 @@ def _reusable(previous: Manifest | None, out: Path, wanted, log) -> dict[tuple[s
     return reused
 
 
-def _build(checkpoint: Path, out: Path, source: str, wanted, reused, previous, dtype: str, log) -> Manifest:
+def _build(checkpoint: Path, out: Path, source: str, wanted, reused, previous, dtype: str, log,
+           fidelity: dict | None = None) -> Manifest:
     from sqllava_edge.fileutil import atomic_dir
 
     keys = {(kind, precision): key for kind, precision, key in wanted}
@@ -155,6 +165,9 @@ def _build(checkpoint: Path, out: Path, source: str, wanted, reused, previous, d
                 with step(f"GGUF {', '.join(todo['llm_gguf'])}", log) as stats:
                     artifacts += _export_gguf(model, tokenizer, tmp, todo["llm_gguf"], keys, log)
                 provenance["gguf_export"] = stats
+            if fidelity is not None:
+                artifacts = _with_fidelity(model, tokenizer, checkpoint, tmp, artifacts, {a.path for a in reused.values()},
+                                           fidelity, log)
             del model
         elif previous is not None and "merge" in previous.provenance:
             provenance["merge"] = previous.provenance["merge"]
@@ -171,6 +184,23 @@ def _build(checkpoint: Path, out: Path, source: str, wanted, reused, previous, d
         write_manifest(tmp, manifest)
         read_manifest(tmp, verify=True)  # every file present and hashed as recorded, before the rename
     return manifest
+
+
+def _with_fidelity(model, tokenizer, checkpoint: Path, tmp: Path, artifacts: list[Artifact], reused, options: dict,
+                   log) -> list[Artifact]:
+    """The artifacts with the fidelity of each new vision ONNX / GGUF recorded in its validation (export.fidelity)."""
+    from dataclasses import replace
+
+    from export.fidelity import calibration_pairs, measure_fidelity
+
+    new = {a.path for a in artifacts if a.kind in ("vision_onnx", "llm_gguf") and a.path not in reused}
+    if not new:
+        return artifacts
+    with step("fidelity vs fp32 PyTorch", log):
+        pairs = calibration_pairs(model.config, tokenizer, checkpoint, options["data"], options["n"])
+        records = measure_fidelity(model, tokenizer, tmp, artifacts, pairs, measure=new, log=log)
+    return [replace(a, validation={**a.validation, "fidelity": records[a.path]}) if a.path in records else a
+            for a in artifacts]
 
 
 def _keep_engines(previous: Manifest | None, out: Path, tmp: Path, artifacts: list[Artifact], log) -> list[Artifact]:
@@ -264,9 +294,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=DTYPES,
                         help="precision to load and merge in; float32 is exact, 16-bit halves memory for 7B/13B")
     parser.add_argument("--no-reuse", action="store_true", help="re-export every artifact even if unchanged")
+    parser.add_argument("--calibration", metavar="JSON",
+                        help="LLaVA JSON whose images measure each artifact's fidelity vs fp32 PyTorch (e.g. the eval "
+                             "set; default: the checkpoint's training data, else the validation text)")
+    parser.add_argument("--calibration-pairs", type=int, default=DEFAULT_PAIRS,
+                        help=f"images (first question + answer each) for the fidelity (default {DEFAULT_PAIRS})")
+    parser.add_argument("--no-fidelity", action="store_true", help="skip measuring fidelity (sqllava-edge inspect "
+                                                                    "shows none; the quality floor keeps such artifacts)")
     args = parser.parse_args(argv)
     return run_cli(lambda: run_export(args.checkpoint, args.out, quants=[] if args.no_gguf else args.quant,
-                                      vision_precisions=args.vision_precision, reuse=not args.no_reuse, dtype=args.dtype))
+                                      vision_precisions=args.vision_precision, reuse=not args.no_reuse, dtype=args.dtype,
+                                      calibration=args.calibration, calibration_pairs=args.calibration_pairs,
+                                      fidelity=not args.no_fidelity))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any
 
+from runtimes import quality
 from runtimes.base import LLMKind, VisionKind
 from runtimes.memory import MemoryPlan, check_plan, plan_memory, torch_weight_bytes
 from runtimes.select import (LLM_ENV, VISION_ENV, DeviceInfo, LLMChoice, ModelSource, VisionChoice, choose_llm,
@@ -33,11 +34,17 @@ class Backends:
     llm_detail: str
     llm_reason: str
     memory: str  # the memory plan
+    quality: str = ""  # bundles: every candidate artifact's speed and fidelity, kept or dropped and why (runtimes.quality)
+    vision_precision: str = ""  # the artifacts that run ("" on the torch backends)
+    llm_precision: str = ""
 
     def __str__(self) -> str:
-        return (f"device: {self.device}\nvision: {self.vision} ({self.vision_detail})\n  why: {self.vision_reason}\n"
+        text = (f"device: {self.device}\nvision: {self.vision} ({self.vision_detail})\n  why: {self.vision_reason}\n"
                 f"llm: {self.llm} ({self.llm_detail})\n  why: {self.llm_reason}\nmemory plan:\n  "
                 + self.memory.replace("\n", "\n  "))
+        if self.quality:
+            text += "\ncandidates (speed, quality vs fp32 PyTorch):\n  " + self.quality.replace("\n", "\n  ")
+        return text
 
 
 @dataclass
@@ -54,12 +61,15 @@ class LoadedParts:
 def load_parts(path: str | os.PathLike, device, vision_backend: str | None, llm_backend: str | None,
                n_ctx: int | None, n_threads: int | None, gpu_layers: int | None, vision_precision: str | None,
                llm_precision: str | None, verify: bool, sequences: int, tune: bool | None = None,
-               prefer: str = "latency") -> LoadedParts:
+               prefer: str = "latency", max_quality_loss=None) -> LoadedParts:
+    from runtimes.quality import resolve_floor
     from runtimes.tune import check_prefer
 
     check_prefer(prefer)
+    floor = resolve_floor(max_quality_loss)
     dev = resolve_device(device)
     source = ModelSource.open(path, verify=verify)
+    source.quality_floor = floor
     config = source.config
     if source.is_bundle:
         _check_manifest(source)
@@ -97,8 +107,12 @@ def load_parts(path: str | os.PathLike, device, vision_backend: str | None, llm_
         vision.close()
         llm.close()
         raise
+    precisions = {"vision_onnx": getattr(vision_choice.artifact, "precision", ""),
+                  "llm_gguf": getattr(llm_choice.artifact, "precision", "")}
+    quality = _quality(source, floor, measured[0], precisions) if source.is_bundle else ""
     backends = Backends(_describe_device(dev), vision.name, vision.description, vision_choice.reason, llm.name,
-                        llm.description, llm_choice.reason, plan.describe())
+                        llm.description, llm_choice.reason, plan.describe(), quality=quality,
+                        vision_precision=precisions["vision_onnx"], llm_precision=precisions["llm_gguf"])
     template = source.manifest.template if source.is_bundle else config.template
     mode = source.manifest.preprocessing["mode"] if source.is_bundle else config.image_aspect_ratio
     return LoadedParts(vision, llm, tokenizer, config, template, mode, backends)
@@ -125,7 +139,7 @@ def _apply_vision(source: ModelSource, dev: DeviceInfo, rule: VisionChoice, tabl
 
     if table is None:
         return replace(rule, reason=f"{rule.reason} ({how})") if how else rule
-    pick = choose(table, prefer)
+    pick = choose(table, prefer, vision_allowed=quality.allowed(source.manifest, "vision_onnx", source.quality_floor))
     if pick.vision is None:
         return replace(rule, reason=f"{rule.reason} ({pick.vision_reason}; rule-based order; {how})")
     chosen = choose_vision(source, dev, None, pick.vision.precision)
@@ -139,13 +153,34 @@ def _apply_llm(source: ModelSource, dev: DeviceInfo, rule: LLMChoice, fits, tabl
     if table is None:
         return replace(rule, reason=f"{rule.reason} ({how})") if how else rule
     manifest = source.manifest
-    pick = choose(table, prefer, allowed=lambda precision: fits(manifest.find("llm_gguf", precision), 0))
+    good = quality.allowed(manifest, "llm_gguf", source.quality_floor)
+    pick = choose(table, prefer, allowed=lambda precision: good(precision) and fits(manifest.find("llm_gguf", precision), 0),
+                  vision_allowed=quality.allowed(manifest, "vision_onnx", source.quality_floor))
     if pick.llm is None:
         return replace(rule, reason=f"{rule.reason} ({pick.llm_reason}; rule-based order; {how})")
     chosen = choose_llm(source, dev, None, pick.llm.precision, None, fits)
     return replace(chosen, extra_buffers=pick.llm.extra_buffers, n_threads=pick.llm.n_threads,
                    n_threads_batch=pick.llm.n_threads_batch, n_ubatch=pick.llm.n_ubatch,
                    reason=f"{pick.llm_reason}; llama.cpp CPU, {chosen.artifact.path} ({how})")
+
+
+def _quality(source: ModelSource, floor, table, chosen: dict[str, str]) -> str:
+    """Every candidate artifact: its measured speed (when tuning ran), its recorded fidelity, kept or dropped and why."""
+    from runtimes.tune import first_answer_s, llm_options, vision_options
+
+    speeds = {}
+    if table is not None:
+        visions = {v.precision: v for v in vision_options(table)}
+        for v in visions.values():
+            speeds["vision_onnx", v.precision] = f"encode {v.encode_s * 1e3:.1f} ms"
+        vision = visions.get(chosen["vision_onnx"])
+        for o in llm_options(table):
+            seconds = first_answer_s(table, vision, o)
+            best = speeds.get(("llm_gguf", o.precision))
+            if best is None or seconds < best[0]:
+                speeds["llm_gguf", o.precision] = (seconds, f"first answer ~{seconds:.2f} s, decode {o.decode_tok_s:.1f} tok/s")
+        speeds = {key: value[1] if isinstance(value, tuple) else value for key, value in speeds.items()}
+    return quality.describe(source.manifest, floor, speeds, chosen)
 
 
 def _n_ctx(n_ctx: int | None, config: ModelConfig, sequences: int = 1) -> int:

@@ -19,6 +19,7 @@ import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from runtimes import quality
 from runtimes.base import LLMKind, VisionKind
 from sqllava_edge.checkpoint import META_FILE
 from sqllava_edge.config import ModelConfig
@@ -320,6 +321,7 @@ class ModelSource:
     config: ModelConfig
     manifest: object | None = None  # sqllava_edge.bundle.Manifest for a bundle
     _torch: tuple | None = None  # (SQLLaVA, Tokenizer) once loaded
+    quality_floor: object | None = None  # runtimes.quality.QualityFloor the automatic choice keeps; None = none
 
     @property
     def is_bundle(self) -> bool:
@@ -489,10 +491,12 @@ def _pick_onnx(source: ModelSource, device: DeviceInfo, precision: str | None, u
         order, note = ("int8", "fp32", "fp16"), f"CPU has {flags}: int8 preferred"
     else:
         order, note = ("fp32", "int8", "fp16"), "CPU without VNNI/AMX: fp32 preferred"
+    kept = quality.keep(source, "vision_onnx", manifest.find_all("vision_onnx"))
     for wanted in order:
-        artifact = manifest.find("vision_onnx", wanted)
+        artifact = next((a for a in kept if a.precision == wanted), None)
         if artifact is not None:
-            return artifact, note if wanted == order[0] else f"{note}, bundle has no {order[0]}"
+            return artifact, note if wanted == order[0] else (
+                f"{note}, {order[0]} {'below the quality floor' if manifest.find('vision_onnx', order[0]) else 'not in the bundle'}")
     raise BundleError(f"{source.folder} has no vision ONNX; re-export the bundle: python -m export CHECKPOINT --out {source.folder}")
 
 
@@ -601,7 +605,7 @@ def _pick_gguf(source: ModelSource, order_kind: str, precision: str | None, fits
                               f"python -m export CHECKPOINT --out {source.folder} --quant {precision}")
         return artifact, f"{precision} as requested"
     order = GGUF_PREFERENCE[order_kind]
-    available = [a for p in order if (a := manifest.find("llm_gguf", p)) is not None]
+    available = quality.keep(source, "llm_gguf", [a for p in order if (a := manifest.find("llm_gguf", p)) is not None])
     if not available:
         raise BundleError(f"{source.folder} has no GGUF LLM; re-export the bundle: python -m export CHECKPOINT --out {source.folder}")
     for i, artifact in enumerate(available):

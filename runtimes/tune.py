@@ -383,12 +383,13 @@ def first_answer_s(table: dict, vision: VisionPick | None, llm: LLMPick) -> floa
     return (vision.encode_s if vision else 0.0) + prefill + 1.0 / llm.decode_tok_s
 
 
-def choose(table: dict, prefer: str = "latency", allowed=None) -> Pick:
-    """The best measured option for `prefer`. allowed(precision) -> bool drops GGUFs (e.g. that would not fit)."""
+def choose(table: dict, prefer: str = "latency", allowed=None, vision_allowed=None) -> Pick:
+    """The best measured option for `prefer`. allowed(precision) -> bool drops GGUFs (e.g. that would not fit or are
+    below the quality floor, runtimes.quality); vision_allowed(precision) -> bool drops vision precisions."""
     check_prefer(prefer)
     sizes = {("vision", r["precision"]): r["bytes"] for r in table["vision"]}
     sizes.update({("llm", r["precision"]): r["bytes"] for r in table["llm"]})
-    visions = vision_options(table)
+    visions = [v for v in vision_options(table) if vision_allowed is None or vision_allowed(v.precision)]
     llms = [o for o in llm_options(table) if allowed is None or allowed(o.precision)]
     failed = _failures(table)
     vision = llm = None
@@ -418,7 +419,8 @@ def choose(table: dict, prefer: str = "latency", allowed=None) -> Pick:
                       f"{llm.n_threads_batch}{_ubatch(llm)}: {_llm_numbers(table, vision, llm)}"
                       + (f"; others: {others}" if others else "") + failed["llm"])
     else:
-        llm_reason = "no GGUF option was measured to work" + (" within memory" if allowed else "") + failed["llm"]
+        llm_reason = ("no GGUF option was measured to work" + (" within memory and the quality floor" if allowed else "")
+                      + failed["llm"])
     return Pick(vision, llm, vision_reason, llm_reason)
 
 

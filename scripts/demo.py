@@ -30,6 +30,9 @@ STAGE0_VISION_GRAY_SHARE = demo_budget.VISION_GRAY_SHARE
 STAGE0_STEPS = demo_budget.STEPS["0-llm"]
 STAGE1_STEPS = demo_budget.STEPS["1"]
 STAGE2_STEPS = demo_budget.STEPS["2"]
+# The held-out subset the checkpoint and every bundle combination are scored on (the same, so the rows compare)
+EVAL_SUBSET = ["--max-images", "20", "--sq-images", "40", "--sq-per-image", "4"]
+CALIBRATION_PAIRS = 16  # held-out images whose first question measures each artifact's fidelity at export
 
 
 @dataclass
@@ -107,38 +110,45 @@ def steps(out: Path) -> list[Step]:
     data, s0v, s0, s1, s2 = out / "data", out / "stage0_vision", out / "stage0", out / "stage1", out / "stage2"
     bundle = out / "bundle"
     return [
-        Step("data", "1/8 synthetic dataset", [py, "-m", "training.synthetic", str(data), "--n-train", "2000", "--n-eval", "100", "--seed", "0"], data),
-        Step("stage0_vision", "2/8 stage 0: pretrain the tiny ViT on the training images (stands in for CLIP)",
+        Step("data", "1/9 synthetic dataset", [py, "-m", "training.synthetic", str(data), "--n-train", "2000", "--n-eval", "100", "--seed", "0"], data),
+        Step("stage0_vision", "2/9 stage 0: pretrain the tiny ViT on the training images (stands in for CLIP)",
              [py, "-m", "training.pretrain_vision", "--data", str(data / "stage2.json"), "--eval-data",
               str(data / "eval.json"), "--preset", "tiny", "--out", str(s0v), "--max-steps", str(STAGE0_VISION_STEPS),
               "--gray-share", str(STAGE0_VISION_GRAY_SHARE)],
              s0v, [data]),
-        Step("stage0", "3/8 stage 0: pretrain the tiny LLM on the text with symbolic scenes, no images (stands in for Vicuna)",
+        Step("stage0", "3/9 stage 0: pretrain the tiny LLM on the text with symbolic scenes, no images (stands in for Vicuna)",
              [py, "-m", "training.pretrain_llm", "--data", str(data / "stage2.json"), "--caption-data",
               str(data / "stage1.json"), "--scenes", "--scene-facts", "--bind-attention", "1:0,2:0", "--preset", "tiny", "--out", str(s0),
               "--max-steps", str(STAGE0_STEPS),
               "--eval-data", str(data / "eval.json")],
              s0, [data]),
-        Step("stage1", "4/8 training stage 1 (prototype extractor + projector on captions, frozen base ViT and LLM)",
+        Step("stage1", "4/9 training stage 1 (prototype extractor + projector on captions, frozen base ViT and LLM)",
              [py, "-m", "training", "--stage", "1", "--preset", "tiny", "--llm-base", str(s0 / "llm"),
               "--vision-base", str(s0v / "vision"),
               "--data", str(data / "stage1.json"), "--image-folder", str(data / "images"), "--out", str(s1),
               "--max-steps", str(STAGE1_STEPS), "--save-every", "25"],
              s1, [data, s0v, s0], resume_flag="--resume"),
-        Step("stage2", "5/8 training stage 2 (LLM-LoRA + ViT-LoRA + projector, self-questioning)",
+        Step("stage2", "5/9 training stage 2 (LLM-LoRA + ViT-LoRA + projector, self-questioning)",
              [py, "-m", "training", "--stage", "2", "--init", str(s1),
               "--data", str(data / "stage2.json"), "--image-folder", str(data / "images"), "--out", str(s2),
               "--max-steps", str(STAGE2_STEPS), "--save-every", "50"],
              s2, [data, s0v, s0, s1], resume_flag="--resume"),
-        Step("evaluate", "6/8 held-out evaluation (QA accuracy, grounded-question rate over 160 questions)",
+        Step("evaluate", "6/9 held-out evaluation (QA accuracy, grounded-question rate over 160 questions)",
              [py, "-m", "training.evaluate", str(s2), "--data", str(data / "eval.json"),
-              "--image-folder", str(data / "images"), "--max-images", "20", "--sq-images", "40", "--sq-per-image", "4",
-              "--out", str(out / "eval.json")],
+              "--image-folder", str(data / "images"), *EVAL_SUBSET, "--out", str(out / "eval.json")],
              out / "eval.json", [data, s0v, s0, s2]),
-        Step("export", "7/8 export bundle (vision ONNX fp32 + int8, GGUF f16 + q8_0, validated)",
+        Step("export", "7/9 export bundle (vision ONNX fp32 + int8, GGUF f16 + q8_0 + q4_k_m, validated, fidelity vs "
+                       f"fp32 on {CALIBRATION_PAIRS} held-out images)",
              [py, "-m", "export", str(s2 / "checkpoint"), "--out", str(bundle), "--vision-precision", "fp32", "int8",
-              "--quant", "f16", "q8_0"],
-             bundle, [s0v, s0, s2]),
+              "--quant", "f16", "q8_0", "q4_k_m", "--calibration", str(data / "eval.json"),
+              "--calibration-pairs", str(CALIBRATION_PAIRS)],
+             bundle, [data, s0v, s0, s2]),
+        Step("evaluate_bundle", "8/9 deployed accuracy: the same held-out evaluation on every vision x GGUF combination "
+                                "of the bundle, through Assistant",
+             [py, "-m", "training.evaluate", str(bundle), "--all", "--data", str(data / "eval.json"),
+              "--image-folder", str(data / "images"), *EVAL_SUBSET, "--no-progress",
+              "--out", str(out / "eval_bundle.json")],
+             out / "eval_bundle.json", [data, bundle]),
     ]
 
 
@@ -156,15 +166,18 @@ def training_times(stamps: Path) -> str:
             f"({stages / 60:.1f} min; the target is at most 10 min on a 2-core CPU), {stand_ins + stages:.0f} s in all")
 
 
-def show_assistant(out: Path) -> None:
+def show_assistant(out: Path) -> tuple[str, str]:
+    """Load the bundle with automatic backends (measured selection, quality floor), answer and self-question on 3
+    held-out images -> the (vision, LLM) precisions it chose."""
     sys.path.insert(0, str(ROOT))
     from sqllava_edge import Assistant
 
-    print("\n== 8/8 Assistant on held-out images")
+    print("\n== 9/9 Assistant on held-out images")
     start = time.perf_counter()
     samples = json.loads((out / "data" / "eval.json").read_text())
     with Assistant.load(out / "bundle") as assistant:
         print(assistant.backends)
+        chosen = (assistant.backends.vision_precision, assistant.backends.llm_precision)
         for sample in samples[:3]:
             image = out / "data" / "images" / sample["image"]
             turns = sample["conversations"]
@@ -177,6 +190,55 @@ def show_assistant(out: Path) -> None:
                 print(f"  self-question {i}: {q}")
         show_structured(assistant, samples, out / "data" / "images")
     print(f"-- Assistant: done in {time.perf_counter() - start:.0f} s")
+    return chosen
+
+
+def deployed_rows(out: Path, chosen: tuple[str, str] | None) -> list[dict]:
+    """PyTorch fp32 (the checkpoint's evaluation), then every deployed combination: QA accuracy, grounded rate, KL /
+    top-1 vs fp32 (recorded at export), first-answer estimate (the tuning table Assistant.load used)."""
+    from runtimes import quality
+    from runtimes.select import ModelSource
+    from runtimes.tune import read_cached, table_keys
+
+    checkpoint = json.loads((out / "eval.json").read_text())
+    rows = [{"name": "PyTorch fp32 (checkpoint)", "qa": checkpoint["qa"]["accuracy"],
+             "questions": checkpoint["qa"]["questions"], "grounded": checkpoint["self_questioning"]["grounded_rate"],
+             "kl_mean": 0.0, "top1_agreement": 1.0, "first_answer_s": None, "automatic": False}]
+    source = ModelSource.open(out / "bundle", verify=False)
+    table, _ = read_cached(table_keys(source))
+    pairs = {(p["vision"], p["llm"]): p for p in quality.combinations(source.manifest, table)}
+    for result in json.loads((out / "eval_bundle.json").read_text())["combinations"]:
+        key = (result["vision"], result["llm"])
+        pair = pairs.get(key, {})
+        rows.append({"name": f"vision {key[0]} + GGUF {key[1]}", "qa": result["qa"]["accuracy"],
+                     "questions": result["qa"]["questions"], "grounded": result["self_questioning"]["grounded_rate"],
+                     "kl_mean": pair.get("kl_mean"), "top1_agreement": pair.get("top1_agreement"),
+                     "first_answer_s": pair.get("first_answer_s"), "within_floor": pair.get("within_floor"),
+                     "automatic": key == chosen})
+    return rows
+
+
+def deployed_table(rows: list[dict]) -> str:
+    """The rows as a Markdown table (printed, and written to demo_out/deployed.md for the README)."""
+    def cell(value, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    lines = ["| model | QA accuracy | grounded | KL / top-1 vs fp32 | first answer (tuning) | |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        mark = "**automatic choice**" if r["automatic"] else ("below the quality floor" if r.get("within_floor") is False else "")
+        lines.append(f"| {r['name']} | {cell(r['qa'], '.1%')} of {r['questions']} | {cell(r['grounded'], '.1%')} | "
+                     f"{cell(r['kl_mean'], '.4f')} / {cell(r['top1_agreement'], '.1%')} | "
+                     f"{cell(r['first_answer_s'], '.3f')} s | {mark} |".replace("- s |", "- |"))
+    return "\n".join(lines)
+
+
+def show_deployed(out: Path, chosen: tuple[str, str] | None) -> str:
+    print("\n== deployed accuracy: the checkpoint, then every combination the bundle deploys")
+    text = deployed_table(deployed_rows(out, chosen))
+    print(text)
+    (out / "deployed.md").write_text(text + "\n")
+    return text
 
 
 def watch_clip(bundle: Path, folder: Path) -> list:
@@ -214,6 +276,8 @@ def show_watch(out: Path) -> None:
     start = time.perf_counter()
     watch_clip(out / "bundle", out)
     print(f"-- watch: done in {time.perf_counter() - start:.0f} s")
+
+
 def show_structured(assistant, samples: list[dict], images: Path, n_images: int = 10) -> dict:
     """A JSON-schema answer about held-out images: {"colour": one of the dataset's colours, "shape": one of its
     shapes} for the first object whose colour is unique in the image, asked "What colour is the <shape>?". Field
@@ -329,8 +393,9 @@ def main(argv: list[str] | None = None) -> int:
         for step in steps(out):
             run_step(step, stamps)
         print("\n" + training_times(stamps))
-        show_assistant(out)
+        chosen = show_assistant(out)
         show_watch(out)
+        show_deployed(out, chosen)
         if not args.skip_benchmark:
             print("\n== benchmark (tiny bundle, every backend available here)")
             subprocess.run([sys.executable, "-m", "benchmarks", "--bundle", str(out / "bundle"), "--runs", "2",

@@ -110,7 +110,7 @@ class Assistant:
              llm_backend: str | None = None, n_ctx: int | None = None, n_threads: int | None = None,
              gpu_layers: int | None = None, *, vision_precision: str | None = None, llm_precision: str | None = None,
              verify: bool = True, sequences: int = SEQUENCES, prefer: str = "latency",
-             tune: bool | None = None) -> "Assistant":
+             tune: bool | None = None, max_quality_loss=None) -> "Assistant":
         """Load a bundle (`python -m export`) or a training checkpoint folder (torch backends).
 
         device: None (detect), "cpu", "cuda", "jetson". vision_backend: torch | onnxruntime | tensorrt; llm_backend:
@@ -123,11 +123,16 @@ class Assistant:
         machine every option it offers is timed in child processes and the table cached (runtimes.tune;
         `sqllava-edge tune BUNDLE` does it ahead). tune: False (or $SQLLAVA_EDGE_TUNE=0) keeps the rule-based
         order; an explicit backend, precision, n_threads or gpu_layers also skips it. `backends` shows the numbers.
+        max_quality_loss: the quality floor of the automatic choice (runtimes.quality): None = the default (mean KL
+        <= 0.05 nats and top-1 >= 97% vs fp32 PyTorch, per artifact, as recorded at export), a number = that max KL
+        in nats, "off" = none. Artifacts below it are no candidates for measured or rule-based selection; an explicit
+        precision always loads. `backends.quality` shows every candidate's speed and fidelity and why it was kept.
         """
         from runtimes.loader import load_parts
 
         parts = load_parts(path, device, vision_backend, llm_backend, n_ctx, n_threads, gpu_layers,
-                           vision_precision, llm_precision, verify, sequences, tune=tune, prefer=prefer)
+                           vision_precision, llm_precision, verify, sequences, tune=tune, prefer=prefer,
+                           max_quality_loss=max_quality_loss)
         try:
             return cls(parts.vision, parts.llm, parts.tokenizer, parts.config, template=parts.template,
                        image_mode=parts.image_mode, backends=parts.backends, sequences=sequences)

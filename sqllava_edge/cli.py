@@ -69,6 +69,7 @@ def _summary(manifest, failures: dict[str, str], verified: bool) -> str:
         numbers = _validation_line(artifact.validation)
         if numbers:
             lines.append(f"      validation: {numbers}")
+        lines += [f"      {line}" for line in _fidelity_lines(artifact.validation.get("fidelity"))]
         if artifact.target:
             lines.append(f"      target: {', '.join(f'{k}={v}' for k, v in artifact.target.items() if k in ('gpu', 'compute_capability', 'tensorrt', 'jetson'))}")
     sim_beta = prov.get("sim_beta")
@@ -85,6 +86,23 @@ def _validation_line(validation: dict) -> str:
     keys = ("max_abs_diff", "cosine_min", "cosine_mean", "dispatch_mismatches", "top1_agreement", "argmax_agreement", "skipped")
     parts = [f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in validation.items() if k in keys]
     return ", ".join(parts)
+
+
+def _fidelity_lines(fidelity) -> list[str]:
+    """The fidelity vs fp32 PyTorch recorded at export (export/fidelity.py), as inspect shows it."""
+    if not isinstance(fidelity, dict) or "kl_mean" not in fidelity:
+        return []
+    from runtimes.quality import numbers
+
+    lines = [f"fidelity vs fp32: {numbers(fidelity)} over {fidelity['positions']} answer positions of "
+             f"{fidelity['pairs']} calibration pairs"]
+    for precision, pairing in (fidelity.get("with_vision") or {}).items():
+        lines.append(f"  with vision {precision}: KL {pairing['kl_mean']:.4f} nats, top-1 {pairing['top1_agreement']:.1%}")
+    end = fidelity.get("end_to_end")
+    if end:
+        lines.append(f"  end to end with vision {end['vision']}: {end['greedy_agreement']:.1%} of {end['answers']} greedy "
+                     "answers identical to fp32 PyTorch")
+    return lines
 
 
 def register_tune(subparsers) -> None:

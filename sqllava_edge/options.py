@@ -16,6 +16,9 @@ def add_backend_arguments(group, n_ctx_help: str = DEFAULT_N_CTX_HELP) -> None:
     group.add_argument("--gpu-layers", type=int, help="llama.cpp layers offloaded to the GPU (-1 = all)")
     group.add_argument("--prefer", choices=("latency", "throughput", "memory"), default="latency",
                        help="what measured selection optimises on a CPU (default latency; see sqllava-edge tune)")
+    group.add_argument("--max-quality-loss", metavar="KL|off",
+                       help="quality floor of the automatic choice: max mean KL vs fp32 (nats) an artifact may have "
+                            "recorded at export (default 0.05, with top-1 >= 97%%); 'off' = none")
     group.add_argument("--no-tune", action="store_true",
                        help="skip measured selection: the rule-based choice (also $SQLLAVA_EDGE_TUNE=0)")
 
@@ -25,4 +28,4 @@ def load_options(args) -> dict:
     return dict(device=args.device, vision_backend=args.vision_backend, llm_backend=args.llm_backend,
                 n_ctx=args.n_ctx, n_threads=args.threads, gpu_layers=args.gpu_layers,
                 vision_precision=args.vision_precision, llm_precision=args.llm_precision, prefer=args.prefer,
-                tune=False if args.no_tune else None)
+                tune=False if args.no_tune else None, max_quality_loss=args.max_quality_loss)

@@ -37,11 +37,14 @@ def _positive(summary) -> bool:
 
 def test_smoke_writes_report_json_and_chart(smoke):
     out, stdout, results = smoke
-    assert sorted(p.name for p in out.iterdir()) == ["chart.png", "report.md", "results.json"]
-    assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in out.iterdir()) == ["chart.png", "quality.png", "report.md", "results.json"]
+    assert (out / "chart.png").read_bytes()[:8] == (out / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    points = results["tuning"]["quality_points"]  # fp32 / int8 vision x q4_k_m: each pairing, the automatic one marked
+    assert {(p["vision"], p["llm"]) for p in points} == {("fp32", "q4_k_m"), ("int8", "q4_k_m")}
+    assert sum(p["automatic"] for p in points) == 1 and all(p["kl_mean"] is not None for p in points)
     report = (out / "report.md").read_text()
     assert stdout.strip() == report.strip()  # the report is also printed
-    for heading in ("## Targets", "## Automatic choice", "## Machine", "## Backend combinations", "## Vision backends",
+    for heading in ("## Targets", "## Automatic choice", "## Speed versus quality", "## Machine", "## Backend combinations", "## Vision backends",
                     "## llama.cpp: our runtime vs llama-cpp-python"):
         assert heading in report
     assert not list(out.parent.glob("*.raw.json")), "the raw fallback file is removed once the report is written"

@@ -107,3 +107,59 @@ def test_demo_watch_step_answers_once_per_scene_change(demo, tiny_bundle, tmp_pa
     for truth in ("red", "blue", "yellow", "green"):
         assert f"(truth: {truth})" in out
     assert (tmp_path / "watch-clip.mp4").is_file()
+def test_the_bundle_is_scored_on_the_checkpoints_subset_with_every_combination(demo, tmp_path):
+    steps = {s.name: s for s in demo.steps(tmp_path)}
+    export, scored, checkpoint = steps["export"].argv, steps["evaluate_bundle"].argv, steps["evaluate"].argv
+    assert export[export.index("--quant") + 1:export.index("--quant") + 4] == ["f16", "q8_0", "q4_k_m"]
+    assert export[export.index("--calibration") + 1] == str(tmp_path / "data" / "eval.json")
+    assert "--all" in scored and scored[scored.index("training.evaluate") + 1] == str(tmp_path / "bundle")
+    subset = demo.EVAL_SUBSET
+    assert all(a in scored and a in checkpoint for a in subset)  # the same images, so the rows compare
+    assert steps["evaluate_bundle"].inputs == [tmp_path / "data", tmp_path / "bundle"]
+
+
+def _demo_folder(tmp_path: Path, bundle: Path) -> Path:
+    """A demo output folder holding a tiny held-out set and the (random) tiny bundle."""
+    import subprocess
+
+    out = tmp_path / "demo_out"
+    out.mkdir()
+    subprocess.run([sys.executable, "-m", "training.synthetic", str(out / "data"), "--n-train", "2", "--n-eval", "2"],
+                   cwd=ROOT, check=True, capture_output=True, text=True)
+    (out / "bundle").symlink_to(bundle, target_is_directory=True)
+    return out
+
+
+def test_bundle_evaluation_step_runs_and_the_table_marks_the_automatic_choice(demo, tiny_bundle, tmp_path,
+                                                                              monkeypatch, capsys):
+    from runtimes import tune
+    from runtimes.select import ModelSource
+    from sqllava_edge.bundle import read_manifest
+
+    out = _demo_folder(tmp_path, tiny_bundle)
+    step = next(s for s in demo.steps(out) if s.name == "evaluate_bundle")
+    # shorter for the test (the random model rarely stops; one llama.cpp thread is fastest on a shared machine)
+    step.argv += ["--max-answer-tokens", "3", "--max-question-tokens", "4", "--sq-per-image", "2", "--threads", "1"]
+    assert demo.run_step(step, out / ".stamps") is True
+    assert demo.run_step(step, out / ".stamps") is False  # reused while the bundle and data are unchanged
+    (out / "eval.json").write_text(json.dumps({"qa": {"accuracy": 0.9, "questions": 26},
+                                               "self_questioning": {"grounded_rate": 0.75}}))
+    monkeypatch.setenv("SQLLAVA_EDGE_CACHE", str(tmp_path / "cache"))
+    rows = demo.deployed_rows(out, ("fp32", "f32"))
+    assert [r["name"] for r in rows] == ["PyTorch fp32 (checkpoint)", "vision fp32 + GGUF f32"]
+    assert rows[0]["qa"] == 0.9 and not rows[0]["automatic"] and rows[1]["automatic"]
+    pair = read_manifest(tiny_bundle, verify=False).find("llm_gguf", "f32").validation["fidelity"]["with_vision"]["fp32"]
+    assert rows[1]["kl_mean"] == pair["kl_mean"] and rows[1]["first_answer_s"] is None  # no tuning table cached here
+    source = ModelSource.open(tiny_bundle, verify=False)
+    table = {"schema": tune.SCHEMA, **tune.table_keys(source), "created": "2026-12-07T00:00:00Z", "busy_share": None,
+             "probe": {"image_tokens": 64, "rows": 64, "question": 16, "decode": 4, "threads": [1]},
+             "vision": [{"precision": "fp32", "bytes": 1, "ok": True, "error": None,
+                         "runs": [{"n_threads": 1, "encode_s": 0.02}]}],
+             "llm": [{"precision": "f32", "bytes": 1, "extra_buffers": False, "ok": True, "error": None,
+                      "runs": [{"n_threads": 1, "prefill_tok_s": 400.0, "decode_tok_s": 50.0}], "ubatch_runs": []}]}
+    tune.write_table(table)
+    text = demo.show_deployed(out, ("fp32", "f32"))
+    lines = text.splitlines()
+    assert lines[2].startswith("| PyTorch fp32 (checkpoint) | 90.0% of 26 | 75.0% | 0.0000 / 100.0% | - |")
+    assert lines[3].endswith("| 0.240 s | **automatic choice** |")  # 0.02 + 80 / 400 + 1 / 50
+    assert (out / "deployed.md").read_text() == text + "\n" and text in capsys.readouterr().out

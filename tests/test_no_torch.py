@@ -157,3 +157,19 @@ def test_torch_parts_say_which_extra_in_one_line(tmp_path, args, extra):
     assert proc.returncode == 1 and attempts
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.startswith("error: ") and f"pip install 'sqllava-edge[{extra}]'" in proc.stderr
+
+
+def test_bundle_evaluation_imports_no_torch(tiny_bundle, tmp_path):
+    """`python -m training.evaluate BUNDLE` (deployed accuracy) runs in the runtime-only install."""
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, "-m", "training.synthetic", str(data), "--n-train", "2", "--n-eval", "2"], cwd=ROOT,
+                   check=True, capture_output=True, text=True)
+    out = tmp_path / "report.json"
+    proc, attempts = run_blocked(["-m", "training.evaluate", str(tiny_bundle), "--data", str(data / "eval.json"),
+                                  "--vision-precision", "fp32", "--max-images", "1", "--sq-images", "1",
+                                  "--sq-per-image", "2", "--max-answer-tokens", "3", "--max-question-tokens", "4",
+                                  "--threads", str(THREADS), "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert attempts == [] and "QA exact match" in proc.stdout
+    (combo,) = json.loads(out.read_text())["combinations"]
+    assert combo["vision"] == "fp32" and combo["qa"]["questions"] > 0 and combo["self_questioning"]["questions"] == 2
