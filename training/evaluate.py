@@ -90,8 +90,7 @@ class Evaluator:
     """A training checkpoint on the PyTorch model (one question at a time)."""
 
     def __init__(self, checkpoint: str, device: str = "cpu"):
-        from sqllava_edge.checkpoint import load_checkpoint
-        from sqllava_edge.checkpoint import resolve_checkpoint
+        from sqllava_edge.checkpoint import load_checkpoint, resolve_checkpoint
 
         self.model, self.tok = load_checkpoint(resolve_checkpoint(checkpoint), merge_lora=True, device=device)
         self.model.eval()
