@@ -20,14 +20,13 @@ import argparse
 import concurrent.futures
 import json
 import os
-import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks.report import write_text_and_json
+from benchmarks.server_process import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,41 +150,13 @@ def _images(n: int) -> list[str]:
     return uris
 
 
-class _Server:
-    def __init__(self, bundle: Path, parallel: int, clients: int, args):
-        self.url = f"http://127.0.0.1:{args.port}"
-        self.cmd = [sys.executable, "-m", "sqllava_edge.serve", str(bundle), "--port", str(args.port),
-                    "--parallel", str(parallel), "--queue", str(max(64, clients * 2)), "--timeout", str(args.timeout)]
-        for flag, value in (("--threads", args.threads), ("--llm-precision", args.llm_precision),
-                            ("--vision-precision", args.vision_precision)):
-            if value is not None:
-                self.cmd += [flag, str(value)]
-        self.proc = None
-
-    def __enter__(self) -> "_Server":
-        import httpx
-
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        env.pop("SQLLAVA_EDGE_API_KEY", None)
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.proc.stderr.read()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError("the server did not become ready in 600 s")
-
-    def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+def _Server(bundle: Path, parallel: int, clients: int, args) -> ServerProcess:
+    flags = ["--parallel", str(parallel), "--queue", str(max(64, clients * 2)), "--timeout", str(args.timeout)]
+    for flag, value in (("--threads", args.threads), ("--llm-precision", args.llm_precision),
+                        ("--vision-precision", args.vision_precision)):
+        if value is not None:
+            flags += [flag, str(value)]
+    return ServerProcess(bundle, args.port, flags)
 
 
 def _request(url: str, image_uri: str, new_tokens: int, client: int = 0, timeout: float = 1800.0) -> Sample:

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from benchmarks.report import write_text_and_json
+from benchmarks.server_process import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 LEGAL_KINDS = ("stream-image", "text", "follow-up")
@@ -86,37 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-class _Server:
-    def __init__(self, bundle: Path, args):
-        self.url = f"http://127.0.0.1:{args.port}"
-        self.cmd = [sys.executable, "-m", "sqllava_edge.serve", str(bundle), "--port", str(args.port), "--parallel",
-                    "2", "--queue", "4", "--threads", str(args.threads), "--timeout", "120"]
-        self.proc = None
-
-    def __enter__(self) -> "_Server":
-        import httpx
-
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "SQLLAVA_EDGE_TUNE": "0"}
-        env.pop("SQLLAVA_EDGE_API_KEY", None)
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError("the server did not become ready in 300 s")
-
-    def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+def _Server(bundle: Path, args) -> ServerProcess:
+    flags = ["--parallel", "2", "--queue", "4", "--threads", str(args.threads), "--timeout", "120"]
+    return ServerProcess(bundle, args.port, flags, env={"SQLLAVA_EDGE_TUNE": "0"}, ready_s=300)
 
 
 class _RSS:
