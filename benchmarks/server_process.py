@@ -1,10 +1,12 @@
 """`sqllava-edge serve` in a child process for the serving benchmarks (benchmarks.serve, benchmarks.soak): started
-on 127.0.0.1, ready when /health answers 200, stopped with SIGTERM (SIGKILL after 60 s)."""
+on 127.0.0.1, ready when /health answers 200, stopped with SIGTERM (SIGKILL after 60 s). Its stderr goes to a file
+(`log`), never to a pipe nobody reads: a full pipe would block the server's logging, and with it its event loop."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,17 +20,21 @@ class ServerProcess:
         self.cmd = [sys.executable, "-m", "sqllava_edge.serve", str(bundle), "--port", str(port), *flags]
         self.env, self.ready_s = env or {}, ready_s
         self.proc: subprocess.Popen | None = None
+        self.log: Path | None = None  # the server's stderr
 
     def __enter__(self) -> "ServerProcess":
         import httpx
 
         env = {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
         env.pop("SQLLAVA_EDGE_API_KEY", None)
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+        handle, name = tempfile.mkstemp(prefix="sqllava-edge-serve-", suffix=".log")
+        self.log = Path(name)
+        with os.fdopen(handle, "w") as stderr:
+            self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=env, stderr=stderr)
         deadline = time.monotonic() + self.ready_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}: {self.proc.stderr.read()}")
+                raise RuntimeError(f"the server exited with {self.proc.returncode}: {self.log.read_text()[-4000:]}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return self

@@ -174,7 +174,10 @@ class _Clients:
         messages = [question]
         if kind == "follow-up":
             first = {"model": "soak", "messages": messages, "max_tokens": self.args.new_tokens}
-            answer = httpx.post(self.url + "/v1/chat/completions", json=first, timeout=120)
+            try:
+                answer = httpx.post(self.url + "/v1/chat/completions", json=first, timeout=120)
+            except httpx.HTTPError as exc:
+                return {"kind": kind, "status": 0, "latency": None, "error": type(exc).__name__}
             if answer.status_code != 200:
                 return {"kind": kind, "status": answer.status_code, "latency": None}
             messages = messages + [{"role": "assistant", "content": answer.json()["choices"][0]["message"]["content"]},

@@ -143,12 +143,17 @@ def check_headers(request: Request, limit: int) -> None:
 
 async def read_body(request: Request, limit: int) -> bytearray:
     """The body as bytes, refused (413) as soon as it passes `limit`."""
+    from starlette.requests import ClientDisconnect
+
     body = bytearray()
-    async for chunk in request.stream():
-        if len(body) + len(chunk) > limit:
-            raise APIError(413, f"the request body is over this server's limit of {limit / 2**20:.1f} MiB "
-                                "(--max-image-mb); send a smaller image", code="body_too_large")
-        body += chunk
+    try:
+        async for chunk in request.stream():
+            if len(body) + len(chunk) > limit:
+                raise APIError(413, f"the request body is over this server's limit of {limit / 2**20:.1f} MiB "
+                                    "(--max-image-mb); send a smaller image", code="body_too_large")
+            body += chunk
+    except ClientDisconnect:  # left while sending: nobody to answer, nothing to log but the metric
+        raise APIError(499, "client closed the request while sending its body", code="client_closed") from None
     return body
 
 
