@@ -14,6 +14,9 @@ import numpy as np
 
 
 MAX_TOP_LOGPROBS = 20  # as OpenAI allows
+# Below this temperature sampling is its greedy limit: logits / T would overflow float64 only for logit ranges above
+# 1e302 here, but a subnormal T (5e-324) overflows for any range and gave NaN probabilities.
+GREEDY_BELOW = 1e-6
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ class GenerationConfig:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     def replace(self, **changes) -> "GenerationConfig":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -114,9 +117,6 @@ class Sampler:
     def _choose(self, logits: np.ndarray) -> int:
         if self.config.greedy:
             return int(np.argmax(logits))
-        finite = logits[np.isfinite(logits)]
-        if finite.size and not math.isfinite(float(finite.max() - finite.min()) / self.config.temperature):
-            return int(np.argmax(logits))  # a temperature so small that logits / T overflow: its limit, greedy
         scaled = logits.astype(np.float64) / self.config.temperature
         k = self.config.top_k
         if 0 < k < scaled.size:

@@ -175,7 +175,7 @@ def _routes(app: FastAPI, state: State) -> None:
             call = Call(state, request, arrived, "/v1/chat/completions")
             call.submit(scheduler, EngineRequest(ids, pixels, config, _seeds(chat.seed, chat.n),
                                                  timeout=settings.timeout,
-                                                 drop_after=chat.config.temperature > 0 and chat.n > 1))
+                                                 drop_after=not chat.config.greedy and chat.n > 1))
         try:
             await call.started()
             if chat.stream:

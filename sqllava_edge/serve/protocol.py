@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqllava_edge.generation import GenerationConfig
+from sqllava_edge.generation import MAX_TOP_LOGPROBS, GenerationConfig
 
 MAX_N = 8  # choices per request (each is a KV sequence)
 MAX_STOP = 4  # stop strings, as OpenAI allows
@@ -199,7 +199,6 @@ def parse_chat(body: Any, limits: Limits = Limits()) -> ChatRequest:
 # format (on its OpenAI-style requests) are used, not refused.
 STRUCTURED_FIELDS = {"response_format", "logprobs", "top_logprobs", "json_schema", "guided_json", "format"}
 UNSUPPORTED -= STRUCTURED_FIELDS
-MAX_TOP_LOGPROBS = 20
 
 
 def parse_structured(body: dict) -> tuple[dict[str, Any] | None, int | None]:
