@@ -112,6 +112,8 @@ def _outlines(tokenizer, ids: list[int], repeats: int) -> dict:
 
 def decode_run(assistant, constrained: bool, new_tokens: int, picture) -> dict:
     from sqllava_edge.conversation import answer_prompt
+    from runtimes.scheduler import Request
+    from runtimes.tasks import tokens as generated
     from sqllava_edge.generation import GenerationConfig
     from sqllava_edge.structured import compile_schema
 
@@ -122,11 +124,9 @@ def decode_run(assistant, constrained: bool, new_tokens: int, picture) -> dict:
         config = config.replace(grammar=compile_schema(assistant.tokenizer, SCHEMA))
     ids = answer_prompt(assistant.tokenizer, "List the objects in the image as JSON.", assistant.template)
     times, tokens = [], []
-    with engine.lock:
-        items = engine.items(picture, ids)
-        for token, _ in engine.tokens(items, config):
-            times.append(time.perf_counter())
-            tokens.append(token)
+    for token in generated(assistant.scheduler, Request(ids, picture, config)):
+        times.append(time.perf_counter())
+        tokens.append(token)
     if len(times) < 3:
         raise RuntimeError(f"only {len(times)} tokens: cannot time decode")
     sample = {"constrained": constrained, "tokens": len(times), "tok_s": (len(times) - 1) / (times[-1] - times[0])}

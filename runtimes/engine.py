@@ -1,9 +1,9 @@
-"""One loaded model as every front door drives it: vision + LLM backends, the image-embedding cache, the KV-sequence
-pool and the lock that serialises them.
+"""One loaded model as every front door drives it: vision + LLM backends, the image-embedding cache (and the
+descriptions derived from it), the KV-sequence pool and the lock that serialises them.
 
-`Assistant` (the Python API) and `runtimes.scheduler.Scheduler` (the server's continuous batching) both run on an
-Engine, so a question gives the same tokens whichever door it came through: the same preprocessing, the same cached
-embeddings, the same prefix reuse (runtimes.sequences) and the same `Sampler`.
+Generation runs on `runtimes.scheduler.Scheduler`, for `Assistant` (a scheduler without a thread) and for the server
+(one on its own thread) alike: the same preprocessing, the same cached embeddings, the same prefix reuse
+(runtimes.sequences), the same step.
 
 Everything that touches the backends or the pool runs under `engine.lock` (re-entrant). Preprocessing an image
 (`pixels`) needs no lock, so a server can decode and resize uploads on other threads.
@@ -13,14 +13,13 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from runtimes.sequences import ImageRef, SequencePool, prompt_items, sample
+from runtimes.sequences import ImageRef, SequencePool, prompt_items
 from sqllava_edge.config import IMAGE_TOKEN_INDEX, ModelConfig
 from sqllava_edge.errors import BundleError
-from sqllava_edge.generation import GenerationConfig, Sampler
 
 IMAGE_CACHE = 16  # image embeddings kept, by content hash
 
@@ -39,7 +38,8 @@ class Engine:
         self.image_hits = 0  # image_ref calls answered from the cache
         self._images: OrderedDict[str, ImageRef] = OrderedDict()
         self._image_cache = image_cache
-        self._on_evict: list[Callable[[str], None]] = []
+        self._descriptions: dict[str, str] = {}  # image key -> its greedy description (runtimes.tasks)
+        self._on_evict: list[Callable[[str], None]] = [lambda key: self._descriptions.pop(key, None)]
 
     @property
     def counters(self):
@@ -94,82 +94,25 @@ class Engine:
         return prompt_items(prompt_ids, [] if image is None else [self.image_ref(image)])
 
     # ------------------------------------------------------------------------------------------------------------
-    # Generation for one caller at a time (the caller holds the lock for the whole call)
+    # Descriptions: the greedy "describe the image" answer is a function of the image, so self-questioning computes
+    # it once per cached image, whichever door asked (runtimes.tasks)
 
-    def tokens(self, items, config: GenerationConfig, stopped: Callable[[], bool] | None = None
-               ) -> Iterator[tuple[int, int]]:
-        """Greedy/sampled tokens of one sequence continuing `items`: yields (token, seq)."""
-        seq, logits = self.pool.prefill(items)
-        try:
-            check = (lambda _seq: stopped()) if stopped else None
-            for _, token in sample(self.pool, {seq: logits}, {seq: Sampler(config)}, config.max_new_tokens,
-                                   self.eos_id, check):
-                yield token, seq
-        finally:
-            self.pool.done(seq)
-
-    def stream_text(self, image, ids: Sequence[int], config: GenerationConfig,
-                    on_finish: Callable[[list[int], str], None] | None = None) -> Iterator[str]:
-        """Text pieces of one answer; `on_finish(tokens, text)` runs after the last piece."""
+    def description(self, key: str) -> str | None:
         with self.lock:
-            items = self.items(image, ids)  # errors (bad image, too long) surface at the first next()
-            text = TextStream(self.tokenizer, config.stop)
-            tokens = []
-            for token, _ in self.tokens(items, config, lambda: text.stopped):
-                tokens.append(token)
-                piece = text.push(token)
-                if piece:
-                    yield piece
-            tail = text.finish()
-            if tail:
-                yield tail
-            if on_finish is not None:
-                on_finish(tokens, text.text)
+            return self._descriptions.get(key)
 
-    def sample_forks(self, items, config: GenerationConfig, seeds: Sequence[int]) -> list[str]:
-        """Prefill `items` once, then decode len(seeds) sampled continuations of it in one batch -> their texts
-        (continuation i samples with seeds[i])."""
-        pool = self.pool
+    def remember_description(self, key: str, text: str) -> None:
+        """Keep `text` as the description of the cached image `key` (nothing is kept for an image no longer cached:
+        the cache of descriptions never outgrows the image cache)."""
         with self.lock:
-            root, logits = pool.prefill(items)
-            forks: list[int] = []
-            try:
-                forks = [pool.fork(root) for _ in seeds]
-                texts = self._texts({seq: logits for seq in forks},
-                                    {seq: Sampler(config, s) for seq, s in zip(forks, seeds)}, config)
-            finally:
-                pool.done(*forks, drop=True)  # sampled continuations are not worth keeping
-                pool.done(root)
-        return [texts[seq] for seq in forks]
-
-    def answer_batch(self, prompts: Sequence[list], config: GenerationConfig) -> list[str]:
-        """Several prompts (pool items) answered together: each prefilled (reusing shared prefixes), then all decoded
-        in one batched step per token -> their texts. At most pool.capacity prompts."""
-        pool = self.pool
-        with self.lock:
-            seqs: list[int] = []
-            try:
-                logits = {}
-                for items in prompts:
-                    seq, logits[seq] = pool.prefill(items)
-                    seqs.append(seq)
-                texts = self._texts(logits, {seq: Sampler(config) for seq in seqs}, config)
-            finally:
-                pool.done(*seqs)
-        return [texts[seq] for seq in seqs]
-
-    def _texts(self, logits: dict, samplers: dict, config: GenerationConfig) -> dict[int, str]:
-        """Decode every sequence in `logits` together until each stops (caller holds the lock) -> {seq: text}."""
-        streams = {seq: TextStream(self.tokenizer, config.stop) for seq in logits}
-        for seq, token in sample(self.pool, logits, samplers, config.max_new_tokens, self.eos_id,
-                                 lambda seq: streams[seq].stopped):
-            streams[seq].push(token)
-        return {seq: stream.text.strip() for seq, stream in streams.items()}
+            if key in self._images:
+                self._descriptions[key] = text
 
     def reset(self) -> None:
         with self.lock:
             self.pool.reset()
             self._images.clear()
+            self._descriptions.clear()
 
     def close(self) -> None:
         with self.lock:

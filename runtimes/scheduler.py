@@ -11,13 +11,15 @@ Chunked prefill: while other requests are decoding, a new request's prompt is pr
 streams already running for the whole prefill; they wait for one piece at a time. With nothing else running, the
 prompt is prefilled in one go. `prefill_chunk=0` turns this off (the whole prompt between two decode steps).
 
-Token choice follows `runtimes.sequences.sample` step for step (same Sampler, same EOS / stop-string / length rules),
-so a request decoded here gives the tokens `Assistant.ask` gives for the same prompt, as long as the backend's batched
-decode gives the same logits as a lone one (exactly so for llama.cpp with an f32 GGUF and f32 KV cache on the CPU).
+This is the one place where a token is sampled, a stop string matched and a sequence freed, for every front door:
+the server runs a Scheduler on its own thread; `Assistant` (and `runtimes.watch`) run one without a thread
+(`thread=False`), whose loop turns on the caller's thread inside `events()`, so a question gives the same tokens
+whichever door it came through (as long as the backend's batched decode gives the same logits as a lone one: exactly
+so for llama.cpp with an f32 GGUF and f32 KV cache on the CPU).
 
-Events go to each request's `on_event` callback from the scheduler thread; it must return quickly (the server hands
-them to its event loop). All engine work runs under `engine.lock`, one step at a time, so an `Assistant` call on the
-same engine waits for the current step, never for a whole request.
+Events go to each request's `on_event` callback from the thread running the loop; it must return quickly (the server
+hands them to its event loop). All engine work runs under `engine.lock`, one step at a time, so two schedulers on one
+engine (an `Assistant` call while its engine is being served) interleave step by step.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import collections
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -61,7 +63,8 @@ class Request:
     one choice each, prefilled separately (sharing whatever prefix they share) and decoded together."""
 
     prompt_ids: list  # ids holding one IMAGE_TOKEN_INDEX when `image` is given, or a list of such id lists
-    image: Any  # None, preprocessed pixels (Engine.pixels), an ImageRef, or anything Engine.pixels takes
+    image: Any  # None, preprocessed pixels (Engine.pixels), an ImageRef, or anything Engine.pixels takes; with
+    # several prompts, a list or tuple gives each prompt its own image
     config: GenerationConfig
     seeds: Sequence[int | None] = (None,)  # one per choice
     on_event: Callable[[Event], None] = lambda event: None
@@ -75,6 +78,16 @@ class Request:
         self.prompts = [list(p) for p in self.prompt_ids] if many else [list(self.prompt_ids)]
         if many and len(self.prompts) != len(self.seeds):
             raise ValueError(f"{len(self.prompts)} prompts need {len(self.prompts)} seeds, got {len(self.seeds)}")
+        per_prompt = many and isinstance(self.image, (list, tuple))
+        if per_prompt and len(self.image) != len(self.prompts):
+            raise ValueError(f"{len(self.prompts)} prompts need {len(self.prompts)} images, got {len(self.image)}")
+        self.images = list(self.image) if per_prompt else [self.image] * len(self.prompts)
+
+    @property
+    def sequences(self) -> int:
+        """KV sequences it holds while running: one per prompt, or a shared prompt and its forks for n > 1 choices."""
+        n = len(self.seeds)
+        return len(self.prompts) if len(self.prompts) > 1 else n + (n > 1)
 
 
 class Handle:
@@ -116,7 +129,7 @@ class _Admission:
         """One piece of work (caller holds engine.lock); True when every prompt is in."""
         if self.task is None:
             encodes = engine.counters.vision_encodes
-            items = engine.items(self.request.image, self.request.prompts[len(self.seqs)])
+            items = engine.items(self.request.images[len(self.seqs)], self.request.prompts[len(self.seqs)])
             self.current = positions(items)
             self.task = engine.pool.begin(items, chunk)
             self.need += self.task.positions
@@ -160,7 +173,9 @@ PREFILL_CHUNK = 256
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, parallel: int = 4, queue: int = 64, prefill_chunk: int = PREFILL_CHUNK):
+    def __init__(self, engine: Engine, parallel: int = 4, queue: int = 64, prefill_chunk: int = PREFILL_CHUNK, *,
+                 thread: bool = True):
+        """thread=False: no loop thread; the loop turns inside `events()` on the calling thread (the Python API)."""
         if not isinstance(parallel, int) or parallel < 1:
             raise ValueError(f"parallel must be a positive int, got {parallel!r}")
         if not isinstance(queue, int) or queue < 0:
@@ -177,18 +192,20 @@ class Scheduler:
         self._cv = threading.Condition()
         self._accepting = True
         self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="sqllava-edge-scheduler", daemon=True)
         self.stats = collections.Counter()  # admitted, finished, cancelled, timeouts, errors, steps, cached_positions...
-        self._thread.start()
+        self._turn = threading.Lock()  # one turn of the loop at a time (callers' threads when there is no loop thread)
+        self._thread: threading.Thread | None = None
+        if thread:
+            self._thread = threading.Thread(target=self._loop, name="sqllava-edge-scheduler", daemon=True)
+            self._thread.start()
 
     # ------------------------------------------------------------------------------------------------------------
     # Public
 
     def submit(self, request: Request) -> Handle:
         """Queue a request; raises QueueFullError / ShuttingDownError instead of waiting."""
-        n = len(request.seeds)
-        if n + 1 > self.engine.pool.capacity:
-            raise ValueError(f"n={n} choices need {n + 1} KV sequences but the engine keeps "
+        if request.sequences > self.engine.pool.capacity:
+            raise ValueError(f"{len(request.seeds)} choices need {request.sequences} KV sequences but the engine keeps "
                              f"{self.engine.pool.capacity}; ask for fewer choices")
         handle = Handle(request, self)
         with self._cv:
@@ -200,6 +217,38 @@ class Scheduler:
             self._waiting.append(handle)
             self._cv.notify_all()
         return handle
+
+    def events(self, request: Request) -> Iterator[Event]:
+        """Submit `request` and yield its events as they come, up to its last ("done" or "error"). Without a loop
+        thread, the caller's thread turns the loop (every running request advances, not only this one). Closing the
+        iterator early cancels the request and frees its sequences."""
+        box: collections.deque[Event] = collections.deque()
+        arrived = threading.Event()
+
+        def on_event(event: Event) -> None:
+            box.append(event)
+            arrived.set()
+
+        request.on_event = on_event
+        handle = self.submit(request)
+        try:
+            while True:
+                while not box:
+                    if self._thread is None:
+                        if not self._turn_once():
+                            time.sleep(0.001)  # waiting for sequences another loop on this engine holds
+                    else:
+                        arrived.wait(0.1)
+                        arrived.clear()
+                event = box.popleft()
+                yield event
+                if event.kind in ("done", "error"):
+                    return
+        finally:
+            if not handle.finished.is_set():
+                handle.cancel()
+                while self._thread is None and not handle.finished.is_set():
+                    self._turn_once()
 
     @property
     def queue_depth(self) -> int:
@@ -222,7 +271,10 @@ class Scheduler:
             self._cv.notify_all()
         deadline = time.monotonic() + timeout
         while (self._waiting or self.running) and time.monotonic() < deadline:
-            time.sleep(0.02)
+            if self._thread is None:
+                self._turn_once()
+            else:
+                time.sleep(0.02)
         clean = not (self._waiting or self.running)
         with self._cv:
             admitting = [self._admitting.handle] if self._admitting else []
@@ -230,7 +282,8 @@ class Scheduler:
                 handle.cancelled = True
             self._stop = True
             self._cv.notify_all()
-        self._thread.join(timeout=10)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
         return clean
 
     # ------------------------------------------------------------------------------------------------------------
@@ -251,19 +304,26 @@ class Scheduler:
                         handle.finished.set()
                     self._waiting.clear()
                     return
+            if not self._turn_once():
+                time.sleep(0.005)  # a request waits for KV room that nothing running will free: rare
+
+    def _turn_once(self) -> bool:
+        """One turn of the loop: reap, move an admission forward, one decode step. -> whether any work was done."""
+        with self._turn:
             try:
                 self._reap()
                 worked = self._admit()
                 if self._running:
                     self._step()
-                elif not worked:
-                    time.sleep(0.005)  # a request waits for KV room that nothing running will free: rare
+                    return True
+                return worked
             except Exception as exc:  # a backend failure: fail what is running, keep serving
                 for job in self._running:
                     self._end_job(job, Event("error", error=exc))
                 self._running.clear()
                 if self._admitting is not None:
                     self._fail_admission(exc)
+                return True
 
     def _reap(self) -> None:
         """Cancelled and timed-out requests leave the queue and free their sequences."""
@@ -308,7 +368,7 @@ class Scheduler:
                     return False
                 handle = self._waiting[0]
             with engine.lock:
-                if pool.capacity - len(pool.busy) < len(handle.request.seeds) + 1:
+                if pool.capacity - len(pool.busy) < handle.request.sequences:
                     return False  # wait for running requests to free sequences
             with self._cv:
                 self._waiting.popleft()

@@ -17,7 +17,7 @@ import inspect
 import itertools
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -357,23 +357,3 @@ def _runs(items: Sequence[Item], start: int) -> Iterator[tuple[int, int]]:
         yield i, j
         i = j
 
-
-def sample(pool: SequencePool, logits: Mapping[int, np.ndarray], samplers: Mapping[int, Callable[[np.ndarray], int]],
-           max_new_tokens: int, eos_id: int, stopped: Callable[[int], bool] | None = None) -> Iterator[tuple[int, int]]:
-    """Sample every sequence in `logits` until EOS, max_new_tokens, a full context or stopped(seq); yield (seq, token).
-
-    Sequences still running decode together in one batched `decode` call per step. EOS is neither yielded nor fed.
-    """
-    active, counts = dict(logits), {seq: 0 for seq in logits}
-    while active:
-        feed = {}
-        for seq, seq_logits in active.items():
-            token = samplers[seq](seq_logits)
-            if token == eos_id:
-                continue
-            counts[seq] += 1
-            yield seq, token
-            if counts[seq] < max_new_tokens and not (stopped and stopped(seq)):
-                feed[seq] = token
-        feed = pool.fit(feed)
-        active = pool.decode(feed) if feed else {}

@@ -1,6 +1,6 @@
 """A standing question over a video: answer it again whenever the picture changes, at the rate the device allows.
 
-    for answer in watch(engine, open_source("clip.mp4"), prompt_ids, config, fps=2):
+    for answer in watch(scheduler, open_source("clip.mp4"), prompt_ids, config, fps=2):
         answer.timestamp, answer.frame_index, answer.answer, answer.latency, answer.skipped_since_last
 
 Three parts, each usable alone (the server drives the last two with frames a browser pushes):
@@ -215,14 +215,17 @@ def read_into(frames: Iterable[Frame], gate: Gate, box: Mailbox, pace: bool, fai
         box.close()
 
 
-def watch(engine, source, prompt_ids, config, *, questions: Callable[[np.ndarray], Any] | None = None,
+def watch(scheduler, source, prompt_ids, config, *, questions: Callable[[np.ndarray], Any] | None = None,
           **options) -> Iterator[FrameAnswer]:
-    """`watch_frames` answering with `engine` (runtimes.engine.Engine): each admitted frame is encoded (or found in
-    the image cache), `prompt_ids` (one image placeholder) prefilled and `config` decoded; `questions(image)`, if
-    given, adds the model's own questions about the frame (SQ-LLaVA's self-questioning on a scene change)."""
+    """`watch_frames` answering on `scheduler` (runtimes.scheduler.Scheduler, e.g. `Assistant.scheduler`): each
+    admitted frame is encoded (or found in the image cache), `prompt_ids` (one image placeholder) prefilled and
+    `config` decoded; `questions(image)`, if given, adds the model's own questions about the frame (SQ-LLaVA's
+    self-questioning on a scene change)."""
+    from runtimes.scheduler import Request
+    from runtimes.tasks import pieces
 
     def answer(image: np.ndarray):
-        text = "".join(engine.stream_text(image, prompt_ids, config)).strip()
+        text = "".join(pieces(scheduler, Request(list(prompt_ids), image, config))).strip()
         return (text, tuple(questions(image))) if questions is not None else text
 
     return watch_frames(source, answer, **options)

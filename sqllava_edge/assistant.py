@@ -18,8 +18,10 @@ Sampling options per call (`max_new_tokens`, `temperature`, `top_k`, `top_p`, `s
 defaults (generation.TASK_DEFAULTS, docs/spec.md 5). Image embeddings are cached by the content hash of the preprocessed
 pixels; KV-cache prefixes are reused across calls (runtimes.sequences), so a chat follow-up prefills only its new
 tokens and never re-encodes the image. The backends, caches and pool live in a `runtimes.engine.Engine`
-(`assistant.engine`), the same one `sqllava-edge serve` batches requests on; its re-entrant lock serialises every call,
-so threads may share an Assistant.
+(`assistant.engine`), the one `sqllava-edge serve` batches requests on, and every call runs as requests on a
+`runtimes.scheduler.Scheduler` without a thread (`assistant.scheduler`): the server's own step, turned by the calling
+thread. Threads may share an Assistant: their calls are admitted one at a time, and whichever thread turns the loop
+advances them all.
 
 Errors (all subclasses of ValueError / RuntimeError / FileNotFoundError, from sqllava_edge.errors):
   FileNotFoundError         the model folder or an image file does not exist
@@ -46,6 +48,7 @@ from sqllava_edge.generation import TASK_DEFAULTS, GenerationConfig, check_seed
 
 OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
 SEQUENCES = 4  # KV sequences kept: self_question(n=3) = the shared prompt + 3 samples in one batch
+CALLS_WAITING = 1 << 16  # calls from other threads waiting for the one running (a bound no program reaches)
 
 
 @dataclass(frozen=True)
@@ -93,17 +96,17 @@ class Assistant:
                  image_cache: int | None = None):
         """Wrap already-loaded backends (VisionBackend, LLMBackend). Most users call `Assistant.load` instead."""
         from runtimes.engine import IMAGE_CACHE, Engine
+        from runtimes.scheduler import Scheduler
 
         self.engine = Engine(vision, llm, tokenizer, config, image_mode=image_mode or config.image_aspect_ratio,
                              sequences=sequences, image_cache=IMAGE_CACHE if image_cache is None else image_cache)
+        # one call at a time on the whole context (as a lone caller always had), the rest wait in its queue
+        self.scheduler = Scheduler(self.engine, parallel=1, queue=CALLS_WAITING, prefill_chunk=0, thread=False)
         self.vision, self.llm, self.tokenizer, self.config = vision, llm, tokenizer, config
         self.template = template or config.template
         self.image_mode = self.engine.image_mode
         self.backends = backends
         self.eos_id = config.llm.eos_token_id
-        self._descriptions: dict[str, str] = {}  # image key -> greedy description, for self_question
-        self._lock = self.engine.lock
-        self.engine.on_image_evicted(lambda key: self._descriptions.pop(key, None))
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | None = None, vision_backend: str | None = None,
@@ -163,21 +166,21 @@ class Assistant:
         question = _check_question(question)
         config = self._constrain(_config("answer", options), schema)
         ids = answer_prompt(self.tokenizer, question, self.template)
-        return self.engine.stream_text(image, ids, config)
+        return self._pieces(image, ids, config)
 
     def describe(self, image, **options) -> str:
         """The SQ demo's first round: "Can you describe the image in detail?" (docs/spec.md 5.1 step 3), greedy."""
         from sqllava_edge.conversation import describe_prompt
 
         ids = describe_prompt(self.tokenizer, self.template)
-        return "".join(self.engine.stream_text(image, ids, _config("describe", options))).rstrip()
+        return "".join(self._pieces(image, ids, _config("describe", options))).rstrip()
 
     def generate(self, image, prompt_ids: Sequence[int], **options) -> list[int]:
         """Low level: new token ids for prompt ids holding one IMAGE_TOKEN_INDEX (EOS excluded; greedy default)."""
-        config = _config("answer", options)
-        with self._lock:
-            items = self.engine.items(image, prompt_ids)
-            return [token for token, _ in self.engine.tokens(items, config)]
+        from runtimes.scheduler import Request
+        from runtimes.tasks import tokens
+
+        return list(tokens(self.scheduler, Request(list(prompt_ids), image, _config("answer", options))))
 
     def self_question(self, image, n: int = 3, seed: int | None = None, *, description: str | None = None,
                       **options) -> SelfQuestions:
@@ -187,23 +190,8 @@ class Assistant:
         i uses seed + i, so the result equals n sequential calls with n=1 and seeds seed, seed+1, ... (docs/spec.md 5.1).
         Options (defaults T 1.2, top-k 300, top-p 0.95, 300 tokens) apply to the questions.
         """
-        from sqllava_edge.conversation import self_question_prompt
-
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive int, got {n!r}")
-        config = _config("self_question", options)
-        seed = check_seed(seed)
-        seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else seed
-        with self._lock:
-            ref = self.engine.image_ref(image)
-            description = self._description(ref) if description is None else description
-            items = self.engine.items(ref, self_question_prompt(self.tokenizer, description, self.template))
-            questions: list[str] = []
-            while len(questions) < n:  # rounds of at most (sequences - 1) samples beside the shared prompt
-                count = min(n - len(questions), self.engine.pool.capacity - 1)
-                seeds = [seed + len(questions) + i for i in range(count)]
-                questions += self.engine.sample_forks(items, config, seeds)
-        return SelfQuestions(description, questions, seed)
+        asked = self._self_questioning(image, n, seed, options, description=description)
+        return SelfQuestions(asked.description, asked.questions, asked.seed)
 
     def interview(self, image, n: int = 3, seed: int | None = None, *, max_answer_tokens: int | None = None,
                   schema: Any = None, **options) -> list[Exchange]:
@@ -213,20 +201,29 @@ class Assistant:
         image + description prefix. Options apply to the questions (as in self_question); answers are greedy, at most
         `max_answer_tokens` (default: the answer default, 512) each. With `schema` each answer is held to it and
         `Exchange.answer` is the parsed value."""
-        from sqllava_edge.conversation import interview_prompt
+        answers = self._constrain(_config("answer", {"max_new_tokens": max_answer_tokens}), schema)
+        asked = self._self_questioning(image, n, seed, options, answers=answers)
+        said = asked.answers if schema is None else [_parse(a, schema) for a in asked.answers]
+        return [Exchange(q, a) for q, a in zip(asked.questions, said)]
 
-        with self._lock:
-            asked = self.self_question(image, n, seed, **options)
-            ref = self.engine.image_ref(image)
-            prompts = [self.engine.items(ref, interview_prompt(self.tokenizer, asked.description, q, self.template))
-                       for q in asked.questions]
-            answers: list[Any] = []
-            config = self._constrain(_config("answer", {"max_new_tokens": max_answer_tokens}), schema)
-            for start in range(0, len(prompts), self.engine.pool.capacity):
-                answers += self.engine.answer_batch(prompts[start:start + self.engine.pool.capacity], config)
-        if schema is not None:
-            answers = [_parse(a, schema) for a in answers]
-        return [Exchange(q, a) for q, a in zip(asked.questions, answers)]
+    def _self_questioning(self, image, n: int, seed: int | None, options: dict[str, Any], **plan):
+        """runtimes.tasks.self_questioning on this image, run here (the description cached by the engine)."""
+        from runtimes.tasks import run_jobs, run_plan, self_questioning
+
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        config = _config("self_question", options)
+        seed = check_seed(seed)
+        seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else seed
+        ref = self.engine.image_ref(image)
+        return run_plan(self_questioning(self.engine, ref.key, self.template, n, seed, config, **plan),
+                        run_jobs(self.scheduler, ref))
+
+    def _pieces(self, image, ids: Sequence[int], config: GenerationConfig, on_finish=None) -> Iterator[str]:
+        from runtimes.scheduler import Request
+        from runtimes.tasks import pieces
+
+        return pieces(self.scheduler, Request(list(ids), image, config), on_finish)
 
     def _constrain(self, config: GenerationConfig, schema: Any) -> GenerationConfig:
         if schema is None:
@@ -234,12 +231,6 @@ class Assistant:
         from sqllava_edge.structured import compile_schema
 
         return config.replace(grammar=compile_schema(self.tokenizer, schema))
-
-    def _description(self, ref) -> str:
-        """The greedy description of an image (a function of the image: computed once per cached image)."""
-        if ref.key not in self._descriptions:
-            self._descriptions[ref.key] = self.describe(ref)
-        return self._descriptions[ref.key]
 
     def watch(self, source, question: str, fps: float | None = None, every_change: bool = True, *,
               threshold: float | None = None, realtime: bool | None = None, self_questions: int = 0, **options):
@@ -258,7 +249,7 @@ class Assistant:
         ids = answer_prompt(self.tokenizer, _check_question(question), self.template)
         if not isinstance(self_questions, int) or self_questions < 0:
             raise ValueError(f"self_questions must be an int >= 0, got {self_questions!r}")
-        return watch(self.engine, source, ids, config, fps=fps, every_change=every_change, realtime=realtime,
+        return watch(self.scheduler, source, ids, config, fps=fps, every_change=every_change, realtime=realtime,
                      threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
                      questions=(lambda image: self._scene_questions(image, self_questions)) if self_questions else None)
 
@@ -274,9 +265,8 @@ class Assistant:
         return Chat(self, image)
 
     def close(self) -> None:
-        with self._lock:
-            self._descriptions.clear()
-            self.engine.close()
+        self.scheduler.shutdown(timeout=0)
+        self.engine.close()
 
     def __enter__(self) -> "Assistant":
         return self
@@ -318,7 +308,7 @@ class Chat:
             self.ids = prompt + tokens + [assistant.eos_id]
             self.turns += [Turn("user", question), Turn("assistant", text.strip())]
 
-        return assistant.engine.stream_text(self._image, prompt, config, finish)
+        return assistant._pieces(self._image, prompt, config, finish)
 
     def next_prompt(self, question: str) -> list[int]:
         """The full prompt ids the next `ask(question)` would run (for a fresh single-shot comparison)."""

@@ -13,7 +13,7 @@ from runtimes.base import LLMKind, VisionKind
 from runtimes.memory import CUDA_CONTEXT_BYTES, check_plan, kv_cache_bytes, plan_memory
 from runtimes.select import (DeviceInfo, ModelSource, choose_llm, choose_vision, detect_device, detect_jetson,
                              read_cpu_flags, requested_kind, select_vision)
-from runtimes.sequences import ImageRef, SequencePool, prompt_items, sample
+from runtimes.sequences import ImageRef, SequencePool, prompt_items
 from sqllava_edge.bundle import Artifact, Manifest, preprocessing_for
 from sqllava_edge.config import IMAGE_TOKEN_INDEX, LLMConfig, get_preset
 from sqllava_edge.errors import BackendUnavailableError, BundleError, MemoryPlanError, PromptTooLongError
@@ -755,16 +755,3 @@ def test_pool_exact_repeat_reuses_logits_without_prefill():
     again, logits2 = pool.prefill([1, 2, 3])
     assert again == seq and np.array_equal(logits, logits2) and llm.counters.prefill_tokens == 3
 
-
-def test_sample_batches_equal_sequences_and_stops_at_max():
-    llm = FakeLLM(100)
-    pool = SequencePool(llm, 4)
-    root, logits = pool.prefill([1, 2, 3])
-    forks = [pool.fork(root) for _ in range(3)]
-    out = {seq: [] for seq in forks}
-    pick = {seq: (lambda lg, k=k: int(np.argsort(lg)[-1 - k])) for k, seq in enumerate(forks)}  # never EOS 0? fine
-    for seq, token in sample(pool, {seq: logits for seq in forks}, pick, max_new_tokens=5, eos_id=-1):
-        out[seq].append(token)
-    assert all(len(tokens) == 5 for tokens in out.values())
-    assert llm.counters.decode_steps == 4  # 4 batched steps for 3 sequences (the 5th token is not fed)
-    assert pool.cells_used() == 3 + 3 * 4

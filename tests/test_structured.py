@@ -247,6 +247,8 @@ def test_json_object_mode_streamed_and_not(client):
 
 
 def test_constrained_server_answers_equal_the_python_api_token_for_token(client, assistant):
+    from runtimes.scheduler import Request
+    from runtimes.tasks import tokens as generated
     from sqllava_edge.conversation import answer_prompt
 
     for i, schema in enumerate([OBJECTS, {"enum": ["red", "green", "blue"]}]):
@@ -255,9 +257,8 @@ def test_constrained_server_answers_equal_the_python_api_token_for_token(client,
             model="m", messages=_messages(i, question), max_tokens=300, logprobs=True,
             response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema, "strict": True}})
         config = GenerationConfig(max_new_tokens=300, grammar=compile_schema(assistant.tokenizer, schema))
-        with assistant.engine.lock:
-            items = assistant.engine.items(image(i), answer_prompt(assistant.tokenizer, question, assistant.template))
-            tokens = [t for t, _ in assistant.engine.tokens(items, config)]
+        ids = answer_prompt(assistant.tokenizer, question, assistant.template)
+        tokens = list(generated(assistant.scheduler, Request(ids, image(i), config)))
         served = [bytes(entry.bytes) for entry in response.choices[0].logprobs.content]
         assert served == [token_bytes(assistant.tokenizer, t) for t in tokens]
         assert response.choices[0].finish_reason == "stop"

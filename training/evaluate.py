@@ -196,14 +196,18 @@ class BundleEvaluator:
 
     def _batched(self, paths: list[Path], prompts: list[list[list[int]]], config) -> list[str]:
         """prompts[i]: the prompt ids asked about image paths[i] -> every answer, in order."""
-        engine = self.assistant.engine
-        with engine.lock:
-            refs = [engine.image_ref(path) for path in paths]
-            items = [engine.items(ref, ids) for ref, group in zip(refs, prompts) for ids in group]
-            texts: list[str] = []
-            for start in range(0, len(items), engine.pool.capacity):
-                texts += engine.answer_batch(items[start:start + engine.pool.capacity], config)
-        return texts
+        from runtimes.scheduler import Request
+        from runtimes.tasks import texts as run
+
+        assistant = self.assistant
+        refs = [assistant.engine.image_ref(path) for path in paths]
+        asked = [(ref, ids) for ref, group in zip(refs, prompts) for ids in group]
+        out: list[str] = []
+        for start in range(0, len(asked), assistant.engine.pool.capacity):  # decoded together, a sequence each
+            batch = asked[start:start + assistant.engine.pool.capacity]
+            out += run(assistant.scheduler, Request([ids for _, ids in batch], [ref for ref, _ in batch], config,
+                                                    [None] * len(batch)))
+        return out
 
     def close(self) -> None:
         self.assistant.close()

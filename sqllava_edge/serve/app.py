@@ -204,41 +204,25 @@ def _routes(app: FastAPI, state: State) -> None:
         body = await read_body(request, settings.body_limit)
         with _Preparing(state):
             ask, pixels = await state.work(_prepare_self_questions, state, body)
-        description = await _describe(state, request, pixels)
-        from sqllava_edge.conversation import interview_prompt, self_question_prompt
+        from runtimes.tasks import advance, self_questioning
 
-        tok, template = assistant.tokenizer, assistant.template
         seed = _seeds(ask.seed, 1)[0]
-        prompt = await state.work(self_question_prompt, tok, description, template)
-        call = Call(state, request, arrived, "/v1/self-questions")
-        call.submit(scheduler, EngineRequest(prompt, pixels, ask.config, [seed + i for i in range(ask.n)],
-                                             timeout=settings.timeout, drop_after=True))
-        questions, _, _ = await call.run(ask.n)
-        if not ask.answer:
-            return call.respond({"description": description, "questions": questions, "seed": seed})
-        prompts = await state.work(lambda: [interview_prompt(tok, description, q, template) for q in questions])
-        answers_call = Call(state, request, arrived, "/v1/self-questions")
-        answer_config = TASK_DEFAULTS["answer"].replace(max_new_tokens=ask.answer_tokens)
-        answers_call.submit(scheduler, EngineRequest(prompts, pixels, answer_config, [None] * len(prompts),
-                                                     timeout=settings.timeout))
-        answers, _, _ = await answers_call.run(len(prompts))
-        return call.respond({"description": description, "seed": seed,
-                             "questions": [{"question": q, "answer": a} for q, a in zip(questions, answers)]})
-
-    async def _describe(state: State, request: Request, pixels) -> str:
-        from sqllava_edge.conversation import describe_prompt
-
-        key = hashlib.sha256(pixels.tobytes()).hexdigest()
-        if key not in state.descriptions:
-            assistant, scheduler = ready(state)
-            call = Call(state, request, time.monotonic(), "/v1/self-questions")
-            call.submit(scheduler, EngineRequest(describe_prompt(assistant.tokenizer, assistant.template), pixels,
-                                                 TASK_DEFAULTS["describe"], timeout=settings.timeout))
-            texts, _, _ = await call.run(1)
-            if len(state.descriptions) > 256:
-                state.descriptions.clear()
-            state.descriptions[key] = texts[0]
-        return state.descriptions[key]
+        answers = TASK_DEFAULTS["answer"].replace(max_new_tokens=ask.answer_tokens) if ask.answer else None
+        key = hashlib.sha256(pixels.tobytes()).hexdigest()  # the engine's image key: its cached description
+        plan = self_questioning(assistant.engine, key, assistant.template, ask.n, seed, ask.config, answers=answers)
+        job, asked = await state.work(advance, plan)  # prompts are tokenised on the worker pool
+        call = None
+        while job is not None:
+            call = Call(state, request, arrived, "/v1/self-questions")
+            call.submit(scheduler, job.request(pixels, timeout=settings.timeout))
+            texts, _, _ = await call.run(len(job.seeds))
+            job, asked = await state.work(advance, plan, texts)
+        body = {"description": asked.description, "seed": seed}
+        if asked.answers is None:
+            body["questions"] = asked.questions
+        else:
+            body["questions"] = [{"question": q, "answer": a} for q, a in zip(asked.questions, asked.answers)]
+        return call.respond(body)
 
 
 def _page() -> str:

@@ -64,7 +64,6 @@ class State:
         self.ready = threading.Event()
         self.error: BaseException | None = None
         self.loaded_at = 0
-        self.descriptions: dict[str, str] = {}  # image key -> greedy description, for self-questions
         self.metrics = Metrics(self.live)
         self.workers = concurrent.futures.ThreadPoolExecutor(settings.workers, thread_name_prefix="sqllava-edge-prep")
         self.preparing = 0  # POSTs between the room check and their submit (on the event loop: no lock)
