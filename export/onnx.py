@@ -129,6 +129,9 @@ def _onnx_files(path: Path) -> list[Path]:
     return [path] + ([data] if data.exists() else [])
 
 
+STACK_TRACE = "pkg.torch.onnx.stack_trace"  # node metadata the dynamo exporter writes: file paths and line numbers
+
+
 def export_graph(graph: VisionGraph, path: Path, image_size: int) -> None:
     """torch.onnx (dynamo) export with a dynamic batch; weights in `<path>.data` beside the graph."""
     import onnx  # noqa: F401  (the exporter needs it; fail here with the import error if missing)
@@ -140,6 +143,25 @@ def export_graph(graph: VisionGraph, path: Path, image_size: int) -> None:
         torch.onnx.export(graph, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           dynamic_shapes={INPUT_NAME: {0: batch}}, opset_version=OPSET, dynamo=True,
                           external_data=True, verbose=False)
+    drop_stack_traces(path)
+
+
+def drop_stack_traces(path: Path) -> None:
+    """Remove the exporter's per-node Python stack traces from an ONNX graph file (its weights file is untouched).
+    They hold the exporting machine's file paths and source line numbers, so without them the same checkpoint gives
+    the same bytes from any checkout, and a bundle does not carry the builder's folders. The name scopes the int8
+    step reads (`_scopes`) stay."""
+    import onnx
+
+    from sqllava_edge.fileutil import atomic_write
+
+    model = onnx.load(str(path), load_external_data=False)
+    for node in model.graph.node:
+        kept = [p for p in node.metadata_props if p.key != STACK_TRACE]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+    with atomic_write(path) as handle:
+        handle.write(model.SerializeToString())
 
 
 def quantize_int8(fp32_path: Path, out_path: Path, attention: Sequence[str] = ()) -> None:

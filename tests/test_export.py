@@ -199,6 +199,24 @@ def test_onnx_graphs_have_the_contracted_shape_and_precision(bundle):
             assert share > 0.5, share  # the tower's matrices are fp16; the projector's stay fp32
 
 
+def test_onnx_graphs_hold_no_stack_traces_or_builder_paths(bundle):
+    """The exporter's per-node stack traces name the building checkout's files and line numbers: a bundle must not
+    carry them (the same checkpoint gives the same bytes from any folder), while the name scopes int8 needs stay."""
+    import onnx
+
+    from export.onnx import STACK_TRACE
+
+    manifest = read_manifest(bundle)
+    checkout = str(Path(__file__).resolve().parents[1]).encode()
+    for precision in ("fp32", "fp16", "int8"):
+        path = bundle / manifest.find("vision_onnx", precision).path
+        model = onnx.load(str(path), load_external_data=False)
+        keys = {prop.key for node in model.graph.node for prop in node.metadata_props}
+        assert STACK_TRACE not in keys and checkout not in path.read_bytes()
+        if precision == "fp32":
+            assert "pkg.torch.onnx.name_scopes" in keys
+
+
 def test_validation_fails_beyond_tolerance_and_names_the_tensor(bundle, merged_model):
     from export.onnx_validate import Reference, validate_vision_onnx
     from sqllava_edge.errors import ExportValidationError
