@@ -1,6 +1,6 @@
 """The documentation site builds with `mkdocs build --strict` (a broken link or anchor, a page missing from the nav,
-or an API-reference entry naming a class or function that no longer exists fails it), and README's relative links
-point at files that exist."""
+or an API-reference entry naming a class or function that does not exist fails it), and the relative links of README
+and the RESULTS notes point at files that exist."""
 from __future__ import annotations
 
 import importlib.util
@@ -33,6 +33,15 @@ def test_readme_relative_links_point_at_files():
     assert len(links) >= 10  # README links every docs page; none found would mean the parser is broken
     missing = [link for link in links if not (ROOT / link.split("#")[0]).exists()]
     assert not missing, f"README links to files that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("notes", ["training/RESULTS.md", "benchmarks/RESULTS.md"])
+def test_results_notes_relative_links_point_at_files(notes):
+    page = ROOT / notes  # outside the site: mkdocs does not check these
+    links = relative_links(page.read_text())
+    assert links, f"{notes} links its plots; none found would mean the parser is broken"
+    missing = [link for link in links if not (page.parent / link.split("#")[0]).exists()]
+    assert not missing, f"{notes} links to files that do not exist: {missing}"
 
 
 def test_every_docs_page_is_in_the_nav():
