@@ -1,7 +1,7 @@
 """Every benchmark run kept with the machine it ran on, and the range of each ratio over the machines measured.
 
     python -m benchmarks.ranges                        # min / median / max of each ratio over the kept runs that count
-    python -m benchmarks.ranges --preset bench-1b --markdown     # the same as a Markdown table (README)
+    python -m benchmarks.ranges --preset bench-1b --markdown     # the same as a Markdown table (docs/results.md)
     python -m benchmarks.ranges --limits               # each figure against the machine type's physical limits
 
 `python -m benchmarks --preset NAME` writes one small JSON per run to benchmarks/results/

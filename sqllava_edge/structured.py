@@ -4,7 +4,7 @@
     config = GenerationConfig(grammar=grammar)        # every Sampler built from it masks its tokens
 
 The grammar engine is llguidance (numpy token masks, reads the `tokenizers` JSON directly, no torch): chosen by
-measurement against outlines-core and xgrammar on the 32000-token Llama-2 vocabulary (README "Structured output",
+measurement against outlines-core and xgrammar on the 32000-token Llama-2 vocabulary (docs/results.md "Structured output",
 `python -m benchmarks.structured`). A compiled `Grammar` is immutable and shared; each sequence gets its own
 `Constraint` (the parser state), which says which tokens may come next and follows the tokens chosen.
 
@@ -29,7 +29,7 @@ import numpy as np
 JSON_OBJECT: dict[str, Any] = {"type": "object"}
 MAX_SCHEMA_BYTES = 64 << 10  # canonical JSON; a larger schema is refused
 CACHE_SIZE = 64  # compiled grammars kept per tokenizer
-# The features the tests cover (README "Structured output"); llguidance implements more (anyOf, $ref, pattern, ...).
+# The features the tests cover (docs/serving.md "Structured output"); llguidance implements more (anyOf, $ref, pattern, ...).
 SUPPORTED = ("type", "properties", "required", "additionalProperties", "enum", "const", "items", "minItems",
              "maxItems", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength",
              "pattern", "anyOf", "$ref", "$defs", "title", "description", "default")

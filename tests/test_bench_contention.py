@@ -280,8 +280,8 @@ def test_compute_limits_from_cores_clock_and_simd_width():
     assert rows["decode (weights read per token / measured bandwidth)"]["shares"]["zen4"] == pytest.approx(0.5)
 
 
-def test_kept_bench_1b_runs_and_the_readme_ranges_agree():
-    """benchmarks/results holds the machines README quotes; README's table is what the code prints from them."""
+def test_kept_bench_1b_runs_and_the_results_page_ranges_agree():
+    """benchmarks/results holds the machines docs/results.md quotes; its tables are what the code prints from them."""
     from benchmarks.ranges import load_runs, ranges, render_markdown
 
     runs = load_runs()
@@ -289,13 +289,13 @@ def test_kept_bench_1b_runs_and_the_readme_ranges_agree():
     assert sum(1 for r in bench if r["counted"]) >= 2
     found = ranges(runs, "bench-1b")
     assert found["vision_int8_vs_eager"]["min"] <= 2.36 and found["vision_int8_vs_eager"]["max"] >= 6.66
-    readme = (ROOT / "README.md").read_text()
+    results = (ROOT / "docs" / "results.md").read_text()
     for line in render_markdown(runs, "bench-1b").splitlines():
-        assert line in readme, f"README's bench-1b ranges are out of date: {line}"
+        assert line in results, f"docs/results.md's bench-1b ranges are out of date: {line}"
     from benchmarks.roofline import render_limits
 
     for line in render_limits(bench, markdown=True).splitlines():
-        assert line in readme, f"README's bench-1b limits are out of date: {line}"
+        assert line in results, f"docs/results.md's bench-1b limits are out of date: {line}"
 
 
 def test_a_bandwidth_measured_on_a_shared_machine_does_not_make_the_roofline_share_count():

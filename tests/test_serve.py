@@ -437,7 +437,7 @@ def test_typed_control_tokens_and_placeholders_stay_text_in_the_prompt(server, c
 
 
 def test_serving_benchmark_runs_side_by_side_and_writes_its_report(tiny_bundle, tmp_path):
-    """A smoke run of benchmarks.serve (the figures themselves are for the README, not asserted as times)."""
+    """A smoke run of benchmarks.serve (the figures themselves are for docs/results.md, not asserted as times)."""
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "benchmarks.serve", "--bundle", str(tiny_bundle), "--clients", "1,2", "--parallel",
            "1,2", "--requests", "1", "--new-tokens", "4", "--threads", "1", "--vision-precision", "fp32",

@@ -13,7 +13,7 @@ questions, interview answers) are cut to 24 tokens here to keep the module near 
 
 Any JavaScript error (uncaught exception, rejected promise, console.error) fails a test; HTTP error statuses in the
 console are allowed only where a test provokes them. SQLLAVA_EDGE_SCREENSHOTS=1 also copies the desktop and phone
-screenshots to docs/web-desktop.png and docs/web-phone.png (the README shows them).
+screenshots to docs/web-desktop.png and docs/web-phone.png (docs/serving.md shows them).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 OpenAI's error object. Pure functions of the request body (and the tokenizer), so every rule here is testable
 without a socket.
 
-Rules (the README's "Serving" section says the same):
+Rules (docs/serving.md, "What it accepts", says the same):
 - `messages`: system turns (first, joined) replace the template's system prompt; user / assistant turns alternate
   (consecutive turns of one role are joined with a newline) and the last one is the user's.
 - One image per conversation, in a user turn, as a data URI (`data:image/...;base64,...`). It goes where SQ-LLaVA
