@@ -92,7 +92,7 @@ def validate_vision_onnx(path: Path, precision: str, inputs: list[np.ndarray], r
 
     report: dict = {"reference": "PyTorch fp32 module", "inputs": "seeded N(0,1) pixel_values",
                     "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider",
-                    "compared": "with the graph's own dispatch (spec 1.4.2 step 4); raw differences as unforced_*"}
+                    "compared": "with the graph's own dispatch (docs/spec.md 1.4.2 step 4); raw differences as unforced_*"}
     shipped = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     with _with_dispatch_output(path) as (probe_path, dispatch_name):
         probe = ort.InferenceSession(str(probe_path), providers=["CPUExecutionProvider"]) if dispatch_name else None

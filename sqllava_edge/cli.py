@@ -214,7 +214,7 @@ def run_ask(args) -> int:
 
 def register_self_question(subparsers) -> None:
     parser = subparsers.add_parser("self-question", help="describe an image, then sample questions about it",
-                                   description="Visual self-questioning (spec 5.1): a greedy description, then N "
+                                   description="Visual self-questioning (docs/spec.md 5.1): a greedy description, then N "
                                                "questions sampled in parallel (question i with seed + i).")
     _add_model_args(parser, "self_question")
     parser.add_argument("--n", type=int, default=3, help="number of questions (default 3)")

@@ -93,7 +93,7 @@ def load_samples(json_path: str | os.PathLike) -> list[dict[str, Any]]:
     escaping = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or not isinstance(row.get("conversations"), list):
-            raise ValueError(f"{path}: sample {i} has no 'conversations' list (LLaVA format, spec 4.5)")
+            raise ValueError(f"{path}: sample {i} has no 'conversations' list (LLaVA format, docs/spec.md 4.5)")
         image = row.get("image")
         if image is not None and not _stays_inside(image):
             escaping.append(f"{i} ({image!r})")

@@ -83,7 +83,7 @@ class TrainConfig:
 
 HELP: dict[str, str] = {
     "stage": "1 = projector pre-training on captions; 2 = self-questioning instruction tuning with LoRA",
-    "data": "LLaVA JSON list of {'image', 'conversations'} (spec 4.5)",
+    "data": "LLaVA JSON list of {'image', 'conversations'} (docs/spec.md 4.5)",
     "out": "run folder: checkpoint/, metrics.jsonl, loss_curve.png",
     "image_folder": "folder the JSON's image paths are relative to (default: <json folder>/images)",
     "preset": "stage 1: model preset to build (see sqllava_edge.config.PRESETS)",
@@ -92,7 +92,7 @@ HELP: dict[str, str] = {
     "base_seed": "seed of the random base weights when no --llm-base/--vision-base is given",
     "init": "stage 2: the stage-1 run folder or checkpoint to start from",
     "resume": "continue OUT/checkpoint exactly (optimizer, scheduler, RNG, step, data position)",
-    "recipe": "hyperparameter set: 'released' (spec 4.2), 'tiny-demo' (the CPU demo), or 'auto' (tiny-demo for the "
+    "recipe": "hyperparameter set: 'released' (docs/spec.md 4.2), 'tiny-demo' (the CPU demo), or 'auto' (tiny-demo for the "
               "tiny preset, else released); explicit flags override it",
     "epochs": "passes over the data (fractions allowed)",
     "max_steps": "optimizer steps in total (overrides --epochs)",
@@ -110,7 +110,7 @@ HELP: dict[str, str] = {
     "template": "conversation template ('plain' for stage 1, 'v1_sq' for stage 2)",
     "image_mode": "image preprocessing: crop (stage 1), pad (stage 2) or resize",
     "max_length": "truncate text token ids to this many (the image adds its tokens after)",
-    "freeze_vit_lora": "keep ViT-LoRA at identity, as in the released checkpoints (spec 8.1); default: train it, as "
+    "freeze_vit_lora": "keep ViT-LoRA at identity, as in the released checkpoints (docs/spec.md 8.1); default: train it, as "
                        "the paper describes",
     "seed": "seed of data order, self-questioning draws, LoRA init and dropout",
     "save_every": "write the checkpoint every N optimizer steps (0 = only at the end)",

@@ -72,7 +72,7 @@ class Report:
     def text(self) -> str:
         lines = [f"converted {self.kind} -> {self.out}", "loaded:"] + [f"  - {x}" for x in self.loaded]
         lines += ["ignored:"] + [f"  - {x}" for x in self.ignored or ["nothing"]]
-        identity = {None: "no ViT-LoRA", True: "yes: every lora_B is 0, the adapter changes nothing (spec 8.1)",
+        identity = {None: "no ViT-LoRA", True: "yes: every lora_B is 0, the adapter changes nothing (docs/spec.md 8.1)",
                     False: "no: the ViT-LoRA changes the vision features"}[self.vit_lora_identity]
         lines += [f"ViT-LoRA identity: {identity}"] + [f"note: {x}" for x in self.notes]
         lines += [f"warning: {x}" for x in self.warnings]
@@ -261,16 +261,16 @@ def _plan_adapters(plan: Plan, model_dir: Path, shapes: dict) -> None:
                 torch.equal(v, plan.vit_lora.tensors[k]) for k, v in embedded.items())
             report.ignored.append(f"{len(embedded)} ViT-LoRA tensors inside {Path(plan.llm_lora.source).name} "
                                   f"({'equal to' if same else 'DIFFERENT from'} Vit-lora/; Vit-lora/ is used, as by the "
-                                  "official loader, spec 6.2 / 8.15)")
+                                  "official loader, docs/spec.md 6.2 / 8.15)")
         elif is_identity(Adapter({}, embedded, "")):
             report.ignored.append(f"{len(embedded)} ViT-LoRA tensors inside {Path(plan.llm_lora.source).name}: identity "
-                                  "(every lora_B is 0, spec 8.1) and no Vit-lora/ folder, so nothing to import")
+                                  "(every lora_B is 0, docs/spec.md 8.1) and no Vit-lora/ folder, so nothing to import")
         else:
             report.ignored.append(f"{len(embedded)} trained ViT-LoRA tensors inside {Path(plan.llm_lora.source).name}: "
-                                  "unused by the official loader (spec 6.2 step 4 / 8.15)")
+                                  "unused by the official loader (docs/spec.md 6.2 step 4 / 8.15)")
             report.warn(f"{plan.llm_lora.source} carries trained ViT-LoRA tensors (some lora_B is not 0) but there is no "
                         f"{vit_dir}: they are ignored, as the official loader ignores them (the tower does not exist "
-                        "yet when it loads the adapter, spec 6.2 / 8.15); the vision tower runs without ViT-LoRA. To "
+                        "yet when it loads the adapter, docs/spec.md 6.2 / 8.15); the vision tower runs without ViT-LoRA. To "
                         "use them, put the release's Vit-lora folder (it holds their lora_alpha) beside the adapter")
     if plan.vit_lora is not None:
         report.vit_lora_identity = is_identity(plan.vit_lora)
@@ -287,14 +287,14 @@ def _plan_projector(plan: Plan, model_dir: Path, base_is_model: bool) -> None:
                 plan.projector, plan.projector_source = parts["projector"], str(path)
     if plan.projector is None and not base_is_model:
         raise CheckpointError(f"missing file {model_dir / 'non_lora_trainables.bin'}: a LoRA release keeps its projector "
-                              "there (spec 6.1); the base's own projector is not SQ-LLaVA's")
+                              "there (docs/spec.md 6.1); the base's own projector is not SQ-LLaVA's")
     if plan.projector is None:
         plan.projector_source = f"model.mm_projector.* in {model_dir}"
         plan.projector_from_pretrained = True
     else:
         plan.config = check_projector(plan.config, plan.projector, plan.projector_source)
         plan.ignore_reasons["projector"] = (f"the base's own projector, replaced by {Path(plan.projector_source).name} "
-                                            "(spec 6.2 step 2 / 8.5)")
+                                            "(docs/spec.md 6.2 step 2 / 8.5)")
 
 
 def plan_official(kind: str, model_dir: Path, base: Path | None, vision_tower: Path | None) -> Plan:

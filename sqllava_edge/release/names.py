@@ -44,31 +44,31 @@ LAYOUTS = {
 RULES: tuple[NameRule, ...] = (
     # --- LlavaLlamaForCausalLM state dict (docs/spec.md 1.4 "prefix model.mm_projector.", docs/spec.md 6.2 step 2).
     NameRule("official_llm", "model.mm_projector.{rest}", "projector", "{rest}",
-             "spec 1.4.1 / 6.2: projector keys model.mm_projector.* (cluster: c.weight...; mlp2x_gelu: 0.*, 2.*)"),
+             "docs/spec.md 1.4.1 / 6.2: projector keys model.mm_projector.* (cluster: c.weight...; mlp2x_gelu: 0.*, 2.*)"),
     NameRule("official_llm", "model.vision_tower.vision_tower.vision_model.{rest}", "ignore", "",
-             "spec 6.2: a tower saved inside the LLM checkpoint is never read; the tower loads from mm_vision_tower"),
+             "docs/spec.md 6.2: a tower saved inside the LLM checkpoint is never read; the tower loads from mm_vision_tower"),
     NameRule("official_llm", "model.layers.{i}.self_attn.rotary_emb.inv_freq", "ignore", "",
              "transformers 4.31 and earlier save the RoPE frequency buffer (persistent in LlamaRotaryEmbedding); it "
              "is recomputed from rope_theta"),
-    NameRule("official_llm", "model.{rest}", "llm", "model.{rest}", "HF LlamaForCausalLM naming (spec 1.6)"),
-    NameRule("official_llm", "lm_head.{rest}", "llm", "lm_head.{rest}", "HF LlamaForCausalLM naming (spec 1.6)"),
+    NameRule("official_llm", "model.{rest}", "llm", "model.{rest}", "HF LlamaForCausalLM naming (docs/spec.md 1.6)"),
+    NameRule("official_llm", "lm_head.{rest}", "llm", "lm_head.{rest}", "HF LlamaForCausalLM naming (docs/spec.md 1.6)"),
     # --- adapter_model.* of a stage-2 release: LLM-LoRA and, mixed in, ViT-LoRA (docs/spec.md 6.1 "Stage 2", 8.15).
     NameRule("official_adapter", "base_model.model.model.vision_tower.vision_tower.vision_model.{rest}", "vit_lora",
-             "base_model.model.{rest}", "spec 6.1: ViT-LoRA tensors inside adapter_model.bin (silently unused, spec 8.15)"),
+             "base_model.model.{rest}", "docs/spec.md 6.1: ViT-LoRA tensors inside adapter_model.bin (silently unused, docs/spec.md 8.15)"),
     NameRule("official_adapter", "base_model.model.{rest}", "llm_lora", "base_model.model.{rest}",
-             "spec 6.1 / 2.1: PEFT on LlavaLlamaForCausalLM, same keys as PEFT on LlamaForCausalLM"),
+             "docs/spec.md 6.1 / 2.1: PEFT on LlavaLlamaForCausalLM, same keys as PEFT on LlamaForCausalLM"),
     # --- Vit-lora/adapter_model.* (docs/spec.md 6.1: PEFT applied to the CLIPVisionTower wrapper, docs/spec.md 2.2).
     NameRule("official_vit_adapter", "base_model.model.vision_tower.vision_model.{rest}", "vit_lora",
-             "base_model.model.{rest}", "spec 6.1: keys base_model.model.vision_tower.vision_model.encoder.layers.*"),
+             "base_model.model.{rest}", "docs/spec.md 6.1: keys base_model.model.vision_tower.vision_model.encoder.layers.*"),
     # --- non_lora_trainables.bin / mm_projector.bin (docs/spec.md 6.1, 6.2 step 3).
     NameRule("official_non_lora", "base_model.model.model.mm_projector.{rest}", "projector", "{rest}",
-             "spec 6.1: non_lora_trainables.bin keys base_model.model.model.mm_projector.*"),
+             "docs/spec.md 6.1: non_lora_trainables.bin keys base_model.model.model.mm_projector.*"),
     NameRule("official_non_lora", "model.mm_projector.{rest}", "projector", "{rest}",
-             "spec 6.1 stage 1: mm_projector.bin keys model.mm_projector.*"),
+             "docs/spec.md 6.1 stage 1: mm_projector.bin keys model.mm_projector.*"),
     NameRule("official_non_lora", "base_model.model.model.{rest}", "llm", "model.{rest}",
-             "spec 6.2 step 3 (strip base_model., then model.): trained LLM tensors, e.g. embed_tokens"),
+             "docs/spec.md 6.2 step 3 (strip base_model., then model.): trained LLM tensors, e.g. embed_tokens"),
     NameRule("official_non_lora", "base_model.model.lm_head.{rest}", "llm", "lm_head.{rest}",
-             "spec 6.2 step 3: a trained lm_head"),
+             "docs/spec.md 6.2 step 3: a trained lm_head"),
     # --- CLIP tower folders (docs/spec.md 1.2: HF CLIPVisionModel; openai/clip-vit-large-patch14-336 is a full CLIPModel).
     NameRule("clip", "vision_model.embeddings.position_ids", "ignore", "",
              "buffer saved by transformers < 4.31; recomputed"),
@@ -92,9 +92,9 @@ RULES: tuple[NameRule, ...] = (
     NameRule("llava_hf", "model.vision_tower.{rest}", "vision", "{rest}", "transformers 5 CLIPVisionModel without prefix"),
     NameRule("llava_hf", "vision_tower.{rest}", "vision", "{rest}", "transformers 5 save_pretrained output"),
     NameRule("llava_hf", "multi_modal_projector.linear_1.{rest}", "projector", "0.{rest}",
-             "LlavaMultiModalProjector linear_1 = mlp2x_gelu layer 0 (spec 1.4.3)"),
+             "LlavaMultiModalProjector linear_1 = mlp2x_gelu layer 0 (docs/spec.md 1.4.3)"),
     NameRule("llava_hf", "multi_modal_projector.linear_2.{rest}", "projector", "2.{rest}",
-             "LlavaMultiModalProjector linear_2 = mlp2x_gelu layer 2 (spec 1.4.3)"),
+             "LlavaMultiModalProjector linear_2 = mlp2x_gelu layer 2 (docs/spec.md 1.4.3)"),
     NameRule("llava_hf", "model.multi_modal_projector.linear_1.{rest}", "projector", "0.{rest}", "transformers 5 names"),
     NameRule("llava_hf", "model.multi_modal_projector.linear_2.{rest}", "projector", "2.{rest}", "transformers 5 names"),
 )
@@ -135,15 +135,15 @@ def to_layout(layout: str, part: str, key: str) -> str:
 # Config keys. (their key, our ModelConfig path, provenance). Values pass through unchanged unless VALUE_MAPS says.
 
 OFFICIAL_CONFIG_KEYS: tuple[tuple[str, str, str], ...] = (
-    ("mm_projector_type", "projector.type", "spec 6.3 (LLaVA default when absent: linear)"),
+    ("mm_projector_type", "projector.type", "docs/spec.md 6.3 (LLaVA default when absent: linear)"),
     ("num_latents", "projector.num_centers",
-     "spec 6.3 / 1.4: written (256) but never read, the reference hard-codes 256 centres; import uses 256"),
-    ("mm_hidden_size", "vision.hidden_size", "spec 6.3: CLIP width the projector expects"),
-    ("mm_vision_select_layer", "vision.select_layer", "spec 6.3 / 1.2"),
-    ("mm_vision_select_feature", "vision.select_feature", "spec 6.3 / 1.2 (default patch)"),
+     "docs/spec.md 6.3 / 1.4: written (256) but never read, the reference hard-codes 256 centres; import uses 256"),
+    ("mm_hidden_size", "vision.hidden_size", "docs/spec.md 6.3: CLIP width the projector expects"),
+    ("mm_vision_select_layer", "vision.select_layer", "docs/spec.md 6.3 / 1.2"),
+    ("mm_vision_select_feature", "vision.select_feature", "docs/spec.md 6.3 / 1.2 (default patch)"),
     ("image_aspect_ratio", "image_aspect_ratio",
-     "spec 6.3 / 1.3 (pad; LLaVA default square; the reference crops for every value but pad)"),
-    ("vocab_size", "llm.vocab_size", "LLaMA config (spec 6.3)"),
+     "docs/spec.md 6.3 / 1.3 (pad; LLaVA default square; the reference crops for every value but pad)"),
+    ("vocab_size", "llm.vocab_size", "LLaMA config (docs/spec.md 6.3)"),
     ("hidden_size", "llm.hidden_size", "LLaMA config"),
     ("intermediate_size", "llm.intermediate_size", "LLaMA config"),
     ("num_hidden_layers", "llm.num_layers", "LLaMA config"),
@@ -154,7 +154,7 @@ OFFICIAL_CONFIG_KEYS: tuple[tuple[str, str, str], ...] = (
     ("rope_theta", "llm.rope_theta", "LLaMA config (absent before transformers 4.33 = 10000)"),
     ("bos_token_id", "llm.bos_token_id", "LLaMA config"),
     ("eos_token_id", "llm.eos_token_id", "LLaMA config"),
-    ("pad_token_id", "llm.pad_token_id", "LLaMA config (spec 1.5: pad = unk = 0)"),
+    ("pad_token_id", "llm.pad_token_id", "LLaMA config (docs/spec.md 1.5: pad = unk = 0)"),
 )
 
 CLIP_CONFIG_KEYS: tuple[tuple[str, str, str], ...] = (

@@ -105,12 +105,12 @@ def official_model_config(cfg: dict[str, Any], clip_cfg: dict[str, Any], preproc
         latents = cfg.get("num_latents", OFFICIAL_NUM_CENTERS)
         if latents != OFFICIAL_NUM_CENTERS:
             warnings.append(f"num_latents={latents!r} in {where} is ignored: the official projector pools into "
-                            f"{OFFICIAL_NUM_CENTERS} centres whatever it says (spec 1.4), so the model runs with "
+                            f"{OFFICIAL_NUM_CENTERS} centres whatever it says (docs/spec.md 1.4), so the model runs with "
                             f"{OFFICIAL_NUM_CENTERS}")
         if vision.num_image_tokens < OFFICIAL_NUM_CENTERS:
             raise CheckpointError(f"{where}: the official cluster projector pools into {OFFICIAL_NUM_CENTERS} centres "
                                   f"but this vision tower gives {vision.num_image_tokens} image tokens; sqllava-edge "
-                                  "needs at least one token per centre (num_latents does not change this, spec 1.4)")
+                                  "needs at least one token per centre (num_latents does not change this, docs/spec.md 1.4)")
         projector = ProjectorConfig(type="cluster", num_centers=OFFICIAL_NUM_CENTERS)
     else:
         projector = ProjectorConfig(type=ptype, keep_unused_ln=False)
@@ -200,10 +200,10 @@ def official_config_json(config: ModelConfig, vision_tower: str) -> dict[str, An
     if config.image_aspect_ratio not in reverse:
         raise CheckpointError(f"image_aspect_ratio {config.image_aspect_ratio!r} has no official equivalent (pad, square)")
     if config.projector.type == "cluster" and config.projector.em_iterations != 2:
-        raise CheckpointError("the official cluster projector hard-codes 2 EM iterations (spec 1.4); this model uses "
+        raise CheckpointError("the official cluster projector hard-codes 2 EM iterations (docs/spec.md 1.4); this model uses "
                               f"{config.projector.em_iterations}")
     if config.projector.type == "cluster" and config.projector.num_centers != OFFICIAL_NUM_CENTERS:
-        raise CheckpointError(f"the official cluster projector hard-codes {OFFICIAL_NUM_CENTERS} centres (spec 1.4; "
+        raise CheckpointError(f"the official cluster projector hard-codes {OFFICIAL_NUM_CENTERS} centres (docs/spec.md 1.4; "
                               f"num_latents is not read); this model uses {config.projector.num_centers}, so the "
                               "official code would compute other image features")
     values = {"llm." + k: getattr(llm, k) for k in vars(llm)}
