@@ -177,7 +177,7 @@ def _open_gguf(path: Path, precision: str, n_ctx: int):
     from runtimes.llamacpp import LlamaCppLLM
 
     exact = precision == "f32"  # as runtimes.select.load_llm runs it
-    return LlamaCppLLM(path, n_ctx=n_ctx, n_seq_max=1, kv_type="f32" if exact else "f16",
+    return LlamaCppLLM(path, n_ctx=n_ctx, n_seq_max=2, kv_type="f32" if exact else "f16",
                        flash_attn=False if exact else None)
 
 
@@ -199,7 +199,7 @@ def measure_fidelity(model, tokenizer, bundle: Path, artifacts: Sequence, calibr
     import torch
 
     from runtimes.vision import OnnxVision
-    from sqllava_edge.generation import TASK_DEFAULTS, generate
+    from sqllava_edge.generation import TASK_DEFAULTS
 
     started = time.perf_counter()
     config, template = model.config, model.config.template
@@ -241,8 +241,8 @@ def measure_fidelity(model, tokenizer, bundle: Path, artifacts: Sequence, calibr
                                                  for ref, pr, t in zip(ref_logits, prompts, tokens)])
                                       for p, tokens in vision_tokens.items()}}
             if artifact is pair_gguf and pair_vision is not None:
-                record["end_to_end"] = _greedy_agreement(model, llm, tokenizer, template, pairs, reference,
-                                                         vision_tokens[pair_vision.precision], eos, generate,
+                record["end_to_end"] = _greedy_agreement(model, llm, tokenizer, pairs, reference,
+                                                         vision_tokens[pair_vision.precision],
                                                          TASK_DEFAULTS["answer"].replace(max_new_tokens=GREEDY_TOKENS))
                 record["end_to_end"]["vision"] = pair_vision.precision
         records[artifact.path] = record
@@ -255,38 +255,25 @@ def measure_fidelity(model, tokenizer, bundle: Path, artifacts: Sequence, calibr
     return records
 
 
-def _greedy_agreement(model, llm, tokenizer, template, pairs, reference, tokens, eos, generate, config) -> dict:
-    """Share of pairs whose greedy answer through the deployed pair equals PyTorch's, token for token."""
-    import torch
-
+def _greedy_agreement(model, llm, tokenizer, pairs, reference, tokens, config) -> dict:
+    """Share of pairs whose greedy answer through the deployed pair equals PyTorch's, token for token (both through
+    the runtime's one generation step: runtimes.scheduler)."""
+    from runtimes.scheduler import Request
+    from runtimes.sequences import ImageRef
+    from runtimes.tasks import llm_scheduler, tokens as generated
+    from runtimes.torch_llm import TorchLLM
     from sqllava_edge.conversation import answer_prompt
 
+    llm.release(0)  # the logit comparisons above wrote into sequence 0 directly
+    deployed = llm_scheduler(llm, tokenizer, model.config)
+    pytorch = llm_scheduler(TorchLLM(model.llm, llm.n_ctx), tokenizer, model.config)
     same = 0
-    for pair, ref, emb in zip(pairs, reference, tokens):
-        ids = answer_prompt(tokenizer, pair.question, template)
-        want = generate(model, ids, config, image_embeds=torch.from_numpy(ref))
-        got = _llama_greedy(llm, ids, emb[0], eos, config.max_new_tokens)
+    for i, (pair, ref, emb) in enumerate(zip(pairs, reference, tokens)):
+        ids = answer_prompt(tokenizer, pair.question, model.config.template)
+        want = list(generated(pytorch, Request(ids, ImageRef(f"pytorch {i}", ref[0]), config)))
+        got = list(generated(deployed, Request(ids, ImageRef(f"deployed {i}", emb[0]), config)))
         same += got == want
     return {"answers": len(pairs), "greedy_agreement": round(same / len(pairs), 4), "max_new_tokens": config.max_new_tokens}
-
-
-def _llama_greedy(llm, ids: list[int], embeds: np.ndarray, eos: int, limit: int) -> list[int]:
-    from sqllava_edge.config import IMAGE_TOKEN_INDEX
-
-    at = ids.index(IMAGE_TOKEN_INDEX)
-    llm.release(0)
-    if ids[:at]:
-        llm.prefill(0, tokens=ids[:at])
-    llm.prefill(0, embeds=embeds)
-    logits = llm.prefill(0, tokens=ids[at + 1:])
-    out: list[int] = []
-    while len(out) < limit:
-        token = int(np.argmax(logits))
-        if token == eos:
-            break
-        out.append(token)
-        logits = llm.decode({0: token})[0]
-    return out
 
 
 def _token_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -136,3 +136,9 @@ def run_jobs(scheduler: Scheduler, image) -> Callable[[Job], list[str]]:
     """`run_plan`'s executor for jobs about one image, on the caller's thread."""
     return lambda job: texts(scheduler, job.request(image))
 
+
+def llm_scheduler(llm, tokenizer, config, sequences: int = 2) -> Scheduler:
+    """A thread-less scheduler on an LLM backend alone: its requests carry their image as embeddings (an ImageRef),
+    as a comparison of LLM backends on the same image tokens needs. The backend stays the caller's to close."""
+    engine = Engine(None, llm, tokenizer, config, image_mode=config.image_aspect_ratio, sequences=sequences)
+    return Scheduler(engine, parallel=1, prefill_chunk=0, thread=False)

@@ -1,14 +1,15 @@
-"""Token sampling shared by every backend, and the PyTorch reference generation loop with a KV cache.
+"""Token sampling shared by every backend: the generation options and the one `Sampler`.
 
 One `Sampler` turns a logits vector into a token for every backend (numpy, float32), so two backends that produce
-the same logits produce the same tokens, greedy or sampled with the same seed. docs/spec.md 5 gives the defaults per task.
+the same logits produce the same tokens, greedy or sampled with the same seed. docs/spec.md 5 gives the defaults per
+task. Generation itself (prefill, the decode step, stop strings, freeing sequences) is `runtimes.scheduler`'s step.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -134,51 +135,3 @@ class Sampler:
             probs = np.where(keep, probs, 0.0)
             probs /= probs.sum()
         return int(np.searchsorted(np.cumsum(probs), self.rng.random() * probs.sum(), side="right").clip(0, probs.size - 1))
-
-
-class StopChecker:
-    """EOS or any stop string in the decoded text ends generation; the stop string is cut from the result."""
-
-    def __init__(self, tokenizer, eos_id: int, stop: Sequence[str]):
-        self.tokenizer, self.eos_id, self.stop = tokenizer, eos_id, tuple(s for s in stop if s)
-
-    def is_eos(self, token: int) -> bool:
-        return token == self.eos_id
-
-    def cut(self, text: str) -> tuple[str, bool]:
-        for s in self.stop:
-            at = text.find(s)
-            if at >= 0:
-                return text[:at], True
-        return text, False
-
-
-def generate_tokens(model, prompt_ids: Sequence[int], config: GenerationConfig, pixel_values=None, image_embeds=None,
-                    seed: int | None = None) -> Iterator[int]:
-    """PyTorch reference generation with a KV cache: yields new token ids, stops after EOS (EOS is not yielded)."""
-    import torch
-
-    sampler = Sampler(config, seed)
-    eos = model.config.llm.eos_token_id
-    with torch.inference_mode():
-        ids = torch.as_tensor(list(prompt_ids), dtype=torch.long)
-        out = model(ids, pixel_values=pixel_values, image_embeds=image_embeds, use_cache=True)
-        cache, length = out.cache, out.attention_mask.shape[1]
-        logits = out.logits[0, -1]
-        for _ in range(config.max_new_tokens):
-            token = sampler(logits.float().cpu().numpy())
-            if token == eos:
-                return
-            yield token
-            step = model.llm(
-                input_ids=torch.tensor([[token]], device=model.device),
-                attention_mask=torch.ones(1, length + 1, dtype=torch.long, device=model.device),
-                cache=cache,  # transformers 5's name (past_key_values until 5.40)
-                use_cache=True,
-            )
-            cache, length, logits = step.cache, length + 1, step.logits[0, -1]
-
-
-def generate(model, prompt_ids: Sequence[int], config: GenerationConfig, pixel_values=None, image_embeds=None,
-             seed: int | None = None) -> list[int]:
-    return list(generate_tokens(model, prompt_ids, config, pixel_values, image_embeds, seed))

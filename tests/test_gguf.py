@@ -123,7 +123,8 @@ def test_gguf_metadata_vocab_and_tensors():
 def test_stock_llama_cpp_loads_tokenizes_and_generates_like_pytorch():
     import llama_cpp
 
-    from sqllava_edge.generation import GenerationConfig, generate
+    from sqllava_edge.generation import GenerationConfig
+    from tests.reference import generate
 
     llm = llama_cpp.Llama(model_path=str(f32_gguf()), n_ctx=128, verbose=False)
     try:

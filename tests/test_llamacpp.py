@@ -20,7 +20,8 @@ from runtimes.llamacpp import LlamaCppLLM, import_llama_cpp, set_llama_logging  
 from sqllava_edge.config import IMAGE_TOKEN_INDEX  # noqa: E402
 from sqllava_edge.conversation import answer_prompt  # noqa: E402
 from sqllava_edge.errors import BackendUnavailableError, PromptTooLongError  # noqa: E402
-from sqllava_edge.generation import GenerationConfig, Sampler, generate  # noqa: E402
+from sqllava_edge.generation import GenerationConfig, Sampler  # noqa: E402
+from tests.reference import generate  # noqa: E402
 from tests.gguf_helpers import CORPUS, f32_gguf, tiny_model, tokenizer  # noqa: E402
 
 EXACT = {"kv_type": "f32", "flash_attn": False}
@@ -33,7 +34,7 @@ def backend(n_ctx: int = 256, **options) -> LlamaCppLLM:
 
 
 def run_greedy(llm: LlamaCppLLM, seq: int, prompt: list[int], n: int, sampler: Sampler) -> list[int]:
-    """The same loop as sqllava_edge.generation.generate_tokens, over the backend (EOS stops, is not returned)."""
+    """The same loop as tests.reference.generate_tokens, over the backend (EOS stops, is not returned)."""
     logits, out = llm.prefill(seq, tokens=prompt), []
     for _ in range(n):
         token = sampler(logits)

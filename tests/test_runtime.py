@@ -103,7 +103,8 @@ def reference(ckpt):
     """(model, tokenizer, prompt ids per pair, greedy reference tokens per pair) from the PyTorch generate loop."""
     from sqllava_edge.checkpoint import load_checkpoint
     from sqllava_edge.conversation import answer_prompt
-    from sqllava_edge.generation import GenerationConfig, generate
+    from sqllava_edge.generation import GenerationConfig
+    from tests.reference import generate
     from sqllava_edge.image import preprocess
 
     model, tok = load_checkpoint(ckpt)

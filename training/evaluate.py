@@ -86,81 +86,19 @@ def _progress(items: Iterable, desc: str, unit: str, enabled: bool):
     return tqdm(items, desc=desc, unit=unit, disable=not enabled)
 
 
-class Evaluator:
-    """A training checkpoint on the PyTorch model (one question at a time)."""
+class _Batched:
+    """Questions of several images decoded together through `Assistant` (its engine's sequences, one batched decode
+    step per token), whichever backends it runs on."""
 
-    def __init__(self, checkpoint: str, device: str = "cpu"):
-        from sqllava_edge.checkpoint import load_checkpoint, resolve_checkpoint
+    assistant: Any
+    config: Any
 
-        self.model, self.tok = load_checkpoint(resolve_checkpoint(checkpoint), merge_lora=True, device=device)
-        self.model.eval()
-        self.config = self.model.config
-
-    def image_embeds(self, path: Path):
-        import torch
-
-        from sqllava_edge.image import preprocess
-
-        pixels = torch.from_numpy(preprocess(path, self.config.vision, self.config.image_aspect_ratio))[None]
-        with torch.inference_mode():
-            return self.model.encode_images(pixels)  # (1, T, H)
-
-    def generate(self, ids: list[int], embeds, gen_cfg, seed: int | None = None) -> str:
-        from sqllava_edge.generation import generate
-
-        return self.tok.decode(generate(self.model, ids, gen_cfg, image_embeds=embeds, seed=seed)).strip()
-
-    def answers(self, path: Path, questions: list[str], max_tokens: int) -> list[str]:
-        from sqllava_edge.conversation import answer_prompt
-        from sqllava_edge.generation import TASK_DEFAULTS
-
-        gen_cfg = TASK_DEFAULTS["answer"].replace(max_new_tokens=max_tokens)
-        embeds = self.image_embeds(path)
-        return [self.generate(answer_prompt(self.tok, q, self.config.template), embeds, gen_cfg) for q in questions]
-
-    def self_questions(self, path: Path, n: int, seed: int, max_tokens: int) -> tuple[str, list[str]]:
-        from sqllava_edge.conversation import describe_prompt, self_question_prompt
-        from sqllava_edge.generation import TASK_DEFAULTS
-
-        embeds = self.image_embeds(path)
-        description = self.generate(describe_prompt(self.tok, self.config.template), embeds,
-                                    TASK_DEFAULTS["describe"].replace(max_new_tokens=DESCRIBE_TOKENS))
-        prompt = self_question_prompt(self.tok, description, self.config.template)
-        ask_cfg = TASK_DEFAULTS["self_question"].replace(max_new_tokens=max_tokens)
-        return description, [self.generate(prompt, embeds, ask_cfg, seed=seed + k) for k in range(n)]
-
-    def answers_many(self, asked: list[tuple[Path, list[str]]], max_tokens: int) -> list[list[str]]:
-        return [self.answers(path, questions, max_tokens) for path, questions in asked]
-
-    def self_questions_many(self, paths: list[Path], n: int, seeds: list[int], max_tokens: int):
-        return [self.self_questions(path, n, seed, max_tokens) for path, seed in zip(paths, seeds)]
-
-    def close(self) -> None:
-        pass
-
-
-class BundleEvaluator:
-    """A bundle through `Assistant` (no torch): an image's questions answered in batches of the engine's sequences."""
-
-    def __init__(self, bundle: str | Path, vision_precision: str | None = None, llm_precision: str | None = None,
-                 n_threads: int | None = None, sequences: int | None = None, max_quality_loss=None):
-        from sqllava_edge.assistant import Assistant
-        from sqllava_edge.bundle import read_manifest
-
-        config = read_manifest(bundle, verify=False).config
-        limit = config.llm.max_position_embeddings
-        per_sequence = min(limit, config.num_image_tokens + 192)  # image rows + prompt + answer (or description)
+    @staticmethod
+    def plan(config, sequences: int | None) -> tuple[int, int]:
+        """(KV sequences, n_ctx) for evaluation batches: image rows + prompt + answer (or description) each."""
+        per_sequence = min(config.llm.max_position_embeddings, config.num_image_tokens + 192)
         sequences = sequences or max(4, min(32, BATCH_POSITIONS // per_sequence))
-        n_ctx = sequences * per_sequence
-        self.assistant = Assistant.load(bundle, vision_precision=vision_precision, llm_precision=llm_precision,
-                                        n_threads=n_threads, sequences=sequences, n_ctx=n_ctx,
-                                        max_quality_loss=max_quality_loss)
-        self.config = config
-
-    @property
-    def chosen(self) -> tuple[str, str]:
-        backends = self.assistant.backends
-        return backends.vision_precision, backends.llm_precision
+        return sequences, sequences * per_sequence
 
     def answers_many(self, asked: list[tuple[Path, list[str]]], max_tokens: int) -> list[list[str]]:
         """Every question of several images, decoded together in batches of the engine's sequences."""
@@ -211,6 +149,43 @@ class BundleEvaluator:
 
     def close(self) -> None:
         self.assistant.close()
+
+
+class Evaluator(_Batched):
+    """A training checkpoint: the merged PyTorch model on the torch backends, through `Assistant` as a bundle is."""
+
+    def __init__(self, checkpoint: str, device: str = "cpu", sequences: int | None = None):
+        from runtimes.torch_llm import TorchLLM
+        from runtimes.vision import TorchVision
+        from sqllava_edge.assistant import Assistant
+        from sqllava_edge.checkpoint import load_checkpoint, resolve_checkpoint
+
+        model, tok = load_checkpoint(resolve_checkpoint(checkpoint), merge_lora=True, device=device)
+        self.config = model.config
+        sequences, n_ctx = self.plan(self.config, sequences)
+        self.assistant = Assistant(TorchVision(model.eval()), TorchLLM(model.llm, n_ctx), tok, self.config,
+                                   sequences=sequences)
+
+
+class BundleEvaluator(_Batched):
+    """A bundle through `Assistant` (no torch): an image's questions answered in batches of the engine's sequences."""
+
+    def __init__(self, bundle: str | Path, vision_precision: str | None = None, llm_precision: str | None = None,
+                 n_threads: int | None = None, sequences: int | None = None, max_quality_loss=None):
+        from sqllava_edge.assistant import Assistant
+        from sqllava_edge.bundle import read_manifest
+
+        config = read_manifest(bundle, verify=False).config
+        sequences, n_ctx = self.plan(config, sequences)
+        self.assistant = Assistant.load(bundle, vision_precision=vision_precision, llm_precision=llm_precision,
+                                        n_threads=n_threads, sequences=sequences, n_ctx=n_ctx,
+                                        max_quality_loss=max_quality_loss)
+        self.config = config
+
+    @property
+    def chosen(self) -> tuple[str, str]:
+        backends = self.assistant.backends
+        return backends.vision_precision, backends.llm_precision
 
 
 def _groups(rows: list[dict]) -> list[list[dict]]:
