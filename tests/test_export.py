@@ -6,7 +6,6 @@ one-go export calls it and records its artifacts.
 """
 from __future__ import annotations
 
-import copy
 import errno
 import json
 import os
@@ -21,8 +20,9 @@ import torch
 
 import export.__main__ as export_main
 import export.onnx as export_onnx
+import export.pipeline as pipeline
 import export.trt as export_trt
-from export.__main__ import run_export
+from export.pipeline import run_export
 from export.merge import merge_checkpoint, merge_model
 from sqllava_edge.bundle import MANIFEST_FILE, read_manifest
 from sqllava_edge.checkpoint import load_checkpoint, save_checkpoint
@@ -528,7 +528,7 @@ def test_reexport_reuses_artifacts(bundle, checkpoint, tmp_path, monkeypatch):
     inodes = {name: (out / name).stat().st_ino for a in before.artifacts for name in a.files}
     calls = []
     monkeypatch.setattr(export_onnx, "export_vision_onnx", lambda *a, **k: calls.append("onnx"))
-    monkeypatch.setattr(export_main, "_load_merged", lambda *a, **k: calls.append("load"))
+    monkeypatch.setattr(pipeline, "_load_merged", lambda *a, **k: calls.append("load"))
     after = run_export(checkpoint, out, quants=[], log=lambda _: None)
     assert calls == []
     assert [(a.path, a.sha256) for a in after.artifacts] == [(a.path, a.sha256) for a in before.artifacts]
@@ -680,7 +680,7 @@ def test_failed_reexport_keeps_the_previous_bundle(bundle, checkpoint, tmp_path,
         (Path(folder) / MANIFEST_FILE).write_text('{"schema_version": 1, "trunc')
         raise failure
 
-    monkeypatch.setattr(export_main, "write_manifest", broken_write)
+    monkeypatch.setattr(pipeline, "write_manifest", broken_write)
     with pytest.raises(type(failure)):
         run_export(checkpoint, out, quants=[], log=lambda _: None)
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
