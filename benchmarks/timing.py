@@ -69,14 +69,11 @@ def gpu_memory_mib() -> dict[str, float] | None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         out["torch_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    from benchmarks.machine import _run
+    import os
 
-    listing = _run("nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits")
-    if listing:
-        import os
+    from runtimes.device_facts import nvidia_smi_process_mib
 
-        for line in listing.splitlines():
-            parts = [p.strip() for p in line.split(",")]
-            if len(parts) == 2 and parts[0] == str(os.getpid()):
-                out["nvidia_smi_used_mib"] = float(parts[1])
+    used = nvidia_smi_process_mib(os.getpid())
+    if used is not None:
+        out["nvidia_smi_used_mib"] = used
     return out or None
