@@ -8,9 +8,27 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
+
+
+T = TypeVar("T")
+
+
+def rotated_rounds(settings: Sequence[T], rounds: int, run: Callable[[T, int], dict],
+                   say: Callable[[int, T, dict], Any]) -> list[dict]:
+    """Measure every setting once per round, the order rotated by one from round to round, so neither a drifting
+    background load nor the caches a run leaves behind favour one setting. run(setting, round) -> sample; each
+    sample gets its "round" and is handed to say(round, setting, sample) (progress lines)."""
+    samples = []
+    for r in range(rounds):
+        k = r % len(settings)
+        for setting in [*settings[k:], *settings[:k]]:
+            sample = {**run(setting, r), "round": r}
+            samples.append(sample)
+            say(r, setting, sample)
+    return samples
 
 
 def now() -> float:

@@ -138,15 +138,21 @@ def _onnx_choice(source: ModelSource, device: DeviceInfo, precision: str | None,
                         requested=requested)
 
 
+def _requested_artifact(source: ModelSource, kind: str, precision: str, what: str, flag: str):
+    """-> (the bundle's `kind` artifact of an explicitly asked precision, note); BundleError naming the precisions the
+    bundle has and the export flag that adds the missing one."""
+    artifact = source.manifest.find(kind, precision)
+    if artifact is None:
+        have = [a.precision for a in source.manifest.find_all(kind)]
+        raise BundleError(f"{source.folder} has no {precision} {what} (it has {have or 'none'}); export it: "
+                          f"python -m export CHECKPOINT --out {source.folder} {flag} {precision}")
+    return artifact, f"{precision} as requested"
+
+
 def _pick_onnx(source: ModelSource, device: DeviceInfo, precision: str | None, use_cuda: bool):
     manifest = source.manifest
     if precision is not None:
-        artifact = manifest.find("vision_onnx", precision)
-        if artifact is None:
-            have = [a.precision for a in manifest.find_all("vision_onnx")]
-            raise BundleError(f"{source.folder} has no {precision} vision ONNX (it has {have or 'none'}); "
-                              f"export it: python -m export CHECKPOINT --out {source.folder} --vision-precision {precision}")
-        return artifact, f"{precision} as requested"
+        return _requested_artifact(source, "vision_onnx", precision, "vision ONNX", "--vision-precision")
     if use_cuda:
         order, note = ("fp16", "fp32", "int8"), "fp16 preferred on a GPU"
     elif device.fast_int8:
@@ -261,12 +267,7 @@ def choose_llm(source: ModelSource, device: DeviceInfo, requested: str | None = 
 def _pick_gguf(source: ModelSource, order_kind: str, precision: str | None, fits):
     manifest = source.manifest
     if precision is not None:
-        artifact = manifest.find("llm_gguf", precision)
-        if artifact is None:
-            have = [a.precision for a in manifest.find_all("llm_gguf")]
-            raise BundleError(f"{source.folder} has no {precision} GGUF (it has {have or 'none'}); export it with "
-                              f"python -m export CHECKPOINT --out {source.folder} --quant {precision}")
-        return artifact, f"{precision} as requested"
+        return _requested_artifact(source, "llm_gguf", precision, "GGUF", "--quant")
     order = GGUF_PREFERENCE[order_kind]
     available = quality.keep(source, "llm_gguf", [a for p in order if (a := manifest.find("llm_gguf", p)) is not None])
     if not available:

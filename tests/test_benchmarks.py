@@ -205,6 +205,16 @@ def test_machine_record_knows_jetsons_the_runtime_knows(tmp_path):
     assert jetson_facts(tree("pi", {"proc/device-tree/model": b"Raspberry Pi 4 Model B\x00"})) is None
 
 
+def test_rotated_rounds_rotate_the_order_and_tag_each_sample():
+    from benchmarks.timing import rotated_rounds
+
+    said = []
+    samples = rotated_rounds(("a", "b", "c"), 3, lambda setting, r: {"setting": setting, "seed": 10 * r},
+                             lambda r, setting, sample: said.append((r, setting)))
+    assert [s for _, s in said] == list("abcbcacab") and [r for r, _ in said] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert samples[3] == {"setting": "b", "seed": 10, "round": 1}
+
+
 def test_wait_for_idle_is_bounded():
     from benchmarks.run import wait_for_idle
 
