@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.report import write_text_and_json
+from benchmarks.timing import rotated_rounds
 
 WARM_TOKENS = 4  # A's tokens before B is submitted
 
@@ -96,18 +97,13 @@ def measure(args, log) -> dict:
         bundle = Path(args.bundle)
     assistant = Assistant.load(bundle, n_threads=args.threads, sequences=8)
     log(f"[chunked] {bundle}: {assistant.backends}")
-    samples = []
     try:
         log("[chunked] warm-up run")
         one_run(assistant, args.chunks[0], 10_000, args.new_tokens)
-        for r in range(args.rounds):
-            order = args.chunks[r % len(args.chunks):] + args.chunks[:r % len(args.chunks)]
-            for chunk in order:
-                sample = one_run(assistant, chunk, 100 * r + chunk, args.new_tokens)
-                sample["round"] = r
-                samples.append(sample)
-                log(f"[chunked] round {r + 1}/{args.rounds} chunk {chunk}: A stall {sample['a_stall_s']:.2f} s, "
-                    f"B TTFT {sample['b_ttft_s']:.2f} s")
+        samples = rotated_rounds(
+            args.chunks, args.rounds, lambda chunk, r: one_run(assistant, chunk, 100 * r + chunk, args.new_tokens),
+            lambda r, chunk, sample: log(f"[chunked] round {r + 1}/{args.rounds} chunk {chunk}: A stall "
+                                         f"{sample['a_stall_s']:.2f} s, B TTFT {sample['b_ttft_s']:.2f} s"))
         backends = str(assistant.backends)
     finally:
         assistant.close()

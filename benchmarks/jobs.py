@@ -154,24 +154,27 @@ def _llama_version() -> str:
 
 
 def _load(job: dict, part: str, sources: dict):
-    """Load the vision or LLM backend a job names, through runtimes.select (the loader Assistant uses).
+    """Load the vision or LLM backend a job names, through runtimes.select and runtimes.loader (what Assistant uses).
     `sources` holds the opened bundle / checkpoint, so torch vision and torch LLM share one loaded model."""
     from runtimes import select
+    from runtimes.devices import resolve_device
+    from runtimes.loader import load_llm, load_vision
+    from runtimes.model_source import ModelSource
 
     spec = job[part]
-    device = select.resolve_device(job.get("device"))
+    device = resolve_device(job.get("device"))
     folder = job["checkpoint"] if spec["kind"] == "torch" else job["bundle"]
     if folder is None:
         raise ValueError(f"the torch {part} backend needs the training checkpoint; pass --checkpoint")
-    source = sources.get(folder) or select.ModelSource.open(folder)
+    source = sources.get(folder) or ModelSource.open(folder)
     sources[folder] = source
     t0 = now()
     if part == "vision":
         choice = select.choose_vision(source, device, spec["kind"], spec.get("precision"))
-        backend = select.load_vision(choice, source, device, n_threads=job["threads"])
+        backend = load_vision(choice, source, device, n_threads=job["threads"])
     else:
         choice = select.choose_llm(source, device, spec["kind"], spec.get("precision"))
-        backend = select.load_llm(choice, source, device, job["n_ctx"], n_threads=job["threads"], n_seq_max=4)
+        backend = load_llm(choice, source, device, job["n_ctx"], n_threads=job["threads"], n_seq_max=4)
     return backend, {"kind": spec["kind"], "precision": _precision(choice), "description": backend.description,
                      "reason": choice.reason, "load_ms": ms(now() - t0),
                      "artifact": getattr(choice.artifact, "path", None)}, source.config
@@ -238,7 +241,7 @@ def vision_job(job: dict) -> dict:
 
 def _load_combo(job: dict):
     """-> (assistant or None, vision, llm, vision info, llm info, config). Through `Assistant.load` (what users get)
-    when both parts come from one folder; a torch + bundle mix is loaded part by part through runtimes.select."""
+    when both parts come from one folder; a torch + bundle mix is loaded part by part through runtimes.loader."""
     from sqllava_edge.assistant import Assistant
 
     vision_spec, llm_spec = job["vision"], job["llm"]
@@ -306,7 +309,7 @@ def combo_job(job: dict) -> dict:
     api = _assistant_measurements(assistant, workload, progress) if assistant is not None else None
     progress.close()
     result = {"kind": "combo", "label": job["label"], "tuned": bool(job.get("tuned")), "vision": vision_info, "llm": llm_info,
-              "loaded_by": "Assistant.load" if assistant is not None else "runtimes.select (parts from two folders)",
+              "loaded_by": "Assistant.load" if assistant is not None else "runtimes.loader (parts from two folders)",
               "pipeline": {"warmup": warm, "timed": timed}, "self_question": sq, **vis, "assistant": api,
               "counters_after_pipeline": counters_after_pipeline,
               "rss_before_load_mib": rss_start, "rss_after_load_mib": rss_loaded}

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
-import subprocess
 import sys
 import threading
 import time
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,32 +23,14 @@ SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "av
 LIBRARIES = ("numpy", "torch", "transformers", "onnxruntime", "onnxruntime-gpu", "llama_cpp_python", "gguf")
 
 
-def _read(path: str | Path) -> str | None:
-    try:
-        return Path(path).read_text(errors="replace")
-    except OSError:
-        return None
-
-
-def _run(*cmd: str, timeout: float = 10) -> str | None:
-    if shutil.which(cmd[0]) is None:
-        return None
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
 def cpu_facts() -> dict[str, Any]:
     """Model and identity (vendor, family / model / stepping, flags hash), flags (all, and the SIMD ones that
     matter), logical CPUs, the CPUs this process may use, caches."""
-    from runtimes.device_facts import cpu_identity, read_cpuinfo
+    from runtimes.device_facts import cpu_identity, cpu_sysfs, read_cpuinfo, usable_cores
 
     fields = read_cpuinfo()
     identity = cpu_identity(fields)
     flags = identity["flags"]
-    affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     return {
         "model": identity["model_name"] or platform.processor() or None,
         "vendor": identity["vendor"],
@@ -61,14 +40,12 @@ def cpu_facts() -> dict[str, Any]:
         "flags_sha256": identity["flags_sha256"],
         "arch": platform.machine(),
         "logical_cpus": os.cpu_count(),
-        "usable_cpus": len(affinity) if affinity is not None else os.cpu_count(),
+        "usable_cpus": usable_cores(),
         "simd": [f for f in SIMD_FLAGS if f in flags],
         "flags": flags,
         "hypervisor": "hypervisor" in flags,
         "mhz_reported": float(fields["cpu MHz"]) if "cpu MHz" in fields else None,
-        "governor": (_read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor") or "").strip() or None,
-        "l2_cache": (_read("/sys/devices/system/cpu/cpu0/cache/index2/size") or "").strip() or None,
-        "l3_cache": (_read("/sys/devices/system/cpu/cpu0/cache/index3/size") or "").strip() or None,
+        **cpu_sysfs(),  # governor, l2_cache, l3_cache
     }
 
 
@@ -85,49 +62,33 @@ def _cache_bytes(text: str | None) -> int:
 
 
 def memory_facts() -> dict[str, Any]:
-    meminfo = {}
-    for line in (_read("/proc/meminfo") or "").splitlines():
-        key, _, value = line.partition(":")
-        parts = value.split()
-        if parts and parts[0].isdigit():
-            meminfo[key] = int(parts[0]) * 1024  # kB
+    from runtimes.device_facts import read_meminfo
+
+    meminfo = read_meminfo()
     return {"total_bytes": meminfo.get("MemTotal"), "available_bytes": meminfo.get("MemAvailable"),
             "swap_bytes": meminfo.get("SwapTotal")}
 
 
 def gpu_facts() -> dict[str, Any] | None:
     """NVIDIA GPU name, driver, memory and clocks from nvidia-smi; None on a machine without one."""
-    out = _run("nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit,compute_cap",
-               "--format=csv,noheader,nounits")
-    if not out:
-        return None
-    gpus = []
-    for line in out.splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) == 6:
-            gpus.append(dict(zip(("name", "driver", "memory_mib", "max_sm_clock_mhz", "power_limit_w",
-                                  "compute_capability"), parts)))
-    cuda = _run("nvidia-smi")
-    version = None
-    if cuda and "CUDA Version:" in cuda:
-        version = cuda.split("CUDA Version:")[1].split()[0]
-    return {"gpus": gpus, "cuda_driver_version": version}
+    from runtimes.device_facts import nvidia_smi_gpus
+
+    return nvidia_smi_gpus()
 
 
-def jetson_facts() -> dict[str, Any] | None:
-    """Board model, L4T release, JetPack version and the nvpmodel power mode; None when not on a Jetson."""
-    model = _read("/proc/device-tree/model")
-    release = _read("/etc/nv_tegra_release")
-    if release is None and (model is None or "jetson" not in model.lower()):
+def jetson_facts(root: str | os.PathLike = "/") -> dict[str, Any] | None:
+    """Board model, L4T release, JetPack version and the nvpmodel power mode; None when not on a Jetson (recognised
+    as runtimes.device_facts.detect_jetson does: also an Orin NX devkit, or a container that shows only soc0).
+    root: where /proc, /sys and /etc are (tests); the JetPack tools are asked on this machine."""
+    from runtimes.device_facts import detect_jetson, jetson_tools, tegra_release
+
+    board = detect_jetson(root)
+    if board is None:
         return None
-    jetpack = _run("dpkg-query", "-W", "-f=${Version}", "nvidia-jetpack")
-    return {
-        "model": model.rstrip("\x00").strip() if model else None,
-        "l4t_release": release.splitlines()[0].lstrip("# ").strip() if release else None,
-        "jetpack": jetpack,
-        "power_mode": _run("nvpmodel", "-q"),  # e.g. "NV Power Mode: MAXN\n0"
-        "clocks": _run("jetson_clocks", "--show"),  # needs root; None otherwise
-    }
+    tools = jetson_tools()
+    return {"model": board, "l4t_release": tegra_release(root) or None, "jetpack": tools["jetpack"],
+            "power_mode": tools["power_mode"],  # e.g. "NV Power Mode: MAXN\n0"
+            "clocks": tools["clocks"]}  # needs root; None otherwise
 
 
 def library_versions() -> dict[str, str | None]:

@@ -91,8 +91,9 @@ def _resolve(combo: Combo, source, device) -> Combo:
 def plan(backends: str, bundle: Path, checkpoint: Path | None, device) -> tuple[list[Combo], list[Spec], list[str]]:
     """-> (combinations, vision-only specs, notes on what was chosen and why)."""
     from runtimes import select
+    from runtimes.model_source import ModelSource
 
-    source = select.ModelSource.open(bundle, verify=False)  # each job verifies what it loads
+    source = ModelSource.open(bundle, verify=False)  # each job verifies what it loads
     notes: list[str] = []
     chosen = parse_backends(backends)
     if chosen == "auto":

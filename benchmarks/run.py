@@ -45,7 +45,9 @@ class RunOptions:
 
 
 def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from runtimes.device_facts import usable_cores
+
+    return usable_cores()
 
 
 def _n_ctx(config, workload: Workload) -> int:
@@ -175,7 +177,7 @@ def tuning_record(options: RunOptions, device, log: Callable[[str], None]) -> di
     from dataclasses import asdict
 
     from runtimes import quality
-    from runtimes.select import ModelSource
+    from runtimes.model_source import ModelSource
     from runtimes.tune import choose, format_table, tuned_table
 
     if device.kind != "cpu":
@@ -211,7 +213,7 @@ def _bandwidth(threads: int, array_bytes: int | None) -> dict[str, Any]:
 
 def run_benchmark(options: RunOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
     from benchmarks.plan import Combo, Spec, plan
-    from runtimes.select import resolve_device
+    from runtimes.devices import resolve_device
     from sqllava_edge.bundle import read_manifest
 
     threads = options.threads or default_threads()

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.report import write_text_and_json
+from benchmarks.timing import rotated_rounds
 
 # Nested: objects with enums, bounded integers and numbers, short strings, a boolean.
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["objects", "door_open"], "properties": {
@@ -163,13 +164,11 @@ def measure(args, log) -> dict:
         log("[structured] grammar engines on the tokenizer")
         table = engines(assistant.tokenizer, args.repeats)
         decode_run(assistant, True, 8, picture)  # warm-up (and the first compile)
-        samples = []
-        for r in range(args.rounds):
-            for constrained in ((False, True) if r % 2 == 0 else (True, False)):
-                sample = {**decode_run(assistant, constrained, args.new_tokens, picture), "round": r}
-                samples.append(sample)
-                log(f"[structured] round {r + 1}/{args.rounds} {'schema' if constrained else 'free  '}: "
-                    f"{sample['tok_s']:.1f} tok/s over {sample['tokens']} tokens")
+        samples = rotated_rounds(
+            (False, True), args.rounds, lambda constrained, r: decode_run(assistant, constrained, args.new_tokens, picture),
+            lambda r, constrained, sample: log(f"[structured] round {r + 1}/{args.rounds} "
+                                               f"{'schema' if constrained else 'free  '}: {sample['tok_s']:.1f} tok/s "
+                                               f"over {sample['tokens']} tokens"))
         backends = str(assistant.backends)
     finally:
         assistant.close()

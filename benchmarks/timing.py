@@ -8,9 +8,27 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
+
+
+T = TypeVar("T")
+
+
+def rotated_rounds(settings: Sequence[T], rounds: int, run: Callable[[T, int], dict],
+                   say: Callable[[int, T, dict], Any]) -> list[dict]:
+    """Measure every setting once per round, the order rotated by one from round to round, so neither a drifting
+    background load nor the caches a run leaves behind favour one setting. run(setting, round) -> sample; each
+    sample gets its "round" and is handed to say(round, setting, sample) (progress lines)."""
+    samples = []
+    for r in range(rounds):
+        k = r % len(settings)
+        for setting in [*settings[k:], *settings[:k]]:
+            sample = {**run(setting, r), "round": r}
+            samples.append(sample)
+            say(r, setting, sample)
+    return samples
 
 
 def now() -> float:
@@ -69,14 +87,11 @@ def gpu_memory_mib() -> dict[str, float] | None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         out["torch_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    from benchmarks.machine import _run
+    import os
 
-    listing = _run("nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits")
-    if listing:
-        import os
+    from runtimes.device_facts import nvidia_smi_process_mib
 
-        for line in listing.splitlines():
-            parts = [p.strip() for p in line.split(",")]
-            if len(parts) == 2 and parts[0] == str(os.getpid()):
-                out["nvidia_smi_used_mib"] = float(parts[1])
+    used = nvidia_smi_process_mib(os.getpid())
+    if used is not None:
+        out["nvidia_smi_used_mib"] = used
     return out or None

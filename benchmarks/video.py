@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from benchmarks.report import write_text_and_json
-from benchmarks.timing import percentile
+from benchmarks.timing import percentile, rotated_rounds
 
 QUESTION = "What colour is the big shape?"
 FPS = 10.0
@@ -76,17 +76,12 @@ def measure(bundle: Path, args, log) -> dict:
 
     assistant = Assistant.load(bundle, n_threads=args.threads)
     log(f"[video] {bundle}: {assistant!r}")
-    samples = []
     try:
         run_loop(assistant, "watch, changes", args.clip, args.tokens)  # warm-up: first-call costs out of the way
-        for r in range(args.rounds):
-            order = LOOPS[r % len(LOOPS):] + LOOPS[:r % len(LOOPS)]
-            for loop in order:
-                sample = run_loop(assistant, loop, args.clip, args.tokens)
-                sample["round"] = r
-                samples.append(sample)
-                log(f"[video] round {r + 1}/{args.rounds} {loop}: {sample['answered']} answers in "
-                    f"{sample['wall_s']:.2f} s")
+        samples = rotated_rounds(
+            LOOPS, args.rounds, lambda loop, r: run_loop(assistant, loop, args.clip, args.tokens),
+            lambda r, loop, sample: log(f"[video] round {r + 1}/{args.rounds} {loop}: {sample['answered']} answers "
+                                        f"in {sample['wall_s']:.2f} s"))
         backends = str(assistant.backends)
     finally:
         assistant.close()

@@ -1,11 +1,12 @@
 """export: checkpoint -> deployment bundle (docs/DESIGN.md "Deployment bundle").
 
 Steps, each a function from artifacts to artifacts, each also runnable alone:
-  export.merge  LoRA adapters merged into the base weights (docs/spec.md 6.2)      python -m export.merge
-  export.onnx   vision tower + projector -> ONNX fp32 / fp16 / int8        python -m export.onnx
-  export.gguf   merged LLM -> GGUF, quantized by llama.cpp                 python -m export.gguf
-  export.trt    fp16 ONNX -> TensorRT engine, on the target device         python -m export.trt
-  python -m export CHECKPOINT --out BUNDLE runs merge, onnx, gguf, tokenizer and the manifest in one go.
+  export.merge     LoRA adapters merged into the base weights (docs/spec.md 6.2)    python -m export.merge
+  export.onnx      vision tower + projector -> ONNX fp32 / fp16 / int8               python -m export.onnx
+  export.gguf      merged LLM -> GGUF, quantized by llama.cpp                        python -m export.gguf
+  export.trt       fp16 ONNX -> TensorRT engine, on the target device                python -m export.trt
+  export.pipeline  merge, onnx, gguf, tokenizer and the manifest in one go           python -m export
+A command line (a `__main__`) only parses arguments and calls its step or the pipeline; nothing imports one.
 
 This package file holds the small helpers every step shares (content hashes, tool versions, progress/time/memory
 reporting). It imports nothing heavy, so `python -m export.trt --help` works without torch.

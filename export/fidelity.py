@@ -176,7 +176,7 @@ def _llama_logits(llm, prompt: _Prompt, embeds: np.ndarray) -> np.ndarray:
 def _open_gguf(path: Path, precision: str, n_ctx: int):
     from runtimes.llamacpp import LlamaCppLLM
 
-    exact = precision == "f32"  # as runtimes.select.load_llm runs it
+    exact = precision == "f32"  # as runtimes.loader.load_llm runs it
     return LlamaCppLLM(path, n_ctx=n_ctx, n_seq_max=2, kv_type="f32" if exact else "f16",
                        flash_attn=False if exact else None)
 

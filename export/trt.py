@@ -8,7 +8,7 @@ where it should be (export.onnx), and the network is built STRONGLY_TYPED, so no
 is needed. TensorRT 8.6 (JetPack 6.0) has no STRONGLY_TYPED flag and is refused with a one-line error. One
 optimization profile over the batch (1 / max/2 / max), a timing cache kept beside the engine, and the engine is
 checked against the fp32 ONNX in onnxruntime before anything is written. Engines are not portable across GPUs or
-TensorRT versions: each is keyed on the device key (runtimes.select.device_key: CUDA name, compute capability,
+TensorRT versions: each is keyed on the device key (runtimes.device_facts.device_key: CUDA name, compute capability,
 multiprocessor count, total memory, the same on the host and in a container) and the TensorRT version, which name
 its file and timing cache, so one bundle holds an engine per device (an AGX Orin's next to an Orin Nano's). The
 manifest records them with the JetPack/L4T release and the board, the latter for reading only.
@@ -22,6 +22,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+from runtimes.device_facts import cuda_driver_devices, device_key, jetson_release
 
 INPUT_NAME, OUTPUT_NAME = "pixel_values", "image_embeds"
 # Engine vs the fp32 ONNX: MEAN per-token cosine. Not the minimum: the prototype extractor's argmax dispatch flips at
@@ -168,13 +170,7 @@ def _check_io(graph, report: CheckReport) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The device: TensorRT, CUDA GPU, Jetson release
-
-
-def device_key(device: dict) -> dict:
-    from runtimes.select import device_key as key
-
-    return key(device)
+# TensorRT (the GPU and the Jetson release are runtimes.device_facts')
 
 
 def require_tensorrt():
@@ -190,45 +186,6 @@ def require_tensorrt():
     return tensorrt
 
 
-def cuda_devices() -> list[dict]:
-    """Each CUDA device as runtimes.select.cuda_driver_devices describes it (name, compute capability, multiprocessors,
-    total memory), via the driver library (no CUDA toolkit or torch needed), in CUDA's numbering: device 0 is the one
-    the runtimes use."""
-    from runtimes.select import cuda_driver_devices
-
-    return cuda_driver_devices()
-
-
-# L4T release -> JetPack release (NVIDIA JetPack archive). Unknown L4T versions are recorded as L4T only.
-JETPACK_FOR_L4T = {"35.3.1": "5.1.1", "35.4.1": "5.1.2", "35.5.0": "5.1.3", "35.6.0": "5.1.4", "36.3.0": "6.0",
-                   "36.4.0": "6.1", "36.4.3": "6.2", "36.4.4": "6.2.1", "36.4.7": "6.2.1"}
-
-
-def jetson_release(root: str | Path = "/") -> dict | None:
-    """{"l4t": "36.4.3", "jetpack": "6.2", "board": ...} on a Jetson, None elsewhere.
-
-    The board is named as runtimes.select.detect_jetson reads it, for people to read: a container hides or renames it,
-    so engines are matched on the CUDA device key instead. A container without /etc/nv_tegra_release is still a
-    Jetson, with an unknown L4T release.
-    """
-    from runtimes.select import detect_jetson
-
-    root = Path(root)
-    board = detect_jetson(root)
-    if board is None:
-        return None
-    try:
-        first = (root / "etc/nv_tegra_release").read_text(errors="replace").splitlines()[0]
-    except (OSError, IndexError):
-        return {"l4t": None, "jetpack": None, "board": board}
-    match = re.search(r"R(\d+)\s*\(release\),\s*REVISION:\s*([\d.]+)", first)
-    if not match:
-        return {"l4t": None, "jetpack": None, "board": board, "raw": first.strip()}
-    l4t = f"{match.group(1)}.{match.group(2)}"
-    l4t = l4t if l4t.count(".") == 2 else l4t + ".0"
-    return {"l4t": l4t, "jetpack": JETPACK_FOR_L4T.get(l4t), "board": board}
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Build
 
@@ -242,7 +199,7 @@ def build_engine(bundle: str | Path, *, max_batch: int = 4, workspace_gb: float 
     if max_batch < 1 or workspace_gb <= 0:
         raise ValueError("--max-batch must be >= 1 and --workspace-gb > 0")
     trt = require_tensorrt()  # first: say what to install before any work
-    devices = cuda_devices()
+    devices = cuda_driver_devices()  # CUDA's numbering: device 0 is the one the runtimes use
     if not devices:
         raise BackendUnavailableError(NO_GPU.format(why="no NVIDIA driver or no device"))
     device = devices[0]

@@ -1,5 +1,8 @@
 """Everything `Assistant.load` does before it has an Assistant: open the folder, choose backends, plan memory, load.
 
+    vision, choice = load_vision_checked(choose_vision(source, device), source, device)   # one part, as chosen
+    llm = load_llm(choose_llm(source, device), source, device, n_ctx=2048)
+
 Order matters: the memory plan runs before any weight is loaded, and every consistency check (manifest vs config,
 tokenizer vs vocabulary, vision output vs LLM width) runs before the first question, so a broken or mixed bundle
 fails at load with a BundleError instead of producing garbage later.
@@ -13,10 +16,11 @@ from typing import Any
 from runtimes import quality
 from runtimes.base import LLMKind, VisionKind
 from runtimes.memory import MemoryPlan, check_plan, plan_memory, torch_weight_bytes
-from runtimes.select import (LLM_ENV, VISION_ENV, DeviceInfo, LLMChoice, ModelSource, VisionChoice, choose_llm,
-                             choose_vision, load_llm, load_vision_checked, requested_kind, resolve_device)
+from runtimes.devices import DeviceInfo, resolve_device
+from runtimes.model_source import ModelSource
+from runtimes.select import LLM_ENV, VISION_ENV, LLMChoice, VisionChoice, choose_llm, choose_vision, requested_kind
 from sqllava_edge.config import ModelConfig
-from sqllava_edge.errors import BundleError
+from sqllava_edge.errors import BackendUnavailableError, BundleError
 
 DEFAULT_N_CTX = 2048  # image tokens + prompt + a 512-token answer + some chat history, for the 7B models
 LLAMA_CPP_KV_BYTES = 2  # LlamaCppLLM's default f16 KV cache (f32, 4 bytes, for an f32 GGUF)
@@ -116,6 +120,63 @@ def load_parts(path: str | os.PathLike, device, vision_backend: str | None, llm_
     template = source.manifest.template if source.is_bundle else config.template
     mode = source.manifest.preprocessing["mode"] if source.is_bundle else config.image_aspect_ratio
     return LoadedParts(vision, llm, tokenizer, config, template, mode, backends)
+
+
+def load_vision(choice: VisionChoice, source: ModelSource, device: DeviceInfo, n_threads: int | None = None,
+                gpu_mem_limit: int | None = None):
+    """The backend for `choice`, exactly (see load_vision_checked for the auto-mode fallbacks).
+
+    gpu_mem_limit: bytes onnxruntime's CUDA arena may grow to (from the memory plan); None = unlimited.
+    """
+    from runtimes import vision
+
+    if choice.kind is VisionKind.TORCH:
+        model, _ = source.torch_model(device)
+        return vision.TorchVision(model)
+    path = source.artifact_path(choice.artifact)
+    if choice.kind is VisionKind.TENSORRT:
+        return vision.TensorRTVision(path, device_index=device.gpu_index)
+    return vision.OnnxVision(path, providers=choice.providers, n_threads=choice.n_threads or n_threads,
+                             gpu_mem_limit=gpu_mem_limit,
+                             allow_cpu_fallback=not choice.requested)
+
+
+def load_vision_checked(choice: VisionChoice, source: ModelSource, device: DeviceInfo, n_threads: int | None = None,
+                        gpu_mem_limit: int | None = None):
+    """-> (backend, the choice that really runs). In auto mode a TensorRT engine that does not load, whatever the
+    failure (BackendUnavailableError, a RuntimeError from the CUDA buffers, a ValueError for an engine dtype the
+    backend does not map, ...), falls back to onnxruntime with the failure in the reason, and onnxruntime silently
+    dropping its CUDA provider is said too; an explicitly requested backend raises instead."""
+    try:
+        backend = load_vision(choice, source, device, n_threads, gpu_mem_limit)
+    except Exception as exc:  # only the optional TensorRT attempt of automatic mode has a fallback
+        if choice.fallback is None:
+            raise
+        said = str(exc) if isinstance(exc, BackendUnavailableError) else f"{type(exc).__name__}: {exc}"
+        choice = replace(choice.fallback, reason=f"{choice.fallback.reason} (TensorRT said: {said})")
+        backend = load_vision(choice, source, device, n_threads, gpu_mem_limit)
+    dropped = getattr(backend, "dropped_providers", ())
+    if dropped:
+        choice = replace(choice, providers=tuple(p for p in choice.providers if p not in dropped),
+                         reason=f"{choice.reason}; but onnxruntime could not start its {', '.join(dropped)} provider "
+                                "(CUDA / cuDNN libraries missing or mismatched?), so vision runs on the CPU")
+    return backend, choice
+
+
+def load_llm(choice: LLMChoice, source: ModelSource, device: DeviceInfo, n_ctx: int, n_threads: int | None = None,
+             n_seq_max: int = 4):
+    if choice.kind is LLMKind.TORCH:
+        from runtimes.torch_llm import TorchLLM
+
+        model, _ = source.torch_model(device)
+        return TorchLLM(model.llm, n_ctx, n_threads)
+    from runtimes.llamacpp import LlamaCppLLM
+
+    return LlamaCppLLM(str(source.artifact_path(choice.artifact)), n_ctx, n_threads=choice.n_threads or n_threads,
+                       n_gpu_layers=choice.gpu_layers, n_seq_max=n_seq_max,
+                       kv_type="f32" if choice.exact else "f16", flash_attn=False if choice.exact else None,
+                       extra_buffers=choice.extra_buffers, n_threads_batch=choice.n_threads_batch,
+                       n_ubatch=choice.n_ubatch, main_gpu=device.gpu_index)
 
 
 def _measured(source: ModelSource, dev: DeviceInfo, tune: bool | None, prefer: str, explicit: list[str]):

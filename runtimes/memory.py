@@ -120,7 +120,7 @@ def _gib(n: int) -> str:
 def plan_memory(config: ModelConfig, device, *, llm_bytes: int, vision_bytes: int, n_ctx: int, kv_bytes_per_value: int,
                 llm_on_gpu: bool = False, vision_on_gpu: bool = False, llm_gpu_share: float = 1.0,
                 ram_available: int | None = None, gpu_available: int | None = None) -> MemoryPlan:
-    """Place each part in a pool. device: runtimes.select.DeviceInfo; the *_available overrides are for tests.
+    """Place each part in a pool. device: runtimes.devices.DeviceInfo; the *_available overrides are for tests.
 
     llm_gpu_share: the fraction of the LLM's layers offloaded when llm_on_gpu (llama.cpp gpu_layers / num_layers).
     """

@@ -108,7 +108,9 @@ def check_prefer(prefer: str) -> str:
 def thread_counts(cores: int | None = None) -> list[int]:
     """1, half the cores and all of them (distinct, ascending)."""
     if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        from runtimes.device_facts import usable_cores
+
+        cores = usable_cores()
     return sorted({1, max(1, cores // 2), cores})
 
 

@@ -197,7 +197,7 @@ def deployed_rows(out: Path, chosen: tuple[str, str] | None) -> list[dict]:
     """PyTorch fp32 (the checkpoint's evaluation), then every deployed combination: QA accuracy, grounded rate, KL /
     top-1 vs fp32 (recorded at export), first-answer estimate (the tuning table Assistant.load used)."""
     from runtimes import quality
-    from runtimes.select import ModelSource
+    from runtimes.model_source import ModelSource
     from runtimes.tune import read_cached, table_keys
 
     checkpoint = json.loads((out / "eval.json").read_text())

@@ -121,7 +121,7 @@ def register_tune(subparsers) -> None:
 
 
 def run_tune(args) -> int:
-    from runtimes.select import ModelSource
+    from runtimes.model_source import ModelSource
     from runtimes.tune import choose, format_table, tuned_table
     from sqllava_edge.errors import BundleError
 

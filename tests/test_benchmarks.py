@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,6 +182,37 @@ def test_bandwidth_measures_positive_rates():
     bw = measure_bandwidth(threads=2, array_bytes=8 * 2**20, repeats=2)
     assert bw["gbps"] == max(bw[k]["best_gbps"] for k in ("copy", "triad", "read")) > 0
     assert bw["roofline_kernel"] in ("copy", "triad", "read")
+
+
+def test_machine_record_knows_jetsons_the_runtime_knows(tmp_path):
+    """The benchmark's machine record recognises a Jetson as selection does: an Orin NX devkit's model has no
+    "Jetson" and an l4t container shows only /sys/devices/soc0."""
+    from benchmarks.machine import jetson_facts
+
+    def tree(name: str, files: dict[str, bytes]) -> Path:
+        for rel, data in files.items():
+            (tmp_path / name / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name / rel).write_bytes(data)
+        return tmp_path / name
+
+    nx = tree("nx", {"proc/device-tree/model": b"NVIDIA Orin NX Developer Kit\x00",
+                     "proc/device-tree/compatible": b"nvidia,p3767-0000\x00nvidia,tegra234\x00",
+                     "etc/nv_tegra_release": b"# R36 (release), REVISION: 4.3, GCID: 1\n"})
+    facts = jetson_facts(nx)
+    assert facts["model"] == "NVIDIA Orin NX Developer Kit" and facts["l4t_release"] == "R36 (release), REVISION: 4.3, GCID: 1"
+    container = tree("container", {"sys/devices/soc0/family": b"Tegra\n", "sys/devices/soc0/soc_id": b"35\n"})
+    assert jetson_facts(container)["model"] == "NVIDIA Jetson (tegra234)" and jetson_facts(container)["l4t_release"] is None
+    assert jetson_facts(tree("pi", {"proc/device-tree/model": b"Raspberry Pi 4 Model B\x00"})) is None
+
+
+def test_rotated_rounds_rotate_the_order_and_tag_each_sample():
+    from benchmarks.timing import rotated_rounds
+
+    said = []
+    samples = rotated_rounds(("a", "b", "c"), 3, lambda setting, r: {"setting": setting, "seed": 10 * r},
+                             lambda r, setting, sample: said.append((r, setting)))
+    assert [s for _, s in said] == list("abcbcacab") and [r for r, _ in said] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert samples[3] == {"setting": "b", "seed": 10, "round": 1}
 
 
 def test_wait_for_idle_is_bounded():

@@ -387,7 +387,7 @@ def test_merged_folder_sim_beta_file_or_official(tmp_path, capsys):
     their value and refuse --sim-beta official."""
     from safetensors.torch import load_file
 
-    from export.__main__ import run_export
+    from export.pipeline import run_export
     from export.merge import merge_checkpoint
     from sqllava_edge.bundle import read_manifest
     from sqllava_edge.cli import main as cli_main

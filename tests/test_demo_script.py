@@ -133,7 +133,7 @@ def _demo_folder(tmp_path: Path, bundle: Path) -> Path:
 def test_bundle_evaluation_step_runs_and_the_table_marks_the_automatic_choice(demo, tiny_bundle, tmp_path,
                                                                               monkeypatch, capsys):
     from runtimes import tune
-    from runtimes.select import ModelSource
+    from runtimes.model_source import ModelSource
     from sqllava_edge.bundle import read_manifest
 
     out = _demo_folder(tmp_path, tiny_bundle)

@@ -6,7 +6,6 @@ one-go export calls it and records its artifacts.
 """
 from __future__ import annotations
 
-import copy
 import errno
 import json
 import os
@@ -21,8 +20,9 @@ import torch
 
 import export.__main__ as export_main
 import export.onnx as export_onnx
+import export.pipeline as pipeline
 import export.trt as export_trt
-from export.__main__ import run_export
+from export.pipeline import run_export
 from export.merge import merge_checkpoint, merge_model
 from sqllava_edge.bundle import MANIFEST_FILE, read_manifest
 from sqllava_edge.checkpoint import load_checkpoint, save_checkpoint
@@ -313,7 +313,7 @@ def test_trt_without_tensorrt_says_what_to_install(bundle, monkeypatch, capsys):
 
 def test_trt_without_gpu_says_where_to_build(bundle, monkeypatch, capsys):
     monkeypatch.setattr(export_trt, "require_tensorrt", lambda: object())
-    monkeypatch.setattr(export_trt, "cuda_devices", lambda: [])
+    monkeypatch.setattr(export_trt, "cuda_driver_devices", lambda: [])
     assert export_trt.main([str(bundle)]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
 
@@ -324,7 +324,7 @@ def test_trt_older_than_10_names_jetpack_6_1(bundle, monkeypatch, capsys):
     old.__version__ = "8.6.2.3"
     old.NetworkDefinitionCreationFlag = type("Flags", (), {"EXPLICIT_BATCH": 0})  # what 8.6 has: no STRONGLY_TYPED
     monkeypatch.setitem(sys.modules, "tensorrt", old)
-    monkeypatch.setattr(export_trt, "cuda_devices", lambda: [{"index": 0, "name": "Orin", "compute_capability": "8.7"}])
+    monkeypatch.setattr(export_trt, "cuda_driver_devices", lambda: [{"index": 0, "name": "Orin", "compute_capability": "8.7"}])
     assert export_trt.main([str(bundle)]) == 2
     err = capsys.readouterr().err.strip()
     assert "TensorRT 8.6.2.3 is too old" in err and "JetPack 6.1" in err and len(err.splitlines()) == 1
@@ -340,7 +340,7 @@ def test_trt_failed_validation_leaves_no_files(bundle, tmp_path, monkeypatch):
     trt = type(sys)("tensorrt")
     trt.__version__ = "10.3.0"
     monkeypatch.setattr(export_trt, "require_tensorrt", lambda: trt)
-    monkeypatch.setattr(export_trt, "cuda_devices", lambda: [AGX_ORIN])
+    monkeypatch.setattr(export_trt, "cuda_driver_devices", lambda: [AGX_ORIN])
     monkeypatch.setattr(export_trt, "_build_serialized", lambda *args: (b"engine bytes", b"timing cache"))
 
     def fail(*args):
@@ -436,14 +436,14 @@ def test_trt_engines_and_timing_caches_are_per_device_key(bundle, tmp_path, monk
     monkeypatch.setattr(export_trt, "_validate_engine", lambda *args: {"passed": True})
     monkeypatch.setattr(export_trt, "jetson_release", lambda: {"l4t": None, "jetpack": None,
                                                                "board": "NVIDIA Jetson (tegra234)"})  # a container
-    monkeypatch.setattr(export_trt, "cuda_devices", lambda: [AGX_ORIN])
+    monkeypatch.setattr(export_trt, "cuda_driver_devices", lambda: [AGX_ORIN])
     agx = export_trt.build_engine(work, max_batch=2, log=lines.append)
     agx_cache = next(name for name in agx.files if name.endswith(".timing-cache"))
     # what a shared bundle may hold: another device's cache where the Nano's goes (not in the manifest yet)
     nano_stem = f"trt/vision.{export_trt.engine_stem(export_trt.device_key(ORIN_NANO))}.trt10.3.0"
     shutil.copy(work / agx_cache, work / f"{nano_stem}.timing-cache")
     state["device"] = "nano"
-    monkeypatch.setattr(export_trt, "cuda_devices", lambda: [ORIN_NANO])
+    monkeypatch.setattr(export_trt, "cuda_driver_devices", lambda: [ORIN_NANO])
     nano = export_trt.build_engine(work, max_batch=2, log=lines.append)
     engines = read_manifest(work, verify=True).find_all("tensorrt_engine")
     assert sorted(e.path for e in engines) == sorted([agx.path, nano.path]) and agx.path != nano.path
@@ -454,7 +454,7 @@ def test_trt_engines_and_timing_caches_are_per_device_key(bundle, tmp_path, monk
     assert (work / f"{nano_stem}.timing-cache").read_bytes() == b"timings on nano"
     assert (work / agx_cache).read_bytes() == b"timings on agx"
     state["device"] = "agx"  # rebuilding on the AGX replaces its own entry only, reusing its own cache
-    monkeypatch.setattr(export_trt, "cuda_devices", lambda: [AGX_ORIN])
+    monkeypatch.setattr(export_trt, "cuda_driver_devices", lambda: [AGX_ORIN])
     export_trt.build_engine(work, max_batch=2, log=lines.append)
     assert len(read_manifest(work, verify=True).find_all("tensorrt_engine")) == 2
     assert state["offered"][-1] == b"timings on agx"
@@ -498,7 +498,7 @@ def _gpu_reason() -> str | None:
         import tensorrt  # noqa: F401
     except ImportError:
         return "needs TensorRT (not installable on this CPU machine: PyPI's tensorrt downloads from NVIDIA)"
-    if not export_trt.cuda_devices():
+    if not export_trt.cuda_driver_devices():
         return "needs an NVIDIA GPU / Jetson"
     return None
 
@@ -546,7 +546,7 @@ def test_reexport_reuses_artifacts(bundle, checkpoint, tmp_path, monkeypatch):
     inodes = {name: (out / name).stat().st_ino for a in before.artifacts for name in a.files}
     calls = []
     monkeypatch.setattr(export_onnx, "export_vision_onnx", lambda *a, **k: calls.append("onnx"))
-    monkeypatch.setattr(export_main, "_load_merged", lambda *a, **k: calls.append("load"))
+    monkeypatch.setattr(pipeline, "_load_merged", lambda *a, **k: calls.append("load"))
     after = run_export(checkpoint, out, quants=[], log=lambda _: None)
     assert calls == []
     assert [(a.path, a.sha256) for a in after.artifacts] == [(a.path, a.sha256) for a in before.artifacts]
@@ -698,7 +698,7 @@ def test_failed_reexport_keeps_the_previous_bundle(bundle, checkpoint, tmp_path,
         (Path(folder) / MANIFEST_FILE).write_text('{"schema_version": 1, "trunc')
         raise failure
 
-    monkeypatch.setattr(export_main, "write_manifest", broken_write)
+    monkeypatch.setattr(pipeline, "write_manifest", broken_write)
     with pytest.raises(type(failure)):
         run_export(checkpoint, out, quants=[], log=lambda _: None)
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from export import gguf as G
+from export.gguf.__main__ import main as gguf_main
 from sqllava_edge.conversation import Turn, render
 from sqllava_edge.errors import ExportValidationError
 from tests.gguf_helpers import CORPUS, f32_export, f32_gguf, tiny_model, tokenizer
@@ -31,7 +32,7 @@ def test_unknown_quant_type_lists_the_valid_ones(tmp_path):
 
 
 def test_cli_rejects_unknown_quant_with_the_valid_list(tmp_path, capsys):
-    assert G.main([str(tmp_path / "no-checkpoint"), "--out", str(tmp_path / "b"), "--quant", "q9_9"]) == 1
+    assert gguf_main([str(tmp_path / "no-checkpoint"), "--out", str(tmp_path / "b"), "--quant", "q9_9"]) == 1
     err = capsys.readouterr().err
     assert "q9_9" in err and "q4_k_m" in err and not (tmp_path / "b").exists()
 
@@ -211,7 +212,7 @@ def test_cli_exports_a_checkpoint_into_a_bundle(tmp_path):
     from sqllava_edge.checkpoint import save_checkpoint
 
     checkpoint = save_checkpoint(tmp_path / "ckpt", tiny_model(), tokenizer())
-    assert G.main([str(checkpoint), "--out", str(tmp_path / "bundle"), "--quant", "f32"]) == 0
+    assert gguf_main([str(checkpoint), "--out", str(tmp_path / "bundle"), "--quant", "f32"]) == 0
     manifest = read_manifest(tmp_path / "bundle", verify=True)
     artifact = manifest.find("llm_gguf", "f32")
     assert artifact is not None and artifact.validation["argmax_mismatches"] == 0 and artifact.inputs_key

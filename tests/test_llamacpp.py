@@ -253,7 +253,10 @@ def test_the_llm_is_pinned_to_the_planned_gpu(monkeypatch):
     import llama_cpp
 
     from runtimes.base import LLMKind
-    from runtimes.select import DeviceInfo, LLMChoice, ModelSource, load_llm
+    from runtimes.devices import DeviceInfo
+    from runtimes.loader import load_llm
+    from runtimes.model_source import ModelSource
+    from runtimes.select import LLMChoice
 
     seen = []
     load = llama_cpp.llama_model_load_from_file

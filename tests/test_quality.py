@@ -3,14 +3,15 @@ never chosen, by the rule-based order or by measured selection, and the reason s
 loads; 'off' lifts it."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 
 from runtimes import quality, select, tune
-from runtimes.select import DeviceInfo, ModelSource, choose_llm, choose_vision
+from runtimes.devices import DeviceInfo
+from runtimes.model_source import ModelSource
+from runtimes.select import choose_llm, choose_vision
 from sqllava_edge.bundle import Artifact, Manifest, preprocessing_for, read_manifest, write_manifest
 from sqllava_edge.config import get_preset
 

@@ -346,7 +346,7 @@ def _corrupt_image(tmp: Path) -> Path:
 
 
 def _tiny_device():
-    from runtimes.select import DeviceInfo, detect_device
+    from runtimes.devices import DeviceInfo, detect_device
 
     found = detect_device()
     return DeviceInfo("cpu", found.name, ram_available=64 * 2**20, cpu_flags=found.cpu_flags)

@@ -7,12 +7,16 @@ import sys
 import numpy as np
 import pytest
 
+import runtimes.device_facts as device_facts
 import runtimes.select as select
 import runtimes.vision as vision
 from runtimes.base import LLMKind, VisionKind
 from runtimes.memory import CUDA_CONTEXT_BYTES, check_plan, kv_cache_bytes, plan_memory
-from runtimes.select import (DeviceInfo, ModelSource, choose_llm, choose_vision, detect_device, detect_jetson,
-                             read_cpu_flags, requested_kind, select_vision)
+from runtimes.device_facts import cuda_driver_devices, detect_jetson, device_key
+from runtimes.devices import DeviceInfo, _query_nvidia_gpu, detect_device, read_cpu_flags
+from runtimes.loader import load_vision_checked
+from runtimes.model_source import ModelSource
+from runtimes.select import choose_llm, choose_vision, engine_mismatch, requested_kind
 from runtimes.sequences import ImageRef, SequencePool, prompt_items
 from sqllava_edge.bundle import Artifact, Manifest, preprocessing_for
 from sqllava_edge.config import IMAGE_TOKEN_INDEX, LLMConfig, get_preset
@@ -57,6 +61,15 @@ def test_cpu_with_vnni_and_without(tmp_path):
     plain = _fake_root(tmp_path / "plain", {"proc/cpuinfo": "flags\t: fpu avx2\n"})
     assert not detect_device(plain).fast_int8
     assert read_cpu_flags(tmp_path / "missing") == frozenset()
+
+
+def test_meminfo_and_cpu_sysfs_read_from_a_fake_tree(tmp_path):
+    root = _fake_root(tmp_path, {"proc/meminfo": "MemTotal:  16000 kB\nMemAvailable:  8000 kB\nHugePages_Total:  0\n",
+                                 "sys/devices/system/cpu/cpu0/cache/index2/size": "1024K\n"})
+    assert device_facts.read_meminfo(root / "proc/meminfo") == {"MemTotal": 16000 * 1024, "MemAvailable": 8000 * 1024,
+                                                                "HugePages_Total": 0}
+    assert device_facts.read_meminfo(tmp_path / "missing") == {} and detect_device(root).ram_available == 8000 * 1024
+    assert device_facts.cpu_sysfs(root) == {"governor": None, "l2_cache": "1024K", "l3_cache": None}
 
 
 def test_this_machine_is_detected():
@@ -273,20 +286,21 @@ ORIN_NANO_GPU = {"index": 0, "name": "Orin", "compute_capability": "8.7", "multi
 
 
 def test_cuda_driver_devices_reads_name_capability_and_bus_id():
-    devices = select.cuda_driver_devices(FakeLibcuda([RTX_4090]))
+    devices = cuda_driver_devices(FakeLibcuda([RTX_4090]))
     assert devices == [RTX_4090]
 
 
 def test_gpu_is_the_one_cuda_uses_not_nvidia_smis_first(monkeypatch):
     """nvidia-smi lists GPUs in PCI order and ignores CUDA_VISIBLE_DEVICES; CUDA's device 0 here is the 4090 on bus 2."""
-    monkeypatch.setattr(select, "cuda_driver_devices", lambda lib=None: [RTX_4090])
-    monkeypatch.setattr(select.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    monkeypatch.setattr(device_facts, "cuda_driver_devices", lambda lib=None: [RTX_4090])
+    monkeypatch.setattr(device_facts.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
 
     class Done:
+        returncode = 0
         stdout = "00000000:01:00.0, 1900\n00000000:02:00.0, 20000\n"  # pci.bus_id, memory.free: a small GPU first
 
-    monkeypatch.setattr(select.subprocess, "run", lambda *args, **kwargs: Done())
-    assert select._query_nvidia_gpu() == (RTX_4090, 20000 * 2**20)
+    monkeypatch.setattr(device_facts.subprocess, "run", lambda *args, **kwargs: Done())
+    assert _query_nvidia_gpu() == (RTX_4090, 20000 * 2**20)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -295,7 +309,7 @@ def test_gpu_is_the_one_cuda_uses_not_nvidia_smis_first(monkeypatch):
 
 def _engine(gpu: dict, board: str | None = None, version: str = "10.3.0") -> Artifact:
     """An engine entry as export.trt records it on the CUDA device `gpu` (a cuda_driver_devices entry)."""
-    target = {"gpu": gpu["name"], "compute_capability": gpu["compute_capability"], "device_key": select.device_key(gpu),
+    target = {"gpu": gpu["name"], "compute_capability": gpu["compute_capability"], "device_key": device_key(gpu),
               "tensorrt": version, "jetson": {"l4t": "36.4.3", "jetpack": "6.2", "board": board} if board else None}
     return _artifact("tensorrt_engine", "fp16", 50, target=target)
 
@@ -315,12 +329,12 @@ def _orin(board: str = AGX_BOARD, gpu: dict = AGX_ORIN_GPU) -> DeviceInfo:
                       multiprocessors=gpu["multiprocessors"], gpu_total_memory=gpu["total_memory"])
 
 
-READ_DRIVER = select.cuda_driver_devices
+READ_DRIVER = cuda_driver_devices
 
 
 def _driver(monkeypatch, gpu: dict) -> None:
     """The CUDA driver answers for `gpu` (through the FakeLibcuda calls cuda_driver_devices makes)."""
-    monkeypatch.setattr(select, "cuda_driver_devices", lambda lib=None: READ_DRIVER(FakeLibcuda([gpu])))
+    monkeypatch.setattr(device_facts, "cuda_driver_devices", lambda lib=None: READ_DRIVER(FakeLibcuda([gpu])))
 
 
 HOST_AGX = {"proc/device-tree/model": AGX_BOARD.encode() + b"\x00",
@@ -350,7 +364,7 @@ def test_engine_built_on_the_host_runs_in_a_container_and_boards_stay_apart(tens
     _driver(monkeypatch, AGX_ORIN_GPU)
     agx_container = detect_device(_fake_root(tmp_path / "agx", CONTAINER), ask_cuda=True)
     assert agx_container.board == "NVIDIA Jetson (tegra234)" != AGX_BOARD
-    assert agx_container.engine_key == select.device_key(AGX_ORIN_GPU)
+    assert agx_container.engine_key == device_key(AGX_ORIN_GPU)
     choice = choose_vision(built_on_host, agx_container)
     assert choice.kind is VisionKind.TENSORRT and "was built for it" in choice.reason
     _driver(monkeypatch, ORIN_NANO_GPU)
@@ -362,7 +376,7 @@ def test_engine_built_on_the_host_runs_in_a_container_and_boards_stay_apart(tens
     assert "this GPU is Orin (sm 8.7, 8 multiprocessors, 7.4 GiB)" in other.reason
     # a board whose CUDA driver did not answer has no key: no engine is trusted
     blind = detect_device(_fake_root(tmp_path / "blind", CONTAINER), ask_cuda=False)
-    assert blind.engine_key is None and select.engine_mismatch(built_on_host.manifest.artifacts[-1].target, blind)
+    assert blind.engine_key is None and engine_mismatch(built_on_host.manifest.artifacts[-1].target, blind)
 
 
 def test_engine_must_match_the_whole_device_key_not_just_capability(tensorrt_10_3, monkeypatch):
@@ -410,10 +424,10 @@ def test_engine_that_does_not_deserialize_falls_back_with_the_reason(tensorrt_10
     monkeypatch.setattr(vision, "TensorRTVision", broken_engine)
     monkeypatch.setattr(vision, "OnnxVision", FakeBackend)
     source = _source(*ALL_VISION, _engine(AGX_ORIN_GPU, AGX_BOARD))
-    backend, reason = select_vision(source, _orin())
-    assert isinstance(backend, FakeBackend) and "could not deserialize" in reason and "onnxruntime" in reason
+    backend, choice = load_vision_checked(choose_vision(source, _orin()), source, _orin())
+    assert isinstance(backend, FakeBackend) and "could not deserialize" in choice.reason and "onnxruntime" in choice.reason
     with pytest.raises(BackendUnavailableError, match="could not deserialize"):
-        select_vision(source, _orin(), "tensorrt")
+        load_vision_checked(choose_vision(source, _orin(), "tensorrt"), source, _orin())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -596,11 +610,11 @@ def test_any_engine_load_failure_falls_back_in_auto_and_raises_on_request(tensor
     source.folder = tmp_path
     (tmp_path / engine.path).parent.mkdir(parents=True)
     (tmp_path / engine.path).write_bytes(b"engine for Orin")
-    backend, reason = select_vision(source, _orin())
-    assert isinstance(backend, FakeBackend) and "onnxruntime" in reason
-    assert f"TensorRT said: {error.__name__}" in reason
+    backend, choice = load_vision_checked(choose_vision(source, _orin()), source, _orin())
+    assert isinstance(backend, FakeBackend) and "onnxruntime" in choice.reason
+    assert f"TensorRT said: {error.__name__}" in choice.reason
     with pytest.raises(error):
-        select_vision(source, _orin(), "tensorrt")
+        load_vision_checked(choose_vision(source, _orin(), "tensorrt"), source, _orin())
 
 
 def test_cuda_python_hint_pins_12_and_jetpack_6_0_hears_about_tensorrt_first(monkeypatch):
@@ -652,8 +666,8 @@ def test_onnxruntime_cuda_that_does_not_start_is_reported_or_refused(tmp_path, m
     # automatic selection says so in the reason
     source = _source(Artifact("vision_onnx", "vision.onnx", ["vision.onnx"], "fp32", 1, {"vision.onnx": "0" * 64}))
     source.folder = tmp_path
-    backend, choice = select.load_vision_checked(select.VisionChoice(VisionKind.ONNXRUNTIME, "jetson GPU", source.manifest.artifacts[0],
-                                                                     ("cuda", "cpu")), source, _orin())
+    choice = select.VisionChoice(VisionKind.ONNXRUNTIME, "jetson GPU", source.manifest.artifacts[0], ("cuda", "cpu"))
+    backend, choice = load_vision_checked(choice, source, _orin())
     assert choice.providers == ("cpu",) and "vision runs on the CPU" in choice.reason
 
 

@@ -127,7 +127,7 @@ class _Artifact:
 
 
 class _Source:
-    """Enough of runtimes.select.ModelSource for tune.measure."""
+    """Enough of runtimes.model_source.ModelSource for tune.measure."""
 
     def __init__(self):
         from types import SimpleNamespace
@@ -352,7 +352,7 @@ def test_every_llm_probe_crashing_falls_back_to_the_rule_based_choice(tiny_bundl
 
 def test_measuring_says_where_it_is_on_stderr(tiny_bundle, capsys):
     """A first load on a big bundle measures for minutes: every probe announces itself (n/total, what, how to skip)."""
-    from runtimes.select import ModelSource
+    from runtimes.model_source import ModelSource
 
     source = ModelSource.open(tiny_bundle, verify=False)
     tune.measure(source, threads=[1], probe=lambda spec, timeout: {"ok": False, "error": "fake"},

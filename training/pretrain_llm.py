@@ -124,7 +124,7 @@ def pretrain(args) -> Path:
     from training.data import load_samples
     from training.modeling import decoder_hidden, shared_prefix
     from training.speed import adamw_kwargs
-    from training.state import MetricsLog, plot_loss, stage0_start, warmup_cosine
+    from training.state import MetricsLog, plot_loss, stage0_start, stage0_step, warmup_cosine
 
     out = stage0_start(args.out, "llm", args.threads)
     config = get_preset(args.preset)
@@ -216,11 +216,7 @@ def pretrain(args) -> Path:
                 extra = {"bind_loss": float(bind_loss.detach()), "bind_mass": masses}
             bind.captured.clear()
         total.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, lr = stage0_step(optimizer, scheduler, params)
         loss = loss_sum.item() / n
         log.write({"step": step, "loss": loss, "lr": {"llm": lr}, "grad_norm": grad_norm, "trained_tokens": n,
                    "elapsed": time.time() - start, "cpu_s": time.process_time(), **extra})
@@ -267,6 +263,8 @@ def _heads(text: str) -> list[tuple[int, int]]:
 
 
 def main(argv: list[str] | None = None) -> Path:
+    from training.state import add_stage0_options, check_stage0_loop
+
     parser = argparse.ArgumentParser(prog="python -m training.pretrain_llm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, nargs="+", required=True, help="LLaVA JSON files whose text to learn")
     parser.add_argument("--preset", default="tiny", help="model preset whose LLM shape to build")
@@ -298,13 +296,9 @@ def main(argv: list[str] | None = None) -> Path:
                         help="train only the embedding and head rows the corpus uses, as parameters of their own: "
                              "the same model (those are the only rows with a gradient), several times faster "
                              "(CompactVocab)")
-    parser.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=None,
-                        help="PyTorch's fused AdamW kernel (default: on where this torch has it; training/speed.py)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    add_stage0_options(parser)
     args = parser.parse_args(argv)
-    if args.max_steps < 1 or args.batch_size < 1 or args.lr <= 0:
-        parser.error("--max-steps and --batch-size must be >= 1 and --lr > 0")
+    check_stage0_loop(parser, args)
     if args.eval_data and not args.scenes:
         parser.error("--eval-data scores the LLM on perfect scenes: pass --scenes too")
     if args.scene_facts and not (args.scenes and args.caption_data):

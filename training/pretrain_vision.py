@@ -112,7 +112,7 @@ def pretrain(args) -> Path:
     from sqllava_edge.fileutil import atomic_dir
     from sqllava_edge.model import VisionTower
     from training.speed import adamw_kwargs
-    from training.state import MetricsLog, plot_loss, stage0_start, warmup_cosine
+    from training.state import MetricsLog, plot_loss, stage0_start, stage0_step, warmup_cosine
 
     out = stage0_start(args.out, "vision", args.threads)
     config = get_preset(args.preset)
@@ -141,11 +141,7 @@ def pretrain(args) -> Path:
         parts = [F.cross_entropy(lg.flatten(0, 1), tgt[:, k].flatten()) for k, lg in enumerate(logits)]
         loss = sum(parts)
         loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, lr = stage0_step(optimizer, scheduler, params)
         log.write({"step": step, "loss": loss.item(), **{f"loss_{n}": p.item() for n, p in zip(HEADS, parts)},
                    "lr": {"vision": lr}, "grad_norm": grad_norm, "images": len(idx),
                    "elapsed": time.time() - start, "cpu_s": time.process_time()})
@@ -170,6 +166,8 @@ def pretrain(args) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
+    from training.state import add_stage0_options, check_stage0_loop
+
     parser = argparse.ArgumentParser(prog="python -m training.pretrain_vision", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="a synthetic split (stage2.json) with meta.objects")
     parser.add_argument("--image-folder", type=Path, default=None, help="images of --data (default: DATA/images)")
@@ -184,13 +182,9 @@ def main(argv: list[str] | None = None) -> Path:
                         help="share of training images shown in grey (their objects' colour is not a target): shape "
                              "features that do not depend on the colour, for unseen colour/shape pairs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the init and the sampling")
-    parser.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=None,
-                        help="PyTorch's fused AdamW kernel (default: on where this torch has it; training/speed.py)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    add_stage0_options(parser)
     args = parser.parse_args(argv)
-    if args.max_steps < 1 or args.batch_size < 1 or args.lr <= 0:
-        parser.error("--max-steps and --batch-size must be >= 1 and --lr > 0")
+    check_stage0_loop(parser, args)
     if not 0.0 <= args.gray_share <= 1.0:
         parser.error(f"--gray-share is a share of the images, in [0, 1]; got {args.gray_share}")
     return pretrain(args)

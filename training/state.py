@@ -8,6 +8,7 @@ the loss-curve plot.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import random
@@ -115,6 +116,20 @@ def plot_loss(records: list[dict[str, Any]], out: Path, title: str) -> Path | No
     return out
 
 
+def add_stage0_options(parser: argparse.ArgumentParser) -> None:
+    """The options every stage-0 trainer takes besides its own: --fused-adamw, --threads, --no-progress."""
+    parser.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=None,
+                        help="PyTorch's fused AdamW kernel (default: on where this torch has it; training/speed.py)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+
+
+def check_stage0_loop(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A parser error (exit 2) unless --max-steps and --batch-size are >= 1 and --lr > 0."""
+    if args.max_steps < 1 or args.batch_size < 1 or args.lr <= 0:
+        parser.error("--max-steps and --batch-size must be >= 1 and --lr > 0")
+
+
 def stage0_start(out: Path, part: str, threads: int | None) -> Path:
     """Common start of the stage-0 trainers: thread count, and refuse to overwrite an earlier OUT/part."""
     if threads:
@@ -130,3 +145,14 @@ def warmup_cosine(optimizer, max_steps: int):
     warmup = max(1, int(0.03 * max_steps))
     schedule = lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max_steps)))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def stage0_step(optimizer, scheduler, params) -> tuple[float, float]:
+    """The stage-0 update after backward: clip the gradient norm to 1.0, step the optimizer and the schedule, clear
+    the gradients. -> (gradient norm before clipping, the LR this step used)."""
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr

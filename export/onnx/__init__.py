@@ -22,7 +22,6 @@ the prototype extractor's argmax dispatch is compared separately, values with th
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import copy
 import os
@@ -250,25 +249,3 @@ def export_random_preset(preset: str, out: str | os.PathLike, precisions: Sequen
             f"mean {v['cosine_mean']:.6f}")
     log(f"[onnx] total {stats['seconds']:.1f} s, peak RSS {peak_rss_mib():.0f} MiB")
     return artifacts
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoint", nargs="?", help="sqllava-edge checkpoint folder (LoRA adapters are merged first)")
-    parser.add_argument("--out", required=True, help="output folder: FOLDER/vision/*.onnx + manifest.json (written atomically)")
-    parser.add_argument("--precision", nargs="+", default=list(PRECISIONS), choices=PRECISIONS, help="variants to export")
-    parser.add_argument("--random-preset", metavar="PRESET", help="instead of a checkpoint: random weights of a preset "
-                                                                  "(e.g. bench-1b), to measure export time and memory")
-    args = parser.parse_args(argv)
-    if (args.checkpoint is None) == (args.random_preset is None):
-        parser.error("give either CHECKPOINT or --random-preset")
-    from export.__main__ import run_cli, run_export
-
-    if args.random_preset:
-        return run_cli(lambda: export_random_preset(args.random_preset, args.out, args.precision))
-    return run_cli(lambda: run_export(args.checkpoint, args.out, vision_precisions=args.precision, quants=[],
-                                      include_tokenizer=False))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -20,7 +20,6 @@ precision is what is measured) vs the PyTorch module's logits:
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import tempfile
@@ -394,27 +393,3 @@ def validate_gguf(path: Path, quant: str, prompt: Sequence[int], reference: np.n
             f"tolerance {need:.0%} ({report['argmax_mismatches']} of {len(prompt)} positions differ, "
             f"max |diff| {report['max_abs_diff']:.3g})")
     return report
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# CLI
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.gguf", description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoint", help="sqllava-edge checkpoint folder (LoRA adapters are merged first)")
-    parser.add_argument("--out", required=True, help="bundle folder: OUT/llm/model.<quant>.gguf + manifest.json "
-                                                     "(written atomically)")
-    parser.add_argument("--quant", nargs="+", default=["f16"], metavar="TYPE",
-                        help=f"GGUF types to write (default f16; valid: {', '.join(QUANTS)})")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
-                        help="precision to load and merge the checkpoint in")
-    args = parser.parse_args(argv)
-    from export.__main__ import run_cli, run_export
-
-    return run_cli(lambda: run_export(args.checkpoint, args.out, quants=check_quants(args.quant),
-                                      vision_precisions=[], include_tokenizer=False, dtype=args.dtype))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

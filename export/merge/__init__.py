@@ -11,7 +11,6 @@ the vision tower's features and the LLM's logits (around the same image rows), e
 """
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 from typing import Callable
@@ -113,20 +112,3 @@ def merge_checkpoint(
                   **carried_provenance(checkpoint)}
     log(f"[merge] saving {out}")
     return save_checkpoint(out, model, tokenizer, provenance=provenance)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.merge", description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoint", help="sqllava-edge checkpoint folder with llm_lora/ and/or vit_lora/")
-    parser.add_argument("--out", required=True, help="merged checkpoint folder to write (atomically)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
-                        help="precision to merge and save in (float32 is exact; 16-bit halves memory for 7B/13B)")
-    parser.add_argument("--no-validate", action="store_true", help="skip the merged-vs-adapters logits check")
-    args = parser.parse_args(argv)
-    from export.__main__ import run_cli
-
-    return run_cli(lambda: merge_checkpoint(args.checkpoint, args.out, dtype=DTYPES[args.dtype], validate=not args.no_validate))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
