@@ -212,13 +212,20 @@ def run_ask(args) -> int:
     return 0
 
 
-def register_self_question(subparsers) -> None:
-    parser = subparsers.add_parser("self-question", help="describe an image, then sample questions about it",
-                                   description="Visual self-questioning (docs/spec.md 5.1): a greedy description, then N "
-                                               "questions sampled in parallel (question i with seed + i).")
+def _self_questioning_parser(subparsers, name: str, summary: str, description: str, run):
+    """A subcommand in which the model asks its own questions: the model arguments (sampling defaults of the
+    questions) and --n."""
+    parser = subparsers.add_parser(name, help=summary, description=description)
     _add_model_args(parser, "self_question")
     parser.add_argument("--n", type=int, default=3, help="number of questions (default 3)")
-    parser.set_defaults(func=run_self_question)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def register_self_question(subparsers) -> None:
+    _self_questioning_parser(subparsers, "self-question", "describe an image, then sample questions about it",
+                             "Visual self-questioning (docs/spec.md 5.1): a greedy description, then N questions "
+                             "sampled in parallel (question i with seed + i).", run_self_question)
 
 
 def run_self_question(args) -> int:
@@ -234,13 +241,10 @@ def run_self_question(args) -> int:
 
 
 def register_interview(subparsers) -> None:
-    parser = subparsers.add_parser("interview", help="the model's own questions about an image, each with its answer",
-                                   description="Self-questioning, then the model answers each of its questions in the "
-                                               "same conversation (all answers decoded in one batch).")
-    _add_model_args(parser, "self_question")
-    parser.add_argument("--n", type=int, default=3, help="number of questions (default 3)")
+    parser = _self_questioning_parser(subparsers, "interview", "the model's own questions about an image, each with "
+                                      "its answer", "Self-questioning, then the model answers each of its questions "
+                                      "in the same conversation (all answers decoded in one batch).", run_interview)
     parser.add_argument("--max-answer-tokens", type=int, help="longest answer (default 512)")
-    parser.set_defaults(func=run_interview)
 
 
 def run_interview(args) -> int:
