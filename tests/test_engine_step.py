@@ -147,3 +147,18 @@ def test_descriptions_are_kept_only_for_cached_images_and_leave_with_them():
         lambda pixels: np.zeros((1, CONFIG.num_image_tokens, CONFIG.llm.hidden_size), np.float32))})()
     engine.image_ref(np.zeros((3, CONFIG.vision.image_size, CONFIG.vision.image_size), np.float32))  # evicts "a"
     assert engine.description("a") is None and isinstance(next(iter(engine._images.values())), ImageRef)
+
+
+def test_a_call_made_while_a_stream_is_open_waits_for_it_without_deadlock():
+    """A caller reading a stream asks something else in between (parallel 1): the second call turns the loop, which
+    finishes the open stream first (its events wait for it), then answers; both give what they give alone."""
+    config = GenerationConfig(max_new_tokens=8)
+    alone = [texts(Scheduler(fake_engine(), parallel=1, prefill_chunk=0, thread=False), Request(ids, None, config))
+             for ids in ([4, 5], [6, 7])]
+    scheduler = Scheduler(fake_engine(), parallel=1, prefill_chunk=0, thread=False)
+    events = scheduler.events(Request([4, 5], None, config))
+    first = [next(events), next(events)]
+    inner = texts(scheduler, Request([6, 7], None, config))
+    rest = list(events)
+    outer = "".join(e.text for e in first + rest if e.kind == "token")
+    assert [[outer], inner] == alone and rest[-1].kind == "done"
