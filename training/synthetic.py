@@ -5,8 +5,7 @@
 writes
     OUT/images/{train,eval}/*.png    1-4 coloured shapes on a varied (tinted, graded, noisy) background
     OUT/stage1.json                  one caption per training image (stage 1, `plain` format)
-    OUT/stage2.json                  multi-turn Q&A per training image (stage 2, `v1_sq`): half start with a description,
-                                     a quarter with a question answered in JSON
+    OUT/stage2.json                  multi-turn Q&A per training image (stage 2, `v1_sq`): half start with a description
     OUT/eval.json                    held-out images, each holding at least one colour/shape pair never seen in training
 
 Questions ask about colour, shape, count, position (left/right, top/bottom) and size, with several phrasings per type;
@@ -14,11 +13,6 @@ every question names an object that is in the image (by shape, colour or both), 
 triangle needs binding when several shapes are present. Shapes are unique within an image; a colour may repeat, and
 then only count questions use it as a reference. Answers are single canonical words ("red", "triangle", "2", "left",
 "big") so exact match works. Every sample carries a "meta" record (objects, question types) for the evaluation.
-A share of the stage-2 conversations (JSON_RATE of those that do not start with a description) opens with a question
-asking for a JSON answer: the colour and shape of one object, or the count of a colour, answered in the compact form
-the JSON-schema decoder (sqllava_edge/structured.py) emits for JSON_SCHEMAS: `{"colour":"red","shape":"star"}`,
-`{"count":2}`. It is always the first turn, which is never turned into a self-questioning (VUSER) turn, so the model
-learns to answer in JSON but not to ask JSON questions; eval.json has none (the demo asks them, scripts/demo.py).
 Objects sit on an 8 x 8 lattice by default (a small shape fills one cell, a big one 2 x 2 cells): at 112 px that is
 the tiny preset's patch grid, so each patch sees a whole small shape or a whole quarter of a big one. With free
 placement (--grid 0) shapes straddle patch borders, and a per-patch learner needs far more images to tell them
@@ -77,22 +71,6 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
 # Evaluation groups the two position axes into one "position" type.
 QUESTION_GROUP = {"colour": "colour", "shape": "shape", "count": "count", "horizontal": "position",
                   "vertical": "position", "size": "size"}
-# Questions answered in JSON (type "json" in a sample's meta; not an evaluation group): "object" names one object
-# and asks for its colour and shape, "count" names a colour and asks how many objects have it.
-JSON_QUESTIONS: dict[str, tuple[str, ...]] = {
-    "object": ("Answer in JSON: what are the colour and shape of the {ref}?",
-               "Answer in JSON with the colour and shape of the {ref}.",
-               "Give the colour and shape of the {ref} as JSON."),
-    "count": ("Answer in JSON: how many {colour} shapes are there?", "Give the number of {colour} objects as JSON."),
-}
-JSON_SCHEMAS: dict[str, dict] = {
-    "object": {"type": "object", "additionalProperties": False, "required": ["colour", "shape"],
-               "properties": {"colour": {"enum": list(COLOURS)}, "shape": {"enum": list(SHAPES)}}},
-    "count": {"type": "object", "additionalProperties": False, "required": ["count"],
-              "properties": {"count": {"type": "integer", "minimum": 1, "maximum": 4}}},
-}
-JSON_RATE = 0.5  # share of the conversations without a description that open with a JSON question
-JSON_COUNT_SHARE = 0.25  # of those, the share asking for a count (the rest: an object's colour and shape)
 ANSWERS: dict[str, tuple[str, ...]] = {
     "colour": tuple(COLOURS), "shape": SHAPES, "count": ("1", "2", "3", "4"), "horizontal": ("left", "right"),
     "vertical": ("top", "bottom"), "size": ("big", "small"),
@@ -336,34 +314,8 @@ def questions(objects: list[Obj], rng: np.random.Generator) -> list[dict]:
     return [out[i] for i in order]
 
 
-def json_answer(value: dict) -> str:
-    """`value` as the JSON-schema decoder writes it (sqllava_edge/structured.py): compact, no whitespace at all,
-    keys in the order given (JSON_SCHEMAS lists its properties in the same order)."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-def json_question(objects: list[Obj], rng: np.random.Generator) -> dict:
-    """A question asking for a JSON answer (JSON_QUESTIONS) about this scene, with its answer (`json_answer`):
-    the colour and shape of one object named by its shape or, when its colour is unique, by its colour; or the
-    count of one colour present."""
-    colour_count = colour_counts(objects)
-    if rng.random() < JSON_COUNT_SHARE:
-        colour = sorted(colour_count)[int(rng.integers(len(colour_count)))]
-        phrasings = JSON_QUESTIONS["count"]
-        text = phrasings[int(rng.integers(len(phrasings)))].format(colour=colour)
-        return {"type": "json", "question": text, "answer": json_answer({"count": colour_count[colour]}), "object": None}
-    o = objects[int(rng.integers(len(objects)))]
-    refs = [o.shape] + ([f"{o.colour} object", f"{o.colour} shape"] if colour_count[o.colour] == 1 else [])
-    ref = refs[int(rng.integers(len(refs)))]
-    phrasings = JSON_QUESTIONS["object"]
-    text = phrasings[int(rng.integers(len(phrasings)))].format(ref=ref)
-    return {"type": "json", "question": text, "answer": json_answer({"colour": o.colour, "shape": o.shape}),
-            "object": o.shape}
-
-
 def conversation(objects: list[Obj], rng: np.random.Generator, max_turns: int) -> tuple[list[dict], list[str]]:
-    """A multi-turn LLaVA conversation: half the time a description first, otherwise (at JSON_RATE) a JSON question
-    first, then Q&A pairs up to max_turns turns in all."""
+    """A multi-turn LLaVA conversation: half the time a description first, then up to max_turns Q&A pairs."""
     qa = questions(objects, rng)
     turns: list[dict] = []
     types: list[str] = []
@@ -371,10 +323,6 @@ def conversation(objects: list[Obj], rng: np.random.Generator, max_turns: int) -
         prompt = DESCRIBE_PROMPTS[int(rng.integers(len(DESCRIBE_PROMPTS)))]
         turns += [{"from": "human", "value": prompt}, {"from": "gpt", "value": caption(objects, rng)}]
         types.append("describe")
-    elif rng.random() < JSON_RATE:
-        item = json_question(objects, rng)
-        turns += [{"from": "human", "value": item["question"]}, {"from": "gpt", "value": item["answer"]}]
-        types.append(item["type"])
     for item in qa[: max_turns - len(types)]:
         turns += [{"from": "human", "value": item["question"]}, {"from": "gpt", "value": item["answer"]}]
         types.append(item["type"])
