@@ -61,7 +61,7 @@ def self_questioning(engine: Engine, key: str, template: str, n: int, seed: int,
     asked: list[str] = []
     while len(asked) < n:
         count = min(n - len(asked), per)
-        asked += yield Job([prompt], questions, tuple(seed + len(asked) + i for i in range(count)), drop_after=True)
+        asked += yield Job([prompt], questions, tuple(seed + len(asked) + i for i in range(count)))
     if answers is None:
         return SelfQuestioning(description, asked, seed)
     prompts = [interview_prompt(tok, description, q, template) for q in asked]

@@ -162,3 +162,24 @@ def test_a_call_made_while_a_stream_is_open_waits_for_it_without_deadlock():
     rest = list(events)
     outer = "".join(e.text for e in first + rest if e.kind == "token")
     assert [[outer], inner] == alone and rest[-1].kind == "done"
+
+
+def test_self_questions_keep_their_prompt_cached_for_the_next_call():
+    """Sampled forks are dropped, but the shared prompt stays in the pool: asking again about the same image (n=1
+    as well as n>1) prefills at most the prompt's last token again."""
+    from runtimes.tasks import run_jobs
+    from sqllava_edge.tokenizer import default_tokenizer
+
+    engine = fake_engine(n_ctx=400, tokenizer=default_tokenizer())
+    scheduler = Scheduler(engine, parallel=1, prefill_chunk=0, thread=False)
+    config = GenerationConfig(temperature=1.0, max_new_tokens=3)
+    from runtimes.sequences import ImageRef
+
+    image = ImageRef("k", np.zeros((4, CONFIG.llm.hidden_size), np.float32))
+    fresh = []
+    for n in (1, 1, 3, 3):
+        before = engine.llm.counters.prefill_tokens + engine.llm.counters.prefill_embeds
+        run_plan(self_questioning(engine, "k", CONFIG.template, n, 5, config, description="A red square."),
+                 run_jobs(scheduler, image))
+        fresh.append(engine.llm.counters.prefill_tokens + engine.llm.counters.prefill_embeds - before)
+    assert fresh[0] > 20 and max(fresh[1:]) <= 1, fresh  # at most the prompt's last token, for its logits
