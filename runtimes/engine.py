@@ -61,7 +61,7 @@ class Engine:
         if isinstance(image, ImageRef):
             return image
         pixels = image if _is_pixels(image, self.config) else self.pixels(image)
-        key = hashlib.sha256(pixels.tobytes()).hexdigest()
+        key = image_key(pixels)
         with self.lock:
             if key in self._images:
                 self._images.move_to_end(key)
@@ -119,6 +119,11 @@ class Engine:
             self.reset()
             self.vision.close()
             self.llm.close()
+
+
+def image_key(pixels: np.ndarray) -> str:
+    """The image cache's key: the content hash of the preprocessed pixels (equal keys, equal embeddings)."""
+    return hashlib.sha256(pixels.tobytes()).hexdigest()
 
 
 def _is_pixels(image: Any, config: ModelConfig) -> bool:

@@ -24,11 +24,10 @@ class Job:
     prompts: list[list[int]]
     config: GenerationConfig
     seeds: tuple[int | None, ...]
-    drop_after: bool = False
 
     def request(self, image, timeout: float | None = None) -> Request:
         ids = self.prompts[0] if len(self.prompts) == 1 else self.prompts
-        return Request(ids, image, self.config, self.seeds, timeout=timeout, drop_after=self.drop_after)
+        return Request(ids, image, self.config, self.seeds, timeout=timeout)
 
 
 @dataclass(frozen=True)

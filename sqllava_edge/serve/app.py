@@ -10,7 +10,6 @@ back to the handler's event loop. A watcher on the connection cancels the reques
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import random
 import threading
@@ -204,11 +203,12 @@ def _routes(app: FastAPI, state: State) -> None:
         body = await read_body(request, settings.body_limit)
         with _Preparing(state):
             ask, pixels = await state.work(_prepare_self_questions, state, body)
+        from runtimes.engine import image_key
         from runtimes.tasks import advance, self_questioning
 
         seed = _seeds(ask.seed, 1)[0]
         answers = TASK_DEFAULTS["answer"].replace(max_new_tokens=ask.answer_tokens) if ask.answer else None
-        key = hashlib.sha256(pixels.tobytes()).hexdigest()  # the engine's image key: its cached description
+        key = image_key(pixels)  # its cached description, if any, is the engine's
         plan = self_questioning(assistant.engine, key, assistant.template, ask.n, seed, ask.config, answers=answers)
         job, asked = await state.work(advance, plan)  # prompts are tokenised on the worker pool
         call = None
