@@ -12,6 +12,12 @@ Candidates (built once next to the preset's bundle, in vision-candidates/):
   ort int8 static fused      the same on the fused graph
   ort int8 + QK^T             also the attention scores' matmul, both sides quantized on the fly
   ort int8 + QK^T + softmax V ... and the attention-weighted sum
+  ort fp32 + MultiHeadAttention       each layer's attention as com.microsoft.MultiHeadAttention (export.onnx.attention)
+  ort int8 + MultiHeadAttention       int8 weights of that graph
+  ort fp32 + Attention (packed QKV)   com.microsoft.Attention over concatenated Q, K, V weights
+  ort int8 + QAttention (packed QKV)  int8 of that graph (the quantizer makes it QAttention)
+  ort int8, MultiHeadAttention + one QKV matmul (export)   export.onnx.quantize_int8 as the export runs it
+  eager bf16, eager int8 dynamic (torch.ao)                PyTorch variants (torch_candidates)
 The fusion and static builders live here, not in export: measured, they do not pay (benchmarks/RESULTS.md).
 Every session: graph optimization level ORT_ENABLE_ALL, --threads intra-op threads, sequential execution. Latency is
 per image (batch 1): warm-up, then --runs rounds, each timing every candidate once (order rotated per round), so
@@ -43,6 +49,19 @@ def fuse_graph(fp32_path: Path, out_path: Path) -> dict[str, int]:
     model = optimize_model(str(fp32_path), model_type="clip", opt_level=0)
     model.save_model_to_file(str(out_path), use_external_data_format=True)  # weights in <out_path>.data
     return {op: n for op, n in model.get_fused_operator_statistics().items() if n}
+
+
+def rewrite_attention(fp32_path: Path, out_path: Path, packed: bool) -> None:
+    """The fp32 graph with each layer's attention as com.microsoft.MultiHeadAttention, or with `packed` as
+    com.microsoft.Attention over concatenated Q, K, V weights (export.onnx.attention); weights in <out_path>.data."""
+    import onnx
+
+    from export.onnx.attention import fuse_multihead, pack_qkv
+
+    model = onnx.load(str(fp32_path))
+    counts = [fuse_multihead(model)] + ([pack_qkv(model, into="Attention")] if packed else [])
+    print(f"[vision] {out_path.name}: {' then '.join(map(str, counts))} layers rewritten", flush=True)
+    onnx.save(model, str(out_path), save_as_external_data=True, location=out_path.name + ".data")
 
 
 def quantize_static_int8(fp32_path: Path, out_path: Path, images: np.ndarray) -> None:
@@ -120,26 +139,42 @@ def synthetic_images(count: int, size: int, seed: int = 0) -> list:
     return images
 
 
-def _candidates(fp32: Path, work: Path, calibration, calibration_tag: str) -> dict[str, Path]:
-    """{table name: graph}, building the missing ones into `work` (each is written whole, then moved into place)."""
+EXPORT_INT8 = "ort int8, MultiHeadAttention + one QKV matmul (export)"
+
+
+def _candidates(fp32: Path, work: Path, calibration, calibration_tag: str, only=None) -> dict[str, Path]:
+    """{table name: graph} (those named in `only`, if given), building the missing ones into `work` (each is written
+    whole, then moved into place); a candidate built from another (fused, rewritten) builds that one too."""
     from export.onnx import quantize_int8
 
     fused = work / "vision.fp32-fused.onnx"
+    multihead, packed = work / "vision.fp32-multihead.onnx", work / "vision.fp32-packed.onnx"
     static = work / f"static-{calibration_tag}"  # static graphs depend on the calibration images
     static.mkdir(parents=True, exist_ok=True)
     candidates = {
         "ort fp32": (fp32, None),
-        "ort int8 weights only": (work / "vision.int8-weights.onnx", lambda out: quantize_int8(fp32, out)),
+        "ort int8 weights only": (work / "vision.int8-weights.onnx", lambda out: quantize_int8(fp32, out, fuse_attention=False)),
         "ort fp32 fused": (fused, lambda out: print(f"[vision] fusions: {fuse_graph(fp32, out)}", flush=True)),
-        "ort int8 dyn fused": (work / "vision.int8-fused.onnx", lambda out: quantize_int8(fused, out)),
+        "ort int8 dyn fused": (work / "vision.int8-fused.onnx", lambda out: quantize_int8(fused, out, fuse_attention=False)),
         "ort int8 static": (static / "vision.int8-static.onnx", lambda out: quantize_static_int8(fp32, out, calibration())),
         "ort int8 static fused": (static / "vision.int8-static-fused.onnx",
                                   lambda out: quantize_static_int8(fused, out, calibration())),
         "ort int8 + QK^T": (work / "vision.int8-scores.onnx",
-                                            lambda out: quantize_int8(fp32, out, ("scores",))),
+                                            lambda out: quantize_int8(fp32, out, ("scores",), False)),
         "ort int8 + QK^T + softmax V": (work / "vision.int8-attention.onnx",
-                                        lambda out: quantize_int8(fp32, out, ("scores", "values"))),
+                                        lambda out: quantize_int8(fp32, out, ("scores", "values"), False)),
+        "ort fp32 + MultiHeadAttention": (multihead, lambda out: rewrite_attention(fp32, out, packed=False)),
+        "ort int8 + MultiHeadAttention": (work / "vision.int8-multihead.onnx", lambda out: quantize_int8(multihead, out, fuse_attention=False)),
+        "ort fp32 + Attention (packed QKV)": (packed, lambda out: rewrite_attention(fp32, out, packed=True)),
+        "ort int8 + QAttention (packed QKV)": (work / "vision.int8-packed.onnx", lambda out: quantize_int8(packed, out, fuse_attention=False)),
+        EXPORT_INT8: (work / "vision.int8-export.onnx", lambda out: quantize_int8(fp32, out)),
     }
+    sources = {"ort int8 dyn fused": "ort fp32 fused", "ort int8 static fused": "ort fp32 fused",
+               "ort int8 + MultiHeadAttention": "ort fp32 + MultiHeadAttention",
+               "ort int8 + QAttention (packed QKV)": "ort fp32 + Attention (packed QKV)"}
+    if only:
+        wanted = set(only) | {sources[name] for name in only if name in sources}
+        candidates = {name: c for name, c in candidates.items() if name in wanted}
     for path, build in candidates.values():
         if build is not None and not path.exists():
             print(f"[vision] building {path.name}", flush=True)
@@ -155,7 +190,37 @@ def _candidates(fp32: Path, work: Path, calibration, calibration_tag: str) -> di
     return {name: path for name, (path, _) in candidates.items()}
 
 
-BASELINE_INT8 = "ort int8 weights only"  # what the export ships as int8
+def torch_candidates(graph) -> dict:
+    """PyTorch variants of the fp32 graph: the tower's weights and math in bfloat16 (oneDNN's AVX512-BF16 / AMX
+    kernels where the CPU has them; the projector stays fp32, as in the fp16 export), and the tower's Linear layers
+    as dynamic int8 (torch.ao, fbgemm's VNNI kernels)."""
+    import copy
+
+    import torch
+
+    from export.onnx import VisionGraph
+
+    bf16 = VisionGraph(copy.deepcopy(graph.vision).to(torch.bfloat16), graph.projector).eval()
+    int8 = VisionGraph(torch.ao.quantization.quantize_dynamic(copy.deepcopy(graph.vision), {torch.nn.Linear},
+                                                              dtype=torch.qint8), graph.projector).eval()
+    return {"eager bf16": bf16, "eager int8 dynamic (torch.ao)": int8}
+
+
+def torch_agreement(module, inputs: list[np.ndarray], reference) -> dict:
+    """Per-image-token cosine of `module`'s output to PyTorch fp32 (reference.plain: each side with its own
+    prototype dispatch, so a flipped dispatch shows here as a low minimum)."""
+    import torch
+
+    out = {}
+    with torch.no_grad():
+        for key, x, ref in zip(("noise", "scenes"), inputs, reference.plain):
+            y = module(torch.from_numpy(x)).float().numpy()
+            cos = (y * ref).sum(-1) / (np.linalg.norm(y, axis=-1) * np.linalg.norm(ref, axis=-1) + 1e-12)
+            out[key] = (float(cos.min()), float(cos.mean()))
+    return {**out, "dispatch_mismatches": None}
+
+
+BASELINE_INT8 = "ort int8 weights only"  # the int8 export before the attention rewrite: what the others are paired with
 
 
 def _session(path: Path, threads: int, profile: bool = False):
@@ -224,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     config = model.config
     graph = vision_graph(model, "fp32")
     paths = _candidates(bundle / "vision" / "vision.fp32.onnx", bundle.parent / "vision-candidates", lambda: calibration_images(config, args.calibration),
-                        calibration_tag)
+                        calibration_tag, args.only)
     if args.only:
         paths = {name: p for name, p in paths.items() if name in args.only}
 
@@ -244,6 +309,11 @@ def main(argv: list[str] | None = None) -> int:
     image = inputs[0]
     sessions = {name: _session(path, args.threads) for name, path in paths.items()}
     runners = {"eager fp32": lambda: graph(torch.from_numpy(image))}
+    for name, module in torch_candidates(graph).items():
+        if args.only and name not in args.only:
+            continue
+        agreement[name] = torch_agreement(module, inputs, reference)
+        runners[name] = lambda m=module: m(torch.from_numpy(image))
     runners.update({name: (lambda s=s: s.run(None, {"pixel_values": image})) for name, s in sessions.items()})
     names = list(runners)
     samples: dict[str, list[float]] = {name: [] for name in names}

@@ -27,7 +27,7 @@ from typing import Any, Iterator
 from sqllava_edge.deps import explain_when_run_as_main
 
 # Bump when a step's output for the same inputs changes, so re-exports do not reuse stale artifacts.
-EXPORT_CODE_VERSION = 2  # 2: every artifact's fidelity vs fp32 recorded (export/fidelity.py)
+EXPORT_CODE_VERSION = 3  # 2: every artifact's fidelity vs fp32 recorded (export/fidelity.py); 3: int8 attention fused
 SKIP_IN_CHECKPOINT = ("training_state",)  # optimizer state does not change what is exported
 # Checkpoint provenance a bundle manifest (and a merged checkpoint) repeats: facts about what the weights compute.
 # sim_beta: which value a converted merged SQ-LLaVA folder's projector uses (sqllava_edge.convert, --sim-beta).

@@ -90,7 +90,7 @@ def test_int8_attention_candidates_quantize_one_matmul_per_layer_and_agree(tiny_
     weights_only, chosen = int8_nodes(fp32), int8_nodes(fp32, attention)
     assert len(chosen) - len(weights_only) == layers * len(attention) and set(weights_only) < set(chosen)
     out = tmp_path / "vision.int8.onnx"
-    quantize_int8(fp32, out, attention)
+    quantize_int8(fp32, out, attention, fuse_attention=False)
     assert _op_count(out, "MatMulInteger") == len(chosen) - 2  # every chosen node but the patch Conv and the Gather
     scenes = _scenes(config)
     report = validate_vision_onnx(out, "int8", [scenes], Reference(graph, [scenes]))  # raises below cosine 0.99
@@ -130,3 +130,95 @@ def test_fused_fp32_candidate_is_exact(tiny_graph, tmp_path):
     assert fused.get("QuickGelu", 0) > 0 and _op_count(out, "QuickGelu") == fused["QuickGelu"]
     scenes = _scenes(get_preset("tiny"))
     validate_vision_onnx(out, "fp32", [scenes], Reference(graph, [scenes]))  # raises beyond the fp32 tolerance 1e-4
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_attention_rewrite_fuses_every_layer_and_is_exact(tiny_graph, tmp_path, packed):
+    """export.onnx.attention on the tiny graph: one contrib op per tower layer, none of the exported attention left
+    (no Softmax outside the prototype extractor), fp32 within the export's fp32 tolerance, and its int8 (QAttention
+    when packed) within the int8 cosine floor."""
+    import onnx
+
+    from export.onnx import quantize_int8
+    from export.onnx_validate import Reference, validate_vision_onnx
+
+    graph, fp32 = tiny_graph
+    config = get_preset("tiny")
+    layers = config.vision.num_layers + config.vision.select_layer + 1
+    softmax_before = _op_count(fp32, "Softmax")
+    out = tmp_path / "vision.fp32-attention.onnx"
+    vision_quant.rewrite_attention(fp32, out, packed=packed)
+    op = "Attention" if packed else "MultiHeadAttention"
+    assert _op_count(out, op) == layers and _op_count(out, "Softmax") == softmax_before - layers
+    nodes = onnx.load(str(out), load_external_data=False).graph.node
+    assert {n.domain for n in nodes if n.op_type == op} == {"com.microsoft"}
+    if packed:
+        assert _op_count(out, "MatMul") == _op_count(fp32, "MatMul") - 5 * layers  # Q, K, V and the two attention matmuls
+    scenes = _scenes(config)
+    reference = Reference(graph, [scenes])
+    validate_vision_onnx(out, "fp32", [scenes], reference)  # raises beyond the fp32 tolerance 1e-4
+    int8 = tmp_path / "vision.int8-attention.onnx"
+    quantize_int8(out, int8)
+    if packed:
+        assert _op_count(int8, "QAttention") == layers and _op_count(int8, "Attention") == 0
+    assert validate_vision_onnx(int8, "int8", [scenes], reference)["cosine_min"] >= 0.99
+
+
+def test_attention_rewrite_leaves_other_patterns_alone():
+    """A Softmax that is not the exported attention (no scaled matmul before it) is not rewritten."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from export.onnx.attention import fuse_multihead, pack_qkv
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4])
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["x", "xt"], ["s"]), helper.make_node("Softmax", ["s"], ["y"], axis=-1)]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]))
+    before = model.SerializeToString()
+    assert fuse_multihead(model) == 0 and pack_qkv(model) == 0
+    assert model.SerializeToString() == before
+    onnx.checker.check_model(model)
+
+
+def test_int8_export_fuses_attention_and_packs_qkv(tiny_graph, tmp_path):
+    """export.onnx.quantize_int8 as the export runs it: per tower layer one MultiHeadAttention and one int8 matmul for
+    Q, K and V together (no exported attention left), and per-token cosine >= 0.99 with the graph's own dispatch."""
+    import onnx
+
+    from export.onnx import quantize_int8
+    from export.onnx_validate import Reference, validate_vision_onnx
+
+    graph, fp32 = tiny_graph
+    config = get_preset("tiny")
+    layers = config.vision.num_layers + config.vision.select_layer + 1
+    plain, fused = tmp_path / "vision.int8-plain.onnx", tmp_path / "vision.int8.onnx"
+    quantize_int8(fp32, plain, fuse_attention=False)
+    quantize_int8(fp32, fused)
+    assert _op_count(fused, "MultiHeadAttention") == layers and _op_count(plain, "MultiHeadAttention") == 0
+    assert _op_count(fused, "Softmax") == _op_count(fp32, "Softmax") - layers
+    assert _op_count(fused, "MatMulInteger") == _op_count(plain, "MatMulInteger") - 2 * layers  # Q, K, V: one matmul
+    assert _op_count(fused, "Split") == layers
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".fused-")]  # the fused fp32 copy is gone
+    sizes = {tuple(i.dims) for i in onnx.load(str(fused)).graph.initializer if i.name.endswith(".qkv_weight_quantized")}
+    assert sizes == {(config.vision.hidden_size, 3 * config.vision.hidden_size)}
+    scenes = _scenes(config)
+    report = validate_vision_onnx(fused, "int8", [scenes], Reference(graph, [scenes]))  # raises below cosine 0.99
+    assert report["cosine_min"] >= 0.99
+
+
+def test_quantized_attention_matmuls_need_the_unfused_graph(tiny_graph, tmp_path):
+    from export.onnx import quantize_int8
+
+    with pytest.raises(ValueError, match="fuse_attention=False"):
+        quantize_int8(tiny_graph[1], tmp_path / "x.onnx", ("scores",))
+
+
+def test_pack_qkv_rejects_an_unknown_target():
+    from onnx import helper
+
+    from export.onnx.attention import pack_qkv
+
+    with pytest.raises(ValueError, match="MultiHeadAttention"):
+        pack_qkv(helper.make_model(helper.make_graph([], "g", [], [])), into="QAttention")

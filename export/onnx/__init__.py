@@ -163,27 +163,55 @@ def drop_stack_traces(path: Path) -> None:
         handle.write(model.SerializeToString())
 
 
-def quantize_int8(fp32_path: Path, out_path: Path, attention: Sequence[str] = ()) -> None:
+def quantize_int8(fp32_path: Path, out_path: Path, attention: Sequence[str] = (), fuse_attention: bool = True) -> None:
     """Dynamic int8 quantization (weights int8, activations per batch) keeping the prototype clustering in fp32.
 
     Weights use 7 bits (reduce_range): onnxruntime's u8s8 kernels on x86 CPUs without VNNI (AVX2, plain AVX-512)
     multiply with VPMADDUBSW, whose 16-bit sums saturate with full-range weights. The bundle is built once and run on
     whatever CPU the user has, so it must not depend on the exporting host's flags: measured on an AVX2-only host, the
     tiny preset's int8 graph gave a min per-token cosine of 0.969 with 8-bit weights.
+    fuse_attention: quantize the graph with each tower layer's attention as one onnxruntime operator and its Q, K, V
+    projections as one matmul (export.onnx.attention; measured faster on CPUs, benchmarks/RESULTS.md). The int8 graph
+    is for onnxruntime only, so it may hold onnxruntime's contrib operators.
     attention: which of the tower's activation-activation matmuls to quantize as well, "scores" (Q K^T) and/or
-    "values" (softmax @ V); the export quantizes neither (measured: no gain, benchmarks/RESULTS.md)."""
+    "values" (softmax @ V), on the unfused graph (benchmark candidates; measured: no gain, benchmarks/RESULTS.md)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    big = sum(p.stat().st_size for p in _onnx_files(fp32_path)) > (1 << 31) - (64 << 20)  # protobuf's 2 GiB limit
-    quantize_dynamic(fp32_path, out_path, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
-                     nodes_to_quantize=int8_nodes(fp32_path, attention), use_external_data_format=big,
-                     extra_options={"MatMulConstBOnly": False})  # the attention matmuls chosen have no constant side
+    if attention and fuse_attention:
+        raise ValueError("quantizing the attention matmuls needs the unfused graph: pass fuse_attention=False")
+    out_path = Path(out_path)
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".fused-") as tmp:
+        source = Path(fp32_path)
+        if fuse_attention:
+            fused = Path(tmp) / source.name
+            if _write_fused_attention(source, fused):
+                source = fused
+        big = sum(p.stat().st_size for p in _onnx_files(source)) > (1 << 31) - (64 << 20)  # protobuf's 2 GiB limit
+        quantize_dynamic(source, out_path, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
+                         nodes_to_quantize=int8_nodes(source, attention), use_external_data_format=big,
+                         extra_options={"MatMulConstBOnly": False})  # the attention matmuls chosen have no constant side
+
+
+def _write_fused_attention(fp32_path: Path, out_path: Path) -> int:
+    """`fp32_path` with export.onnx.attention's rewrites, saved to `out_path` (weights in <out_path>.data) when any
+    layer was rewritten -> the number of layers."""
+    import onnx
+
+    from export.onnx.attention import fuse_multihead, pack_qkv
+
+    model = onnx.load(str(fp32_path))
+    layers = fuse_multihead(model)
+    if layers:
+        pack_qkv(model)
+        onnx.save(model, str(out_path), save_as_external_data=True, location=out_path.name + ".data")
+    return layers
 
 
 def int8_nodes(fp32_path: Path, attention: Sequence[str] = ()) -> list[str]:
     """Names of the nodes an int8 graph quantizes: the ops quantize_dynamic takes by default when they read a weight
-    (MatMul, the patch Conv, the position-embedding Gather), the attention matmuls named in `attention`, none of the
-    prototype clustering (only its output MLP)."""
+    (MatMul, the patch Conv, the position-embedding Gather, a packed com.microsoft.Attention from
+    export.onnx.attention), the attention matmuls named in `attention`, none of the prototype clustering (only its
+    output MLP)."""
     import onnx
 
     graph = onnx.load(str(fp32_path), load_external_data=False).graph
@@ -194,7 +222,8 @@ def int8_nodes(fp32_path: Path, attention: Sequence[str] = ()) -> list[str]:
         if _in_scope(node, _KEEP_FP32_IN_INT8) and not _in_scope(node, _QUANTIZE_IN_INT8):
             continue
         if (node.op_type == "Conv" or (node.op_type == "MatMul" and node.input[1] in weights)
-                or (node.op_type == "Gather" and node.input[0] in weights)):
+                or (node.op_type == "Gather" and node.input[0] in weights)
+                or (node.op_type == "Attention" and node.domain == "com.microsoft")):  # -> QAttention
             nodes.append(node.name)
         elif node.op_type == "MatMul" and any(s.startswith("scaled_dot_product_attention") for s in _scopes(node)):
             if ("values" if node.input[0] in softmax else "scores") in attention:
