@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# The bench-1b run of 2026-12-03 (commit 1b6a329, quiet 2-core AMD EPYC), as benchmarks/results-bench-1b.json held it:
+# the analysis tests judge a fixed record, not whatever run is newest.
+RECORDED_RUN = ROOT / "tests" / "fixtures" / "bench-1b-2026-12-03.json"
 pytest.importorskip("llama_cpp", reason="the benchmark's LLM side needs llama-cpp-python")
 pytest.importorskip("onnxruntime", reason="the benchmark's vision side needs onnxruntime")
 
@@ -295,7 +298,7 @@ def _results_with_tuning(auto_ttft_factor: float | None) -> dict:
     from runtimes.tune import choose, format_table
     from tests.test_tune import _table, _with_ubatches
 
-    results = json.loads((ROOT / "benchmarks" / "results-bench-1b.json").read_text())
+    results = json.loads(RECORDED_RUN.read_text())
     results.pop("analysis", None)
     results["jobs"] = [j for j in results["jobs"] if not j.get("tuned")]  # the recorded run's own automatic row
     table = _with_ubatches(_table(), {("q4_k_m", False): {128: 130.0, 512: 110.0}})
@@ -337,7 +340,8 @@ def test_report_shows_the_tuning_table_the_choice_and_the_automatic_row():
     ttft = _target(analysis, "ttft_ratio")  # judged on the automatic choice, not on the fastest end-to-end row
     assert ttft["detail"].startswith("automatic (") and ttft["target"] == "<= 0.5"
     assert _target(analysis, "e2e_speedup")["target"] == ">= 2.5"
-    assert _target(analysis, "vision_speedup")["target"] == ">= 2.5"
+    assert _target(analysis, "vision_speedup")["target"] == ">= 3"
+    assert _target(analysis, "vision_fp32_speedup")["target"] == ">= 1"
 
 
 def test_report_says_when_the_automatic_choice_is_not_the_fastest_or_not_measured():
