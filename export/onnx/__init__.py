@@ -13,7 +13,9 @@ Graph: input `pixel_values` (B, 3, S, S) float32 -> output `image_embeds` (B, T,
     hard argmax dispatch) runs in fp32. Inputs and outputs stay float32 for every variant.
   * int8 (for CPUs): onnxruntime dynamic quantization of the fp32 graph: int8 weights, activations quantized on the
     fly. The prototype extractor's clustering/dispatch nodes stay fp32 (a flipped argmax moves a whole token); its
-    output MLP and the tower are quantized. Static QDQ, onnxruntime's transformer fusions and int8 attention matmuls
+    output MLP and the tower are quantized. It is quantized from the fp32 graph with each tower layer's attention as
+    onnxruntime's MultiHeadAttention and Q, K, V as one matmul (export.onnx.attention; onnxruntime-only operators,
+    so only this CPU graph holds them). Static QDQ, onnxruntime's transformer fusions and int8 attention matmuls
     were measured against it and did not pay (benchmarks/RESULTS.md, python -m benchmarks.vision_quant).
 Validation right after export, at batch 1 and 3, vs the PyTorch fp32 module on seeded inputs (export.onnx_validate:
 the prototype extractor's argmax dispatch is compared separately, values with the graph's own dispatch):
