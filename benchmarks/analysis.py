@@ -95,13 +95,21 @@ def assistant_figures(api: dict | None) -> dict[str, Any] | None:
             "self_question_ms": summarize(_values(sq, "ms")), "self_question_tokens": summarize(_values(sq, "decode_tokens"))}
 
 
+def vision_label(job: dict) -> str:
+    """The vision row a combination or vision-only job measures, e.g. "onnxruntime:int8"."""
+    return f"{job['vision']['kind']}:{job['vision']['precision']}"
+
+
+FP32_ONNX_ROW = "onnxruntime:fp32"
+
+
 def vision_rows(results: dict, eager: dict | None) -> list[dict[str, Any]]:
     """One row per vision backend measured (in a combination or alone), plus the eager baseline's vision."""
     rows, seen = [], set()
     for job in results["jobs"]:
         if job.get("error") or job["kind"] not in ("combo", "vision"):
             continue
-        label = f"{job['vision']['kind']}:{job['vision']['precision']}"
+        label = vision_label(job)
         if label in seen:
             continue
         seen.add(label)
@@ -136,7 +144,7 @@ def _vision_target(rows: list[dict], eager: dict | None) -> dict:
 
 
 def _vision_fp32_target(rows: list[dict], eager: dict | None) -> dict:
-    row = next((r for r in rows if r["label"] == "onnxruntime:fp32" and r["speedup_vs_eager"] is not None), None)
+    row = next((r for r in rows if r["label"] == FP32_ONNX_ROW and r["speedup_vs_eager"] is not None), None)
     if row is None or eager is None:
         return _target("vision_fp32_speedup", None, "needs the eager baseline (--checkpoint) and the bundle's fp32 "
                                                     "vision ONNX on onnxruntime")
@@ -255,8 +263,7 @@ def target_sources(tid: str, jobs: list[dict], combos: list[dict]) -> list[str]:
     if tid == "vision_speedup":
         return eager + [j["label"] for j in ok if j["kind"] in ("combo", "vision")]
     if tid == "vision_fp32_speedup":
-        return eager + [j["label"] for j in ok if j["kind"] in ("combo", "vision")
-                        and f"{j['vision']['kind']}:{j['vision']['precision']}" == "onnxruntime:fp32"]
+        return eager + [j["label"] for j in ok if j["kind"] in ("combo", "vision") and vision_label(j) == FP32_ONNX_ROW]
     if tid == "llamacpp_vs_high_level":
         return [j["label"] for j in ok if j["kind"] == "llamacpp_overhead"]
     if tid in ("ttft_ratio", "e2e_speedup"):

@@ -54,14 +54,12 @@ def fuse_graph(fp32_path: Path, out_path: Path) -> dict[str, int]:
 def rewrite_attention(fp32_path: Path, out_path: Path, packed: bool) -> None:
     """The fp32 graph with each layer's attention as com.microsoft.MultiHeadAttention, or with `packed` as
     com.microsoft.Attention over concatenated Q, K, V weights (export.onnx.attention); weights in <out_path>.data."""
-    import onnx
+    from export.onnx.attention import write_rewritten
 
-    from export.onnx.attention import fuse_multihead, pack_qkv
-
-    model = onnx.load(str(fp32_path))
-    counts = [fuse_multihead(model)] + ([pack_qkv(model, into="Attention")] if packed else [])
-    print(f"[vision] {out_path.name}: {' then '.join(map(str, counts))} layers rewritten", flush=True)
-    onnx.save(model, str(out_path), save_as_external_data=True, location=out_path.name + ".data")
+    layers = write_rewritten(fp32_path, out_path, pack="Attention" if packed else None)
+    if not layers:
+        raise ValueError(f"{fp32_path}: no attention matched the exported pattern; nothing to compare")
+    print(f"[vision] {out_path.name}: {layers} layers rewritten", flush=True)
 
 
 def quantize_static_int8(fp32_path: Path, out_path: Path, images: np.ndarray) -> None:

@@ -185,28 +185,15 @@ def quantize_int8(fp32_path: Path, out_path: Path, attention: Sequence[str] = ()
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".fused-") as tmp:
         source = Path(fp32_path)
         if fuse_attention:
+            from export.onnx.attention import write_rewritten
+
             fused = Path(tmp) / source.name
-            if _write_fused_attention(source, fused):
+            if write_rewritten(source, fused):
                 source = fused
         big = sum(p.stat().st_size for p in _onnx_files(source)) > (1 << 31) - (64 << 20)  # protobuf's 2 GiB limit
         quantize_dynamic(source, out_path, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
                          nodes_to_quantize=int8_nodes(source, attention), use_external_data_format=big,
                          extra_options={"MatMulConstBOnly": False})  # the attention matmuls chosen have no constant side
-
-
-def _write_fused_attention(fp32_path: Path, out_path: Path) -> int:
-    """`fp32_path` with export.onnx.attention's rewrites, saved to `out_path` (weights in <out_path>.data) when any
-    layer was rewritten -> the number of layers."""
-    import onnx
-
-    from export.onnx.attention import fuse_multihead, pack_qkv
-
-    model = onnx.load(str(fp32_path))
-    layers = fuse_multihead(model)
-    if layers:
-        pack_qkv(model)
-        onnx.save(model, str(out_path), save_as_external_data=True, location=out_path.name + ".data")
-    return layers
 
 
 def int8_nodes(fp32_path: Path, attention: Sequence[str] = ()) -> list[str]:

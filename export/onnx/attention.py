@@ -21,6 +21,8 @@ as they are; each function returns how many layers it rewrote.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 CONTRIB = "com.microsoft"
@@ -190,3 +192,17 @@ def pack_qkv(model, into: str = "MultiHeadAttention") -> int:
         graph.initializer.extend(new_weights)
         _replace_nodes(model, new_nodes, replaced)
     return len(replaced)
+
+
+def write_rewritten(fp32_path, out_path, pack: str | None = "MultiHeadAttention") -> int:
+    """`fp32_path` with `fuse_multihead` and, unless `pack` is None, `pack_qkv(into=pack)` applied, saved to `out_path`
+    (weights in <out_path>.data) when any layer was rewritten -> the number of layers rewritten (0: nothing written)."""
+    import onnx
+
+    model = onnx.load(str(fp32_path))
+    layers = fuse_multihead(model)
+    if layers:
+        if pack is not None:
+            pack_qkv(model, into=pack)
+        onnx.save(model, str(out_path), save_as_external_data=True, location=Path(out_path).name + ".data")
+    return layers
