@@ -71,6 +71,43 @@ def test_pretrain_writes_a_llama_folder_with_zero_unseen_rows(tmp_path, syntheti
               "--no-progress"])
 
 
+def test_json_turns_join_stage_0_at_the_step_json_from_names(tmp_path, synthetic_data):  # fixture: vocabulary
+    """--json-from F: the conversations are read without their JSON-answer turns for the first F of the steps and
+    with them after; at F = 1 the JSON tokens are never read, so their head rows stay zero."""
+    from transformers import LlamaForCausalLM
+
+    from sqllava_edge.tokenizer import default_tokenizer
+    from training.data import load_samples
+    from training.pretrain_llm import corpus, main, without_json_turns
+    from training.synthetic import build
+
+    data = tmp_path / "data"
+    build(data, n_train=12, n_eval=0, seed=4, image_size=112, max_turns=4, json_rate=0.5)
+    rows = load_samples(data / "stage2.json")
+    assert any(r["meta"]["types"][0] == "json" for r in rows)
+    tok, rng = default_tokenizer(), __import__("random").Random(0)
+    json_only = sorted({t for ids in corpus(rows, tok, "v1_sq", 0.0, rng) for t in ids}
+                       - {t for ids in corpus([without_json_turns(r) for r in rows], tok, "v1_sq", 0.0, rng) for t in ids})
+    assert json_only  # "{", '"', ":" ... appear in the JSON answers only
+
+    def run(name: str, json_from: str, steps: int) -> tuple[list[int], torch.Tensor]:
+        folder = main(["--data", str(data / "stage2.json"), "--out", str(tmp_path / name), "--max-steps",
+                       str(steps), "--batch-size", str(len(rows)), "--json-from", json_from, "--no-progress"])
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [r["trained_tokens"] for r in records], LlamaForCausalLM.from_pretrained(folder).lm_head.weight
+
+    tokens, head = run("late", "0.5", 2)  # every step reads every conversation: step 1 without, step 2 with JSON
+    assert tokens[0] < tokens[1]
+    assert bool((head[json_only].abs().sum(dim=1) > 0).all())
+    never, never_head = run("never", "1", 1)
+    assert never == tokens[:1] and float(never_head[json_only].abs().sum()) == 0.0
+    start, _ = run("start", "0", 1)
+    assert start[0] > tokens[0]
+    with pytest.raises(SystemExit):
+        main(["--data", str(synthetic_data / "stage2.json"), "--out", str(tmp_path / "bad"), "--json-from", "1.5",
+              "--no-progress"])
+
+
 def test_patch_contents_puts_objects_on_their_patches():
     from training.synthetic import patch_contents
 

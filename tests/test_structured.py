@@ -467,6 +467,39 @@ def test_random_schemas_sampled_at_temperature_1_always_validate_and_end_with_eo
 # The demo's structured answer (its accuracy on the trained demo bundle comes from `make demo`)
 
 
+def test_the_training_json_answers_are_token_for_token_what_the_schema_decoder_allows(tok):
+    """The JSON answers of the synthetic stage-2 data, tokenized as training renders them, pass the compiled schema's
+    mask at every token and complete it right before the EOS they are trained to end with: the mask never forces
+    the trained model off the answers it learned (the spaced form json.dumps writes by default would be cut off)."""
+    from sqllava_edge.conversation import Turn, tokenize_conversation
+    from training.synthetic import JSON_SCHEMAS, json_question, sample_scene
+
+    def passes(schema: dict, ids: list[int]) -> bool:
+        constraint = compile_schema(tok, schema).constraint()
+        for token in ids:
+            if not constraint.allowed()[token]:
+                return False
+            constraint.advance(token)
+        return constraint.complete
+
+    rng = np.random.default_rng(0)
+    kinds = set()
+    for _ in range(40):
+        item = json_question(sample_scene(rng, held_out=False, grid=8), rng)
+        conv = tokenize_conversation(tok, "v1_sq", [Turn("user", item["question"], image=True),
+                                                    Turn("assistant", item["answer"])], has_image=True)
+        answer = [i for i, label in zip(conv.ids, conv.labels) if label != -100]
+        kind = "count" if '"count"' in item["answer"] else "object"
+        kinds.add(kind)
+        assert answer[-1] == tok.eos_id and passes(JSON_SCHEMAS[kind], answer[:-1]), item
+    assert kinds == {"object", "count"}
+    spaced = tok.encode('{"colour": "red", "shape": "star"}')
+    assert not passes(JSON_SCHEMAS["object"], spaced)
+    # Inside a JSON string a value is spelled with other tokens than the free-text answer: "red" after a quote is
+    # `red`, the answer " red" is `▁red` (so a model must learn the in-string spellings to fill a schema's fields).
+    assert tok.encode('{"colour":"red"')[-1] != tok.encode("red")[0]
+
+
 def test_the_demo_prints_a_constrained_answer_and_both_accuracies(assistant, tmp_path, capsys):
     import importlib.util
 
@@ -480,7 +513,10 @@ def test_the_demo_prints_a_constrained_answer_and_both_accuracies(assistant, tmp
     result = demo.show_structured(assistant, samples, tmp_path / "data" / "images", n_images=3)
     out = capsys.readouterr().out
     assert result["fields"] == 6 and 0 <= result["structured"] <= 1 and 0 <= result["free_text"] <= 1
+    assert result["target_met"] == (result["structured"] >= result["free_text"])
     assert "schema answer: {" in out and "JSON schema" in out and "free text" in out
+    assert "Q: Answer in JSON: what are the colour and shape of the " in out  # the form the model was trained on
+    assert f"target JSON schema >= free text: {'met' if result['target_met'] else 'NOT met'}" in out
 
 
 def test_the_benchmark_runs_side_by_side_and_writes_its_report(tiny_bundle, tmp_path):

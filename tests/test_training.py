@@ -87,6 +87,69 @@ def test_synthetic_is_deterministic_and_holds_out_pairs(data, tmp_path):
     assert (other / "stage2.json").read_text() != (data / "stage2.json").read_text()
 
 
+def test_some_conversations_open_with_a_compact_json_answer_that_matches_the_scene(tmp_path):
+    import re
+
+    from training.synthetic import JSON_QUESTIONS, build, json_answer
+
+    build(tmp_path / "d", n_train=300, n_eval=20, seed=0, image_size=64, max_turns=6, json_rate=0.5)
+    rows = json.loads((tmp_path / "d" / "stage2.json").read_text())
+    opened = [r for r in rows if r["meta"]["types"][0] == "json"]
+    assert 0.15 < len(opened) / len(rows) < 0.35  # json_rate of the half without a description
+    build(tmp_path / "plain", n_train=300, n_eval=0, seed=0, image_size=64, max_turns=6)  # the default: none
+    assert not any("json" in r["meta"]["types"] for r in json.loads((tmp_path / "plain" / "stage2.json").read_text()))
+    # Only ever the first turn (never made a VUSER turn, so JSON questions are not learned as self-questions).
+    assert all("json" not in r["meta"]["types"][1:] for r in rows)
+    # One turn more than max_turns when it opens with JSON: the JSON turn replaces no question.
+    assert all(len(r["meta"]["types"]) == len(r["conversations"]) // 2 <= 6 + (r["meta"]["types"][0] == "json")
+               for r in rows)
+    patterns = {kind: [re.compile(re.escape(t).replace(r"\{ref\}", "(?P<ref>.+)").replace(r"\{colour\}", "(?P<colour>.+)"))
+                       for t in texts] for kind, texts in JSON_QUESTIONS.items()}
+    kinds, phrasings = set(), set()
+    for row in opened:
+        question = row["conversations"][0]["value"].removeprefix("<image>\n")
+        answer = row["conversations"][1]["value"]
+        objects = row["meta"]["objects"]
+        assert answer == json_answer(json.loads(answer)) and " " not in answer  # compact, as the decoder writes it
+        kind, i, match = next((k, i, m) for k, ps in patterns.items() for i, p in enumerate(ps)
+                              if (m := p.fullmatch(question)))
+        kinds.add(kind)
+        phrasings.add((kind, i))
+        if kind == "count":
+            colour = match["colour"]
+            assert answer == json_answer({"count": sum(o["colour"] == colour for o in objects)}) != '{"count":0}'
+        else:
+            ref = match["ref"].split()
+            named = [o for o in objects if o["shape"] == ref[0]] if len(ref) == 1 else \
+                [o for o in objects if o["colour"] == ref[0]]
+            assert len(named) == 1, question  # the reference is unambiguous
+            assert answer == json_answer({"colour": named[0]["colour"], "shape": named[0]["shape"]})
+    assert kinds == {"object", "count"} and len(phrasings) == sum(map(len, JSON_QUESTIONS.values()))
+    evaluation = json.loads((tmp_path / "d" / "eval.json").read_text())
+    assert all("json" not in r["meta"]["types"] for r in evaluation)
+
+
+def test_json_turns_leave_every_other_turn_as_without_them():
+    """A conversation's description, questions and answers are the same draws with or without the JSON turn: it comes
+    from its own generator and replaces no question."""
+    import numpy as np
+
+    from training.synthetic import conversation, sample_scene
+
+    opened = 0
+    for i in range(200):
+        objects = sample_scene(np.random.default_rng([0, 0, i]), held_out=False, grid=8)
+        plain, plain_types = conversation(objects, np.random.default_rng([1, i]), 6)
+        turns, types = conversation(objects, np.random.default_rng([1, i]), 6, np.random.default_rng([2, i]), 0.5)
+        if types[0] == "json":
+            opened += 1
+            assert turns[0]["value"].startswith("<image>\n") and turns[2:] and plain[0]["value"].startswith("<image>\n")
+            turns = [{**turns[2], "value": "<image>\n" + turns[2]["value"]}] + turns[3:]
+            types = types[1:]
+        assert (turns, types) == (plain, plain_types)
+    assert opened > 20
+
+
 def test_question_parser_accepts_every_phrasing_and_rejects_others():
     from training.evaluate import grounded, parse_question
     from training.synthetic import QUESTIONS

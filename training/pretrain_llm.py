@@ -19,7 +19,9 @@ filled with a *symbolic scene* (training/scenes.py: what is on each patch and wh
 which every object word depends on the scene, which is what makes the reading appear within the budget.
 --scene-facts appends the image's objects to each caption once more, each led by a referent; --bind-attention
 LAYER:HEAD,... trains those heads to look at the referent's patches (--bind-weight x -log of their attention mass
-there). What each of them measured: training/scenes.py and training/RESULTS.md.
+there). --json-from F reads the conversations' JSON-answer turns (`python -m training.synthetic --json-rate`) only
+from the fraction F of the steps on, once the scene reading has formed. What each of them measured:
+training/scenes.py and training/RESULTS.md.
 
 Writes RUN/llm (a transformers Llama folder, safetensors, atomic), RUN/metrics.jsonl and RUN/loss_curve.png. With
 scenes, the report gives `scene_use` (training.scenes.scene_use: the token cross-entropy with the sample's own
@@ -69,6 +71,19 @@ def corpus(rows: list[dict[str, Any]], tokenizer, template: str, sq_r: float, rn
             turns = turns[:2]
         out.append(tokenize_conversation(tokenizer, template, turns, has_image=keep_image).ids)
     return out
+
+
+def without_json_turns(row: dict[str, Any]) -> dict[str, Any]:
+    """`row` without its JSON-answer turns (meta.types "json", training.synthetic): what stage 0 reads before
+    --json-from."""
+    types = row.get("meta", {}).get("types")
+    if not types or "json" not in types:
+        return row
+    conv = row["conversations"]
+    keep = [t for j, kind in enumerate(types) if kind != "json" for t in conv[2 * j: 2 * j + 2]]
+    if IMAGE_PLACEHOLDER in conv[0]["value"] and IMAGE_PLACEHOLDER not in keep[0]["value"]:
+        keep[0] = {**keep[0], "value": IMAGE_PLACEHOLDER + "\n" + keep[0]["value"]}
+    return {**row, "conversations": keep, "meta": {**row["meta"], "types": [k for k in types if k != "json"]}}
 
 
 class CompactVocab:
@@ -139,9 +154,14 @@ def pretrain(args) -> Path:
     torch.manual_seed(args.seed)
     if args.scene_facts:  # main() requires --scenes and --caption-data with it
         captions = with_scene_facts(captions, args.seed)
-    sources = [corpus(rows, tokenizer, args.template, args.sq_r, rng, keep_image=args.scenes)]
+    json_from = round(args.json_from * args.max_steps)
+    plain_rows = [without_json_turns(r) for r in rows] if json_from > 0 else rows
+    sources = [corpus(plain_rows, tokenizer, args.template, args.sq_r, rng, keep_image=args.scenes)]
     if captions:
         sources.append(corpus(captions, tokenizer, "plain", 0.0, rng, keep_image=args.scenes))
+    # From step json_from on, the conversations come with their JSON turns (same rows, same order and scenes).
+    late = corpus(rows, tokenizer, args.template, args.sq_r, rng, keep_image=args.scenes) \
+        if 0 < json_from < args.max_steps and any(r is not p for r, p in zip(rows, plain_rows)) else None
     texts = sources[0]
     scenes, embed_scene, source_scenes = None, None, [None] * len(sources)
     if args.scenes:
@@ -157,15 +177,20 @@ def pretrain(args) -> Path:
     if args.bind_attention:  # main() requires --scenes with it
         sample_rows = [rows] + ([captions] if captions else [])
         n_image = grid * grid
-        bind_refs = [[BindAttention.sample_targets(ids, referent_targets(tokenizer, ids, r["meta"]["objects"], grid),
-                                                   n_image) for ids, r in zip(src, srows)]
-                     for src, srows in zip(sources, sample_rows)]
+
+        def targets(src, srows):
+            return [BindAttention.sample_targets(ids, referent_targets(tokenizer, ids, r["meta"]["objects"], grid),
+                                                 n_image) for ids, r in zip(src, srows)]
+
+        bind_refs = [targets(src, srows) for src, srows in zip(sources, sample_rows)]
+        late_refs = targets(late, rows) if late is not None else None
         n_sup = sum(len(x[0]) for src in bind_refs for x in src)
         print(f"--bind-attention: {n_sup} supervised positions in {sum(len(s) for s in sources)} samples", flush=True)
     held_out = None
     if args.eval_data:  # main() requires --scenes with it
         held_out = SceneQA(tokenizer, load_samples(args.eval_data)[: args.eval_images], grid, embed_scene)
-    vocab = {t for src in sources for ids in src for t in ids if t >= 0} | {config.llm.eos_token_id}
+    vocab = {t for src in sources + ([late] if late else []) for ids in src for t in ids if t >= 0} \
+        | {config.llm.eos_token_id}
     model = LlamaForCausalLM(hf_llama_config(config.llm))
     head = model.lm_head.weight
     restricted = RestrictedHead(sorted(vocab), config.llm.vocab_size, head.device)
@@ -189,6 +214,11 @@ def pretrain(args) -> Path:
     bar = tqdm(total=args.max_steps, desc="stage 0 (LLM pretraining)", unit="step", disable=not args.progress)
     start = time.time()
     for step in range(1, args.max_steps + 1):
+        if late is not None and step == json_from + 1:
+            sources[0] = late
+            if bind_refs is not None:
+                bind_refs[0] = late_refs
+            bar.write(f"step {step}: the conversations' JSON-answer turns join the corpus")
         k = (step - 1) % len(sources)  # conversations and captions take turns, one source per batch
         order, picked = orders[k], []
         while len(picked) < args.batch_size:
@@ -286,6 +316,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--bind-attention", type=_heads, default=None, metavar="LAYER:HEAD[,...]",
                         help="train these attention heads (0-based) to look at the referent's image patches wherever "
                              "the next token names one of its attributes (needs --scenes; the demo uses 1:0,2:0)")
+    parser.add_argument("--json-from", type=float, default=0.0, metavar="FRACTION",
+                        help="the conversations' JSON-answer turns (training.synthetic) are read from this fraction "
+                             "of the steps on: 0 = from the start, 1 = never. A late start lets the scene reading "
+                             "form on the short answers first (training/RESULTS.md)")
     parser.add_argument("--bind-weight", type=float, default=0.2, help="weight of the --bind-attention loss")
     parser.add_argument("--eval-data", type=Path, default=None,
                         help="held-out synthetic samples (eval.json; needs --scenes): report the QA accuracy on their "
@@ -304,6 +338,8 @@ def main(argv: list[str] | None = None) -> Path:
     if args.scene_facts and not (args.scenes and args.caption_data):
         parser.error("--scene-facts extends the captions with what the symbolic scenes hold: pass --scenes and "
                      "--caption-data too")
+    if not 0.0 <= args.json_from <= 1.0:
+        parser.error(f"--json-from {args.json_from}: a fraction of the steps, 0 to 1")
     if args.bind_attention and not args.scenes:
         parser.error("--bind-attention points heads at the referent's patches of the symbolic scene: pass --scenes too")
     if args.eval_images < 1 or args.eval_every < 0:

@@ -5,7 +5,8 @@
 writes
     OUT/images/{train,eval}/*.png    1-4 coloured shapes on a varied (tinted, graded, noisy) background
     OUT/stage1.json                  one caption per training image (stage 1, `plain` format)
-    OUT/stage2.json                  multi-turn Q&A per training image (stage 2, `v1_sq`): half start with a description
+    OUT/stage2.json                  multi-turn Q&A per training image (stage 2, `v1_sq`): half start with a description;
+                                     with --json-rate R, R of the others with a question answered in JSON
     OUT/eval.json                    held-out images, each holding at least one colour/shape pair never seen in training
 
 Questions ask about colour, shape, count, position (left/right, top/bottom) and size, with several phrasings per type;
@@ -13,6 +14,11 @@ every question names an object that is in the image (by shape, colour or both), 
 triangle needs binding when several shapes are present. Shapes are unique within an image; a colour may repeat, and
 then only count questions use it as a reference. Answers are single canonical words ("red", "triangle", "2", "left",
 "big") so exact match works. Every sample carries a "meta" record (objects, question types) for the evaluation.
+With --json-rate, a share of the stage-2 conversations (that share of those that do not start with a description)
+opens with one more turn, a question asking for a JSON answer: the colour and shape of one object, or the count of a colour, answered in the compact form
+the JSON-schema decoder (sqllava_edge/structured.py) emits for JSON_SCHEMAS: `{"colour":"red","shape":"star"}`,
+`{"count":2}`. It is always the first turn, which is never turned into a self-questioning (VUSER) turn, so the model
+learns to answer in JSON but not to ask JSON questions; eval.json has none (the demo asks them, scripts/demo.py).
 Objects sit on an 8 x 8 lattice by default (a small shape fills one cell, a big one 2 x 2 cells): at 112 px that is
 the tiny preset's patch grid, so each patch sees a whole small shape or a whole quarter of a big one. With free
 placement (--grid 0) shapes straddle patch borders, and a per-patch learner needs far more images to tell them
@@ -71,6 +77,21 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
 # Evaluation groups the two position axes into one "position" type.
 QUESTION_GROUP = {"colour": "colour", "shape": "shape", "count": "count", "horizontal": "position",
                   "vertical": "position", "size": "size"}
+# Questions answered in JSON (type "json" in a sample's meta; not an evaluation group): "object" names one object
+# and asks for its colour and shape, "count" names a colour and asks how many objects have it.
+JSON_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "object": ("Answer in JSON: what are the colour and shape of the {ref}?",
+               "Answer in JSON with the colour and shape of the {ref}.",
+               "Give the colour and shape of the {ref} as JSON."),
+    "count": ("Answer in JSON: how many {colour} shapes are there?", "Give the number of {colour} objects as JSON."),
+}
+JSON_SCHEMAS: dict[str, dict] = {
+    "object": {"type": "object", "additionalProperties": False, "required": ["colour", "shape"],
+               "properties": {"colour": {"enum": list(COLOURS)}, "shape": {"enum": list(SHAPES)}}},
+    "count": {"type": "object", "additionalProperties": False, "required": ["count"],
+              "properties": {"count": {"type": "integer", "minimum": 1, "maximum": 4}}},
+}
+JSON_COUNT_SHARE = 0.25  # of those, the share asking for a count (the rest: an object's colour and shape)
 ANSWERS: dict[str, tuple[str, ...]] = {
     "colour": tuple(COLOURS), "shape": SHAPES, "count": ("1", "2", "3", "4"), "horizontal": ("left", "right"),
     "vertical": ("top", "bottom"), "size": ("big", "small"),
@@ -314,8 +335,37 @@ def questions(objects: list[Obj], rng: np.random.Generator) -> list[dict]:
     return [out[i] for i in order]
 
 
-def conversation(objects: list[Obj], rng: np.random.Generator, max_turns: int) -> tuple[list[dict], list[str]]:
-    """A multi-turn LLaVA conversation: half the time a description first, then up to max_turns Q&A pairs."""
+def json_answer(value: dict) -> str:
+    """`value` as the JSON-schema decoder writes it (sqllava_edge/structured.py): compact, no whitespace at all,
+    keys in the order given (JSON_SCHEMAS lists its properties in the same order)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def json_question(objects: list[Obj], rng: np.random.Generator) -> dict:
+    """A question asking for a JSON answer (JSON_QUESTIONS) about this scene, with its answer (`json_answer`):
+    the colour and shape of one object named by its shape or, when its colour is unique, by its colour; or the
+    count of one colour present."""
+    colour_count = colour_counts(objects)
+    if rng.random() < JSON_COUNT_SHARE:
+        colour = sorted(colour_count)[int(rng.integers(len(colour_count)))]
+        phrasings = JSON_QUESTIONS["count"]
+        text = phrasings[int(rng.integers(len(phrasings)))].format(colour=colour)
+        return {"type": "json", "question": text, "answer": json_answer({"count": colour_count[colour]}), "object": None}
+    o = objects[int(rng.integers(len(objects)))]
+    refs = [o.shape] + ([f"{o.colour} object", f"{o.colour} shape"] if colour_count[o.colour] == 1 else [])
+    ref = refs[int(rng.integers(len(refs)))]
+    phrasings = JSON_QUESTIONS["object"]
+    text = phrasings[int(rng.integers(len(phrasings)))].format(ref=ref)
+    return {"type": "json", "question": text, "answer": json_answer({"colour": o.colour, "shape": o.shape}),
+            "object": o.shape}
+
+
+def conversation(objects: list[Obj], rng: np.random.Generator, max_turns: int,
+                 json_rng: np.random.Generator | None = None, json_rate: float = 0.0) -> tuple[list[dict], list[str]]:
+    """A multi-turn LLaVA conversation: half the time a description first, then up to max_turns Q&A pairs. With
+    `json_rng`, a conversation without a description opens, at `json_rate`, with one more turn: a question answered in
+    JSON. It is drawn from `json_rng` alone and adds to the Q&A turns rather than replacing one, so the description,
+    the questions and their answers are the same draws with or without it."""
     qa = questions(objects, rng)
     turns: list[dict] = []
     types: list[str] = []
@@ -323,7 +373,11 @@ def conversation(objects: list[Obj], rng: np.random.Generator, max_turns: int) -
         prompt = DESCRIBE_PROMPTS[int(rng.integers(len(DESCRIBE_PROMPTS)))]
         turns += [{"from": "human", "value": prompt}, {"from": "gpt", "value": caption(objects, rng)}]
         types.append("describe")
-    for item in qa[: max_turns - len(types)]:
+    elif json_rng is not None and json_rng.random() < json_rate:
+        item = json_question(objects, json_rng)
+        turns += [{"from": "human", "value": item["question"]}, {"from": "gpt", "value": item["answer"]}]
+        types.append(item["type"])
+    for item in qa[: max_turns - (types[:1] == ["describe"])]:
         turns += [{"from": "human", "value": item["question"]}, {"from": "gpt", "value": item["answer"]}]
         types.append(item["type"])
     turns[0]["value"] = "<image>\n" + turns[0]["value"]
@@ -364,7 +418,7 @@ def scene_clip(scenes: int | list[list[Obj]], frames_per_scene: int, size: int =
 
 
 def build(out: Path, n_train: int, n_eval: int, seed: int, image_size: int = 112, max_turns: int = 10,
-          grid: int = 8) -> dict[str, int]:
+          grid: int = 8, json_rate: float = 0.0) -> dict[str, int]:
     from tqdm import tqdm
 
     stage1, stage2, evaluation = [], [], []
@@ -381,7 +435,7 @@ def build(out: Path, n_train: int, n_eval: int, seed: int, image_size: int = 112
                     prompt = CAPTION_PROMPTS[int(rng.integers(len(CAPTION_PROMPTS)))]
                     stage1.append({"id": f"cap-{i}", "image": rel, "conversations": [
                         {"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": caption(objects, rng)}]})
-                    turns, types = conversation(objects, rng, max_turns)
+                    turns, types = conversation(objects, rng, max_turns, np.random.default_rng([seed, 3, i]), json_rate)
                     stage2.append({"id": f"qa-{i}", "image": rel, "conversations": turns, "meta": {**meta, "types": types}})
                 else:
                     qa = questions(objects, rng)
@@ -393,7 +447,7 @@ def build(out: Path, n_train: int, n_eval: int, seed: int, image_size: int = 112
         for name, rows in (("stage1.json", stage1), ("stage2.json", stage2), ("eval.json", evaluation)):
             (tmp / name).write_text(json.dumps(rows, indent=1))
         info = {"seed": seed, "n_train": n_train, "n_eval": n_eval, "image_size": image_size,
-                "grid": grid, "held_out_pairs": sorted(map(list, HELD_OUT)), "eval_questions": sum(len(r["meta"]["types"]) for r in evaluation)}
+                "grid": grid, **({"json_rate": json_rate} if json_rate else {}), "held_out_pairs": sorted(map(list, HELD_OUT)), "eval_questions": sum(len(r["meta"]["types"]) for r in evaluation)}
         (tmp / "dataset_info.json").write_text(json.dumps(info, indent=1))
     return info
 
@@ -410,12 +464,18 @@ def main(argv: list[str] | None = None) -> None:
                              "tiny preset's 8 x 8 patches (112 px / 14), so every shape is seen whole by patches; 0 = "
                              "anywhere")
     parser.add_argument("--max-turns", type=int, default=10, help="most Q&A pairs in one stage-2 conversation")
+    parser.add_argument("--json-rate", type=float, default=0.0, metavar="R",
+                        help="share of the stage-2 conversations without a description that open with one more turn, "
+                             "a question answered in compact JSON (JSON_QUESTIONS, JSON_SCHEMAS); 0 = none")
     args = parser.parse_args(argv)
     if args.out.exists():
         parser.error(f"{args.out} exists; choose a new folder (the dataset is written atomically)")
     if min(args.n_train, args.n_eval) < 0 or args.image_size < 32 or args.max_turns < 1:
         parser.error("need --n-train/--n-eval >= 0, --image-size >= 32 and --max-turns >= 1")
-    info = build(args.out, args.n_train, args.n_eval, args.seed, args.image_size, args.max_turns, args.grid)
+    if not 0.0 <= args.json_rate <= 1.0:
+        parser.error(f"--json-rate {args.json_rate}: a share, 0 to 1")
+    info = build(args.out, args.n_train, args.n_eval, args.seed, args.image_size, args.max_turns, args.grid,
+                 args.json_rate)
     print(json.dumps(info))
 
 
