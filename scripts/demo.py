@@ -280,8 +280,8 @@ def show_watch(out: Path) -> None:
 
 def show_structured(assistant, samples: list[dict], images: Path, n_images: int = 40) -> dict:
     """JSON-schema answers about held-out images beside free-text answers about the same objects. For the first
-    object of each image whose colour is unique there, two questions in the JSON form the model was trained on
-    (training.synthetic.JSON_QUESTIONS, schema JSON_SCHEMAS["object"]: colour and shape enums), one naming the object
+    object of each image whose colour is unique there, two questions in the JSON form of `training.synthetic
+    --json-rate` (JSON_QUESTIONS, schema JSON_SCHEMAS["object"]: colour and shape enums), one naming the object
     by its shape, one by its colour; and the two free-text questions "What colour is the <shape>?" and "What shape is
     the <colour> object?". The fields scored are the ones the question does not give away: the colour asked by shape,
     the shape asked by colour, in both forms; the fields it names (echoed back in the JSON) are reported apart.

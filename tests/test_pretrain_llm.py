@@ -74,6 +74,8 @@ def test_pretrain_writes_a_llama_folder_with_zero_unseen_rows(tmp_path, syntheti
 def test_json_turns_join_stage_0_at_the_step_json_from_names(tmp_path, synthetic_data):  # fixture: vocabulary
     """--json-from F: the conversations are read without their JSON-answer turns for the first F of the steps and
     with them after; at F = 1 the JSON tokens are never read, so their head rows stay zero."""
+    import random
+
     from transformers import LlamaForCausalLM
 
     from sqllava_edge.tokenizer import default_tokenizer
@@ -85,7 +87,7 @@ def test_json_turns_join_stage_0_at_the_step_json_from_names(tmp_path, synthetic
     build(data, n_train=12, n_eval=0, seed=4, image_size=112, max_turns=4, json_rate=0.5)
     rows = load_samples(data / "stage2.json")
     assert any(r["meta"]["types"][0] == "json" for r in rows)
-    tok, rng = default_tokenizer(), __import__("random").Random(0)
+    tok, rng = default_tokenizer(), random.Random(0)
     json_only = sorted({t for ids in corpus(rows, tok, "v1_sq", 0.0, rng) for t in ids}
                        - {t for ids in corpus([without_json_turns(r) for r in rows], tok, "v1_sq", 0.0, rng) for t in ids})
     assert json_only  # "{", '"', ":" ... appear in the JSON answers only

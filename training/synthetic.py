@@ -5,8 +5,8 @@
 writes
     OUT/images/{train,eval}/*.png    1-4 coloured shapes on a varied (tinted, graded, noisy) background
     OUT/stage1.json                  one caption per training image (stage 1, `plain` format)
-    OUT/stage2.json                  multi-turn Q&A per training image (stage 2, `v1_sq`): half start with a description;
-                                     with --json-rate R, R of the others with a question answered in JSON
+    OUT/stage2.json                  multi-turn Q&A per training image (stage 2, `v1_sq`): half start with a
+                                     description; with --json-rate R, R of the others with a JSON question
     OUT/eval.json                    held-out images, each holding at least one colour/shape pair never seen in training
 
 Questions ask about colour, shape, count, position (left/right, top/bottom) and size, with several phrasings per type;
@@ -14,11 +14,12 @@ every question names an object that is in the image (by shape, colour or both), 
 triangle needs binding when several shapes are present. Shapes are unique within an image; a colour may repeat, and
 then only count questions use it as a reference. Answers are single canonical words ("red", "triangle", "2", "left",
 "big") so exact match works. Every sample carries a "meta" record (objects, question types) for the evaluation.
-With --json-rate, a share of the stage-2 conversations (that share of those that do not start with a description)
-opens with one more turn, a question asking for a JSON answer: the colour and shape of one object, or the count of a colour, answered in the compact form
-the JSON-schema decoder (sqllava_edge/structured.py) emits for JSON_SCHEMAS: `{"colour":"red","shape":"star"}`,
-`{"count":2}`. It is always the first turn, which is never turned into a self-questioning (VUSER) turn, so the model
-learns to answer in JSON but not to ask JSON questions; eval.json has none (the demo asks them, scripts/demo.py).
+With --json-rate, that share of the stage-2 conversations without a description opens with one more turn, a
+question asking for a JSON answer: the colour and shape of one object, or the count of a colour, answered in the
+compact form the JSON-schema decoder (sqllava_edge/structured.py) emits for JSON_SCHEMAS:
+`{"colour":"red","shape":"star"}`, `{"count":2}`. It is always the first turn, which is never turned into a
+self-questioning (VUSER) turn, so the model learns to answer in JSON but not to ask JSON questions; eval.json has none
+(the demo asks them, scripts/demo.py).
 Objects sit on an 8 x 8 lattice by default (a small shape fills one cell, a big one 2 x 2 cells): at 112 px that is
 the tiny preset's patch grid, so each patch sees a whole small shape or a whole quarter of a big one. With free
 placement (--grid 0) shapes straddle patch borders, and a per-patch learner needs far more images to tell them
@@ -91,7 +92,7 @@ JSON_SCHEMAS: dict[str, dict] = {
     "count": {"type": "object", "additionalProperties": False, "required": ["count"],
               "properties": {"count": {"type": "integer", "minimum": 1, "maximum": 4}}},
 }
-JSON_COUNT_SHARE = 0.25  # of those, the share asking for a count (the rest: an object's colour and shape)
+JSON_COUNT_SHARE = 0.25  # share of the JSON questions asking for a count (the rest: an object's colour and shape)
 ANSWERS: dict[str, tuple[str, ...]] = {
     "colour": tuple(COLOURS), "shape": SHAPES, "count": ("1", "2", "3", "4"), "horizontal": ("left", "right"),
     "vertical": ("top", "bottom"), "size": ("big", "small"),
@@ -435,7 +436,8 @@ def build(out: Path, n_train: int, n_eval: int, seed: int, image_size: int = 112
                     prompt = CAPTION_PROMPTS[int(rng.integers(len(CAPTION_PROMPTS)))]
                     stage1.append({"id": f"cap-{i}", "image": rel, "conversations": [
                         {"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": caption(objects, rng)}]})
-                    turns, types = conversation(objects, rng, max_turns, np.random.default_rng([seed, 3, i]), json_rate)
+                    json_rng = np.random.default_rng([seed, 3, i]) if json_rate > 0 else None
+                    turns, types = conversation(objects, rng, max_turns, json_rng, json_rate)
                     stage2.append({"id": f"qa-{i}", "image": rel, "conversations": turns, "meta": {**meta, "types": types}})
                 else:
                     qa = questions(objects, rng)
